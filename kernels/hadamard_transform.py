@@ -1,0 +1,84 @@
+"""``quarot_fx::hadamard_transform``: x ↦ x·(H_m ⊗ I_inner)/√m along the last dimension.
+
+H_m = F_1 ⊗ … ⊗ F_c (see :func:`quarot_fx.hadamard.hadamard_plan`), so the transform is c
+small matmuls, one per Kronecker factor, instead of one dense m×m matmul: the power-of-two
+part runs as a radix-≤64 butterfly, Paley factors as dense blocks. ``inner > 1`` gives the
+"cross-head" transform (H over heads, identity inside each head) that online R2 needs.
+
+CPU: each stage is one GEMM on the last axis followed by an axis rotation, so after c
+stages the axes are back in order. CUDA: the Triton kernel in ``triton_hadamard``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from quarot_fx.hadamard import factor_matrix, hadamard_matrix, hadamard_plan
+
+
+@lru_cache(maxsize=None)
+def stage_matrix(order: int, scale: float, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """One Kronecker factor as a scaled matrix on a device, cached across calls."""
+    return (factor_matrix(order, torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types accumulate in float32; float32 and float64 stay as they are."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(x: torch.Tensor, inner: int) -> int:
+    if inner < 1 or x.shape[-1] % inner:
+        raise ValueError(f"hadamard_transform: inner={inner} must divide the last dimension {x.shape[-1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
+    return x.shape[-1] // inner
+
+
+def hadamard_transform_reference(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
+    """Plain dense reference: x @ kron(H_m, I_inner) / √m (in float64)."""
+    m = _check(x, inner)
+    h = torch.kron(hadamard_matrix(m, torch.float64), torch.eye(inner, dtype=torch.float64))
+    return (x.to(torch.float64) @ h.to(x.device) / math.sqrt(m)).to(x.dtype)
+
+
+def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
+    m = _check(x, inner)
+    factors = hadamard_plan(m).factors
+    if not factors:  # m == 1: H_1 = [1]
+        return x.clone()
+    ctype = compute_dtype(x.dtype)
+    rows = x.numel() // x.shape[-1]
+    y = x.to(ctype).reshape(rows, m, inner)
+    # Put the Hadamard axis last; the inner (per-head) axis rides along as batch.
+    y = y.transpose(1, 2).reshape(rows * inner, m) if inner > 1 else y.reshape(rows, m)
+    batch = y.shape[0]
+    for stage, order in enumerate(reversed(factors)):
+        scale = 1.0 / math.sqrt(m) if stage == 0 else 1.0
+        h = stage_matrix(order, scale, str(x.device), ctype)
+        y = (y.reshape(-1, order) @ h).reshape(batch, m // order, order).transpose(1, 2).reshape(batch, m)
+    if inner > 1:
+        y = y.reshape(rows, inner, m).transpose(1, 2)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+@torch.library.custom_op("quarot_fx::hadamard_transform", mutates_args=())
+def hadamard_transform(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
+    """x·(H_m ⊗ I_inner)/√m along the last dim, m = x.shape[-1] // inner (orthonormal)."""
+    return hadamard_transform_cpu(x, inner)
+
+
+@hadamard_transform.register_fake
+def _(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
+    _check(x, inner)
+    return torch.empty_like(x)
+
+
+@hadamard_transform.register_kernel("cuda")
+def _(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
+    from .triton_hadamard import triton_hadamard_transform
+
+    return triton_hadamard_transform(x, inner)

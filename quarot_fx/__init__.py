@@ -1,0 +1,34 @@
+"""quarot-fx: a torch.compile backend that rotates LLMs so they run in 4 bits.
+
+    model = torch.compile(model, backend="quarot", options={"preset": "w4a4kv4"})
+
+or, equivalently, ``quarot_fx.compile(model, preset="w4a4kv4")``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels  # noqa: F401  (registers the quarot_fx:: custom ops)
+from .backend import quarot_backend
+from .config import PRESETS, QuaRotConfig
+from .hadamard import HadamardOrderError, hadamard_matrix, hadamard_plan, next_hadamard_order
+from .report import Report, collect_reports
+from .rotations import rotation_matrix
+
+__version__ = "0.1.0"
+
+
+def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = False, dynamic=None, **options):
+    """``torch.compile(model, backend="quarot", options=...)`` with options checked up front."""
+    if config is not None and options:
+        raise ValueError("pass either a QuaRotConfig or option keywords, not both")
+    config = config or QuaRotConfig.from_options(options)
+    return torch.compile(model, backend="quarot", options=config.to_options(),
+                         fullgraph=fullgraph, dynamic=dynamic)
+
+
+__all__ = [
+    "PRESETS", "HadamardOrderError", "QuaRotConfig", "Report", "collect_reports", "compile",
+    "hadamard_matrix", "hadamard_plan", "next_hadamard_order", "quarot_backend", "rotation_matrix",
+]

@@ -1,0 +1,124 @@
+"""``QuaRotConfig``: every option of the backend, validated in one place.
+
+``torch.compile(model, backend="quarot", options={...})`` builds one of these with
+:meth:`QuaRotConfig.from_options`; the same object can be made directly and passed as
+``options=cfg.to_options()`` or to :func:`quarot_fx.compile`. A preset fills the bit
+widths; keys given next to it override the preset's values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .rotations import ROTATIONS
+
+PRESETS: dict[str, dict[str, int]] = {
+    "w4a4kv4": {"w_bits": 4, "a_bits": 4, "kv_bits": 4},
+    "w8a8kv8": {"w_bits": 8, "a_bits": 8, "kv_bits": 8},
+    "w6a6kv6": {"w_bits": 6, "a_bits": 6, "kv_bits": 6},
+    "w4a16": {"w_bits": 4, "a_bits": 16, "kv_bits": 16},
+    "fp": {"w_bits": 16, "a_bits": 16, "kv_bits": 16},
+}
+BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
+LOWERINGS = ("inductor", "fx")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _integer(name: str, value: Any, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuaRotConfig:
+    """Options of the quarot backend. Unknown keys and bad values raise ``ValueError``.
+
+    Attributes:
+        preset: ``"w4a4kv4"``, ``"w8a8kv8"``, ``"w6a6kv6"``, ``"w4a16"``, ``"fp"`` (rotate only) or None.
+        rotation: residual-stream rotation (R1): ``"hadamard"``, ``"randomized_hadamard"``,
+            ``"gsr"``, ``"random"`` or ``"none"`` (no rotation at all).
+        w_bits, a_bits, kv_bits: 2..8, or 16 for "not quantized".
+        seed: seed of the randomized rotations.
+        gsr_group_size: Walsh block size for ``rotation="gsr"`` (power of two; None = largest
+            power of two ≤ 128 dividing the hidden size).
+        r1, r2, r3, r4: switch each rotation site on or off (residual, value→output,
+            query/key, down-projection input); ignored when ``rotation="none"``.
+        lowering: ``"inductor"`` (compile with Inductor, freezing on) or ``"fx"`` (run the
+            rewritten FX graph as it is: fast to start, for tests and debugging).
+    """
+
+    preset: str | None = None
+    rotation: str = "hadamard"
+    w_bits: int = 4
+    a_bits: int = 4
+    kv_bits: int = 4
+    seed: int = 0
+    gsr_group_size: int | None = None
+    r1: bool = True
+    r2: bool = True
+    r3: bool = True
+    r4: bool = True
+    lowering: str = "inductor"
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            _choice("preset", self.preset, tuple(PRESETS))
+        _choice("rotation", self.rotation, ROTATIONS)
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            _integer(name, getattr(self, name), "an integer in 2..8, or 16 (not quantized)", lambda v: v in BITS)
+        _integer("seed", self.seed, "a non-negative integer", lambda v: v >= 0)
+        if self.gsr_group_size is not None:
+            _integer("gsr_group_size", self.gsr_group_size, "None or a power of two ≥ 2",
+                     lambda v: v >= 2 and v & (v - 1) == 0)
+        for name in ("r1", "r2", "r3", "r4"):
+            _flag(name, getattr(self, name))
+        _choice("lowering", self.lowering, LOWERINGS)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | QuaRotConfig | None = None) -> QuaRotConfig:
+        """Validate a backend ``options`` dict: the preset first, then the explicit keys."""
+        if isinstance(options, QuaRotConfig):
+            return options
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.keys()))
+        if unknown:
+            raise ValueError(
+                f"unknown quarot option(s) {', '.join(map(repr, unknown))}; "
+                f"allowed keys: {', '.join(cls.keys())}"
+            )
+        preset = options.get("preset")
+        if preset is not None:
+            _choice("preset", preset, tuple(PRESETS))
+            options = {**PRESETS[preset], **options}
+        return cls(**options)
+
+    def to_options(self) -> dict[str, Any]:
+        """The options dict that rebuilds this config (for ``torch.compile(options=...)``)."""
+        return {k: getattr(self, k) for k in self.keys()}
+
+    def replace(self, **changes: Any) -> QuaRotConfig:
+        return QuaRotConfig.from_options({**self.to_options(), **changes})
+
+    @property
+    def rotates(self) -> bool:
+        return self.rotation != "none" and any((self.r1, self.r2, self.r3, self.r4))
+
+    @property
+    def quantizes(self) -> bool:
+        return min(self.w_bits, self.a_bits, self.kv_bits) < 16
+

@@ -1,0 +1,106 @@
+"""What the compiler did to one graph, in a form people can read and tests can check.
+
+Every compile by the backend produces a :class:`Report`; :func:`collect_reports` gathers
+them (``quarot_fx.explain`` uses it), and each report is also logged at INFO level on the
+``quarot_fx`` logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+log = logging.getLogger("quarot_fx")
+
+
+@dataclass
+class Region:
+    """A set of tensors that share one rotation (e.g. the residual stream, R1)."""
+
+    kind: str  # "R1" .. "R4"
+    size: int
+    rotation: str
+    where: str  # human-readable location (layers, module labels)
+
+
+@dataclass
+class LinearReport:
+    """The transforms applied to one linear layer, offline (folded) and online (at run time)."""
+
+    name: str
+    offline: list[str] = field(default_factory=list)
+    online: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Skip:
+    """A part of the graph left as it was, and why: never a silent omission."""
+
+    what: str
+    why: str
+
+
+@dataclass
+class Report:
+    graph: str
+    options: dict
+    lifted_constants: int = 0
+    regions: list[Region] = field(default_factory=list)
+    linears: list[LinearReport] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # pass or phase -> wall time
+
+    def region_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(r.kind for r in self.regions).items()))
+
+    def linear(self, name: str) -> LinearReport:
+        for entry in self.linears:
+            if entry.name == name:
+                return entry
+        entry = LinearReport(name)
+        self.linears.append(entry)
+        return entry
+
+    def __str__(self) -> str:
+        changed = {k: v for k, v in self.options.items()}
+        lines = [f"quarot-fx report for {self.graph}", f"  options: {changed}",
+                 f"  constants lifted: {self.lifted_constants}"]
+        lines.append(f"  regions: {self.region_counts() or 'none'}")
+        for r in self.regions:
+            lines.append(f"    {r.kind:<3} size {r.size:<6} {r.rotation:<20} {r.where}")
+        if self.linears:
+            lines.append("  linears:")
+            for entry in self.linears:
+                offline = ", ".join(entry.offline) or "-"
+                online = ", ".join(entry.online) or "-"
+                lines.append(f"    {entry.name}: offline [{offline}] online [{online}]")
+        lines.append(f"  skipped: {len(self.skipped) or 'nothing'}")
+        for s in self.skipped:
+            lines.append(f"    {s.what}: {s.why}")
+        lines.append("  time: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+_collectors: contextvars.ContextVar[tuple[list[Report], ...]] = contextvars.ContextVar(
+    "quarot_fx_report_collectors", default=()
+)
+
+
+@contextlib.contextmanager
+def collect_reports():
+    """Within the block, every report the backend makes is appended to the yielded list."""
+    reports: list[Report] = []
+    token = _collectors.set(_collectors.get() + (reports,))
+    try:
+        yield reports
+    finally:
+        _collectors.reset(token)
+
+
+def publish(report: Report) -> None:
+    for sink in _collectors.get():
+        sink.append(report)
+    log.info("%s", report)

@@ -1,0 +1,48 @@
+import pytest
+
+from quarot_fx import PRESETS, QuaRotConfig
+
+
+def test_defaults_are_w4a4kv4_hadamard():
+    cfg = QuaRotConfig()
+    assert (cfg.w_bits, cfg.a_bits, cfg.kv_bits, cfg.rotation) == (4, 4, 4, "hadamard")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_set_bits(preset):
+    cfg = QuaRotConfig.from_options({"preset": preset})
+    assert {k: getattr(cfg, k) for k in ("w_bits", "a_bits", "kv_bits")} == PRESETS[preset]
+
+
+def test_explicit_keys_override_preset_and_round_trip():
+    cfg = QuaRotConfig.from_options({"preset": "w4a4kv4", "kv_bits": 8})
+    assert (cfg.w_bits, cfg.kv_bits) == (4, 8)
+    assert QuaRotConfig.from_options(cfg.to_options()) == cfg
+    assert cfg.replace(rotation="gsr").rotation == "gsr"
+
+
+def test_fp_preset_quantizes_nothing():
+    cfg = QuaRotConfig.from_options({"preset": "fp"})
+    assert not cfg.quantizes and cfg.rotates
+
+
+@pytest.mark.parametrize("options,pattern", [
+    ({"w_bit": 4}, r"unknown quarot option\(s\) 'w_bit'; allowed keys: preset, rotation, w_bits"),
+    ({"rotation": "fft"}, r"rotation must be one of 'hadamard', 'randomized_hadamard', 'gsr', 'random', 'none'; got 'fft'"),
+    ({"w_bits": 1}, r"w_bits must be an integer in 2..8, or 16"),
+    ({"a_bits": 4.0}, r"a_bits must be an integer"),
+    ({"kv_bits": True}, r"kv_bits must be an integer"),
+    ({"preset": "w3"}, r"preset must be one of 'w4a4kv4', 'w8a8kv8', 'w6a6kv6', 'w4a16', 'fp'"),
+    ({"lowering": "aot"}, r"lowering must be one of 'inductor', 'fx'"),
+    ({"gsr_group_size": 48}, r"gsr_group_size must be None or a power of two"),
+    ({"r2": "yes"}, r"r2 must be True or False"),
+    ({"seed": -1}, r"seed must be a non-negative integer"),
+])
+def test_bad_options_name_the_key_and_allowed_values(options, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        QuaRotConfig.from_options(options)
+
+
+def test_direct_construction_is_validated_too():
+    with pytest.raises(ValueError, match="w_bits"):
+        QuaRotConfig(w_bits=9)

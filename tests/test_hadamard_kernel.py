@@ -1,0 +1,99 @@
+"""The fast transform op against a dense reference, on CPU and (interpreted) Triton."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quarot_fx.hadamard import hadamard_orders
+from quarot_fx.kernels import hadamard_transform, hadamard_transform_reference
+
+ORDERS = [n for n in hadamard_orders(1024) if n > 1]
+
+
+@given(n=st.sampled_from(ORDERS), rows=st.integers(1, 5), seed=st.integers(0, 100))
+def test_cpu_transform_equals_dense_matmul(n, rows, seed):
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    torch.testing.assert_close(hadamard_transform(x), hadamard_transform_reference(x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [576, 1536, 4096, 11008])
+def test_cpu_transform_large_sizes_float32(n):
+    x = torch.randn(3, n)
+    expected = hadamard_transform_reference(x.double()).float() if n <= 4096 else None
+    y = hadamard_transform(x)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=0)  # orthonormal
+    if expected is not None:
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_half_types_accumulate_in_float32(dtype):
+    x = torch.randn(4, 2, 96).to(dtype)
+    y = hadamard_transform(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.float(), hadamard_transform_reference(x.double()).float(),
+                               rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("n,inner", [(4, 16), (12, 8), (16, 64), (36, 16)])
+def test_cross_head_transform(n, inner):
+    x = torch.randn(2, 3, n * inner, dtype=torch.float64)
+    torch.testing.assert_close(hadamard_transform(x, inner), hadamard_transform_reference(x, inner))
+
+
+def test_transform_is_its_own_inverse_for_symmetric_sylvester():
+    x = torch.randn(5, 256, dtype=torch.float64)
+    torch.testing.assert_close(hadamard_transform(hadamard_transform(x)), x)
+
+
+def test_non_contiguous_input_and_bad_arguments():
+    x = torch.randn(8, 128, dtype=torch.float64)[:, ::2]
+    torch.testing.assert_close(hadamard_transform(x), hadamard_transform_reference(x))
+    with pytest.raises(ValueError, match="inner"):
+        hadamard_transform(torch.randn(2, 10), 3)
+    with pytest.raises(ValueError, match="order 9"):
+        hadamard_transform(torch.randn(2, 9))
+    with pytest.raises(TypeError, match="floating"):
+        hadamard_transform(torch.ones(2, 4, dtype=torch.int32))
+
+
+def test_opcheck():
+    for args in [(torch.randn(3, 48),), (torch.randn(2, 5, 64), 4), (torch.randn(2, 96).half(),)]:
+        torch.library.opcheck(hadamard_transform, args)
+
+
+def test_op_compiles_with_inductor():
+    fn = torch.compile(lambda t: hadamard_transform(t * 2.0) + 1.0, fullgraph=True)
+    x = torch.randn(4, 576)
+    torch.testing.assert_close(fn(x), hadamard_transform_reference(x * 2.0) + 1.0, rtol=1e-4, atol=1e-5)
+
+
+# Triton under TRITON_INTERPRET=1 (set in conftest before the kernel module is imported).
+triton_kernel = pytest.importorskip("quarot_fx.kernels.triton_hadamard")
+
+
+@pytest.mark.parametrize("n,inner", [(2, 1), (12, 1), (16, 1), (20, 1), (36, 1), (48, 1), (64, 1), (12, 4), (8, 8)])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_triton_transform_matches_reference(n, inner, rows):
+    x = torch.randn(rows, n * inner)
+    y = triton_kernel.triton_hadamard_transform(x, inner)
+    torch.testing.assert_close(y, hadamard_transform_cpu_ref(x, inner), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_types(dtype):
+    x = torch.randn(3, 40).to(dtype)
+    y = triton_kernel.triton_hadamard_transform(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), hadamard_transform_reference(x.double()).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_triton_non_contiguous_and_batched():
+    x = torch.randn(2, 3, 128)[..., ::2]
+    torch.testing.assert_close(triton_kernel.triton_hadamard_transform(x), hadamard_transform(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def hadamard_transform_cpu_ref(x, inner):
+    return hadamard_transform_reference(x.double(), inner).float()
