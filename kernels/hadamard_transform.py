@@ -1,5 +1,7 @@
 """``quarot_fx::hadamard_transform``: x ↦ x·(H_m ⊗ I_inner)/√m along the last dimension.
 
+The output is always a new contiguous tensor of x's shape and dtype.
+
 H_m = F_1 ⊗ … ⊗ F_c (see :func:`quarot_fx.hadamard.hadamard_plan`), so the transform is c
 small matmuls, one per Kronecker factor, instead of one dense m×m matmul: the power-of-two
 part runs as a radix-≤64 butterfly, Paley factors as dense blocks. ``inner > 1`` gives the
@@ -49,7 +51,7 @@ def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     m = _check(x, inner)
     factors = hadamard_plan(m).factors
     if not factors:  # m == 1: H_1 = [1]
-        return x.clone()
+        return x.clone(memory_format=torch.contiguous_format)
     ctype = compute_dtype(x.dtype)
     rows = x.numel() // x.shape[-1]
     y = x.to(ctype).reshape(rows, m, inner)
@@ -74,7 +76,7 @@ def hadamard_transform(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
 @hadamard_transform.register_fake
 def _(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     _check(x, inner)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, like every real kernel's output
 
 
 @hadamard_transform.register_kernel("cuda")

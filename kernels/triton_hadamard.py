@@ -43,7 +43,7 @@ def triton_hadamard_transform(x: torch.Tensor, inner: int = 1, block_rows: int =
     m = _check(x, inner)
     factors = hadamard_plan(m).factors
     if not factors:
-        return x.clone()
+        return x.clone(memory_format=torch.contiguous_format)
     if compute_dtype(x.dtype) != torch.float32:
         raise TypeError("the Triton Hadamard kernel computes in float32; got float64 input")
     y = x.contiguous()

@@ -51,6 +51,7 @@ class LiftedConstants:
 
     kept_inputs: list[int]
     fqn_by_attr: dict[str, str] = field(default_factory=dict)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # attr -> the parameter itself
     left_as_inputs: dict[str, str] = field(default_factory=dict)  # fqn -> reason
 
     def runtime_inputs(self, args):
@@ -86,5 +87,6 @@ def lift_parameters(gm: fx.GraphModule, example_inputs) -> LiftedConstants:
         if hasattr(gm, "_param_name_to_source"):
             gm._param_name_to_source[name] = grapharg.source
         lifted.fqn_by_attr[name] = fqn
+        lifted.originals[name] = value
     gm.recompile()
     return lifted

@@ -1,22 +1,36 @@
 """The pass pipeline: an ordered list of plain functions over one shared context.
 
-Each pass reads and rewrites ``ctx.gm`` and records what it did in ``ctx.report``;
-the runner times every pass and lints the graph after it, so a broken rewrite fails
-at the pass that made it, not somewhere in Inductor.
+``analyze_invariance`` reads the pristine graph and decides where each rotation can live;
+the ``rotate_*`` passes rewrite it and record weight edits on sites; ``materialize_weights``
+computes the edited weights once (cached across recompiles). The runner times every pass
+and lints the graph after it, so a broken rewrite fails at the pass that made it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 
 from quarot_fx.config import QuaRotConfig
 from quarot_fx.report import Report
 
+from .attention import analyze_queries_keys, analyze_values, rotate_queries_keys, rotate_values, sdpa_nodes
+from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
+from .graph_utils import Site
 from .lift_params import LiftedConstants
+from .residual import find_residual_streams, rotate_residual, skip_reasons
+from .weights import SiteEdits, drop_unused_constants, replace_site_weights, transformed_weights
+
+
+@dataclass
+class Analysis:
+    residual: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    queries_keys: list = field(default_factory=list)
+    down_projections: list = field(default_factory=list)
 
 
 @dataclass
@@ -25,32 +39,68 @@ class PassContext:
     config: QuaRotConfig
     report: Report
     lifted: LiftedConstants
+    analysis: Analysis = field(default_factory=Analysis)
+    sites: dict = field(default_factory=dict)  # fx.Node -> SiteEdits
+
+    def edits(self, site: Site) -> SiteEdits:
+        if site.node not in self.sites:
+            self.sites[site.node] = SiteEdits(site, original_weight=site.weight_node.target)
+        return self.sites[site.node]
+
+    def fqn_of(self, attr: str) -> str:
+        return self.lifted.fqn_by_attr.get(attr, attr)
 
 
 Pass = Callable[[PassContext], None]
 
 
+def analyze_invariance(ctx: PassContext) -> None:
+    """Find R1–R4 sites on the untouched graph (each later pass only rewrites)."""
+    gm, config = ctx.gm, ctx.config
+    analysis = ctx.analysis
+    analysis.residual = find_residual_streams(gm)
+    ctx.report.skipped.extend(skip_reasons(analysis.residual, config))
+    attentions = sdpa_nodes(gm)
+    analysis.values = [analyze_values(a) for a in attentions]
+    analysis.queries_keys = [analyze_queries_keys(a) for a in attentions]
+    readers = {site.node for plan in analysis.residual for site, _ in plan.readers}
+    outputs = attention_output_sites(gm, attentions)
+    analysis.down_projections = find_down_projections(gm, readers, outputs)
+
+
+def materialize_weights(ctx: PassContext) -> None:
+    """Compute every edited weight once (cached by parameter) and point its site at it."""
+    for entry in ctx.sites.values():
+        if not entry.edits:
+            continue
+        weight, bias = transformed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+        replace_site_weights(ctx.gm, entry, weight, bias)
+    for entry in ctx.sites.values():
+        linear = ctx.report.linear(f"{ctx.fqn_of(entry.original_weight)} ({entry.site.kind})")
+        linear.offline.extend(e.describe() for e in entry.edits)
+        linear.online.extend(entry.online)
+    drop_unused_constants(ctx.gm)
+
+
 def unsupported_options(config: QuaRotConfig) -> list[str]:
     """Options this version accepts but cannot honour yet: refused, never silently ignored."""
-    missing = []
-    if config.rotates:
-        missing.append(f"rotation={config.rotation!r} (use rotation='none' for now)")
     if config.quantizes:
-        missing.append(
-            f"w_bits={config.w_bits}, a_bits={config.a_bits}, kv_bits={config.kv_bits} "
-            "(use preset='fp' for now)"
-        )
-    return missing
+        return [f"w_bits={config.w_bits}, a_bits={config.a_bits}, kv_bits={config.kv_bits} "
+                "(quantization is not implemented yet; use preset='fp')"]
+    return []
 
 
 def passes_for(config: QuaRotConfig) -> list[Pass]:
     """The passes a config asks for, in order."""
     missing = unsupported_options(config)
     if missing:
-        raise NotImplementedError(
-            "quarot-fx cannot yet honour these options: " + "; ".join(missing)
-        )
-    return []
+        raise NotImplementedError("quarot-fx cannot yet honour these options: " + "; ".join(missing))
+    if not config.rotates:
+        return []
+    chosen = [analyze_invariance]
+    chosen += [p for flag, p in ((config.r1, rotate_residual), (config.r2, rotate_values),
+                                 (config.r3, rotate_queries_keys), (config.r4, rotate_down_projections)) if flag]
+    return chosen + [materialize_weights]
 
 
 def run_passes(ctx: PassContext, passes: list[Pass]) -> None:

@@ -51,6 +51,7 @@ class Report:
     regions: list[Region] = field(default_factory=list)
     linears: list[LinearReport] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # pass or phase -> wall time
 
     def region_counts(self) -> dict[str, int]:
@@ -65,8 +66,7 @@ class Report:
         return entry
 
     def __str__(self) -> str:
-        changed = {k: v for k, v in self.options.items()}
-        lines = [f"quarot-fx report for {self.graph}", f"  options: {changed}",
+        lines = [f"quarot-fx report for {self.graph}", f"  options: {self.options}",
                  f"  constants lifted: {self.lifted_constants}"]
         lines.append(f"  regions: {self.region_counts() or 'none'}")
         for r in self.regions:
@@ -80,6 +80,8 @@ class Report:
         lines.append(f"  skipped: {len(self.skipped) or 'nothing'}")
         for s in self.skipped:
             lines.append(f"    {s.what}: {s.why}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         lines.append("  time: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.seconds.items()))
         return "\n".join(lines)
 

@@ -59,7 +59,9 @@ def test_non_contiguous_input_and_bad_arguments():
 
 
 def test_opcheck():
-    for args in [(torch.randn(3, 48),), (torch.randn(2, 5, 64), 4), (torch.randn(2, 96).half(),)]:
+    non_contiguous = torch.randn(2, 12, 4, 16).transpose(1, 2)
+    for args in [(torch.randn(3, 48),), (torch.randn(2, 5, 64), 4), (torch.randn(2, 96).half(),),
+                 (non_contiguous,), (torch.randn(3, 1),)]:
         torch.library.opcheck(hadamard_transform, args)
 
 

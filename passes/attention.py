@@ -1,0 +1,297 @@
+"""R2 (value → output, per head) and R3 (query/key after the position embedding).
+
+Both start at a ``scaled_dot_product_attention`` node and walk the dataflow through ops
+that leave the head dimension (the last one) alone: transposes of other dims, reshapes
+that keep it, GQA's expand/reshape, and the KV cache's ``cat`` along the sequence.
+
+* R2: attention mixes value rows over the sequence only, so a per-head rotation of V's
+  head dimension comes out on the output unchanged. Folded into the rows of the value
+  projection (``v_proj``, a slice of a fused ``qkv``, or a ``split`` of GPT2's ``c_attn``)
+  and the columns of the output projection; an online cross-head Hadamard on the output
+  projection's input completes QuaRot's full rotation there.
+* R3: q·kᵀ is unchanged when q and k are both rotated by the same H. Queries are rotated
+  at the attention input; keys right after the last op that mixes their head dimension
+  (RoPE), so the KV cache stores rotated keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from quarot_fx.hadamard import is_hadamard_order
+from quarot_fx.report import Region, Skip
+
+from .graph_utils import Site, as_site, first_arg, keeps_last_dim, label, last_dim, op_name, shape
+from .matrices import BlockHadamard, CrossHead, Hadamard
+from .weights import InputRotation, OutputTransform
+
+HADAMARD_OP = torch.ops.quarot_fx.hadamard_transform.default
+
+
+def sdpa_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and op_name(n) == "scaled_dot_product_attention"]
+
+
+def sdpa_input(node: fx.Node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _is_cache_operand(node) -> bool:
+    """A past-cache tensor: a graph input, or an empty tensor the first step starts from."""
+    s = shape(node)
+    return isinstance(node, fx.Node) and (node.op == "placeholder" or (s is not None and 0 in s))
+
+
+@dataclass
+class HeadPath:
+    """Ops between a head-dim producer and an attention input that leave the head dim alone."""
+
+    nodes: list[fx.Node]  # from the attention input back towards the producer
+    source: fx.Node  # the first node (walking back) that touches the head dimension
+    cache_inputs: list[fx.Node] = field(default_factory=list)
+
+
+def walk_back(node: fx.Node) -> HeadPath:
+    path = HeadPath([], node)
+    current = node
+    while True:
+        name = op_name(current)
+        if name == "cat":
+            tensors = current.args[0]
+            dim = current.args[1] if len(current.args) > 1 else current.kwargs.get("dim", 0)
+            ndim = len(shape(current))
+            fresh = [t for t in tensors if not _is_cache_operand(t)]
+            if dim % ndim == ndim - 1 or len(fresh) != 1:
+                break
+            path.cache_inputs += [t for t in tensors if t is not fresh[0]]
+            path.nodes.append(current)
+            current = fresh[0]
+            continue
+        src = first_arg(current)
+        if current.op in ("call_function", "call_method") and isinstance(src, fx.Node) \
+                and keeps_last_dim(current, src):
+            path.nodes.append(current)
+            current = src
+            continue
+        break
+    path.source = current
+    return path
+
+
+def _only_used_along(path: HeadPath, attention: fx.Node) -> bool:
+    """Nodes on the path feed only the path, the attention, or graph outputs (the cache)."""
+    allowed = set(path.nodes) | {attention}
+    return all(u in allowed or u.op == "output" for n in path.nodes for u in n.users)
+
+
+def _trace_rows(node: fx.Node) -> tuple[Site, int] | None:
+    """Walk back from a head split to the site producing it: (site, first output row)."""
+    offset, current = 0, node
+    while True:
+        site = as_site(current)
+        if site is not None and site.kind in ("linear", "addmm"):
+            return site, offset
+        name = op_name(current)
+        if name == "getitem" and isinstance(current.args[0], fx.Node) and op_name(current.args[0]) in ("split", "chunk"):
+            parent = current.args[0]
+            pieces = _split_sizes(parent)
+            if pieces is None:
+                return None
+            offset += sum(pieces[: current.args[1]])
+            current = first_arg(parent)
+            continue
+        if name == "getitem":
+            start = _last_dim_slice_start(current)
+            if start is None:
+                return None
+            offset += start
+            current = current.args[0]
+            continue
+        src = first_arg(current)
+        if isinstance(src, fx.Node) and keeps_last_dim(current, src) and len(current.users) == 1:
+            current = src
+            continue
+        return None
+
+
+def _split_sizes(node: fx.Node) -> list[int] | None:
+    src = first_arg(node)
+    full = last_dim(src)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if full is None or dim % len(shape(src)) != len(shape(src)) - 1:
+        return None
+    arg = node.args[1]
+    if op_name(node) == "chunk":
+        step = -(-full // arg)
+        return [min(step, full - i) for i in range(0, full, step)]
+    if isinstance(arg, int):
+        return [min(arg, full - i) for i in range(0, full, arg)]
+    return list(arg)
+
+
+def _last_dim_slice_start(node: fx.Node) -> int | None:
+    index = node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    ndim = len(shape(node.args[0]))
+    if Ellipsis in index and index[-1] is not Ellipsis:
+        last = index[-1]
+    elif len([i for i in index if i is not None]) == ndim and Ellipsis not in index:
+        last = index[-1]
+    else:
+        return None
+    if not isinstance(last, slice) or last.step not in (None, 1):
+        return None
+    start = last.start or 0
+    return start if start >= 0 else None
+
+
+@dataclass
+class ValuePlan:
+    attention: fx.Node
+    head_dim: int
+    kv_heads: int = 0
+    heads: int = 0
+    value_site: Site | None = None
+    value_rows: int = 0
+    output_site: Site | None = None
+    cached: bool = False
+    problem: str | None = None
+
+
+def analyze_values(attention: fx.Node) -> ValuePlan:
+    value = sdpa_input(attention, 2, "value")
+    plan = ValuePlan(attention, last_dim(value))
+    path = walk_back(value)
+    plan.cached = bool(path.cache_inputs)
+    split = path.source
+    s_in, s_out = shape(first_arg(split)) if isinstance(first_arg(split), fx.Node) else None, shape(split)
+    if op_name(split) not in ("view", "reshape") or not s_in or not s_out or len(s_out) < 2 \
+            or s_out[-1] != plan.head_dim or s_in[-1] != s_out[-2] * s_out[-1]:
+        plan.problem = f"no head split found on the value path (stopped at '{op_name(split)}')"
+        return plan
+    if not _only_used_along(path, attention) or len(split.users) != 1:
+        plan.problem = "values on the path to attention are also used elsewhere"
+        return plan
+    plan.kv_heads = s_out[-2]
+    traced = _trace_rows(first_arg(split))
+    if traced is None:
+        plan.problem = "the value heads do not come from a linear layer's output rows"
+        return plan
+    plan.value_site, plan.value_rows = traced
+    # Forward: attention output → (transposes) → merge heads → output projection.
+    current = attention
+    while len(current.users) == 1 and keeps_last_dim(next(iter(current.users)), current):
+        current = next(iter(current.users))
+    merge = next(iter(current.users)) if len(current.users) == 1 else None
+    if merge is None or op_name(merge) not in ("view", "reshape") or shape(current)[-1] != plan.head_dim \
+            or last_dim(merge) != shape(current)[-2] * plan.head_dim:
+        plan.problem = "the attention output does not merge its heads into one projection input"
+        return plan
+    plan.heads = shape(current)[-2]
+    current = merge
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        site = as_site(user)
+        if site is not None and site.kind in ("linear", "addmm") and site.input_node is current:
+            plan.output_site = site
+            return plan
+        if not keeps_last_dim(user, current):
+            break
+        current = user
+    plan.problem = "the merged attention output does not feed a single linear layer"
+    return plan
+
+
+def output_projection(attention: fx.Node) -> Site | None:
+    """The output projection of an attention, whether or not R2 applies (for R4's exclusion)."""
+    return analyze_values(attention).output_site
+
+
+def insert_hadamard(gm: fx.GraphModule, consumer: fx.Node, value: fx.Node, inner: int = 1,
+                    pad_to: int | None = None) -> fx.Node:
+    """Insert the online transform (optionally zero-padding first) on one input of ``consumer``."""
+    graph = gm.graph
+    with graph.inserting_before(consumer):
+        x = value
+        if pad_to is not None and pad_to != last_dim(value):
+            x = graph.call_function(torch.nn.functional.pad, (x, (0, pad_to - last_dim(value))))
+        rotated = graph.call_function(HADAMARD_OP, (x, inner))
+    consumer.replace_input_with(value, rotated)
+    return rotated
+
+
+def rotate_values(ctx) -> None:
+    """Pass R2: per-head Hadamard folded into value/output projections, online cross-head part."""
+    for plan in ctx.analysis.values:
+        where = label(plan.attention)
+        if plan.problem is None and not is_hadamard_order(plan.head_dim):
+            plan.problem = f"no Hadamard matrix of order head_dim={plan.head_dim}"
+        if plan.problem is not None:
+            ctx.report.skipped.append(Skip(f"R2 at {where}", plan.problem))
+            continue
+        hd, heads = plan.head_dim, plan.heads
+        rows = plan.kv_heads * hd
+        ctx.edits(plan.value_site).edits.append(
+            OutputTransform(BlockHadamard(plan.kv_heads, hd), plan.value_rows, plan.value_rows + rows))
+        out = ctx.edits(plan.output_site)
+        out.edits.append(InputRotation(BlockHadamard(heads, hd)))
+        if heads > 1 and is_hadamard_order(heads):
+            online, inner = CrossHead(heads, hd), hd
+        elif is_hadamard_order(heads * hd):
+            online, inner = Hadamard(heads * hd), 1
+        else:
+            online = None
+            ctx.report.notes.append(f"R2 at {where}: no Hadamard of order {heads} or {heads * hd}; "
+                                    "only the per-head part is applied")
+        if online is not None:
+            insert_hadamard(ctx.gm, plan.output_site.node, plan.output_site.input_node, inner)
+            out.edits.append(InputRotation(online))
+            out.online.append(online.describe())
+        kind = f"hadamard per head ({hd})" + (f" + online {online.describe()}" if online else "")
+        cache = "; KV cache holds rotated values" if plan.cached else ""
+        ctx.report.regions.append(Region("R2", hd, kind, where + cache))
+
+
+@dataclass
+class QueryKeyPlan:
+    attention: fx.Node
+    head_dim: int
+    key_path: HeadPath | None = None
+    problem: str | None = None
+
+
+def analyze_queries_keys(attention: fx.Node) -> QueryKeyPlan:
+    query, key = sdpa_input(attention, 0, "query"), sdpa_input(attention, 1, "key")
+    plan = QueryKeyPlan(attention, last_dim(query))
+    if last_dim(key) != plan.head_dim:
+        plan.problem = "query and key head dims differ"
+    elif not is_hadamard_order(plan.head_dim):
+        plan.problem = f"no Hadamard matrix of order head_dim={plan.head_dim}"
+    else:
+        plan.key_path = walk_back(key)
+        if not _only_used_along(plan.key_path, attention):
+            if plan.key_path.cache_inputs:
+                plan.problem = ("keys on the path to attention are also used elsewhere; rotating them at "
+                                "the attention input would disagree with the cached keys")
+            else:
+                plan.key_path = HeadPath([], key)  # rotate right at the attention input
+    return plan
+
+
+def rotate_queries_keys(ctx) -> None:
+    """Pass R3: online Hadamard on queries and (post-RoPE, pre-cache) keys."""
+    for plan in ctx.analysis.queries_keys:
+        where = label(plan.attention)
+        if plan.problem is not None:
+            ctx.report.skipped.append(Skip(f"R3 at {where}", plan.problem))
+            continue
+        attention = plan.attention
+        insert_hadamard(ctx.gm, attention, sdpa_input(attention, 0, "query"))
+        path = plan.key_path
+        consumer = path.nodes[-1] if path.nodes else attention
+        insert_hadamard(ctx.gm, consumer, path.source)
+        cache = "; KV cache holds rotated keys" if path.cache_inputs else ""
+        ctx.report.regions.append(Region("R3", plan.head_dim, "online hadamard on query and key", where + cache))

@@ -1,0 +1,68 @@
+"""R4: an online Hadamard on the input of linears that read a non-invariant activation.
+
+For any linear, y = x·Wᵀ = (x·H)·(W·H)ᵀ, so the rotation is always exact; QuaRot applies
+it where outliers arise and nothing upstream can absorb a rotation: the input of the MLP
+down-projection, produced by ``act(gate) * up``. Structurally: a linear that neither reads
+the residual stream (R1) nor an attention output (R2). A size without a Hadamard matrix is
+zero-padded to the next one that has one (dimension expansion), which stays exact.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from quarot_fx.hadamard import is_hadamard_order, next_hadamard_order
+from quarot_fx.report import Region
+
+from .attention import insert_hadamard
+from .graph_utils import Site, as_site, keeps_last_dim, label, op_name
+from .matrices import Hadamard
+from .weights import InputRotation, PadInput
+
+
+def attention_output_sites(gm: fx.GraphModule, attentions: list[fx.Node]) -> set[fx.Node]:
+    """Linears that read an attention output through reshapes only (whatever R2 decided)."""
+    found = set()
+    for attention in attentions:
+        frontier = [attention]
+        for _ in range(16):
+            nxt = []
+            for node in frontier:
+                for user in node.users:
+                    site = as_site(user)
+                    if site is not None and site.input_node is node:
+                        found.add(user)
+                    elif op_name(user) in ("view", "reshape", "transpose", "contiguous", "permute") \
+                            or keeps_last_dim(user, node):
+                        nxt.append(user)
+            frontier = nxt
+    return found
+
+
+def find_down_projections(gm: fx.GraphModule, residual_readers: set[fx.Node],
+                          attention_outputs: set[fx.Node]) -> list[Site]:
+    sites = []
+    for node in gm.graph.nodes:
+        site = as_site(node)
+        if site is None or site.kind == "embedding":
+            continue
+        if node in residual_readers or node in attention_outputs:
+            continue
+        sites.append(site)
+    return sites
+
+
+def rotate_down_projections(ctx) -> None:
+    """Pass R4: online Hadamard (padded if needed) on the input, inverse folded into W."""
+    for site in ctx.analysis.down_projections:
+        n = site.in_features
+        size = n if is_hadamard_order(n) else next_hadamard_order(n)
+        insert_hadamard(ctx.gm, site.node, site.input_node, pad_to=size)
+        entry = ctx.edits(site)
+        if size != n:
+            entry.edits.append(PadInput(size))
+            entry.online.append(f"zero-pad {n}→{size}")
+        entry.edits.append(InputRotation(Hadamard(size)))
+        entry.online.append(Hadamard(size).describe())
+        padded = f" (padded from {n})" if size != n else ""
+        ctx.report.regions.append(Region("R4", size, "online hadamard" + padded, label(site.node)))

@@ -1,0 +1,234 @@
+"""Small vocabulary over Dynamo FX graphs: op names, shapes, constants, weight-bearing sites.
+
+Everything here looks at what a node computes (its target and the shapes Dynamo recorded
+in ``meta["example_value"]``), never at module names.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+# Ops that only read a tensor's metadata (dtype, shape, device): such uses never see values.
+METADATA_METHODS = {"size", "dim", "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor",
+                    "get_device", "numel", "is_contiguous", "element_size"}
+# Ops that keep every element and the last dimension as it is (the whole value moves unchanged).
+CONVERSION_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous", "clone",
+                      "detach"}
+CONVERSION_FUNCTIONS = {"_to_copy", "clone", "contiguous", "detach"}
+SHAPE_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "transpose", "permute",
+                 "expand_as", "view_as", "reshape_as", "repeat"}
+SHAPE_FUNCTIONS = {"reshape", "flatten", "unsqueeze", "squeeze", "transpose", "permute", "expand"}
+
+
+def op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            return "getitem"
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def value(node: Any):
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def shape(node: Any) -> tuple[int, ...] | None:
+    v = value(node)
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape)
+    return None
+
+
+def last_dim(node: Any) -> int | None:
+    s = shape(node)
+    return s[-1] if s else None
+
+
+def is_tensor(node: Any) -> bool:
+    return isinstance(value(node), torch.Tensor)
+
+
+def first_arg(node: fx.Node):
+    return node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+
+
+def is_metadata_use(user: fx.Node, node: fx.Node) -> bool:
+    """True if ``user`` reads only the metadata of ``node`` (``x.size()``, ``y.type_as(x)``)."""
+    name = op_name(user)
+    if name in METADATA_METHODS or (name == "getattr" and user.args[0] is node):
+        return True
+    if name in ("type_as", "expand_as", "view_as", "reshape_as") and user.args[0] is not node:
+        return True
+    if name == "to" and user.args[0] is not node:  # x.to(other): other's dtype/device only
+        return True
+    return False
+
+
+def keeps_last_dim(node: fx.Node, source: fx.Node) -> bool:
+    """The op moves whole last-dim vectors around: output last dim is source's, unmixed."""
+    name = op_name(node)
+    out, inp = shape(node), shape(source)
+    if out is None or inp is None or not out or not inp or out[-1] != inp[-1]:
+        return False
+    if name in CONVERSION_METHODS or name in CONVERSION_FUNCTIONS:
+        return first_arg(node) is source
+    if name == "dropout":
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+        return training is False
+    if name in ("transpose",):
+        dims = [d % len(inp) for d in node.args[1:3]]
+        return len(inp) - 1 not in dims
+    if name == "permute":
+        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return perm[-1] % len(inp) == len(inp) - 1
+    if name in ("view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "repeat", "view_as",
+                "reshape_as", "expand_as"):
+        # A reshape may move elements across the last dim unless the trailing sizes agree and
+        # the product of leading dims is preserved; both hold when the last dims are equal.
+        if name == "repeat":
+            reps = node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1]
+            return reps[-1] == 1
+        return True
+    if name == "getitem":
+        return _index_keeps_last_dim(node.args[1], len(inp))
+    return False
+
+
+def _index_keeps_last_dim(index, ndim: int) -> bool:
+    """True if an index expression leaves the last dimension whole (only full slices there)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in index:
+        after = index[index.index(Ellipsis) + 1:]
+        return not after or _full_slice(after[-1])
+    consumed = sum(1 for i in index if i is not None)
+    if consumed < ndim:
+        return True
+    return _full_slice(index[-1])
+
+
+def _full_slice(i) -> bool:
+    return isinstance(i, slice) and i == slice(None, None, None)
+
+
+def scalar_like(arg) -> bool:
+    """A Python number, or a tensor that broadcasts over the last dimension (size 1 or 0-d)."""
+    if isinstance(arg, (int, float)):
+        return True
+    s = shape(arg)
+    return s is not None and (len(s) == 0 or s[-1] == 1)
+
+
+def is_constant(gm: fx.GraphModule, node: Any, _seen=None) -> bool:
+    """True if ``node`` depends only on lifted constants and literals."""
+    if not isinstance(node, fx.Node):
+        return True
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    return all(is_constant(gm, a) for a in node.all_input_nodes)
+
+
+def evaluate_constant(gm: fx.GraphModule, node: Any):
+    """Compute a constant subexpression (e.g. Gemma's ``1 + w.float()``) from the lifted weights."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op == "get_attr":
+        return getattr(gm, node.target)
+    args = fx.node.map_arg(node.args, lambda n: evaluate_constant(gm, n))
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: evaluate_constant(gm, n))
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def constant_signature(gm: fx.GraphModule, node: Any, fqn_of) -> str:
+    """A stable description of a constant subexpression (for cache keys)."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "get_attr":
+        tensor = getattr(gm, node.target)
+        return f"{fqn_of(node.target)}@v{tensor._version}"
+    inner = ",".join(constant_signature(gm, a, fqn_of) for a in node.args)
+    return f"{op_name(node)}({inner})"
+
+
+@dataclass
+class Site:
+    """A node that applies a constant weight matrix: linear, addmm (Conv1D) or embedding.
+
+    ``logical`` weights are [out, in] for all three (addmm stores [in, out], embedding
+    tables are [vocab, d] = [in, out]), so one set of edits serves every kind.
+    """
+
+    node: fx.Node
+    kind: str  # "linear" | "addmm" | "embedding"
+
+    @property
+    def weight_node(self) -> fx.Node:
+        return self.node.args[{"linear": 1, "addmm": 2, "embedding": 1}[self.kind]]
+
+    @property
+    def bias_node(self) -> fx.Node | None:
+        if self.kind == "linear":
+            return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
+        if self.kind == "addmm":
+            return self.node.args[0]
+        return None
+
+    @property
+    def input_node(self) -> fx.Node:
+        return self.node.args[{"linear": 0, "addmm": 1, "embedding": 0}[self.kind]]
+
+    @property
+    def in_features(self) -> int:
+        return self.to_logical(value(self.weight_node)).shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.to_logical(value(self.weight_node)).shape[0]
+
+    def to_logical(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self.kind == "linear" else weight.t()
+
+    def from_logical(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight if self.kind == "linear" else weight.t()).contiguous()
+
+
+def as_site(node: fx.Node) -> Site | None:
+    """The weight-bearing site of a node, if its weight is a lifted constant."""
+    if node.op != "call_function":
+        return None
+    name = op_name(node)
+    kind = {"linear": "linear", "addmm": "addmm", "embedding": "embedding"}.get(name)
+    if kind is None:
+        return None
+    site = Site(node, kind)
+    weight = site.weight_node
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    if kind == "addmm" and (len(node.args) != 3 or node.kwargs):  # beta/alpha scaling not handled
+        return None
+    bias = site.bias_node
+    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"):
+        return None
+    max_norm = node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")
+    if kind == "embedding" and max_norm is not None:
+        return None  # max_norm renormalizes rows: not linear in the table
+    return site
+
+
+def label(node: fx.Node) -> str:
+    """Human-readable location from nn_module_stack (for reports only, never for decisions)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path.replace("L['self'].", "").replace("L['self']", "model")
+    return node.name

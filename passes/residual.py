@@ -1,0 +1,318 @@
+"""R1: find the residual stream from dataflow and rotate it.
+
+An orthogonal Q can pass through an op when op(x·Q) = op(x)·Q. Such ops link their input
+and output: conversions and reshapes that keep the last dimension, ``a + b`` (both sides
+must share the basis), multiplication by a per-row scalar (RMSNorm's ``x * rsqrt(...)``).
+Norm scales (``* w``, Gemma's ``* (1 + w)``, LayerNorm's affine part) also link, but leave
+a pending ``scale``/``shift`` that the readers must fold. The links form a graph
+(networkx); the component holding an embedding is the residual stream. It is valid when
+
+* every value entering it is written by a foldable site (embedding table, linear, addmm),
+* every norm scale is absorbed by readers (a scaled value must not flow back into an add),
+* with LayerNorm, nothing but LayerNorms looks at the raw (mean-centered) residual.
+
+Readers absorb Q (``W·diag(scale)·Q``), writers ``Qᵀ·W``; a value that leaves the
+component any other way (returned, fed to an unknown op) gets an explicit inverse.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from quarot_fx.hadamard import is_hadamard_order, nearest_hadamard_orders
+from quarot_fx.report import Region, Skip
+
+from .graph_utils import (
+    Site, as_site, constant_signature, evaluate_constant, first_arg, is_constant, is_metadata_use,
+    keeps_last_dim, label, last_dim, op_name, scalar_like, shape,
+)
+from .matrices import Center, Rotation
+from .weights import InputAffine, InputRotation, OutputTransform
+
+LINK_SAME, LINK_SCALE, LINK_LAYER_NORM, LINK_RMS_NORM = "same", "scale", "layer_norm", "rms_norm"
+REDUCTIONS = {"mean", "sum"}
+
+
+def basis_links(gm: fx.GraphModule) -> nx.DiGraph:
+    """Edges input → output of every op that a rotation of the last dimension passes through."""
+    links = nx.DiGraph()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or last_dim(node) is None:
+            continue
+        d = last_dim(node)
+        name = op_name(node)
+        src = first_arg(node)
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]
+        if isinstance(src, fx.Node) and keeps_last_dim(node, src):
+            links.add_edge(src, node, kind=LINK_SAME)
+        elif name in ("add", "sub", "iadd") and len(tensors) == 2 and all(last_dim(t) == d for t in tensors):
+            for t in tensors:
+                links.add_edge(t, node, kind=LINK_SAME)
+        elif name == "neg":
+            links.add_edge(src, node, kind=LINK_SAME)
+        elif name in ("mul", "div", "truediv") and len(node.args) == 2:
+            a, b = node.args
+            for value, other in ((a, b), (b, a)):
+                if name != "mul" and value is not a:
+                    continue  # only x / s commutes, not s / x
+                if not isinstance(value, fx.Node) or last_dim(value) != d or other is value:
+                    continue
+                if scalar_like(other) and d > 1:
+                    links.add_edge(value, node, kind=LINK_SAME)
+                    break
+                if name == "mul" and isinstance(other, fx.Node) and is_constant(gm, other) \
+                        and shape(other) is not None and shape(other)[-1] == d \
+                        and all(s == 1 for s in shape(other)[:-1]):
+                    links.add_edge(value, node, kind=LINK_SCALE, scale=other)
+                    break
+        elif name == "layer_norm" and tuple(node.args[1]) == (d,):
+            links.add_edge(src, node, kind=LINK_LAYER_NORM)
+        elif name == "rms_norm" and tuple(node.args[1]) == (d,):
+            links.add_edge(src, node, kind=LINK_RMS_NORM)
+    return links
+
+
+@dataclass
+class State:
+    """How a rotated value relates to the original one: x = (x̃·Qᵀ) ⊙ scale + shift."""
+
+    scale: fx.Node | None = None
+    shift: fx.Node | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.scale is None and self.shift is None
+
+
+@dataclass
+class ResidualPlan:
+    size: int
+    seed: fx.Node
+    members: list[fx.Node]
+    states: dict[fx.Node, State] = field(default_factory=dict)
+    writers: list[Site] = field(default_factory=list)
+    readers: list[tuple[Site, fx.Node]] = field(default_factory=list)
+    escapes: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
+    norm_links: list[tuple[fx.Node, str, fx.Node]] = field(default_factory=list)  # (node, kind, input)
+    centered: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+
+def _is_rms_statistic(user: fx.Node, value: fx.Node) -> bool:
+    """``value ** 2`` (or ``value * value``) reduced over the last dim: invariant under Q."""
+    name = op_name(user)
+    squares = (name == "pow" and user.args[0] is value and user.args[1] == 2) or (
+        name == "mul" and user.args[0] is value and user.args[1] is value)
+    if not squares or not user.users:
+        return False
+    ndim = len(shape(value))
+    for reduction in user.users:
+        dims = reduction.args[1] if len(reduction.args) > 1 else reduction.kwargs.get("dim")
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+        if op_name(reduction) not in REDUCTIONS or [d % ndim for d in dims if d is not None] != [ndim - 1]:
+            return False
+    return True
+
+
+def analyze_component(gm: fx.GraphModule, links: nx.DiGraph, seed: fx.Node, members: set) -> ResidualPlan:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    plan = ResidualPlan(size=last_dim(seed), seed=seed, members=sorted(members, key=order.get))
+    stats_on_plain = False
+    for node in plan.members:
+        incoming = list(links.in_edges(node, data=True))
+        if not incoming:
+            site = as_site(node)
+            if site is None:
+                plan.problems.append(f"{node.name} ({label(node)}) writes into the residual stream through "
+                                     f"'{op_name(node)}', which cannot absorb a rotation")
+                continue
+            plan.writers.append(site)
+            plan.states[node] = State()
+        else:
+            plan.states[node] = _state_after(node, incoming, plan)
+        state = plan.states[node]
+        for user in node.users:
+            if links.has_edge(node, user) or is_metadata_use(user, node):
+                continue
+            site = as_site(user) if user.op == "call_function" else None
+            if site is not None and site.kind != "embedding" and site.input_node is node:
+                plan.readers.append((site, node))
+            elif state.plain and _is_rms_statistic(user, node):
+                stats_on_plain = True
+            else:
+                plan.escapes.append((node, user))
+    plan.centered = any(kind == LINK_LAYER_NORM for _, kind, _ in plan.norm_links)
+    if plan.centered:
+        raw_uses = [u for v, u in plan.escapes if plan.states[v].plain]
+        raw_uses += [s.node for s, v in plan.readers if plan.states[v].plain]
+        if stats_on_plain or raw_uses or any(k != LINK_LAYER_NORM for _, k, _ in plan.norm_links):
+            plan.problems.append(
+                "LayerNorm needs the residual mean-centered, but other ops read the raw residual "
+                f"({', '.join(n.name for n in raw_uses[:3]) or 'an RMS norm'})")
+    return plan
+
+
+def _state_after(node: fx.Node, incoming, plan: ResidualPlan) -> State:
+    kinds = {data["kind"] for _, _, data in incoming}
+    sources = [plan.states.get(src, State()) for src, _, _ in incoming]
+    if kinds == {LINK_SAME}:
+        if len(incoming) == 1 and keeps_last_dim(node, incoming[0][0]):
+            return sources[0]  # conversions and reshapes carry a pending scale along
+        if all(s.plain for s in sources):
+            return State()
+        plan.problems.append(
+            f"{node.name} ({label(node)}) combines a norm's scaled output with other values "
+            "(e.g. a norm with a post-scale on the residual), so the scale cannot be folded into readers")
+        return State()
+    (src, _, data), = incoming
+    if not sources[0].plain:
+        plan.problems.append(f"{node.name} ({label(node)}) scales an already scaled value")
+        return State()
+    kind = data["kind"]
+    plan.norm_links.append((node, kind, src))
+    if kind == LINK_SCALE:
+        return State(scale=data["scale"])
+    if kind == LINK_LAYER_NORM:
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        return State(scale=weight, shift=bias)
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    return State(scale=weight)
+
+
+def find_residual_streams(gm: fx.GraphModule) -> list[ResidualPlan]:
+    """Every component of the basis-link graph that an embedding lookup writes into."""
+    links = basis_links(gm)
+    plans, covered = [], set()
+    for node in gm.graph.nodes:
+        site = as_site(node)
+        if site is None or site.kind != "embedding" or node in covered:
+            continue
+        members = nx.node_connected_component(links.to_undirected(as_view=True), node) if node in links else {node}
+        covered |= members
+        plans.append(analyze_component(gm, links, node, members))
+    return plans
+
+
+def rotation_problem(kind: str, d: int, group: int | None) -> str | None:
+    """Why a rotation of this kind cannot be built for size d (None if it can)."""
+    if kind in ("hadamard", "randomized_hadamard") and not is_hadamard_order(d):
+        near = ", ".join(map(str, nearest_hadamard_orders(d)))
+        return (f"no Hadamard matrix of order {d} (nearest: {near}); the residual cannot be padded, "
+                "use rotation='gsr' or 'random'")
+    if kind == "gsr":
+        g = group or (d & -d)
+        if g < 2 or d % g or g & (g - 1):
+            return f"gsr_group_size {g} must be a power of two ≥ 2 dividing {d}"
+    return None
+
+
+def restore_basis(x: torch.Tensor, inverse: torch.Tensor, scale=None, shift=None) -> torch.Tensor:
+    """Original value of a rotated one: (x̃·Qᵀ) ⊙ scale + shift (explicit inverse at an escape)."""
+    y = x @ inverse.to(x.dtype)
+    if scale is not None:
+        y = y * scale
+    if shift is not None:
+        y = y + shift
+    return y
+
+
+def layers_of(sites: list[Site], fqn_of) -> str:
+    indices = sorted({int(m) for s in sites for m in re.findall(r"\.(\d+)\.", fqn_of(s.weight_node.target))})
+    return f"layers {indices[0]}–{indices[-1]}" if indices else "no numbered layers"
+
+
+def rotate_residual(ctx) -> None:
+    """Pass: rotate every valid residual stream with R1 (config.rotation), fold norm scales."""
+    gm, config, report = ctx.gm, ctx.config, ctx.report
+    for plan in ctx.analysis.residual:
+        if not plan.valid:
+            continue
+        rotation = Rotation(config.rotation, plan.size, config.seed, config.gsr_group_size)
+        if plan.centered:
+            center = Center(plan.size)
+        for site in plan.writers:
+            edits = ctx.edits(site)
+            if plan.centered:
+                edits.edits.append(OutputTransform(center, 0, site.out_features))
+            edits.edits.append(OutputTransform(rotation, 0, site.out_features))
+        for site, value in plan.readers:
+            state = plan.states[value]
+            edits = ctx.edits(site)
+            if not state.plain:
+                edits.edits.append(InputAffine(
+                    "scale=" + constant_signature(gm, state.scale, ctx.fqn_of)
+                    + " shift=" + constant_signature(gm, state.shift, ctx.fqn_of),
+                    evaluate_constant(gm, state.scale) if state.scale is not None else None,
+                    evaluate_constant(gm, state.shift) if state.shift is not None else None))
+            edits.edits.append(InputRotation(rotation))
+        _insert_inverses(ctx, plan, rotation)
+        _strip_norm_scales(plan)
+        where = (f"residual stream: {len(plan.writers)} writers, {len(plan.readers)} readers, "
+                 f"{len(plan.norm_links)} norm scales folded, {layers_of(plan.writers, ctx.fqn_of)}")
+        if plan.centered:
+            where += "; mean-centered (LayerNorm → RMSNorm)"
+        report.regions.append(Region("R1", plan.size, rotation.describe(), where))
+
+
+def _insert_inverses(ctx, plan: ResidualPlan, rotation: Rotation) -> None:
+    from .matrices import build
+
+    if not plan.escapes:
+        return
+    gm = ctx.gm
+    name = f"qfx_r1_inverse_{plan.seed.name}"
+    gm.register_buffer(name, build(rotation).T.contiguous().to(torch.float32))
+    for value, user in plan.escapes:
+        state = plan.states[value]
+        with gm.graph.inserting_after(value):
+            inverse = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(inverse):
+            restored = gm.graph.call_function(restore_basis, (value, inverse, state.scale, state.shift))
+        user.replace_input_with(value, restored)
+        what = "a graph output" if user.op == "output" else f"'{op_name(user)}' ({label(user)})"
+        ctx.report.notes.append(f"R1: explicit inverse rotation before {what} reading {value.name}: "
+                                "it does not absorb the rotation")
+
+
+def _strip_norm_scales(plan: ResidualPlan) -> None:
+    """Norm scales now live in the readers: drop ``* w`` and make norms scale-free."""
+    for node, kind, src in plan.norm_links:
+        if kind == LINK_SCALE:
+            node.replace_all_uses_with(src)  # escapes' restore_basis re-applies the scale
+        elif kind == LINK_LAYER_NORM:
+            x, shape_, *rest = node.args
+            eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
+            node.target = torch.nn.functional.rms_norm
+            node.args, node.kwargs = (x, shape_, None, eps), {}
+        else:
+            args = list(node.args)
+            if len(args) > 2:
+                args[2] = None
+            node.args = tuple(args)
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "weight"}
+
+
+def skip_reasons(plans: list[ResidualPlan], config) -> list[Skip]:
+    if not plans:
+        return [Skip("R1", "no residual stream: the graph has no embedding lookup of a weight table "
+                     "(e.g. a graph break split the model; compile with fullgraph=True to see why)")]
+    skips = []
+    for plan in plans:
+        if plan.valid:
+            problem = rotation_problem(config.rotation, plan.size, config.gsr_group_size)
+            if problem:
+                plan.problems.append(problem)
+        if not plan.valid:
+            skips.append(Skip(f"R1 residual stream of {plan.seed.name} (size {plan.size})",
+                              "; ".join(plan.problems)))
+    return skips

@@ -1,0 +1,192 @@
+"""Weight edits recorded by the rotation passes, and their one-time materialization.
+
+Passes do not touch tensors: they append edits to a site (a linear, addmm or embedding
+node). ``materialize_weights`` then computes each edited weight once, in float64, and
+stores it in a cache keyed by the *parameter* and the edit list, so a recompile (a new
+sequence length, a new cache shape) reuses the transformed weights instead of redoing them.
+Sites that share a parameter (tied embeddings) get separate constants: untied.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import Site
+from .matrices import Matrix, build
+
+
+@dataclass(frozen=True)
+class InputAffine:
+    """The input arrives as n with x = n ⊙ scale + shift folded away: W·diag(scale), b + W·shift."""
+
+    signature: str
+    scale: torch.Tensor | None = field(compare=False, hash=False)
+    shift: torch.Tensor | None = field(compare=False, hash=False)
+
+    def apply(self, w, b):
+        if self.shift is not None:
+            shift = w @ self.shift.to(w)
+            b = shift if b is None else b + shift
+        if self.scale is not None:
+            w = w * self.scale.to(w)[None, :]
+        return w, b
+
+    def describe(self) -> str:
+        return "fold norm " + ("scale+shift" if self.shift is not None else "scale")
+
+
+@dataclass(frozen=True)
+class InputRotation:
+    """The input arrives rotated, x̃ = x·M: W ← W·M."""
+
+    matrix: Matrix
+
+    def apply(self, w, b):
+        return w @ build(self.matrix).to(w), b
+
+    def describe(self) -> str:
+        return f"input × {self.matrix.describe()}"
+
+
+@dataclass(frozen=True)
+class OutputTransform:
+    """Output rows [start, stop) are multiplied by M on the right: W ← Mᵀ·W, b ← Mᵀ·b."""
+
+    matrix: Matrix
+    start: int
+    stop: int
+
+    def apply(self, w, b):
+        m = build(self.matrix).to(w)
+        w = w.clone()
+        w[self.start:self.stop] = m.T @ w[self.start:self.stop]
+        if b is not None:
+            b = b.clone()
+            b[self.start:self.stop] = m.T @ b[self.start:self.stop]
+        return w, b
+
+    def describe(self) -> str:
+        whole = self.start == 0
+        rows = "" if whole else f" rows {self.start}:{self.stop}"
+        return f"output{rows} × {self.matrix.describe()}"
+
+
+@dataclass(frozen=True)
+class PadInput:
+    """Zero columns up to ``n`` inputs (dimension expansion for a Hadamard of order n)."""
+
+    n: int
+
+    def apply(self, w, b):
+        return torch.nn.functional.pad(w, (0, self.n - w.shape[1])), b
+
+    def describe(self) -> str:
+        return f"pad input to {self.n}"
+
+
+Edit = InputAffine | InputRotation | OutputTransform | PadInput
+
+
+class WeightCache:
+    """Transformed weights by (parameter identity, edit list): survives recompiles, not the parameter."""
+
+    def __init__(self):
+        self._by_param: dict[int, tuple[weakref.ref, dict]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, param: torch.Tensor, key, compute):
+        pid = id(param)
+        entry = self._by_param.get(pid)
+        if entry is None or entry[0]() is not param:
+            ref = weakref.ref(param, lambda _r, pid=pid: self._by_param.pop(pid, None))
+            entry = (ref, {})
+            self._by_param[pid] = entry
+        results = entry[1]
+        if key in results:
+            self.hits += 1
+        else:
+            self.misses += 1
+            results[key] = compute()
+        return results[key]
+
+
+WEIGHT_CACHE = WeightCache()
+
+
+@dataclass
+class SiteEdits:
+    site: Site
+    original_weight: str = ""  # attribute of the weight before any edit (for reports)
+    edits: list = field(default_factory=list)
+    online: list[str] = field(default_factory=list)  # descriptions of online transforms on its input
+
+
+def transformed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of) -> tuple:
+    """(weight, bias) after the site's edits, in the stored layout and dtype, via the cache."""
+    site = entry.site
+    w_attr = site.weight_node.target
+    b_node = site.bias_node
+    b_attr = b_node.target if b_node is not None else None
+    weight = originals.get(w_attr, getattr(gm, w_attr))
+    bias = originals.get(b_attr, getattr(gm, b_attr)) if b_attr else None
+    key = (site.kind, fqn_of(w_attr), weight._version, fqn_of(b_attr) if b_attr else None,
+           bias._version if bias is not None else None, tuple(entry.edits), weight.dtype)
+
+    def compute():
+        w = site.to_logical(weight.detach()).to(torch.float64)
+        b = bias.detach().to(torch.float64) if bias is not None else None
+        for edit in entry.edits:
+            w, b = edit.apply(w, b)
+        new_bias = None if b is None else b.to(bias.dtype if bias is not None else weight.dtype)
+        return site.from_logical(w.to(weight.dtype)), new_bias
+
+    return WEIGHT_CACHE.get(weight, key, compute)
+
+
+def replace_site_weights(gm: fx.GraphModule, entry: SiteEdits, weight, bias) -> None:
+    """Point the site's node at new constants (own buffers: tied weights become untied)."""
+    node = entry.site.node
+    graph = gm.graph
+    prefix = f"qfx_edited__{node.name}"
+    gm.register_buffer(prefix + "__weight", weight)
+    with graph.inserting_before(node):
+        w_node = graph.get_attr(prefix + "__weight")
+    w_node.meta["example_value"] = weight
+    args = list(node.args)
+    kind = entry.site.kind
+    args[{"linear": 1, "addmm": 2, "embedding": 1}[kind]] = w_node
+    if bias is not None:
+        gm.register_buffer(prefix + "__bias", bias)
+        with graph.inserting_before(node):
+            b_node = graph.get_attr(prefix + "__bias")
+        b_node.meta["example_value"] = bias
+        if kind == "addmm":
+            args[0] = b_node
+        elif len(args) > 2:
+            args[2] = b_node
+        elif "bias" in node.kwargs:
+            node.kwargs = {**node.kwargs, "bias": b_node}
+        else:
+            args.append(b_node)
+    node.args = tuple(args)
+
+
+def _has_side_effects(node: fx.Node) -> bool:
+    """FX's purity test plus in-place methods (``buf.add_(1)``), which it does not know."""
+    if node.is_impure():
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+def drop_unused_constants(gm: fx.GraphModule) -> None:
+    """Remove get_attr nodes and buffers nothing uses any more (the pre-edit weights)."""
+    gm.graph.eliminate_dead_code(is_impure_node=_has_side_effects)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [name for name, _ in gm.named_buffers(recurse=False) if name not in used]:
+        delattr(gm, name)
