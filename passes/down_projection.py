@@ -2,8 +2,8 @@
 
 For any linear, y = x·Wᵀ = (x·H)·(W·H)ᵀ, so the rotation is always exact; QuaRot applies
 it where outliers arise and nothing upstream can absorb a rotation: the input of the MLP
-down-projection, produced by ``act(gate) * up``. Structurally: a linear that neither reads
-the residual stream (R1) nor an attention output (R2). A size without a Hadamard matrix is
+down-projection, produced by ``act(gate) * up``. Structurally: a linear whose input is
+computed in the graph and is neither the residual stream (R1) nor an attention output (R2). A size without a Hadamard matrix is
 zero-padded to the next one that has one (dimension expansion), which stays exact.
 """
 
@@ -39,6 +39,16 @@ def attention_output_sites(gm: fx.GraphModule, attentions: list[fx.Node]) -> set
     return found
 
 
+def _computed_in_graph(node: fx.Node) -> bool:
+    """The value is produced by an op of this graph (not a graph input seen through reshapes)."""
+    while node.op in ("call_function", "call_method"):
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, fx.Node) and keeps_last_dim(node, src)):
+            return True
+        node = src
+    return False
+
+
 def find_down_projections(gm: fx.GraphModule, residual_readers: set[fx.Node],
                           attention_outputs: set[fx.Node]) -> list[Site]:
     sites = []
@@ -46,7 +56,7 @@ def find_down_projections(gm: fx.GraphModule, residual_readers: set[fx.Node],
         site = as_site(node)
         if site is None or site.kind == "embedding":
             continue
-        if node in residual_readers or node in attention_outputs:
+        if node in residual_readers or node in attention_outputs or not _computed_in_graph(site.input_node):
             continue
         sites.append(site)
     return sites

@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from quarot_fx.hadamard import hadamard_matrix
-from quarot_fx.rotations import rotation_matrix
+from quarot_fx.rotations import random_signs, rotation_matrix
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,20 @@ def build(matrix: Matrix) -> torch.Tensor:
     if isinstance(matrix, Center):
         return torch.eye(matrix.n, dtype=f64) - 1.0 / matrix.n
     raise TypeError(f"unknown matrix description {matrix!r}")
+
+
+def multiply_right(x: torch.Tensor, matrix: Matrix) -> torch.Tensor:
+    """x·M without forming M where it has a fast form (Hadamard-based: n·Σfactors, not n²)."""
+    from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu
+
+    if isinstance(matrix, Hadamard) or (isinstance(matrix, Rotation) and matrix.kind == "hadamard"):
+        return hadamard_transform_cpu(x)
+    if isinstance(matrix, Rotation) and matrix.kind == "randomized_hadamard":
+        return hadamard_transform_cpu(x * random_signs(matrix.n, matrix.seed).to(x))
+    if isinstance(matrix, BlockHadamard):
+        return hadamard_transform_cpu(x.reshape(*x.shape[:-1], matrix.blocks, matrix.size)).reshape(x.shape)
+    if isinstance(matrix, CrossHead):
+        return hadamard_transform_cpu(x, matrix.size)
+    if isinstance(matrix, Center):
+        return x - x.mean(dim=-1, keepdim=True)
+    return x @ build(matrix).to(x)

@@ -1,7 +1,7 @@
 """Weight edits recorded by the rotation passes, and their one-time materialization.
 
 Passes do not touch tensors: they append edits to a site (a linear, addmm or embedding
-node). ``materialize_weights`` then computes each edited weight once, in float64, and
+node). ``materialize_weights`` then computes each edited weight once (float32, or float64 for float64 weights) and
 stores it in a cache keyed by the *parameter* and the edit list, so a recompile (a new
 sequence length, a new cache shape) reuses the transformed weights instead of redoing them.
 Sites that share a parameter (tied embeddings) get separate constants: untied.
@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .graph_utils import Site
-from .matrices import Matrix, build
+from .matrices import Matrix, multiply_right
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class InputRotation:
     matrix: Matrix
 
     def apply(self, w, b):
-        return w @ build(self.matrix).to(w), b
+        return multiply_right(w, self.matrix), b
 
     def describe(self) -> str:
         return f"input × {self.matrix.describe()}"
@@ -61,12 +61,12 @@ class OutputTransform:
     stop: int
 
     def apply(self, w, b):
-        m = build(self.matrix).to(w)
+        rows = slice(self.start, self.stop)
         w = w.clone()
-        w[self.start:self.stop] = m.T @ w[self.start:self.stop]
+        w[rows] = multiply_right(w[rows].T, self.matrix).T  # Mᵀ·W = (Wᵀ·M)ᵀ
         if b is not None:
             b = b.clone()
-            b[self.start:self.stop] = m.T @ b[self.start:self.stop]
+            b[rows] = multiply_right(b[rows], self.matrix)
         return w, b
 
     def describe(self) -> str:
@@ -137,9 +137,12 @@ def transformed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of)
     key = (site.kind, fqn_of(w_attr), weight._version, fqn_of(b_attr) if b_attr else None,
            bias._version if bias is not None else None, tuple(entry.edits), weight.dtype)
 
+    # float32 is accurate enough for orthonormal edits and ~7x faster than float64 on CPU.
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+
     def compute():
-        w = site.to_logical(weight.detach()).to(torch.float64)
-        b = bias.detach().to(torch.float64) if bias is not None else None
+        w = site.to_logical(weight.detach()).to(work)
+        b = bias.detach().to(work) if bias is not None else None
         for edit in entry.edits:
             w, b = edit.apply(w, b)
         new_bias = None if b is None else b.to(bias.dtype if bias is not None else weight.dtype)

@@ -12,6 +12,7 @@ import torch
 from . import kernels  # noqa: F401  (registers the quarot_fx:: custom ops)
 from .backend import quarot_backend
 from .config import PRESETS, QuaRotConfig
+from .explain import Explanation, explain
 from .hadamard import HadamardOrderError, hadamard_matrix, hadamard_plan, next_hadamard_order
 from .report import Report, collect_reports
 from .rotations import rotation_matrix
@@ -29,6 +30,6 @@ def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = Fals
 
 
 __all__ = [
-    "PRESETS", "HadamardOrderError", "QuaRotConfig", "Report", "collect_reports", "compile",
+    "PRESETS", "Explanation", "HadamardOrderError", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
     "hadamard_matrix", "hadamard_plan", "next_hadamard_order", "quarot_backend", "rotation_matrix",
 ]

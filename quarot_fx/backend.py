@@ -58,6 +58,7 @@ def quarot_backend(gm: fx.GraphModule, example_inputs: list, options=None):
 
     run_passes(PassContext(gm, config, report, lifted), passes)
 
+    report.graph_module = gm
     start = time.perf_counter()
     compiled = _lower(gm, lifted.runtime_inputs(example_inputs), config)
     report.seconds[f"lower ({config.lowering})"] = time.perf_counter() - start
@@ -68,5 +69,6 @@ def quarot_backend(gm: fx.GraphModule, example_inputs: list, options=None):
         return compiled(*lifted.runtime_inputs(args))
 
     run.quarot_report = report
+    run.runtime_inputs = lifted.runtime_inputs(example_inputs)  # for inspecting report.graph_module
     return run
 

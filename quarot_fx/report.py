@@ -53,6 +53,7 @@ class Report:
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # pass or phase -> wall time
+    graph_module: object = field(default=None, repr=False)  # the rewritten FX graph, before lowering
 
     def region_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(r.kind for r in self.regions).items()))

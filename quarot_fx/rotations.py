@@ -54,11 +54,15 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def random_signs(n: int, seed: int = 0) -> torch.Tensor:
+    """The seeded ±1 vector s of ``randomized_hadamard`` (float64)."""
+    return (torch.randint(0, 2, (n,), generator=_generator(seed), dtype=torch.int64) * 2 - 1).to(torch.float64)
+
+
 def randomized_hadamard(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """diag(s)·H_n/√n with s a seeded random ±1 vector."""
-    signs = torch.randint(0, 2, (n,), generator=_generator(seed), dtype=torch.int64) * 2 - 1
     h = hadamard_matrix(n, torch.float64) / math.sqrt(n)
-    return (signs.to(torch.float64)[:, None] * h).to(dtype)
+    return (random_signs(n, seed)[:, None] * h).to(dtype)
 
 
 def random_orthogonal(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -19,7 +19,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def greedy(model, ids, steps=8):
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True, output_logits=True)
     return out.sequences, torch.stack(out.logits)
 

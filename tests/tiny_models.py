@@ -10,7 +10,7 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gemma", "opt", "gpt2")
 
 def tiny_config(arch: str, hidden: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2,
                 ffn: int = 128, vocab: int = 128):
-    common = dict(vocab_size=vocab, max_position_embeddings=256)
+    common = dict(vocab_size=vocab, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     llama_like = dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, **common)
     if arch == "llama":
@@ -20,7 +20,7 @@ def tiny_config(arch: str, hidden: int = 64, heads: int = 4, kv_heads: int = 2, 
     if arch == "qwen2":
         return tf.Qwen2Config(**llama_like)
     if arch == "phi3":
-        return tf.Phi3Config(**llama_like, pad_token_id=0)
+        return tf.Phi3Config(**llama_like)
     if arch == "gemma":
         return tf.GemmaConfig(**llama_like, head_dim=hidden // heads)
     if arch == "opt":
@@ -28,7 +28,7 @@ def tiny_config(arch: str, hidden: int = 64, heads: int = 4, kv_heads: int = 2, 
                             num_attention_heads=heads, word_embed_proj_dim=hidden, **common)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn,
-                             vocab_size=vocab, n_positions=256)
+                             vocab_size=vocab, n_positions=256, bos_token_id=1, eos_token_id=2)
     raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHITECTURES}")
 
 
