@@ -19,7 +19,7 @@ from quarot_fx.report import Report
 
 from .attention import analyze_queries_keys, analyze_values, rotate_queries_keys, rotate_values, sdpa_nodes
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
-from .graph_utils import Site
+from .graph_utils import Site, label
 from .lift_params import LiftedConstants
 from .residual import find_residual_streams, rotate_residual, skip_reasons
 from .weights import SiteEdits, drop_unused_constants, replace_site_weights, transformed_weights
@@ -76,7 +76,9 @@ def materialize_weights(ctx: PassContext) -> None:
         weight, bias = transformed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
         replace_site_weights(ctx.gm, entry, weight, bias)
     for entry in ctx.sites.values():
-        linear = ctx.report.linear(f"{ctx.fqn_of(entry.original_weight)} ({entry.site.kind})")
+        where, fqn = label(entry.site.node), ctx.fqn_of(entry.original_weight)
+        shared = "" if fqn == f"{where}.weight" else f", weight {fqn} (untied)"
+        linear = ctx.report.linear(f"{where} ({entry.site.kind}{shared})")
         linear.offline.extend(e.describe() for e in entry.edits)
         linear.online.extend(entry.online)
     drop_unused_constants(ctx.gm)

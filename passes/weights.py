@@ -99,6 +99,9 @@ class WeightCache:
         self.hits = 0
         self.misses = 0
 
+    def clear(self) -> None:
+        self._by_param.clear()
+
     def get(self, param: torch.Tensor, key, compute):
         pid = id(param)
         entry = self._by_param.get(pid)

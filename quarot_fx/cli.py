@@ -21,6 +21,7 @@ def _demo(args: argparse.Namespace) -> int:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
     ids = torch.randint(0, 256, (1, 16))
     print(f"tiny random Llama (hidden 96, 2 layers); options {options}")
+    print("quantization is not implemented yet: the demo rotates (R1-R4) and checks the function is unchanged")
     compiled = quarot_fx.compile(model, config)
     with torch.no_grad(), quarot_fx.collect_reports() as reports:
         out, ref = compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compile a model with backend='quarot' and report what it did")
     demo.add_argument("--preset", default="fp")
-    demo.add_argument("--rotation", default="none")
+    demo.add_argument("--rotation", default="hadamard")
     demo.add_argument("--lowering", default="inductor")
     demo.set_defaults(run=_demo)
     had = sub.add_parser("hadamard", help="show how quarot-fx builds Hadamard matrices of given orders")
