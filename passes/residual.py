@@ -83,6 +83,7 @@ class State:
 
     scale: fx.Node | None = None
     shift: fx.Node | None = None
+    normalized: bool = False  # downstream of a norm (not the raw residual)
 
     @property
     def plain(self) -> bool:
@@ -152,8 +153,8 @@ def analyze_component(gm: fx.GraphModule, links: nx.DiGraph, seed: fx.Node, memb
                 plan.escapes.append((node, user))
     plan.centered = any(kind == LINK_LAYER_NORM for _, kind, _ in plan.norm_links)
     if plan.centered:
-        raw_uses = [u for v, u in plan.escapes if plan.states[v].plain]
-        raw_uses += [s.node for s, v in plan.readers if plan.states[v].plain]
+        raw_uses = [u for v, u in plan.escapes if not plan.states[v].normalized]
+        raw_uses += [s.node for s, v in plan.readers if not plan.states[v].normalized]
         if stats_on_plain or raw_uses or any(k != LINK_LAYER_NORM for _, k, _ in plan.norm_links):
             plan.problems.append(
                 "LayerNorm needs the residual mean-centered, but other ops read the raw residual "
@@ -168,7 +169,8 @@ def _state_after(node: fx.Node, incoming, plan: ResidualPlan) -> State:
         if len(incoming) == 1 and keeps_last_dim(node, incoming[0][0]):
             return sources[0]  # conversions and reshapes carry a pending scale along
         if all(s.plain for s in sources):
-            return State()
+            # A per-row scale of a normalized value (RMSNorm's x * rsqrt) is still normalized.
+            return State(normalized=len(sources) == 1 and sources[0].normalized)
         plan.problems.append(
             f"{node.name} ({label(node)}) combines a norm's scaled output with other values "
             "(e.g. a norm with a post-scale on the residual), so the scale cannot be folded into readers")
@@ -180,13 +182,13 @@ def _state_after(node: fx.Node, incoming, plan: ResidualPlan) -> State:
     kind = data["kind"]
     plan.norm_links.append((node, kind, src))
     if kind == LINK_SCALE:
-        return State(scale=data["scale"])
+        return State(scale=data["scale"], normalized=sources[0].normalized)
     if kind == LINK_LAYER_NORM:
         weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
         bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
-        return State(scale=weight, shift=bias)
+        return State(scale=weight, shift=bias, normalized=True)
     weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-    return State(scale=weight)
+    return State(scale=weight, normalized=True)
 
 
 def find_residual_streams(gm: fx.GraphModule) -> list[ResidualPlan]:

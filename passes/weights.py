@@ -88,7 +88,25 @@ class PadInput:
         return f"pad input to {self.n}"
 
 
-Edit = InputAffine | InputRotation | OutputTransform | PadInput
+@dataclass(frozen=True)
+class QuantizeWeight:
+    """Last edit: symmetric RTN per output channel (or group), clip ratio searched per row."""
+
+    bits: int
+    group_size: int | None
+    clip_search: bool
+
+    def apply(self, w, b):
+        from quarot_fx.quant import quantize_weight_rtn
+
+        return quantize_weight_rtn(w, self.bits, self.group_size, self.clip_search), b
+
+    def describe(self) -> str:
+        group = f" group {self.group_size}" if self.group_size else " per channel"
+        return f"rtn w{self.bits}{group}" + (" (clip search)" if self.clip_search else "")
+
+
+Edit = InputAffine | InputRotation | OutputTransform | PadInput | QuantizeWeight
 
 
 class WeightCache:

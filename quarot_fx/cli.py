@@ -9,6 +9,15 @@ import torch
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.model != "tiny":
+        from .demo import run_demo
+
+        run_demo(args.model, args.text, args.windows, args.preset, args.lowering, args.steps)
+        return 0
+    return _tiny_demo(args)
+
+
+def _tiny_demo(args: argparse.Namespace) -> int:
     import transformers as tf
 
     import quarot_fx
@@ -21,7 +30,6 @@ def _demo(args: argparse.Namespace) -> int:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
     ids = torch.randint(0, 256, (1, 16))
     print(f"tiny random Llama (hidden 96, 2 layers); options {options}")
-    print("quantization is not implemented yet: the demo rotates (R1-R4) and checks the function is unchanged")
     compiled = quarot_fx.compile(model, config)
     with torch.no_grad(), quarot_fx.collect_reports() as reports:
         out, ref = compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits
@@ -50,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quarot-fx", description="Rotate-then-quantize compiler for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compile a model with backend='quarot' and report what it did")
-    demo.add_argument("--preset", default="fp")
-    demo.add_argument("--rotation", default="hadamard")
+    demo.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', a local path, or 'tiny'")
+    demo.add_argument("--text", default=None, help="evaluation text (WikiText-2 raw test file)")
+    demo.add_argument("--windows", type=int, default=2, help="2048-token windows for perplexity")
+    demo.add_argument("--steps", type=int, default=12, help="greedy tokens of the continuation")
+    demo.add_argument("--preset", default="w4a4kv4")
+    demo.add_argument("--rotation", default="hadamard", help="tiny model only")
     demo.add_argument("--lowering", default="inductor")
     demo.set_defaults(run=_demo)
     had = sub.add_parser("hadamard", help="show how quarot-fx builds Hadamard matrices of given orders")

@@ -23,6 +23,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
+WEIGHT_METHODS = ("rtn", "gptq")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -56,6 +57,11 @@ class QuaRotConfig:
             query/key, down-projection input); ignored when ``rotation="none"``.
         lowering: ``"inductor"`` (compile with Inductor, freezing on) or ``"fx"`` (run the
             rewritten FX graph as it is: fast to start, for tests and debugging).
+        weights: ``"rtn"`` (round to nearest) or ``"gptq"`` (not implemented yet: refused).
+        w_group_size: weight quantization group along the input dim (None = per output channel).
+        w_clip_search: per-row clip ratio search minimizing the weight reconstruction error.
+        a_clip, kv_clip: activation / KV clip ratios (None = 0.9 / 0.95 at ≤ 4 bits, else 1.0).
+        quantize_lm_head: quantize the output head too (default: keep it in float).
     """
 
     preset: str | None = None
@@ -70,6 +76,12 @@ class QuaRotConfig:
     r3: bool = True
     r4: bool = True
     lowering: str = "inductor"
+    weights: str = "rtn"
+    w_group_size: int | None = None
+    w_clip_search: bool = True
+    a_clip: float | None = None
+    kv_clip: float | None = None
+    quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -84,6 +96,16 @@ class QuaRotConfig:
         for name in ("r1", "r2", "r3", "r4"):
             _flag(name, getattr(self, name))
         _choice("lowering", self.lowering, LOWERINGS)
+        _choice("weights", self.weights, WEIGHT_METHODS)
+        if self.w_group_size is not None:
+            _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
+        for name in ("w_clip_search", "quantize_lm_head"):
+            _flag(name, getattr(self, name))
+        for name in ("a_clip", "kv_clip"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value <= 1):
+                raise ValueError(f"{name} must be None or a number in (0, 1]; got {value!r}")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -117,6 +139,14 @@ class QuaRotConfig:
     @property
     def rotates(self) -> bool:
         return self.rotation != "none" and any((self.r1, self.r2, self.r3, self.r4))
+
+    @property
+    def activation_clip(self) -> float:
+        return self.a_clip if self.a_clip is not None else (0.9 if self.a_bits <= 4 else 1.0)
+
+    @property
+    def kv_cache_clip(self) -> float:
+        return self.kv_clip if self.kv_clip is not None else (0.95 if self.kv_bits <= 4 else 1.0)
 
     @property
     def quantizes(self) -> bool:

@@ -131,8 +131,8 @@ def test_fqn_of_source_parses_dynamo_sources():
 
 def test_options_the_version_cannot_honour_are_refused():
     model = tiny_model("llama", layers=1)
-    with pytest.raises(Exception, match="cannot yet honour.*w_bits=4"):
-        torch.compile(model, backend="quarot", options={"preset": "w4a4kv4", "rotation": "none"})(token_ids())
+    with pytest.raises(Exception, match="cannot yet honour.*gptq"):
+        torch.compile(model, backend="quarot", options={"preset": "w4a4kv4", "weights": "gptq"})(token_ids())
 
 
 def test_bad_option_through_torch_compile_names_the_key():

@@ -37,6 +37,9 @@ def test_fp_preset_quantizes_nothing():
     ({"gsr_group_size": 48}, r"gsr_group_size must be None or a power of two"),
     ({"r2": "yes"}, r"r2 must be True or False"),
     ({"seed": -1}, r"seed must be a non-negative integer"),
+    ({"weights": "awq"}, r"weights must be one of 'rtn', 'gptq'"),
+    ({"a_clip": 1.5}, r"a_clip must be None or a number in \(0, 1\]"),
+    ({"w_group_size": 0}, r"w_group_size must be None or a positive integer"),
 ])
 def test_bad_options_name_the_key_and_allowed_values(options, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -206,3 +206,19 @@ def test_rotation_reduces_activation_outliers():
         report = captured["report"]
         ratios[rotation] = linear_input_outlier_ratio(report.graph_module, captured["inputs"])
     assert ratios["hadamard"] < ratios["none"] / 2, ratios
+
+
+def test_static_cache_stays_exact_and_says_what_it_skipped():
+    model, ids = tiny_model("llama"), token_ids()
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True, cache_implementation="static")
+    with torch.no_grad():
+        ref = model.generate(ids, **kwargs)
+    model.forward = torch.compile(model.forward, backend="quarot", options=FX)
+    with torch.no_grad(), quarot_fx.collect_reports() as reports:
+        out = model.generate(ids, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert rel_err(torch.stack(out.logits), torch.stack(ref.logits)) <= 1e-4
+    # Values are written in place into a preallocated buffer: R2 cannot be proved and is skipped.
+    assert all(r.region_counts().get("R3") == 2 for r in reports)
+    assert any(s.what.startswith("R2") and "head split" in s.why for s in reports[0].skipped)

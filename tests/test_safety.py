@@ -128,3 +128,30 @@ def test_explain_reports_without_changing_the_model():
     assert "R1" in text and "residual stream" in text and "analyze_invariance" in text
     with torch.no_grad():
         torch.testing.assert_close(model(ids, use_cache=False).logits, before)
+
+
+class LayerNormToy(torch.nn.Module):
+    """Pre-LN block with a LayerNorm that has no affine parameters, and one that has."""
+
+    def __init__(self, d=32, vocab=40):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.norm = torch.nn.LayerNorm(d, elementwise_affine=False)
+        self.final = torch.nn.LayerNorm(d)
+        self.proj = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, vocab)
+        with torch.no_grad():
+            self.final.weight.normal_(1.0, 0.3)
+            self.final.bias.normal_(0.0, 0.3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.proj(self.norm(h))
+        return self.head(self.final(h))
+
+
+def test_layernorm_without_affine_parameters_is_rotated():
+    report = compile_and_compare(LayerNormToy(), IDS)
+    assert report.region_counts()["R1"] == 1
+    assert "mean-centered" in str(report) and not report.skipped

@@ -1,0 +1,85 @@
+"""WikiText-2 perplexity of SmolLM2-135M under each quantization setting (BENCHMARK.md protocol).
+
+    python benchmarks/ppl.py [--windows 16|all] [--configs fp w8a8kv8 ...] [--lowering fx] [--json]
+
+One row per configuration: PPL, gap to float, wall time (compile + evaluation, one run) and
+the bytes the quantized linears would hold packed (bits/8 per weight + an fp16 scale per row
+or group; the simulated path still stores float weights, packed storage comes with the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quarot_fx.evaluate import perplexity, read_eval_text, tokenize, windows
+from quarot_fx.models import load_model
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
+CONFIGS = {
+    "float": None,
+    "w8a8kv8": {"preset": "w8a8kv8"},
+    "w6a6kv6": {"preset": "w6a6kv6"},
+    "w4a16": {"preset": "w4a16"},
+    "w4a4kv4-norot": {"preset": "w4a4kv4", "rotation": "none"},
+    "w4a4kv4": {"preset": "w4a4kv4"},
+    "w4a4kv4-g64": {"preset": "w4a4kv4", "w_group_size": 64},
+}
+
+
+def packed_weight_bytes(model, options) -> tuple[int, int]:
+    """(bytes of the quantized linears if packed, their bytes in fp16)."""
+    bits = 16 if options is None else {"w8a8kv8": 8, "w6a6kv6": 6, "w4a16": 4, "w4a4kv4": 4}[options["preset"]]
+    group = None if options is None else options.get("w_group_size")
+    packed = fp16 = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            out_f, in_f = module.weight.shape
+            fp16 += 2 * out_f * in_f
+            scales = out_f * (in_f // group if group else 1)
+            packed += out_f * in_f * bits // 8 + (2 * scales if bits < 16 else 0)
+    return packed, fp16
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--text", default=str(DEFAULT_TEXT))
+    parser.add_argument("--windows", default="16", help="number of 2048-token windows, or 'all'")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--lowering", default="inductor", choices=["inductor", "fx"])
+    parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_model(args.model)
+    tokens = tokenize(tokenizer, read_eval_text(args.text))
+    evaluation = windows(tokens, None if args.windows == "all" else int(args.windows))
+    rows, reference = [], None
+    for name in args.configs:
+        options = CONFIGS[name]
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        runner = model if options is None else torch.compile(
+            model, backend="quarot", options={**options, "lowering": args.lowering})
+        ppl = perplexity(runner, evaluation, desc=name)
+        seconds = time.perf_counter() - start
+        reference = ppl if name == "float" else reference
+        packed, fp16 = packed_weight_bytes(model, options)
+        row = {"config": name, "options": options, "windows": len(evaluation), "ppl": round(ppl, 3),
+               "gap_pct": None if reference is None else round(100 * (ppl / reference - 1), 1),
+               "seconds": round(seconds, 1), "linear_bytes_packed": packed, "linear_bytes_fp16": fp16}
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            gap = "" if row["gap_pct"] is None else f"{row['gap_pct']:+.1f}%"
+            print(f"{name:<15} ppl {ppl:8.3f} {gap:>9}  {seconds:7.1f} s  linears {packed / 2**20:6.1f} MiB "
+                  f"({packed / fp16:.2f}× fp16)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

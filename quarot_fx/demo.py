@@ -1,0 +1,51 @@
+"""``make demo``: SmolLM2-135M at W4A4KV4 through ``backend="quarot"``, float vs unrotated vs rotated."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .evaluate import perplexity, read_eval_text, tokenize, windows
+from .models import load_model
+
+PROMPT = "The capital of France is"
+
+
+def greedy(model, tokenizer, prompt: str, steps: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def linear_megabytes(model) -> float:
+    return sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head") / 2**20
+
+
+def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str, lowering: str, steps: int) -> None:
+    model, tokenizer = load_model(model_name)
+    print(f"{model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+          f"linear weights {linear_megabytes(model):.1f} MiB in float32")
+    evaluation = None
+    if text_path:
+        evaluation = windows(tokenize(tokenizer, read_eval_text(text_path)), n_windows)
+    configs = [("float", None), (f"{preset}, no rotation", {"preset": preset, "rotation": "none"}),
+               (f"{preset}, rotated (QuaRot)", {"preset": preset})]
+    for name, options in configs:
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        if options is not None:
+            model.forward = torch.compile(model.forward, backend="quarot", options={**options, "lowering": lowering})
+        line = f"{name:<28}"
+        if evaluation:
+            line += f" ppl {perplexity(model, evaluation, desc=name):8.2f} ({len(evaluation)} windows)"
+        line += f" | {PROMPT!r} → {greedy(model, tokenizer, PROMPT, steps)!r}"
+        print(line + f"  [{time.perf_counter() - start:.0f} s]", flush=True)
+        if options is not None:
+            del model.forward  # back to the eager forward
+    bits = {"w4a4kv4": 4, "w8a8kv8": 8, "w6a6kv6": 6, "w4a16": 4}.get(preset, 16)
+    print(f"weight memory of the quantized linears, packed: {linear_megabytes(model) * bits / 32:.1f} MiB "
+          f"(+ one fp16 scale per output channel); this version simulates quantization in float, "
+          "packed int4 storage comes with the kernels")

@@ -1,0 +1,47 @@
+"""Perplexity and calibration data, exactly as ../shared/BENCHMARK.md defines them."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+WINDOW = 2048
+
+
+def read_eval_text(path: str | Path) -> str:
+    """WikiText-2 raw test text, joined the way the protocol says."""
+    return "\n\n".join(Path(path).read_text(encoding="utf-8").split("\n"))
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+
+
+def windows(tokens: torch.Tensor, count: int | None = None, length: int = WINDOW) -> list[torch.Tensor]:
+    """Non-overlapping windows from the start (``count=None``: all of them)."""
+    total = tokens.numel() // length
+    count = total if count is None else min(count, total)
+    return [tokens[i * length:(i + 1) * length].unsqueeze(0) for i in range(count)]
+
+
+def calibration_windows(tokens: torch.Tensor, count: int = 32, length: int = WINDOW, seed: int = 0) -> list[torch.Tensor]:
+    """Random windows of the calibration split: ``random.seed(seed)``, then randint per sample."""
+    random.seed(seed)
+    starts = [random.randint(0, tokens.numel() - length - 1) for _ in range(count)]
+    return [tokens[s:s + length].unsqueeze(0) for s in starts]
+
+
+@torch.no_grad()
+def perplexity(model, token_windows: list[torch.Tensor], progress: bool = True, desc: str = "perplexity") -> float:
+    """exp(mean NLL) of tokens 1..L-1 of every window, each predicted from its own prefix."""
+    nll, count = 0.0, 0
+    for ids in tqdm(token_windows, desc=desc, disable=not progress, leave=False):
+        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        targets = ids[0, 1:]
+        nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        count += targets.numel()
+    return math.exp(nll / count)

@@ -1,0 +1,82 @@
+"""Round-to-nearest quantizers (simulated: quantize, then dequantize back to float).
+
+Conventions follow QuaRot: symmetric b-bit integers in [-2^(b-1), 2^(b-1) - 1] with scale
+``clip · max|x| / (2^(b-1) - 1)``; asymmetric ones in [0, 2^b - 1] with a zero point. A
+group (row, token, head) of zeros keeps scale 1 so it stays exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CLIP_GRID = 20  # candidate clip ratios of the weight clip search
+MIN_CLIP = 0.5
+
+
+def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    if group_size is None or group_size >= x.shape[-1]:
+        return x
+    if x.shape[-1] % group_size:
+        raise ValueError(f"group size {group_size} does not divide the dimension {x.shape[-1]}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def fake_quant_symmetric(x: torch.Tensor, bits: int, clip: float = 1.0,
+                         group_size: int | None = None) -> torch.Tensor:
+    """Symmetric RTN along the last dim (per row, or per group of ``group_size``)."""
+    if bits >= 16:
+        return x
+    g = _grouped(x.float(), group_size)
+    qmax = 2 ** (bits - 1) - 1
+    scale = g.abs().amax(dim=-1, keepdim=True) * clip / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(g / scale), -qmax - 1, qmax)
+    return (q * scale).reshape(x.shape).to(x.dtype)
+
+
+def fake_quant_asymmetric(x: torch.Tensor, bits: int, clip: float = 1.0, group_size: int | None = None) -> torch.Tensor:
+    """Asymmetric RTN with a zero point along the last dim (KV cache: group = head_dim)."""
+    if bits >= 16:
+        return x
+    g = _grouped(x.float(), group_size)
+    levels = 2**bits - 1
+    hi = g.amax(dim=-1, keepdim=True).clamp(min=0) * clip
+    lo = g.amin(dim=-1, keepdim=True).clamp(max=0) * clip
+    scale = (hi - lo) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(g / scale) + zero, 0, levels)
+    return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
+
+
+def quantize_weight_rtn(w: torch.Tensor, bits: int, group_size: int | None = None,
+                        clip_search: bool = True) -> torch.Tensor:
+    """Per-output-channel (or per-group) symmetric RTN of a [out, in] weight.
+
+    With ``clip_search`` each row (group) takes the clip ratio in [0.5, 1] with the smallest
+    squared reconstruction error; ratio 1 is among the candidates, so it is never worse
+    than plain RTN.
+    """
+    if bits >= 16:
+        return w
+    g = _grouped(w.float(), group_size)
+    best = fake_quant_symmetric(g, bits)
+    if clip_search:
+        best_err = (best - g).pow(2).sum(-1)
+        for ratio in torch.linspace(1.0, MIN_CLIP, CLIP_GRID)[1:].tolist():
+            candidate = fake_quant_symmetric(g, bits, ratio)
+            err = (candidate - g).pow(2).sum(-1)
+            better = err < best_err
+            best = torch.where(better.unsqueeze(-1), candidate, best)
+            best_err = torch.minimum(err, best_err)
+    return best.reshape(w.shape).to(w.dtype)
+
+
+def quantize_activation(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
+    """Per-token symmetric quantization of a linear layer's input (simulated)."""
+    return fake_quant_symmetric(x, bits, clip)
+
+
+def quantize_kv(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
+    """Asymmetric quantization per token and head (x is [..., head_dim]) for the KV cache."""
+    return fake_quant_asymmetric(x, bits, clip)

@@ -1,0 +1,135 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tiny_models import tiny_model, token_ids
+
+import quarot_fx
+from quarot_fx.quant import (
+    fake_quant_asymmetric, fake_quant_symmetric, quantize_kv, quantize_weight_rtn,
+)
+
+BITS = list(range(2, 9))
+
+
+def rows(seed, n=8, d=64, outlier=False):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    if outlier:
+        x[:, 3] *= 50
+    return x
+
+
+@given(bits=st.sampled_from(BITS), seed=st.integers(0, 50))
+def test_symmetric_round_trip_error_is_at_most_half_a_step(bits, seed):
+    x = rows(seed)
+    step = x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+    assert ((fake_quant_symmetric(x, bits) - x).abs() <= step / 2 + 1e-6).all()
+
+
+@given(bits=st.sampled_from(BITS), seed=st.integers(0, 50))
+def test_asymmetric_round_trip_error_is_at_most_half_a_step(bits, seed):
+    x = rows(seed) + 0.5
+    step = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / (2**bits - 1)
+    assert ((fake_quant_asymmetric(x, bits) - x).abs() <= step / 2 + 1e-6).all()
+
+
+def test_more_bits_never_hurt():
+    x = rows(0, outlier=True)
+    errors = [(fake_quant_symmetric(x, b) - x).pow(2).mean().item() for b in BITS]
+    assert errors == sorted(errors, reverse=True)
+    assert torch.equal(fake_quant_symmetric(x, 16), x)
+
+
+@given(bits=st.sampled_from(BITS), seed=st.integers(0, 50), outlier=st.booleans(),
+       group=st.sampled_from([None, 16, 64]))
+def test_clip_search_is_never_worse_than_no_clipping(bits, seed, outlier, group):
+    w = rows(seed, outlier=outlier)
+    searched = quantize_weight_rtn(w, bits, group, clip_search=True)
+    plain = quantize_weight_rtn(w, bits, group, clip_search=False)
+    g = group or w.shape[1]
+    err = lambda q: (q - w).reshape(w.shape[0], -1, g).pow(2).sum(-1)  # noqa: E731
+    assert (err(searched) <= err(plain) + 1e-9).all()
+
+
+def test_clip_search_helps_on_heavy_tails():
+    w = torch.distributions.StudentT(2.0).sample((64, 256))
+    searched = (quantize_weight_rtn(w, 4) - w).pow(2).sum()
+    plain = (quantize_weight_rtn(w, 4, clip_search=False) - w).pow(2).sum()
+    assert searched < 0.9 * plain
+
+
+@pytest.mark.parametrize("fn", [fake_quant_symmetric, fake_quant_asymmetric])
+def test_zero_and_constant_rows_are_exact(fn):
+    x = torch.zeros(3, 16)
+    x[1] = 0.75
+    x[2] = -2.5
+    assert torch.equal(fn(x, 4), x)
+
+
+def test_groups_isolate_an_outlier():
+    w = torch.randn(4, 128)
+    w[:, 0] = 1000.0
+    grouped = quantize_weight_rtn(w, 4, group_size=64, clip_search=False)
+    whole = quantize_weight_rtn(w, 4, clip_search=False)
+    assert (grouped[:, 64:] - w[:, 64:]).abs().max() < 0.2 * (whole[:, 64:] - w[:, 64:]).abs().max()
+
+
+def test_group_must_divide():
+    with pytest.raises(ValueError, match="group size 48"):
+        quantize_weight_rtn(torch.randn(2, 64), 4, group_size=48)
+
+
+def test_kv_rows_take_at_most_two_to_the_bits_values():
+    x = torch.randn(2, 3, 5, 32)
+    q = quantize_kv(x, 2, 1.0)
+    assert max(len(torch.unique(r)) for r in q.reshape(-1, 32)) <= 4
+
+
+def compiled(model, **options):
+    return torch.compile(model, backend="quarot", options={"lowering": "fx", **options})
+
+
+def test_kv_cache_is_quantized_in_prefill_and_decode():
+    model = tiny_model("llama", hidden=64, heads=2, kv_heads=1)  # head_dim 32
+    run = compiled(model, w_bits=16, a_bits=16, kv_bits=2, kv_clip=1.0)
+    ids = token_ids()
+    with torch.no_grad():
+        out = run(ids, use_cache=True)
+        step = run(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    for layer in step.past_key_values.layers:
+        for cached in (layer.keys, layer.values):
+            assert cached.shape[-2] == ids.shape[1] + 1
+            assert max(len(torch.unique(r)) for r in cached.reshape(-1, cached.shape[-1])) <= 4
+
+
+@pytest.mark.parametrize("kv_bits,max_err", [(8, 0.02), (3, 1.0)])
+def test_kv_quantization_reaches_generation(kv_bits, max_err):
+    model, ids = tiny_model("qwen2"), token_ids()
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True)
+    model.forward = compiled(model.forward, w_bits=16, a_bits=16, kv_bits=kv_bits)
+    with torch.no_grad(), quarot_fx.collect_reports() as reports:
+        out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True)
+    err = (torch.stack(out.logits) - torch.stack(ref.logits)).norm() / torch.stack(ref.logits).norm()
+    assert len(reports) >= 2 and all("KV cache" in " ".join(r.notes) for r in reports)
+    assert 1e-5 < err.item() < max_err  # quantization is live (not a no-op) and bounded
+
+
+@pytest.mark.parametrize("preset,max_err", [("w8a8kv8", 0.05), ("w6a6kv6", 0.15)])
+def test_presets_stay_close_to_float(preset, max_err):
+    model, ids = tiny_model("llama"), token_ids()
+    with torch.no_grad(), quarot_fx.collect_reports() as reports:
+        out = compiled(model, preset=preset)(ids, use_cache=False).logits
+        ref = model(ids, use_cache=False).logits
+    assert 1e-5 < ((out - ref).norm() / ref.norm()).item() < max_err
+    report = str(reports[0])
+    assert "rtn w" in report and "per-token" in report
+    assert "lm_head (linear): offline [fold norm scale, input × hadamard(64)]" in report  # head stays float
+
+
+def test_gptq_is_refused_not_ignored():
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(Exception, match="weights='gptq'"):
+        compiled(model, preset="w4a4kv4", weights="gptq")(token_ids(), use_cache=False)
