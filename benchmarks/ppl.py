@@ -1,10 +1,12 @@
 """WikiText-2 perplexity of SmolLM2-135M under each quantization setting (BENCHMARK.md protocol).
 
-    python benchmarks/ppl.py [--windows 16|all] [--configs fp w8a8kv8 ...] [--lowering fx] [--json]
+    python benchmarks/ppl.py [--windows 16|all] [--configs float w8a8kv8 ...] [--lowering fx] [--json]
 
-One row per configuration: PPL, gap to float, wall time (compile + evaluation, one run) and
-the bytes the quantized linears would hold packed (bits/8 per weight + an fp16 scale per row
-or group; the simulated path still stores float weights, packed storage comes with the kernels).
+One row per configuration: PPL, gap to float, wall time (compile + calibration + evaluation,
+one run) and the bytes the quantized linears would hold packed (bits/8 per weight + an fp16
+scale per row or group; the simulated path still stores float weights, packed storage comes
+with the kernels). GPTQ rows calibrate on 32 windows of wiki.valid.tokens (seed 0), as
+BENCHMARK.md says.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from quarot_fx.evaluate import perplexity, read_eval_text, tokenize, windows
+from quarot_fx.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
 from quarot_fx.models import load_model
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "wiki.test.raw"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+DEFAULT_TEXT = DATA / "wiki.test.raw"
+DEFAULT_CALIBRATION = DATA / "wiki.valid.tokens"
 CONFIGS = {
     "float": None,
     "w8a8kv8": {"preset": "w8a8kv8"},
@@ -27,6 +31,9 @@ CONFIGS = {
     "w4a16": {"preset": "w4a16"},
     "w4a4kv4-norot": {"preset": "w4a4kv4", "rotation": "none"},
     "w4a4kv4": {"preset": "w4a4kv4"},
+    "w4a16-gptq": {"preset": "w4a16", "weights": "gptq"},
+    "w4a4kv4-gptq": {"preset": "w4a4kv4", "weights": "gptq"},
+    "w4a4kv4-gptq-actorder": {"preset": "w4a4kv4", "weights": "gptq", "gptq_act_order": True},
     "w4a4kv4-g64": {"preset": "w4a4kv4", "w_group_size": 64},
 }
 
@@ -50,6 +57,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--text", default=str(DEFAULT_TEXT))
     parser.add_argument("--windows", default="16", help="number of 2048-token windows, or 'all'")
+    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION), help="GPTQ calibration text")
+    parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--lowering", default="inductor", choices=["inductor", "fx"])
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
@@ -58,9 +67,15 @@ def main(argv=None) -> None:
     model, tokenizer = load_model(args.model)
     tokens = tokenize(tokenizer, read_eval_text(args.text))
     evaluation = windows(tokens, None if args.windows == "all" else int(args.windows))
+    calibration = None
+    if any((CONFIGS[c] or {}).get("weights") == "gptq" for c in args.configs):
+        text = Path(args.calibration).read_text(encoding="utf-8")
+        calibration = calibration_windows(tokenize(tokenizer, text), args.calibration_windows)
     rows, reference = [], None
     for name in args.configs:
         options = CONFIGS[name]
+        if options is not None and options.get("weights") == "gptq":
+            options = {**options, "calibration": calibration}
         torch._dynamo.reset()
         start = time.perf_counter()
         runner = model if options is None else torch.compile(
@@ -69,7 +84,8 @@ def main(argv=None) -> None:
         seconds = time.perf_counter() - start
         reference = ppl if name == "float" else reference
         packed, fp16 = packed_weight_bytes(model, options)
-        row = {"config": name, "options": options, "windows": len(evaluation), "ppl": round(ppl, 3),
+        shown = None if options is None else {k: v for k, v in options.items() if k != "calibration"}
+        row = {"config": name, "options": shown, "windows": len(evaluation), "ppl": round(ppl, 3),
                "gap_pct": None if reference is None else round(100 * (ppl / reference - 1), 1),
                "seconds": round(seconds, 1), "linear_bytes_packed": packed, "linear_bytes_fp16": fp16}
         rows.append(row)

@@ -17,6 +17,7 @@ import torch.fx as fx
 from quarot_fx.config import QuaRotConfig
 from quarot_fx.report import Report
 
+from .calibrate import gptq_weights
 from .attention import analyze_queries_keys, analyze_values, rotate_queries_keys, rotate_values, sdpa_nodes
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
 from .graph_utils import Site, label
@@ -41,6 +42,7 @@ class PassContext:
     config: QuaRotConfig
     report: Report
     lifted: LiftedConstants
+    example_inputs: list = field(default_factory=list)
     analysis: Analysis = field(default_factory=Analysis)
     sites: dict = field(default_factory=dict)  # fx.Node -> SiteEdits
 
@@ -77,36 +79,32 @@ def materialize_weights(ctx: PassContext) -> None:
         if not entry.edits:
             continue
         weight, bias = transformed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+        fqn = ctx.fqn_of(entry.site.weight_node.target)
         replace_site_weights(ctx.gm, entry, weight, bias)
+        ctx.lifted.fqn_by_attr[entry.site.weight_node.target] = fqn  # later edits cache under the same name
     for entry in ctx.sites.values():
         where, fqn = label(entry.site.node), ctx.fqn_of(entry.original_weight)
         shared = "" if fqn == f"{where}.weight" else f", weight {fqn} (untied)"
         linear = ctx.report.linear(f"{where} ({entry.site.kind}{shared})")
         linear.offline.extend(e.describe() for e in entry.edits)
         linear.online.extend(entry.online)
+    ctx.sites.clear()  # a later phase (GPTQ) starts from the materialized weights
     drop_unused_constants(ctx.gm)
-
-
-def unsupported_options(config: QuaRotConfig) -> list[str]:
-    """Options this version accepts but cannot honour yet: refused, never silently ignored."""
-    if config.weights == "gptq" and config.w_bits < 16:
-        return ["weights='gptq' (GPTQ is not implemented yet; use weights='rtn')"]
-    return []
 
 
 def passes_for(config: QuaRotConfig) -> list[Pass]:
     """The passes a config asks for, in order."""
-    missing = unsupported_options(config)
-    if missing:
-        raise NotImplementedError("quarot-fx cannot yet honour these options: " + "; ".join(missing))
     if not config.rotates and not config.quantizes:
         return []
     rotations = ((config.r1, rotate_residual), (config.r2, rotate_values),
                  (config.r3, rotate_queries_keys), (config.r4, rotate_down_projections))
     chosen = [analyze_invariance]
     chosen += [p for flag, p in rotations if flag and config.rotates]
-    chosen += [p for bits, p in ((config.w_bits, quantize_weights), (config.a_bits, quantize_activations),
-                                 (config.kv_bits, quantize_kv_cache)) if bits < 16]
+    if config.w_bits < 16:
+        # GPTQ needs the rotated weights in the graph to collect Hessians: materialize first.
+        chosen += [materialize_weights, gptq_weights] if config.weights == "gptq" else [quantize_weights]
+    chosen += [p for bits, p in ((config.a_bits, quantize_activations), (config.kv_bits, quantize_kv_cache))
+               if bits < 16]
     return chosen + [materialize_weights]
 
 
@@ -116,4 +114,6 @@ def run_passes(ctx: PassContext, passes: list[Pass]) -> None:
         pass_fn(ctx)
         ctx.gm.graph.lint()
         ctx.gm.recompile()
-        ctx.report.seconds[pass_fn.__name__] = time.perf_counter() - start
+        name = pass_fn.__name__
+        name = name if name not in ctx.report.seconds else f"{name} (again)"
+        ctx.report.seconds[name] = time.perf_counter() - start

@@ -106,7 +106,35 @@ class QuantizeWeight:
         return f"rtn w{self.bits}{group}" + (" (clip search)" if self.clip_search else "")
 
 
-Edit = InputAffine | InputRotation | OutputTransform | PadInput | QuantizeWeight
+@dataclass(frozen=True)
+class GPTQWeight:
+    """Last edit: GPTQ with the Hessian of the (rotated) inputs; keyed by the calibration data."""
+
+    KEY_FIELDS = ("bits", "group_size", "clip_search", "damp", "block_size", "act_order", "calibration")
+
+    bits: int
+    group_size: int | None
+    clip_search: bool
+    damp: float
+    block_size: int
+    act_order: bool
+    calibration: str  # fingerprint of the calibration tokens
+    hessian: torch.Tensor | None = field(default=None, compare=False, hash=False)
+
+    def apply(self, w, b):
+        from quarot_fx.gptq import gptq_quantize
+
+        if self.hessian is None:
+            raise RuntimeError("GPTQ edit has no Hessian and its result is not cached")
+        return gptq_quantize(w, self.hessian, self.bits, self.group_size, self.clip_search, self.damp,
+                             self.block_size, self.act_order), b
+
+    def describe(self) -> str:
+        group = f" group {self.group_size}" if self.group_size else " per channel"
+        return f"gptq w{self.bits}{group}" + (" act-order" if self.act_order else "")
+
+
+Edit = InputAffine | InputRotation | OutputTransform | PadInput | QuantizeWeight | GPTQWeight
 
 
 class WeightCache:
@@ -119,6 +147,10 @@ class WeightCache:
 
     def clear(self) -> None:
         self._by_param.clear()
+
+    def has(self, param: torch.Tensor, key) -> bool:
+        entry = self._by_param.get(id(param))
+        return entry is not None and entry[0]() is param and key in entry[1]
 
     def get(self, param: torch.Tensor, key, compute):
         pid = id(param)
@@ -147,16 +179,25 @@ class SiteEdits:
     online: list[str] = field(default_factory=list)  # descriptions of online transforms on its input
 
 
-def transformed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of) -> tuple:
-    """(weight, bias) after the site's edits, in the stored layout and dtype, via the cache."""
+def weight_key(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra=None) -> tuple:
+    """(parameter, cache key) of a site's weight after its edits (plus ``extra``, if given)."""
     site = entry.site
     w_attr = site.weight_node.target
     b_node = site.bias_node
     b_attr = b_node.target if b_node is not None else None
     weight = originals.get(w_attr, getattr(gm, w_attr))
     bias = originals.get(b_attr, getattr(gm, b_attr)) if b_attr else None
-    key = (site.kind, fqn_of(w_attr), weight._version, fqn_of(b_attr) if b_attr else None,
-           bias._version if bias is not None else None, tuple(entry.edits), weight.dtype)
+    edits = tuple(entry.edits) + ((extra,) if extra is not None else ())
+    return weight, (site.kind, fqn_of(w_attr), weight._version, fqn_of(b_attr) if b_attr else None,
+                    bias._version if bias is not None else None, edits, weight.dtype)
+
+
+def transformed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of) -> tuple:
+    """(weight, bias) after the site's edits, in the stored layout and dtype, via the cache."""
+    site = entry.site
+    b_node = site.bias_node
+    weight, key = weight_key(gm, entry, originals, fqn_of)
+    bias = originals.get(b_node.target, getattr(gm, b_node.target)) if b_node is not None else None
 
     # float32 is accurate enough for orthonormal edits and ~7x faster than float64 on CPU.
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32

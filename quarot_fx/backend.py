@@ -45,8 +45,8 @@ def quarot_backend(gm: fx.GraphModule, example_inputs: list, options=None):
     """Compile one Dynamo graph with quarot-fx. ``options``: see :class:`QuaRotConfig`."""
     config = QuaRotConfig.from_options(options)
     gm = private_copy(gm)
-    passes = passes_for(config)  # refuses options it cannot honour, before any work
-    report = Report(graph=f"graph with {len(gm.graph.nodes)} nodes", options=config.to_options())
+    passes = passes_for(config)
+    report = Report(graph=f"graph with {len(gm.graph.nodes)} nodes", options=config.summary())
 
     start = time.perf_counter()
     lifted = lift_parameters(gm, example_inputs)
@@ -56,7 +56,7 @@ def quarot_backend(gm: fx.GraphModule, example_inputs: list, options=None):
     )
     report.seconds["lift_parameters"] = time.perf_counter() - start
 
-    run_passes(PassContext(gm, config, report, lifted), passes)
+    run_passes(PassContext(gm, config, report, lifted, list(example_inputs)), passes)
 
     report.graph_module = gm
     start = time.perf_counter()

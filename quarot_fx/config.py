@@ -9,8 +9,10 @@ widths; keys given next to it override the preset's values.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+import torch
 
 from .rotations import ROTATIONS
 
@@ -57,7 +59,10 @@ class QuaRotConfig:
             query/key, down-projection input); ignored when ``rotation="none"``.
         lowering: ``"inductor"`` (compile with Inductor, freezing on) or ``"fx"`` (run the
             rewritten FX graph as it is: fast to start, for tests and debugging).
-        weights: ``"rtn"`` (round to nearest) or ``"gptq"`` (not implemented yet: refused).
+        weights: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``calibration``).
+        calibration: token-id tensors for GPTQ (see ``quarot_fx.evaluate.calibration_windows``).
+        gptq_damp, gptq_block_size, gptq_act_order: GPTQ's damping (fraction of mean diag H),
+            column block and activation ordering.
         w_group_size: weight quantization group along the input dim (None = per output channel).
         w_clip_search: per-row clip ratio search minimizing the weight reconstruction error.
         a_clip, kv_clip: activation / KV clip ratios (None = 0.9 / 0.95 at ≤ 4 bits, else 1.0).
@@ -82,6 +87,10 @@ class QuaRotConfig:
     a_clip: float | None = None
     kv_clip: float | None = None
     quantize_lm_head: bool = False
+    calibration: tuple | list | None = field(default=None, compare=False, repr=False)
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = False
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -99,13 +108,24 @@ class QuaRotConfig:
         _choice("weights", self.weights, WEIGHT_METHODS)
         if self.w_group_size is not None:
             _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
-        for name in ("w_clip_search", "quantize_lm_head"):
+        for name in ("w_clip_search", "quantize_lm_head", "gptq_act_order"):
             _flag(name, getattr(self, name))
         for name in ("a_clip", "kv_clip"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 < value <= 1):
                 raise ValueError(f"{name} must be None or a number in (0, 1]; got {value!r}")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or not 0 < self.gptq_damp < 1:
+            raise ValueError(f"gptq_damp must be a number in (0, 1); got {self.gptq_damp!r}")
+        _integer("gptq_block_size", self.gptq_block_size, "a positive integer", lambda v: v >= 1)
+        if self.calibration is not None:
+            if not isinstance(self.calibration, (list, tuple)) or not self.calibration or not all(
+                    isinstance(t, torch.Tensor) and not t.is_floating_point() for t in self.calibration):
+                raise ValueError("calibration must be a non-empty list of token-id tensors; got "
+                                 f"{type(self.calibration).__name__}")
+        if self.weights == "gptq" and self.w_bits < 16 and self.calibration is None:
+            raise ValueError("weights='gptq' needs calibration=[token-id tensors] "
+                             "(e.g. quarot_fx.evaluate.calibration_windows)")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -132,6 +152,13 @@ class QuaRotConfig:
     def to_options(self) -> dict[str, Any]:
         """The options dict that rebuilds this config (for ``torch.compile(options=...)``)."""
         return {k: getattr(self, k) for k in self.keys()}
+
+    def summary(self) -> dict[str, Any]:
+        """Options for reports: calibration tensors shown by count."""
+        options = self.to_options()
+        if self.calibration is not None:
+            options["calibration"] = f"{len(self.calibration)} tensors, {sum(t.numel() for t in self.calibration)} tokens"
+        return options
 
     def replace(self, **changes: Any) -> QuaRotConfig:
         return QuaRotConfig.from_options({**self.to_options(), **changes})

@@ -14,11 +14,23 @@ MIN_CLIP = 0.5
 
 
 def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    if group_size is None or group_size >= x.shape[-1]:
+    """[..., n] → [..., n/group, group]; without a group the last dim is left as it is."""
+    if group_size is None:
         return x
     if x.shape[-1] % group_size:
         raise ValueError(f"group size {group_size} does not divide the dimension {x.shape[-1]}")
     return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def symmetric_scale(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """clip · max|x| / qmax over the last dim (kept), 1 where the group is all zeros."""
+    scale = x.abs().amax(dim=-1, keepdim=True) * clip / (2 ** (bits - 1) - 1)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def round_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
 
 
 def fake_quant_symmetric(x: torch.Tensor, bits: int, clip: float = 1.0,
@@ -27,11 +39,7 @@ def fake_quant_symmetric(x: torch.Tensor, bits: int, clip: float = 1.0,
     if bits >= 16:
         return x
     g = _grouped(x.float(), group_size)
-    qmax = 2 ** (bits - 1) - 1
-    scale = g.abs().amax(dim=-1, keepdim=True) * clip / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(g / scale), -qmax - 1, qmax)
-    return (q * scale).reshape(x.shape).to(x.dtype)
+    return round_symmetric(g, symmetric_scale(g, bits, clip), bits).reshape(x.shape).to(x.dtype)
 
 
 def fake_quant_asymmetric(x: torch.Tensor, bits: int, clip: float = 1.0, group_size: int | None = None) -> torch.Tensor:
@@ -49,27 +57,32 @@ def fake_quant_asymmetric(x: torch.Tensor, bits: int, clip: float = 1.0, group_s
     return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
 
 
-def quantize_weight_rtn(w: torch.Tensor, bits: int, group_size: int | None = None,
-                        clip_search: bool = True) -> torch.Tensor:
-    """Per-output-channel (or per-group) symmetric RTN of a [out, in] weight.
+def weight_scales(w: torch.Tensor, bits: int, group_size: int | None = None,
+                  clip_search: bool = True) -> torch.Tensor:
+    """Scales [out, groups, 1] of symmetric RTN on a [out, in] weight.
 
     With ``clip_search`` each row (group) takes the clip ratio in [0.5, 1] with the smallest
-    squared reconstruction error; ratio 1 is among the candidates, so it is never worse
-    than plain RTN.
+    squared reconstruction error; ratio 1 is a candidate, so it is never worse than no clip.
     """
+    g = _grouped(w.float(), group_size or w.shape[1])
+    best = symmetric_scale(g, bits)
+    if clip_search:
+        best_err = (round_symmetric(g, best, bits) - g).pow(2).sum(-1, keepdim=True)
+        for ratio in torch.linspace(1.0, MIN_CLIP, CLIP_GRID)[1:].tolist():
+            scale = symmetric_scale(g, bits, ratio)
+            err = (round_symmetric(g, scale, bits) - g).pow(2).sum(-1, keepdim=True)
+            best = torch.where(err < best_err, scale, best)
+            best_err = torch.minimum(err, best_err)
+    return best
+
+
+def quantize_weight_rtn(w: torch.Tensor, bits: int, group_size: int | None = None,
+                        clip_search: bool = True) -> torch.Tensor:
+    """Per-output-channel (or per-group) symmetric RTN of a [out, in] weight."""
     if bits >= 16:
         return w
-    g = _grouped(w.float(), group_size)
-    best = fake_quant_symmetric(g, bits)
-    if clip_search:
-        best_err = (best - g).pow(2).sum(-1)
-        for ratio in torch.linspace(1.0, MIN_CLIP, CLIP_GRID)[1:].tolist():
-            candidate = fake_quant_symmetric(g, bits, ratio)
-            err = (candidate - g).pow(2).sum(-1)
-            better = err < best_err
-            best = torch.where(better.unsqueeze(-1), candidate, best)
-            best_err = torch.minimum(err, best_err)
-    return best.reshape(w.shape).to(w.dtype)
+    g = _grouped(w.float(), group_size or w.shape[1])
+    return round_symmetric(g, weight_scales(w, bits, group_size, clip_search), bits).reshape(w.shape).to(w.dtype)
 
 
 def quantize_activation(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:

@@ -129,7 +129,42 @@ def test_presets_stay_close_to_float(preset, max_err):
     assert "lm_head (linear): offline [fold norm scale, input × hadamard(64)]" in report  # head stays float
 
 
-def test_gptq_is_refused_not_ignored():
-    model = tiny_model("llama", layers=1)
-    with pytest.raises(Exception, match="weights='gptq'"):
-        compiled(model, preset="w4a4kv4", weights="gptq")(token_ids(), use_cache=False)
+def test_gptq_beats_rtn_on_correlated_inputs():
+    from quarot_fx.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated features
+    w = torch.randn(32, 64, generator=g)
+    h = x.T @ x
+    for bits in (3, 4):
+        for group in (None, 16):
+            for act_order in (False, True):
+                gptq = gptq_quantize(w, h, bits, group, act_order=act_order)
+                rtn = quantize_weight_rtn(w, bits, group)
+                assert (x @ (w - gptq).T).pow(2).sum() < (x @ (w - rtn).T).pow(2).sum()
+
+
+def test_gptq_handles_dead_inputs_and_keeps_the_grid():
+    from quarot_fx.gptq import gptq_quantize
+
+    x = torch.randn(512, 32)
+    x[:, 5] = 0.0  # an input channel that never fires
+    w = torch.randn(8, 32)
+    q = gptq_quantize(w, x.T @ x, 2)
+    assert torch.all(q[:, 5] == 0)
+    assert max(len(torch.unique(r)) for r in q) <= 4  # 2-bit grid per row
+
+
+def test_gptq_through_the_backend_with_calibration():
+    model, ids = tiny_model("llama"), token_ids(length=16)
+    calibration = [torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    options = dict(w_bits=4, a_bits=16, kv_bits=16)
+    with torch.no_grad(), quarot_fx.collect_reports() as reports:
+        ref = model(ids, use_cache=False).logits
+        rtn = compiled(model, **options)(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        gptq = compiled(model, **options, weights="gptq", calibration=calibration)(ids, use_cache=False).logits
+    text = str(reports[-1])
+    assert "gptq w4" in text and "calibration chunks" in text and "calibration" in reports[-1].options
+    assert ((gptq - ref).norm() / ref.norm()).item() < 0.2
+    assert not torch.allclose(gptq, rtn)

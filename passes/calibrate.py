@@ -1,0 +1,116 @@
+"""GPTQ inside the compiler: Hessians of each linear's input, collected on the rotated graph.
+
+The rotation edits are materialized first, observers (identity ops that accumulate xᵀx)
+go on every quantized linear's input after the online Hadamards, and the graph itself
+runs on the calibration tokens: the token-id input is found structurally (what the
+embedding lookup reads) and fed calibration windows cut to the compiled shape; every other
+input keeps its example value. GPTQ results are cached with the weights, keyed by a
+fingerprint of the calibration data, so a recompile runs no calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from quarot_fx.report import Skip
+
+from .graph_utils import as_site, keeps_last_dim
+from .weights import WEIGHT_CACHE, GPTQWeight, QuantizeWeight, weight_key
+
+_HESSIANS: dict[str, torch.Tensor] = {}
+
+
+def observe(x: torch.Tensor, key: str) -> torch.Tensor:
+    """Identity that adds xᵀx (over all tokens) to the Hessian of ``key``."""
+    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    h = flat.T @ flat
+    _HESSIANS[key] = _HESSIANS[key] + h if key in _HESSIANS else h
+    return x
+
+
+def fingerprint(calibration) -> str:
+    digest = hashlib.sha1()
+    for tokens in calibration:
+        digest.update(tokens.detach().cpu().to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def token_input(gm: fx.GraphModule, residual_plans) -> fx.Node | None:
+    """The placeholder holding token ids: what the residual stream's embedding reads."""
+    for plan in residual_plans:
+        node = as_site(plan.seed).input_node if as_site(plan.seed) else None
+        while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
+            src = node.args[0] if node.args else None
+            if not (isinstance(src, fx.Node) and keeps_last_dim(node, src)):
+                break
+            node = src
+        if isinstance(node, fx.Node) and node.op == "placeholder":
+            return node
+    return None
+
+
+def _chunks(calibration, shape) -> list[torch.Tensor]:
+    tokens = torch.cat([t.reshape(-1) for t in calibration])
+    size = shape[0] * shape[1]
+    return [tokens[i:i + size].reshape(shape) for i in range(0, tokens.numel() - size + 1, size)]
+
+
+def gptq_weights(ctx) -> None:
+    """Pass: GPTQ edit on every quantized linear, with Hessians from the rotated graph."""
+    config, gm = ctx.config, ctx.gm
+    calibration = config.calibration
+    edits = {site.node: GPTQWeight(config.w_bits, config.w_group_size, config.w_clip_search, config.gptq_damp,
+                                   config.gptq_block_size, config.gptq_act_order, fingerprint(calibration))
+             for site in ctx.analysis.quantized}
+    missing = [site for site in ctx.analysis.quantized
+               if not WEIGHT_CACHE.has(*weight_key(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of,
+                                                   extra=edits[site.node]))]
+    if missing:
+        hessians = _collect_hessians(ctx, missing, calibration)
+        if hessians is None:  # nothing to calibrate with: fall back to RTN, as reported
+            rtn = QuantizeWeight(config.w_bits, config.w_group_size, config.w_clip_search)
+            for site in ctx.analysis.quantized:
+                ctx.edits(site).edits.append(rtn)
+            return
+    for site in ctx.analysis.quantized:
+        edit = edits[site.node]
+        if site in missing:
+            edit = GPTQWeight(*[getattr(edit, f) for f in GPTQWeight.KEY_FIELDS], hessian=hessians[site.node.name])
+        ctx.edits(site).edits.append(edit)
+
+
+def _collect_hessians(ctx, sites, calibration) -> dict | None:
+    gm = ctx.gm
+    tokens_node = token_input(gm, ctx.analysis.residual)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if tokens_node is None:
+        ctx.report.skipped.append(Skip("GPTQ", "no token-id input found to feed calibration data; RTN used"))
+        return None
+    observers = []
+    for site in sites:
+        with gm.graph.inserting_before(site.node):
+            obs = gm.graph.call_function(observe, (site.input_node, site.node.name))
+        site.node.replace_input_with(site.input_node, obs)
+        observers.append(obs)
+    gm.recompile()
+    inputs = list(ctx.lifted.runtime_inputs(ctx.example_inputs))
+    index = placeholders.index(tokens_node)
+    chunks = _chunks(calibration, tuple(inputs[index].shape))
+    _HESSIANS.clear()
+    with torch.no_grad():
+        for chunk in tqdm(chunks, desc="GPTQ calibration", leave=False):
+            inputs[index] = chunk.to(inputs[index].device)
+            gm(*inputs)
+    for obs in observers:
+        obs.replace_all_uses_with(obs.args[0])
+        gm.graph.erase_node(obs)
+    gm.recompile()
+    ctx.report.notes.append(f"GPTQ: Hessians from {len(chunks)} calibration chunks of shape "
+                            f"{tuple(inputs[index].shape)} through the rotated graph")
+    hessians = dict(_HESSIANS)
+    _HESSIANS.clear()
+    return hessians
