@@ -205,11 +205,6 @@ def analyze_values(attention: fx.Node) -> ValuePlan:
     return plan
 
 
-def output_projection(attention: fx.Node) -> Site | None:
-    """The output projection of an attention, whether or not R2 applies (for R4's exclusion)."""
-    return analyze_values(attention).output_site
-
-
 def insert_hadamard(gm: fx.GraphModule, consumer: fx.Node, value: fx.Node, inner: int = 1,
                     pad_to: int | None = None) -> fx.Node:
     """Insert the online transform (optionally zero-padding first) on one input of ``consumer``."""

@@ -31,7 +31,7 @@ from .graph_utils import (
     Site, as_site, constant_signature, evaluate_constant, first_arg, is_constant, is_metadata_use,
     keeps_last_dim, label, last_dim, op_name, scalar_like, shape,
 )
-from .matrices import Center, Rotation
+from .matrices import Center, Rotation, build
 from .weights import InputAffine, InputRotation, OutputTransform
 
 LINK_SAME, LINK_SCALE, LINK_LAYER_NORM, LINK_RMS_NORM = "same", "scale", "layer_norm", "rms_norm"
@@ -267,8 +267,6 @@ def rotate_residual(ctx) -> None:
 
 
 def _insert_inverses(ctx, plan: ResidualPlan, rotation: Rotation) -> None:
-    from .matrices import build
-
     if not plan.escapes:
         return
     gm = ctx.gm
