@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=12, help="greedy tokens of the continuation")
     demo.add_argument("--preset", default="w4a4kv4")
     demo.add_argument("--rotation", default="hadamard", help="tiny model only")
-    demo.add_argument("--lowering", default="inductor")
+    demo.add_argument("--lowering", default="fx",
+                      help="'fx' (default: starts at once) or 'inductor' (adds ~2 min of compiles here)")
     demo.set_defaults(run=_demo)
     had = sub.add_parser("hadamard", help="show how quarot-fx builds Hadamard matrices of given orders")
     had.add_argument("sizes", type=int, nargs="+")

@@ -12,9 +12,27 @@ from tqdm.auto import tqdm
 WINDOW = 2048
 
 
-def read_eval_text(path: str | Path) -> str:
-    """WikiText-2 raw test text, joined the way the protocol says."""
-    return "\n\n".join(Path(path).read_text(encoding="utf-8").split("\n"))
+HUB_TEXTS = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1", "test"),
+             "wikitext-2-valid": ("wikitext", "wikitext-2-raw-v1", "validation")}
+
+
+def read_eval_text(source: str | Path) -> str:
+    """Evaluation text joined the way the protocol says: a file path, or (online) a dataset name.
+
+    ``"wikitext-2"`` / ``"wikitext-2-valid"`` load the raw splits with the ``datasets`` package.
+    """
+    path = Path(source)
+    if path.exists():
+        return "\n\n".join(path.read_text(encoding="utf-8").split("\n"))
+    if str(source) not in HUB_TEXTS:
+        raise FileNotFoundError(f"{source}: no such file, and not one of the known datasets {sorted(HUB_TEXTS)}")
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f"reading {source!r} from the hub needs `pip install datasets` and a network; "
+                          "or pass the path of a local copy") from err
+    name, config, split = HUB_TEXTS[str(source)]
+    return "\n\n".join(datasets.load_dataset(name, config, split=split)["text"])
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

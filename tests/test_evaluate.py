@@ -40,3 +40,10 @@ def test_perplexity_is_exp_of_mean_nll():
             nll -= logp.gather(1, ids[0, 1:, None]).sum().item()
             count += 15
     assert math.isclose(perplexity(model, parts, progress=False), math.exp(nll / count), rel_tol=1e-5)
+
+
+def test_unknown_text_source_says_what_it_accepts():
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="wikitext-2"):
+        read_eval_text("no/such/file.txt")
