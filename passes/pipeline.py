@@ -1,8 +1,9 @@
 """The pass pipeline: an ordered list of plain functions over one shared context.
 
 ``analyze_invariance`` reads the pristine graph and decides where each rotation can live;
-the ``rotate_*`` passes rewrite it and record weight edits on sites; ``materialize_weights``
-computes the edited weights once (cached across recompiles). The runner times every pass
+the ``rotate_*`` and ``quantize_*`` passes rewrite it and record weight edits on sites;
+``materialize_weights`` computes the edited weights once (cached across recompiles). GPTQ
+materializes the rotations first, since its Hessians come from running the rotated graph. The runner times every pass
 and lints the graph after it, so a broken rewrite fails at the pass that made it.
 """
 
@@ -17,8 +18,8 @@ import torch.fx as fx
 from quarot_fx.config import QuaRotConfig
 from quarot_fx.report import Report
 
-from .calibrate import gptq_weights
 from .attention import analyze_queries_keys, analyze_values, rotate_queries_keys, rotate_values, sdpa_nodes
+from .calibrate import gptq_weights
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
 from .graph_utils import Site, label
 from .lift_params import LiftedConstants
