@@ -5,5 +5,7 @@ Triton modules are imported lazily, only for CUDA tensors or by tests.
 """
 
 from .hadamard_transform import hadamard_transform, hadamard_transform_reference
+from .int4 import pack_int4, pack_int4_reference, unpack_int4, unpack_int4_reference
 
-__all__ = ["hadamard_transform", "hadamard_transform_reference"]
+__all__ = ["hadamard_transform", "hadamard_transform_reference", "pack_int4", "pack_int4_reference",
+           "unpack_int4", "unpack_int4_reference"]
