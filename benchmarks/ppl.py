@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from quarot_fx.config import PRESETS
 from quarot_fx.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
 from quarot_fx.models import load_model
 
@@ -40,8 +41,8 @@ CONFIGS = {
 
 def packed_weight_bytes(model, options) -> tuple[int, int]:
     """(bytes of the quantized linears if packed, their bytes in fp16)."""
-    bits = 16 if options is None else {"w8a8kv8": 8, "w6a6kv6": 6, "w4a16": 4, "w4a4kv4": 4}[options["preset"]]
-    group = None if options is None else options.get("w_group_size")
+    options = options or {"preset": "fp"}
+    bits, group = PRESETS[options["preset"]]["w_bits"], options.get("w_group_size")
     packed = fp16 = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":

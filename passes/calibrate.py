@@ -10,6 +10,7 @@ fingerprint of the calibration data, so a recompile runs no calibration.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import torch
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from quarot_fx.report import Skip
 
-from .graph_utils import as_site, keeps_last_dim
+from .graph_utils import as_site, origin
 from .weights import WEIGHT_CACHE, GPTQWeight, QuantizeWeight, weight_key
 
 _HESSIANS: dict[str, torch.Tensor] = {}
@@ -39,17 +40,12 @@ def fingerprint(calibration) -> str:
     return digest.hexdigest()[:16]
 
 
-def token_input(gm: fx.GraphModule, residual_plans) -> fx.Node | None:
+def token_input(residual_plans) -> fx.Node | None:
     """The placeholder holding token ids: what the residual stream's embedding reads."""
     for plan in residual_plans:
-        node = as_site(plan.seed).input_node if as_site(plan.seed) else None
-        while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
-            src = node.args[0] if node.args else None
-            if not (isinstance(src, fx.Node) and keeps_last_dim(node, src)):
-                break
-            node = src
-        if isinstance(node, fx.Node) and node.op == "placeholder":
-            return node
+        ids = as_site(plan.seed).input_node
+        if isinstance(ids, fx.Node) and origin(ids).op == "placeholder":
+            return origin(ids)
     return None
 
 
@@ -63,12 +59,11 @@ def gptq_weights(ctx) -> None:
     """Pass: GPTQ edit on every quantized linear, with Hessians from the rotated graph."""
     config, gm = ctx.config, ctx.gm
     calibration = config.calibration
-    edits = {site.node: GPTQWeight(config.w_bits, config.w_group_size, config.w_clip_search, config.gptq_damp,
-                                   config.gptq_block_size, config.gptq_act_order, fingerprint(calibration))
-             for site in ctx.analysis.quantized}
+    edit = GPTQWeight(config.w_bits, config.w_group_size, config.w_clip_search, config.gptq_damp,
+                      config.gptq_block_size, config.gptq_act_order, fingerprint(calibration))
     missing = [site for site in ctx.analysis.quantized
                if not WEIGHT_CACHE.has(*weight_key(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of,
-                                                   extra=edits[site.node]))]
+                                                   extra=edit))]
     if missing:
         hessians = _collect_hessians(ctx, missing, calibration)
         if hessians is None:  # nothing to calibrate with: fall back to RTN, as reported
@@ -77,15 +72,14 @@ def gptq_weights(ctx) -> None:
                 ctx.edits(site).edits.append(rtn)
             return
     for site in ctx.analysis.quantized:
-        edit = edits[site.node]
-        if site in missing:
-            edit = GPTQWeight(*[getattr(edit, f) for f in GPTQWeight.KEY_FIELDS], hessian=hessians[site.node.name])
-        ctx.edits(site).edits.append(edit)
+        # The Hessian is not part of the cache key: cached sites need none.
+        hessian = hessians[site.node.name] if site in missing else None
+        ctx.edits(site).edits.append(dataclasses.replace(edit, hessian=hessian))
 
 
 def _collect_hessians(ctx, sites, calibration) -> dict | None:
     gm = ctx.gm
-    tokens_node = token_input(gm, ctx.analysis.residual)
+    tokens_node = token_input(ctx.analysis.residual)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if tokens_node is None:
         ctx.report.skipped.append(Skip("GPTQ", "no token-id input found to feed calibration data; RTN used"))

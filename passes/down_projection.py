@@ -15,7 +15,7 @@ from quarot_fx.hadamard import is_hadamard_order, next_hadamard_order
 from quarot_fx.report import Region
 
 from .attention import insert_hadamard
-from .graph_utils import Site, as_site, keeps_last_dim, label, op_name
+from .graph_utils import Site, as_site, keeps_last_dim, label, op_name, origin
 from .matrices import Hadamard
 from .weights import InputRotation, PadInput
 
@@ -39,16 +39,6 @@ def attention_output_sites(gm: fx.GraphModule, attentions: list[fx.Node]) -> set
     return found
 
 
-def _computed_in_graph(node: fx.Node) -> bool:
-    """The value is produced by an op of this graph (not a graph input seen through reshapes)."""
-    while node.op in ("call_function", "call_method"):
-        src = node.args[0] if node.args else None
-        if not (isinstance(src, fx.Node) and keeps_last_dim(node, src)):
-            return True
-        node = src
-    return False
-
-
 def find_down_projections(gm: fx.GraphModule, residual_readers: set[fx.Node],
                           attention_outputs: set[fx.Node]) -> list[Site]:
     sites = []
@@ -56,7 +46,7 @@ def find_down_projections(gm: fx.GraphModule, residual_readers: set[fx.Node],
         site = as_site(node)
         if site is None or site.kind == "embedding":
             continue
-        if node in residual_readers or node in attention_outputs or not _computed_in_graph(site.input_node):
+        if node in residual_readers or node in attention_outputs or origin(site.input_node).op not in ("call_function", "call_method"):
             continue
         sites.append(site)
     return sites

@@ -20,9 +20,6 @@ METADATA_METHODS = {"size", "dim", "new_empty", "new_zeros", "new_ones", "new_fu
 CONVERSION_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous", "clone",
                       "detach"}
 CONVERSION_FUNCTIONS = {"_to_copy", "clone", "contiguous", "detach"}
-SHAPE_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "transpose", "permute",
-                 "expand_as", "view_as", "reshape_as", "repeat"}
-SHAPE_FUNCTIONS = {"reshape", "flatten", "unsqueeze", "squeeze", "transpose", "permute", "expand"}
 
 
 def op_name(node: fx.Node) -> str:
@@ -101,6 +98,17 @@ def keeps_last_dim(node: fx.Node, source: fx.Node) -> bool:
     return False
 
 
+def origin(node: fx.Node) -> fx.Node:
+    """Walk back through ops that move last-dim vectors unchanged (views, conversions) to
+    the node that actually produced the values (an op, a placeholder or a constant)."""
+    while node.op in ("call_function", "call_method"):
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, fx.Node) and keeps_last_dim(node, src)):
+            break
+        node = src
+    return node
+
+
 def _index_keeps_last_dim(index, ndim: int) -> bool:
     """True if an index expression leaves the last dimension whole (only full slices there)."""
     index = index if isinstance(index, tuple) else (index,)
@@ -125,7 +133,7 @@ def scalar_like(arg) -> bool:
     return s is not None and (len(s) == 0 or s[-1] == 1)
 
 
-def is_constant(gm: fx.GraphModule, node: Any, _seen=None) -> bool:
+def is_constant(gm: fx.GraphModule, node: Any) -> bool:
     """True if ``node`` depends only on lifted constants and literals."""
     if not isinstance(node, fx.Node):
         return True

@@ -110,8 +110,6 @@ class QuantizeWeight:
 class GPTQWeight:
     """Last edit: GPTQ with the Hessian of the (rotated) inputs; keyed by the calibration data."""
 
-    KEY_FIELDS = ("bits", "group_size", "clip_search", "damp", "block_size", "act_order", "calibration")
-
     bits: int
     group_size: int | None
     clip_search: bool

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from .config import PRESETS
 from .evaluate import perplexity, read_eval_text, tokenize, windows
 from .models import load_model
 
@@ -45,7 +46,7 @@ def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str
         print(line + f"  [{time.perf_counter() - start:.0f} s]", flush=True)
         if options is not None:
             del model.forward  # back to the eager forward
-    bits = {"w4a4kv4": 4, "w8a8kv8": 8, "w6a6kv6": 6, "w4a16": 4}.get(preset, 16)
+    bits = PRESETS[preset]["w_bits"]
     print(f"weight memory of the quantized linears, packed: {linear_megabytes(model) * bits / 32:.1f} MiB "
           f"(+ one fp16 scale per output channel); this version simulates quantization in float, "
           "packed int4 storage comes with the kernels")
