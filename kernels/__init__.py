@@ -1,11 +1,19 @@
 """Custom ops of quarot-fx (importable as ``quarot_fx.kernels``): CPU kernels, fakes, Triton for CUDA.
 
-Importing this package registers the ops under the ``quarot_fx`` torch.library namespace.
-Triton modules are imported lazily, only for CUDA tensors or by tests.
+Importing this package registers the ops under the ``quarot_fx`` torch.library namespace:
+``hadamard_transform``, ``pack_int4`` / ``unpack_int4``, ``quantize_per_token`` (optionally
+fused with the Hadamard), ``quantized_linear`` (packed int4 weights) and ``kv_quantize`` /
+``kv_dequantize``. Each has a plain-torch ``*_reference`` beside it. Triton modules are
+imported lazily, only for CUDA tensors or by tests.
 """
 
+from .activation_quant import quantize_per_token, quantize_per_token_reference
 from .hadamard_transform import hadamard_transform, hadamard_transform_reference
 from .int4 import pack_int4, pack_int4_reference, unpack_int4, unpack_int4_reference
+from .kv_quant import kv_dequantize, kv_dequantize_reference, kv_quantize, kv_quantize_reference
+from .quantized_linear import quantized_linear, quantized_linear_reference
 
-__all__ = ["hadamard_transform", "hadamard_transform_reference", "pack_int4", "pack_int4_reference",
-           "unpack_int4", "unpack_int4_reference"]
+__all__ = ["hadamard_transform", "hadamard_transform_reference", "kv_dequantize", "kv_dequantize_reference",
+           "kv_quantize", "kv_quantize_reference", "pack_int4", "pack_int4_reference", "quantize_per_token",
+           "quantize_per_token_reference", "quantized_linear", "quantized_linear_reference", "unpack_int4",
+           "unpack_int4_reference"]

@@ -88,18 +88,28 @@ class PadInput:
         return f"pad input to {self.n}"
 
 
+class _WeightQuantizer:
+    """A last edit that rounds the weight: ``codes`` gives int8 codes and group scales (what
+    the integer kernels store, packed); ``apply`` gives their dequantized float form."""
+
+    def apply(self, w, b):
+        from quarot_fx.quant import dequantize_weight
+
+        return dequantize_weight(*self.codes(w)).to(w.dtype), b
+
+
 @dataclass(frozen=True)
-class QuantizeWeight:
+class QuantizeWeight(_WeightQuantizer):
     """Last edit: symmetric RTN per output channel (or group), clip ratio searched per row."""
 
     bits: int
     group_size: int | None
     clip_search: bool
 
-    def apply(self, w, b):
-        from quarot_fx.quant import quantize_weight_rtn
+    def codes(self, w):
+        from quarot_fx.quant import weight_codes_rtn
 
-        return quantize_weight_rtn(w, self.bits, self.group_size, self.clip_search), b
+        return weight_codes_rtn(w, self.bits, self.group_size, self.clip_search)
 
     def describe(self) -> str:
         group = f" group {self.group_size}" if self.group_size else " per channel"
@@ -107,7 +117,7 @@ class QuantizeWeight:
 
 
 @dataclass(frozen=True)
-class GPTQWeight:
+class GPTQWeight(_WeightQuantizer):
     """Last edit: GPTQ with the Hessian of the (rotated) inputs; keyed by the calibration data."""
 
     bits: int
@@ -119,13 +129,13 @@ class GPTQWeight:
     calibration: str  # fingerprint of the calibration tokens
     hessian: torch.Tensor | None = field(default=None, compare=False, hash=False)
 
-    def apply(self, w, b):
-        from quarot_fx.gptq import gptq_quantize
+    def codes(self, w):
+        from quarot_fx.gptq import gptq_codes
 
         if self.hessian is None:
             raise RuntimeError("GPTQ edit has no Hessian and its result is not cached")
-        return gptq_quantize(w, self.hessian, self.bits, self.group_size, self.clip_search, self.damp,
-                             self.block_size, self.act_order), b
+        return gptq_codes(w, self.hessian, self.bits, self.group_size, self.clip_search, self.damp,
+                          self.block_size, self.act_order)
 
     def describe(self) -> str:
         group = f" group {self.group_size}" if self.group_size else " per channel"
@@ -190,23 +200,51 @@ def weight_key(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra=No
                     bias._version if bias is not None else None, edits, weight.dtype)
 
 
+def _site_tensors(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra=None):
+    """(weight, bias, cache key) of a site's pre-edit tensors."""
+    b_node = entry.site.bias_node
+    weight, key = weight_key(gm, entry, originals, fqn_of, extra)
+    bias = originals.get(b_node.target, getattr(gm, b_node.target)) if b_node is not None else None
+    return weight, bias, key
+
+
+def _edited(entry: SiteEdits, weight, bias, edits) -> tuple:
+    """Logical [out, in] weight and bias after ``edits``, in float32 (float64 for float64 weights:
+    float32 is accurate enough for orthonormal edits and ~7x faster than float64 on CPU)."""
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = entry.site.to_logical(weight.detach()).to(work)
+    b = bias.detach().to(work) if bias is not None else None
+    for edit in edits:
+        w, b = edit.apply(w, b)
+    return w, (None if b is None else b.to(bias.dtype if bias is not None else weight.dtype))
+
+
 def transformed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of) -> tuple:
     """(weight, bias) after the site's edits, in the stored layout and dtype, via the cache."""
-    site = entry.site
-    b_node = site.bias_node
-    weight, key = weight_key(gm, entry, originals, fqn_of)
-    bias = originals.get(b_node.target, getattr(gm, b_node.target)) if b_node is not None else None
-
-    # float32 is accurate enough for orthonormal edits and ~7x faster than float64 on CPU.
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    weight, bias, key = _site_tensors(gm, entry, originals, fqn_of)
 
     def compute():
-        w = site.to_logical(weight.detach()).to(work)
-        b = bias.detach().to(work) if bias is not None else None
-        for edit in entry.edits:
-            w, b = edit.apply(w, b)
-        new_bias = None if b is None else b.to(bias.dtype if bias is not None else weight.dtype)
-        return site.from_logical(w.to(weight.dtype)), new_bias
+        w, b = _edited(entry, weight, bias, entry.edits)
+        return entry.site.from_logical(w.to(weight.dtype)), b
+
+    return WEIGHT_CACHE.get(weight, key, compute)
+
+
+def quantizes_last(entry: SiteEdits) -> bool:
+    return bool(entry.edits) and isinstance(entry.edits[-1], _WeightQuantizer)
+
+
+def packed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of) -> tuple:
+    """(int4 bytes [out, ceil(in/2)], float32 scales [out, groups], bias) of a site whose last
+    edit quantizes to 4 bits; cached like :func:`transformed_weights`, so packing runs once."""
+    from quarot_fx.kernels import pack_int4
+
+    weight, bias, key = _site_tensors(gm, entry, originals, fqn_of, extra="packed int4")
+
+    def compute():
+        w, b = _edited(entry, weight, bias, entry.edits[:-1])
+        codes, scales = entry.edits[-1].codes(w)
+        return pack_int4(codes), scales.float().contiguous(), b
 
     return WEIGHT_CACHE.get(weight, key, compute)
 

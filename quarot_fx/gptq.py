@@ -9,26 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from .quant import weight_scales
+from .quant import dequantize_weight, symmetric_codes, weight_scales
 
 
-def _static_scales(w: torch.Tensor, bits: int, group_size: int | None, clip_search: bool) -> torch.Tensor:
-    """RTN's (clip-searched) scale of every element, [out, in]."""
-    g = group_size or w.shape[1]
-    return weight_scales(w, bits, group_size, clip_search).expand(-1, -1, g).reshape(w.shape)
-
-
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
-                  clip_search: bool = True, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False) -> torch.Tensor:
-    """Quantize-dequantize ``w`` [out, in] with GPTQ given H [in, in] (float32 math)."""
-    if bits >= 16:
-        return w
-    dtype = w.dtype
+def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
+               clip_search: bool = True, damp: float = 0.01, block_size: int = 128,
+               act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of ``w`` [out, in] given H [in, in] (float32 math): int8 codes [out, in], scales [out, groups]."""
     w = w.float().clone()
     h = hessian.float().clone()
-    qmax = 2 ** (bits - 1) - 1
-    scales = _static_scales(w, bits, group_size, clip_search)
+    group_scales = weight_scales(w, bits, group_size, clip_search)  # [out, groups, 1]
+    scales = group_scales.expand(-1, -1, group_size or w.shape[1]).reshape(w.shape)  # per element
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -44,10 +35,21 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         hinv_block = hinv[start:stop, start:stop]
         for i in range(stop - start):
             col, s = block[:, i], scales[:, start + i]
-            quantized = torch.clamp(torch.round(col / s), -qmax - 1, qmax) * s
-            q[:, start + i] = quantized
+            codes = symmetric_codes(col, s, bits)
+            quantized = codes * s
+            q[:, start + i] = codes
             err = (col - quantized) / hinv_block[i, i]
             block[:, i:] -= err[:, None] * hinv_block[i, i:][None, :]
             errors[:, i] = err
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
-    return q[:, torch.argsort(perm)].to(dtype)
+    return q[:, torch.argsort(perm)].to(torch.int8), group_scales[..., 0]
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
+                  clip_search: bool = True, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False) -> torch.Tensor:
+    """Quantize-dequantize ``w`` with GPTQ (see :func:`gptq_codes`)."""
+    if bits >= 16:
+        return w
+    codes = gptq_codes(w, hessian, bits, group_size, clip_search, damp, block_size, act_order)
+    return dequantize_weight(*codes).to(w.dtype)

@@ -1,4 +1,7 @@
-"""Round-to-nearest quantizers (simulated: quantize, then dequantize back to float).
+"""Round-to-nearest quantizers: integer codes and scales, and their simulated (fake) form.
+
+The integer kernels (``quarot_fx.kernels``) and the fake quantizers share the code and scale
+functions here, so both paths round the same values the same way.
 
 Conventions follow QuaRot: symmetric b-bit integers in [-2^(b-1), 2^(b-1) - 1] with scale
 ``clip · max|x| / (2^(b-1) - 1)``; asymmetric ones in [0, 2^b - 1] with a zero point. A
@@ -28,9 +31,14 @@ def symmetric_scale(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tens
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def round_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def symmetric_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer-valued codes in [-2^(b-1), 2^(b-1) - 1] (same dtype as x)."""
     qmax = 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax)
+
+
+def round_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return symmetric_codes(x, scale, bits) * scale
 
 
 def fake_quant_symmetric(x: torch.Tensor, bits: int, clip: float = 1.0,
@@ -47,14 +55,22 @@ def fake_quant_asymmetric(x: torch.Tensor, bits: int, clip: float = 1.0, group_s
     if bits >= 16:
         return x
     g = _grouped(x.float(), group_size)
+    q, scale, zero = asymmetric_codes(g, bits, clip)
+    return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
+
+
+def asymmetric_codes(x: torch.Tensor, bits: int, clip: float = 1.0):
+    """(codes in [0, 2^b - 1], scale, zero point) along the last dim of a float32 tensor.
+
+    The range always includes 0 (so zero is exact) and a constant row keeps scale 1.
+    """
     levels = 2**bits - 1
-    hi = g.amax(dim=-1, keepdim=True).clamp(min=0) * clip
-    lo = g.amin(dim=-1, keepdim=True).clamp(max=0) * clip
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip
     scale = (hi - lo) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-lo / scale)
-    q = torch.clamp(torch.round(g / scale) + zero, 0, levels)
-    return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
+    return torch.clamp(torch.round(x / scale) + zero, 0, levels), scale, zero
 
 
 def weight_scales(w: torch.Tensor, bits: int, group_size: int | None = None,
@@ -76,13 +92,26 @@ def weight_scales(w: torch.Tensor, bits: int, group_size: int | None = None,
     return best
 
 
+def weight_codes_rtn(w: torch.Tensor, bits: int, group_size: int | None = None,
+                     clip_search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric RTN of a [out, in] weight: int8 codes [out, in] and scales [out, groups]."""
+    g = _grouped(w.float(), group_size or w.shape[1])
+    scales = weight_scales(w, bits, group_size, clip_search)
+    return symmetric_codes(g, scales, bits).reshape(w.shape).to(torch.int8), scales[..., 0]
+
+
+def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """codes [out, in] times their group's scale (scales [out, groups]), in float32."""
+    out, groups = scales.shape
+    return (codes.float().reshape(out, groups, -1) * scales[..., None]).reshape(codes.shape)
+
+
 def quantize_weight_rtn(w: torch.Tensor, bits: int, group_size: int | None = None,
                         clip_search: bool = True) -> torch.Tensor:
-    """Per-output-channel (or per-group) symmetric RTN of a [out, in] weight."""
+    """Per-output-channel (or per-group) symmetric RTN of a [out, in] weight, dequantized."""
     if bits >= 16:
         return w
-    g = _grouped(w.float(), group_size or w.shape[1])
-    return round_symmetric(g, weight_scales(w, bits, group_size, clip_search), bits).reshape(w.shape).to(w.dtype)
+    return dequantize_weight(*weight_codes_rtn(w, bits, group_size, clip_search)).to(w.dtype)
 
 
 def quantize_activation(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""``quarot_fx::quantize_per_token``: per-token symmetric activation quantization.
+
+Returns int8 codes [..., n] and float32 scales [..., 1] (scale = clip · max|x| / qmax, 1 for
+an all-zero token), the input the integer linear needs. With ``hadamard_inner > 0`` the
+online Hadamard ``hadamard_transform(x, hadamard_inner)`` is applied first, in the same op:
+on CUDA one Triton kernel reads the activations once, rotates and quantizes them (see
+``triton_quant``); on CPU the two steps run back to back and round exactly like the
+unfused graph (the fake-quant path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from quarot_fx.quant import symmetric_codes, symmetric_scale
+
+from .hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
+
+
+def check_bits(bits: int, name: str = "bits") -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be in 2..8 for integer kernels; got {bits}")
+
+
+def _check(x: torch.Tensor, bits: int, clip: float) -> None:
+    check_bits(bits)
+    if not x.is_floating_point():
+        raise TypeError(f"quantize_per_token needs a floating-point tensor, got {x.dtype}")
+    if not 0 < clip <= 1:
+        raise ValueError(f"clip must be in (0, 1]; got {clip}")
+
+
+def _quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int,
+              hadamard: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, bits, clip)
+    if hadamard_inner:
+        with torch.profiler.record_function("quarot_fx::hadamard (fused)"):
+            x = hadamard(x, hadamard_inner)
+    x = x.float()
+    scale = symmetric_scale(x, bits, clip)
+    return symmetric_codes(x, scale, bits).to(torch.int8), scale
+
+
+def quantize_per_token_reference(x: torch.Tensor, bits: int, clip: float,
+                                 hadamard_inner: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: dense Hadamard (float64), then per-token RTN in float32."""
+    return _quantize(x, bits, clip, hadamard_inner, hadamard_transform_reference)
+
+
+@torch.library.custom_op("quarot_fx::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor, bits: int, clip: float,
+                       hadamard_inner: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, float32 scales [..., 1]) of x, rotated first when ``hadamard_inner > 0``."""
+    return _quantize(x, bits, clip, hadamard_inner, hadamard_transform_cpu)
+
+
+@quantize_per_token.register_fake
+def _(x, bits, clip, hadamard_inner=0):
+    _check(x, bits, clip)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@quantize_per_token.register_kernel("cuda")
+def _(x, bits, clip, hadamard_inner=0):
+    from .triton_quant import triton_quantize_per_token
+
+    _check(x, bits, clip)
+    return triton_quantize_per_token(x, bits, clip, hadamard_inner)

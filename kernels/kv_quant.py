@@ -1,0 +1,90 @@
+"""``quarot_fx::kv_quantize`` / ``kv_dequantize``: asymmetric KV-cache quantization per head.
+
+``kv_quantize(x, bits, clip)`` quantizes each [head_dim] vector of keys or values to codes
+in [0, 2^b - 1] with a float32 scale and zero point ([..., 1] each). At ≤ 4 bits the codes
+are packed two per byte (stored as ``code - 8`` in the ``pack_int4`` layout, so one packing
+routine serves weights and cache); at 5–8 bits one byte holds one code.
+``kv_dequantize(codes, scale, zero, bits, length, dtype)`` gives (code - zero) · scale back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quarot_fx.quant import asymmetric_codes
+
+from .activation_quant import check_bits
+from .int4 import pack_int4_reference, unpack_int4_reference
+
+
+def packs(bits: int) -> bool:
+    return bits <= 4
+
+
+def _check(x: torch.Tensor, bits: int, clip: float) -> None:
+    check_bits(bits)
+    if not x.is_floating_point():
+        raise TypeError(f"kv_quantize needs a floating-point tensor, got {x.dtype}")
+    if not 0 < clip <= 1:
+        raise ValueError(f"clip must be in (0, 1]; got {clip}")
+
+
+def code_bytes(length: int, bits: int) -> int:
+    return (length + 1) // 2 if packs(bits) else length
+
+
+def kv_quantize_reference(x: torch.Tensor, bits: int, clip: float):
+    _check(x, bits, clip)
+    q, scale, zero = asymmetric_codes(x.float(), bits, clip)
+    codes = pack_int4_reference((q - 8).to(torch.int8)) if packs(bits) else q.to(torch.uint8)
+    return codes, scale, zero
+
+
+def kv_dequantize_reference(codes, scale, zero, bits: int, length: int, dtype: torch.dtype):
+    check_bits(bits)
+    q = unpack_int4_reference(codes, length).float() + 8 if packs(bits) else codes.float()
+    return ((q - zero) * scale).to(dtype)
+
+
+@torch.library.custom_op("quarot_fx::kv_quantize", mutates_args=())
+def kv_quantize(x: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes, float32 scale, float32 zero) of each last-dim vector of x."""
+    return kv_quantize_reference(x.contiguous(), bits, clip)
+
+
+@kv_quantize.register_fake
+def _(x, bits, clip):
+    _check(x, bits, clip)
+    lead = x.shape[:-1]
+    return (x.new_empty((*lead, code_bytes(x.shape[-1], bits)), dtype=torch.uint8),
+            x.new_empty((*lead, 1), dtype=torch.float32), x.new_empty((*lead, 1), dtype=torch.float32))
+
+
+@kv_quantize.register_kernel("cuda")
+def _(x, bits, clip):
+    from .triton_quant import triton_kv_quantize
+
+    _check(x, bits, clip)
+    return triton_kv_quantize(x, bits, clip)
+
+
+@torch.library.custom_op("quarot_fx::kv_dequantize", mutates_args=())
+def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, length: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(code - zero) · scale as ``dtype``, [..., length]."""
+    return kv_dequantize_reference(codes.contiguous(), scale, zero, bits, length, dtype)
+
+
+@kv_dequantize.register_fake
+def _(codes, scale, zero, bits, length, dtype):
+    check_bits(bits)
+    if codes.shape[-1] != code_bytes(length, bits):
+        raise ValueError(f"kv_dequantize: {codes.shape[-1]} bytes do not hold {length} {bits}-bit codes")
+    return codes.new_empty((*codes.shape[:-1], length), dtype=dtype)
+
+
+@kv_dequantize.register_kernel("cuda")
+def _(codes, scale, zero, bits, length, dtype):
+    from .triton_quant import triton_kv_dequantize
+
+    return triton_kv_dequantize(codes, scale, zero, bits, length, dtype)

@@ -1,0 +1,150 @@
+"""Integer quantization ops on CPU: exact against plain-torch references and the fake-quant path."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quarot_fx.kernels import (hadamard_transform, kv_dequantize, kv_dequantize_reference, kv_quantize,
+                               kv_quantize_reference, pack_int4, quantize_per_token,
+                               quantize_per_token_reference, quantized_linear, quantized_linear_reference)
+from quarot_fx.quant import fake_quant_asymmetric, fake_quant_symmetric
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def activations(rows, n, seed=0, dtype=torch.float32):
+    """Random rows plus the hard cases: an all-zero row and a row with one huge outlier."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    x[0] = 0
+    if rows > 1:
+        x[1, n // 2] = 1e4
+    return x.to(dtype)
+
+
+def weights(out, n, seed=1):
+    return torch.randint(-8, 8, (out, n), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+
+
+@given(rows=st.integers(1, 6), n=st.integers(1, 70), bits=st.sampled_from([4, 8]),
+       clip=st.sampled_from([1.0, 0.9]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 50))
+def test_per_token_codes_are_the_fake_quantizer(rows, n, bits, clip, dtype, seed):
+    x = activations(rows, n, seed, dtype)
+    codes, scale = quantize_per_token(x, bits, clip)
+    assert codes.dtype == torch.int8 and scale.shape == (rows, 1)
+    assert codes.int().abs().max() <= 2 ** (bits - 1)
+    assert torch.equal(codes.float() * scale, fake_quant_symmetric(x.float(), bits, clip))
+    assert torch.equal(codes[0], torch.zeros_like(codes[0])) and scale[0].item() == 1.0
+
+
+@pytest.mark.parametrize("n,inner", [(16, 1), (48, 1), (64, 4), (96, 8), (20, 1)])
+def test_fused_hadamard_quantization_equals_the_unfused_graph(n, inner):
+    x = activations(5, n, seed=n)
+    codes, scale = quantize_per_token(x, 4, 0.9, inner)
+    expected = fake_quant_symmetric(hadamard_transform(x, inner), 4, 0.9)
+    assert torch.equal(codes.float() * scale, expected)
+    ref_codes, ref_scale = quantize_per_token_reference(x, 4, 0.9, inner)  # dense float64 Hadamard
+    assert (codes.int() - ref_codes.int()).abs().max() <= 1
+    torch.testing.assert_close(scale, ref_scale)
+
+
+def test_per_token_takes_non_contiguous_and_batched_inputs():
+    x = activations(8, 40).reshape(2, 4, 40).transpose(0, 1)
+    codes, scale = quantize_per_token(x, 4, 0.9)
+    assert codes.shape == (4, 2, 40) and scale.shape == (4, 2, 1)
+    ref_codes, _ = quantize_per_token(x.contiguous(), 4, 0.9)
+    assert torch.equal(codes, ref_codes)
+
+
+def linear_inputs(m, k, n, groups, seed=0, bias=True, x_dtype=torch.float32):
+    x = activations(m, k, seed, x_dtype)
+    codes, x_scale = quantize_per_token(x, 4, 1.0)
+    w = weights(n, k, seed + 1)
+    w_scale = torch.rand(n, groups, generator=torch.Generator().manual_seed(seed)) + 0.01
+    b = torch.randn(n) if bias else None
+    return codes, x_scale, w, w_scale, b
+
+
+@given(m=st.integers(1, 9), k=st.integers(1, 70), n=st.integers(1, 20), bias=st.booleans(),
+       out_dtype=st.sampled_from(DTYPES), seed=st.integers(0, 50))
+def test_quantized_linear_matches_int64_reference(m, k, n, bias, out_dtype, seed):
+    codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, 1, seed, bias)
+    args = (codes, x_scale, pack_int4(w), w_scale, b, k, out_dtype)
+    y = quantized_linear(*args)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    torch.testing.assert_close(y, quantized_linear_reference(*args))
+    # Unit scales expose the integer accumulator: it must be exact.
+    ones = (codes, torch.ones_like(x_scale), pack_int4(w), torch.ones_like(w_scale), None, k, torch.float32)
+    assert torch.equal(quantized_linear(*ones), (codes.long() @ w.long().T).float())
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_scales(groups):
+    codes, x_scale, w, w_scale, b = linear_inputs(5, 48, 7, groups)
+    args = (codes, x_scale, pack_int4(w), w_scale, b, 48, torch.float32)
+    y = quantized_linear(*args)
+    torch.testing.assert_close(y, quantized_linear_reference(*args))
+    dequant = (w.float().reshape(7, groups, -1) * w_scale[..., None]).reshape(7, 48)
+    torch.testing.assert_close(y, (codes.float() * x_scale) @ dequant.T + b, rtol=1e-5, atol=1e-4)
+
+
+def test_weight_only_path_dequantizes():
+    x = activations(3, 33)
+    w, w_scale = weights(6, 33), torch.rand(6, 1) + 0.1
+    y = quantized_linear(x, None, pack_int4(w), w_scale, None, 33, torch.float32)
+    torch.testing.assert_close(y, x @ (w.float() * w_scale).T)
+
+
+def test_quantized_linear_on_batched_non_contiguous_codes():
+    codes, x_scale, w, w_scale, b = linear_inputs(12, 32, 5, 1)
+    codes3, scale3 = codes.reshape(3, 4, 32).transpose(0, 1), x_scale.reshape(3, 4, 1).transpose(0, 1)
+    y = quantized_linear(codes3, scale3, pack_int4(w), w_scale, b, 32, torch.float32)
+    expected = quantized_linear(codes3.contiguous(), scale3.contiguous(), pack_int4(w), w_scale, b, 32, torch.float32)
+    assert torch.equal(y, expected)
+
+
+def test_quantized_linear_refuses_bad_inputs():
+    codes, x_scale, w, w_scale, b = linear_inputs(2, 32, 4, 1)
+    with pytest.raises(TypeError, match="packed uint8"):
+        quantized_linear(codes, x_scale, w, w_scale, b, 32, torch.float32)
+    with pytest.raises(ValueError, match="features"):
+        quantized_linear(codes[:, :30], x_scale, pack_int4(w), w_scale, b, 32, torch.float32)
+    with pytest.raises(TypeError, match="x_scale"):
+        quantized_linear(codes, None, pack_int4(w), w_scale, b, 32, torch.float32)
+    with pytest.raises(ValueError, match="groups"):
+        quantized_linear(codes, x_scale, pack_int4(w), torch.ones(4, 3), b, 32, torch.float32)
+
+
+@given(rows=st.integers(1, 6), d=st.integers(1, 40), bits=st.sampled_from([2, 4, 6, 8]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 50))
+def test_kv_round_trip_is_the_fake_quantizer(rows, d, bits, dtype, seed):
+    x = activations(rows, d, seed, dtype)
+    codes, scale, zero = kv_quantize(x, bits, 0.95)
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == ((d + 1) // 2 if bits <= 4 else d)
+    assert all(torch.equal(a, b) for a, b in zip((codes, scale, zero), kv_quantize_reference(x, bits, 0.95)))
+    y = kv_dequantize(codes, scale, zero, bits, d, dtype)
+    assert y.dtype == dtype and torch.equal(y, fake_quant_asymmetric(x, bits, 0.95))
+    assert torch.equal(y, kv_dequantize_reference(codes, scale, zero, bits, d, dtype))
+
+
+def test_ops_refuse_bad_arguments():
+    x = activations(2, 8)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_per_token(x, 16, 1.0)
+    with pytest.raises(ValueError, match="clip"):
+        kv_quantize(x, 4, 1.5)
+    with pytest.raises(TypeError, match="floating"):
+        quantize_per_token(x.int(), 4, 1.0)
+
+
+def test_opcheck():
+    x = activations(3, 48)
+    torch.library.opcheck(quantize_per_token, (x, 4, 0.9, 0))
+    torch.library.opcheck(quantize_per_token, (x, 4, 0.9, 4))
+    codes, x_scale, w, w_scale, b = linear_inputs(3, 33, 5, 1)
+    torch.library.opcheck(quantized_linear, (codes, x_scale, pack_int4(w), w_scale, b, 33, torch.float32))
+    torch.library.opcheck(quantized_linear, (x, None, pack_int4(weights(5, 48)), w_scale, None, 48, torch.bfloat16))
+    packed, scale, zero = kv_quantize(x, 4, 0.95)
+    torch.library.opcheck(kv_quantize, (x, 4, 0.95))
+    torch.library.opcheck(kv_dequantize, (packed, scale, zero, 4, 48, torch.float16))
