@@ -23,9 +23,11 @@ from .calibrate import gptq_weights
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
 from .graph_utils import Site, label
 from .lift_params import LiftedConstants
-from .quantize import quantize_activations, quantize_kv_cache, quantize_weights, quantized_sites
+from .quantize import (lower_activation_quantizers, quantize_activations, quantize_kv_cache, quantize_weights,
+                       quantized_sites)
 from .residual import find_residual_streams, rotate_residual, skip_reasons
-from .weights import SiteEdits, drop_unused_constants, replace_site_weights, transformed_weights
+from .weights import (SiteEdits, drop_unused_constants, packed_weights, quantizes_last, replace_site_weights,
+                      replace_with_quantized_linear, transformed_weights)
 
 
 @dataclass
@@ -75,14 +77,33 @@ def analyze_invariance(ctx: PassContext) -> None:
 
 
 def materialize_weights(ctx: PassContext) -> None:
-    """Compute every edited weight once (cached by parameter) and point its site at it."""
+    """Compute every edited weight once (cached by parameter) and point its site at it.
+
+    Sites whose last edit quantizes to 4 bits become ``quantized_linear`` on packed weights
+    when the integer kernels are on; the float weight is then never stored.
+    """
+    packed_bytes = fp16_bytes = 0
     for entry in ctx.sites.values():
         if not entry.edits:
+            continue
+        if ctx.config.packs_weights and quantizes_last(entry) and entry.site.kind != "embedding":
+            packed, scales, bias, in_features = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+            size = packed.numel() + scales.numel() * scales.element_size()
+            entry.online.append(f"quantized_linear: packed int4 weight + scales, {size / 1024:.1f} KiB")
+            packed_bytes += size
+            fp16_bytes += 2 * packed.shape[0] * in_features
+            entry.site.node = replace_with_quantized_linear(ctx.gm, entry, packed, scales, bias, in_features)
             continue
         weight, bias = transformed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
         fqn = ctx.fqn_of(entry.site.weight_node.target)
         replace_site_weights(ctx.gm, entry, weight, bias)
         ctx.lifted.fqn_by_attr[entry.site.weight_node.target] = fqn  # later edits cache under the same name
+    if packed_bytes:
+        ctx.report.notes.append(f"integer kernels: quantized linears hold {packed_bytes / 2**20:.2f} MiB packed "
+                                f"int4 + scales, {packed_bytes / fp16_bytes:.3f}× their fp16 size")
+    elif ctx.config.kernels == "integer" and ctx.config.w_bits < 16 and any(map(quantizes_last, ctx.sites.values())):
+        ctx.report.notes.append(f"integer kernels cover 4-bit weights: w{ctx.config.w_bits} linears run "
+                                "simulated (dequantized float weights)")
     for entry in ctx.sites.values():
         where, fqn = label(entry.site.node), ctx.fqn_of(entry.original_weight)
         shared = "" if fqn == f"{where}.weight" else f", weight {fqn} (untied)"
@@ -106,7 +127,10 @@ def passes_for(config: QuaRotConfig) -> list[Pass]:
         chosen += [materialize_weights, gptq_weights] if config.weights == "gptq" else [quantize_weights]
     chosen += [p for bits, p in ((config.a_bits, quantize_activations), (config.kv_bits, quantize_kv_cache))
                if bits < 16]
-    return chosen + [materialize_weights]
+    chosen.append(materialize_weights)
+    if config.packs_weights and config.a_bits < 16:
+        chosen.append(lower_activation_quantizers)
+    return chosen
 
 
 def run_passes(ctx: PassContext, passes: list[Pass]) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from quarot_fx.kernels import pack_int4  # also registers torch.ops.quarot_fx
+
 from .graph_utils import Site
 from .matrices import Matrix, multiply_right
 
@@ -235,37 +237,37 @@ def quantizes_last(entry: SiteEdits) -> bool:
 
 
 def packed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of) -> tuple:
-    """(int4 bytes [out, ceil(in/2)], float32 scales [out, groups], bias) of a site whose last
+    """(int4 bytes [out, ceil(in/2)], float32 scales [out, groups], bias, in) of a site whose last
     edit quantizes to 4 bits; cached like :func:`transformed_weights`, so packing runs once."""
-    from quarot_fx.kernels import pack_int4
-
     weight, bias, key = _site_tensors(gm, entry, originals, fqn_of, extra="packed int4")
 
     def compute():
         w, b = _edited(entry, weight, bias, entry.edits[:-1])
         codes, scales = entry.edits[-1].codes(w)
-        return pack_int4(codes), scales.float().contiguous(), b
+        return pack_int4(codes), scales.float().contiguous(), b, codes.shape[1]
 
     return WEIGHT_CACHE.get(weight, key, compute)
+
+
+def _constant(gm: fx.GraphModule, before: fx.Node, name: str, tensor: torch.Tensor) -> fx.Node:
+    """Register ``tensor`` as a buffer of gm and read it just before ``before``."""
+    gm.register_buffer(name, tensor)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["example_value"] = tensor
+    return node
 
 
 def replace_site_weights(gm: fx.GraphModule, entry: SiteEdits, weight, bias) -> None:
     """Point the site's node at new constants (own buffers: tied weights become untied)."""
     node = entry.site.node
-    graph = gm.graph
     prefix = f"qfx_edited__{node.name}"
-    gm.register_buffer(prefix + "__weight", weight)
-    with graph.inserting_before(node):
-        w_node = graph.get_attr(prefix + "__weight")
-    w_node.meta["example_value"] = weight
+    w_node = _constant(gm, node, prefix + "__weight", weight)
     args = list(node.args)
     kind = entry.site.kind
     args[{"linear": 1, "addmm": 2, "embedding": 1}[kind]] = w_node
     if bias is not None:
-        gm.register_buffer(prefix + "__bias", bias)
-        with graph.inserting_before(node):
-            b_node = graph.get_attr(prefix + "__bias")
-        b_node.meta["example_value"] = bias
+        b_node = _constant(gm, node, prefix + "__bias", bias)
         if kind == "addmm":
             args[0] = b_node
         elif len(args) > 2:
@@ -275,6 +277,28 @@ def replace_site_weights(gm: fx.GraphModule, entry: SiteEdits, weight, bias) -> 
         else:
             args.append(b_node)
     node.args = tuple(args)
+
+
+QUANTIZED_LINEAR = torch.ops.quarot_fx.quantized_linear.default
+
+
+def replace_with_quantized_linear(gm: fx.GraphModule, entry: SiteEdits, packed, scales, bias,
+                                  in_features: int) -> fx.Node:
+    """Swap a linear/addmm site for ``quantized_linear`` on packed constants (float input for
+    now: ``lower_activation_quantizers`` hands it integer codes later)."""
+    node = entry.site.node
+    prefix = f"qfx_packed__{node.name}"
+    constants = [_constant(gm, node, f"{prefix}__{name}", t) if t is not None else None
+                 for name, t in (("weight", packed), ("scale", scales), ("bias", bias))]
+    out = node.meta.get("example_value")
+    dtype = out.dtype if isinstance(out, torch.Tensor) else entry.site.weight_node.meta["example_value"].dtype
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(QUANTIZED_LINEAR, (entry.site.input_node, None, constants[0], constants[1],
+                                                         constants[2], in_features, dtype))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
 
 
 def _has_side_effects(node: fx.Node) -> bool:

@@ -26,6 +26,7 @@ PRESETS: dict[str, dict[str, int]] = {
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
 WEIGHT_METHODS = ("rtn", "gptq")
+KERNELS = ("integer", "fake")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -67,6 +68,11 @@ class QuaRotConfig:
         w_clip_search: per-row clip ratio search minimizing the weight reconstruction error.
         a_clip, kv_clip: activation / KV clip ratios (None = 0.9 / 0.95 at ≤ 4 bits, else 1.0).
         quantize_lm_head: quantize the output head too (default: keep it in float).
+        kernels: ``"integer"`` (4-bit weights stored packed two per byte with their scales,
+            activations and KV quantized to integer codes by ``quarot_fx::`` custom ops; the CPU
+            emulates the integer GEMM exactly, CUDA runs Triton) or ``"fake"`` (quantize, then
+            dequantize in float and use float matmuls). Weights of other widths than 4 bits
+            stay simulated under ``"integer"``; the report says so.
     """
 
     preset: str | None = None
@@ -91,6 +97,7 @@ class QuaRotConfig:
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = False
+    kernels: str = "integer"
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -106,6 +113,7 @@ class QuaRotConfig:
             _flag(name, getattr(self, name))
         _choice("lowering", self.lowering, LOWERINGS)
         _choice("weights", self.weights, WEIGHT_METHODS)
+        _choice("kernels", self.kernels, KERNELS)
         if self.w_group_size is not None:
             _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
         for name in ("w_clip_search", "quantize_lm_head", "gptq_act_order"):
@@ -174,6 +182,11 @@ class QuaRotConfig:
     @property
     def kv_cache_clip(self) -> float:
         return self.kv_clip if self.kv_clip is not None else (0.95 if self.kv_bits <= 4 else 1.0)
+
+    @property
+    def packs_weights(self) -> bool:
+        """Quantized linears become ``quantized_linear`` on packed int4 weights."""
+        return self.kernels == "integer" and self.w_bits == 4
 
     @property
     def quantizes(self) -> bool:

@@ -1,0 +1,137 @@
+"""The backend lowers quantization to the integer ops: packed weights, same logits as fake quant."""
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from tiny_models import ARCHITECTURES, tiny_model, token_ids
+
+import quarot_fx
+from quarot_fx.passes.weights import WEIGHT_CACHE
+
+W4A4KV4 = {"preset": "w4a4kv4"}
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def compile_and_run(model, ids, options, **call):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="quarot", options={"lowering": "fx", **options}, fullgraph=True)
+    with torch.no_grad(), quarot_fx.collect_reports() as reports:
+        out = compiled(ids, **call)
+    return out, reports
+
+
+def ops(report) -> Counter:
+    return Counter(str(n.target) for n in report.graph_module.graph.nodes if n.op == "call_function")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_integer_kernels_give_the_fake_quant_logits(arch):
+    model, ids = tiny_model(arch), token_ids()
+    fake, _ = compile_and_run(model, ids, {**W4A4KV4, "kernels": "fake"}, use_cache=False)
+    real, reports = compile_and_run(model, ids, W4A4KV4, use_cache=False)
+    assert rel_err(real.logits, fake.logits) <= 1e-5
+    found = ops(reports[0])
+    linears = [s for s in reports[0].linears if "(embedding" not in s.name]
+    quantized = len([s for s in linears if "quantized_linear" in " ".join(s.online)])
+    assert found["quarot_fx.quantized_linear.default"] == quantized == len(linears) - 1  # all but the head
+    assert found["quarot_fx.kv_quantize.default"] == found["quarot_fx.kv_dequantize.default"] == 2 * 2
+    assert "quantize_activation" not in str(found) and "quantize_kv " not in " ".join(found)  # no fake left
+    if arch == "llama":  # q/k/v and gate/up share one quantizer: o, down + 2 shared, per layer
+        assert found["quarot_fx.quantize_per_token.default"] == 4 * 2
+
+
+def test_quantized_linears_hold_only_packed_weights():
+    model, ids = tiny_model("llama", hidden=128, heads=4, kv_heads=2, ffn=256), token_ids()
+    _, reports = compile_and_run(model, ids, W4A4KV4, use_cache=False)
+    gm = reports[0].graph_module
+    packed = {n.args[2].target for n in gm.graph.nodes if n.target is torch.ops.quarot_fx.quantized_linear.default}
+    assert all(getattr(gm, name).dtype == torch.uint8 for name in packed)
+    linear_params = sum(p.numel() for name, p in model.named_parameters() if "proj" in name)
+    packed_bytes = sum(getattr(gm, name).numel() for name in packed)
+    assert packed_bytes == linear_params // 2
+    assert any("0.2" in note and "fp16 size" in note for note in reports[0].notes)  # ≈0.25× fp16
+
+
+def test_online_hadamards_fuse_into_activation_quantization():
+    model, ids = tiny_model("llama"), token_ids()
+    _, reports = compile_and_run(model, ids, W4A4KV4, use_cache=False)
+    calls = [n for n in reports[0].graph_module.graph.nodes if n.target is torch.ops.quarot_fx.quantize_per_token.default]
+    fused = [n for n in calls if n.args[3] > 0]
+    assert len(fused) == 2 * 2  # o_proj (cross-head) and down_proj (R4) of both layers
+    hadamards = ops(reports[0])["quarot_fx.hadamard_transform.default"]
+    assert hadamards == 2 * 2  # only R3 (queries, keys) stays a separate op
+    assert any("fused" in note for note in reports[0].notes)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_inductor_compiles_the_integer_graph(arch):
+    model, ids = tiny_model(arch), token_ids()
+    fake, _ = compile_and_run(model, ids, {**W4A4KV4, "kernels": "fake"}, use_cache=False)
+    real, _ = compile_and_run(model, ids, {**W4A4KV4, "lowering": "inductor"}, use_cache=False)
+    assert rel_err(real.logits, fake.logits) <= 1e-5
+
+
+def test_generation_with_quantized_cache_matches_fake_quant():
+    model, ids = tiny_model("qwen2"), token_ids()
+    tokens = {}
+    for kernels in ("fake", "integer"):
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.__class__.forward.__get__(model), backend="quarot",
+                                      options={**W4A4KV4, "lowering": "fx", "kernels": kernels})
+        with torch.no_grad():
+            tokens[kernels] = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    del model.forward
+    assert torch.equal(tokens["integer"], tokens["fake"])
+
+
+def test_packing_runs_once_across_recompiles():
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="quarot", options={**W4A4KV4, "lowering": "fx"})
+    with torch.no_grad(), quarot_fx.collect_reports() as reports:
+        compiled(token_ids(length=8), use_cache=False)
+        misses = WEIGHT_CACHE.misses
+        for length in (11, 13):
+            compiled(token_ids(length=length), use_cache=False)
+    assert len(reports) >= 2  # recompiled for the new length
+    assert WEIGHT_CACHE.misses == misses
+
+
+def test_other_weight_widths_stay_simulated_and_say_so():
+    model, ids = tiny_model("llama"), token_ids()
+    fake, _ = compile_and_run(model, ids, {"preset": "w8a8kv8", "kernels": "fake"}, use_cache=False)
+    real, reports = compile_and_run(model, ids, {"preset": "w8a8kv8"}, use_cache=False)
+    assert rel_err(real.logits, fake.logits) <= 1e-5
+    assert any("integer kernels cover 4-bit weights" in note for note in reports[0].notes)
+    assert ops(reports[0])["quarot_fx.kv_quantize.default"] == 4  # the KV ops still apply
+
+
+def test_weight_only_w4a16_uses_packed_weights_with_float_inputs():
+    model, ids = tiny_model("mistral"), token_ids()
+    fake, _ = compile_and_run(model, ids, {"preset": "w4a16", "kernels": "fake"}, use_cache=False)
+    real, reports = compile_and_run(model, ids, {"preset": "w4a16"}, use_cache=False)
+    assert rel_err(real.logits, fake.logits) <= 1e-5
+    calls = [n for n in reports[0].graph_module.graph.nodes if n.target is torch.ops.quarot_fx.quantized_linear.default]
+    assert calls and all(n.args[1] is None for n in calls)
+
+
+def test_bf16_model_runs_integer_kernels():
+    """At 4 bits, bf16 rounding flips codes in both paths; the integer path must be as close to the
+    float32 computation (same bf16-rounded weights) as the fake path is."""
+    model, ids = tiny_model("llama", dtype=torch.bfloat16), token_ids()
+    reference, _ = compile_and_run(copy.deepcopy(model).float(), ids, {**W4A4KV4, "kernels": "fake"}, use_cache=False)
+    errors = {}
+    for kernels in ("fake", "integer"):
+        out, _ = compile_and_run(model, ids, {**W4A4KV4, "kernels": kernels}, use_cache=False)
+        assert out.logits.dtype == torch.bfloat16
+        errors[kernels] = ((out.logits.float() - reference.logits).norm() / reference.logits.norm()).item()
+    assert errors["integer"] <= 1.25 * errors["fake"] and errors["integer"] < 0.2
+
+
+def test_bad_kernels_option_is_refused():
+    with pytest.raises(ValueError, match="kernels must be one of 'integer', 'fake'"):
+        quarot_fx.QuaRotConfig(kernels="int4")
