@@ -3,10 +3,11 @@
     python benchmarks/ppl.py [--windows 16|all] [--configs float w8a8kv8 ...] [--lowering fx] [--json]
 
 One row per configuration: PPL, gap to float, wall time (compile + calibration + evaluation,
-one run) and the bytes the quantized linears would hold packed (bits/8 per weight + an fp16
-scale per row or group; the simulated path still stores float weights, packed storage comes
-with the kernels). GPTQ rows calibrate on 32 windows of wiki.valid.tokens (seed 0), as
-BENCHMARK.md says.
+one run) and the bytes of the quantized linears packed (bits/8 per weight + a float32 scale
+per row or group: what the integer kernels hold at 4 bits; other widths run simulated, so for
+them it is the storage they would need). ``w4a4kv4`` runs the integer kernels (the default);
+``w4a4kv4-fake`` the same quantization simulated in float, to compare the two paths. GPTQ rows
+calibrate on 32 windows of wiki.valid.tokens (seed 0), as BENCHMARK.md says.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CONFIGS = {
     "w4a16": {"preset": "w4a16"},
     "w4a4kv4-norot": {"preset": "w4a4kv4", "rotation": "none"},
     "w4a4kv4": {"preset": "w4a4kv4"},
+    "w4a4kv4-fake": {"preset": "w4a4kv4", "kernels": "fake"},
     "w4a16-gptq": {"preset": "w4a16", "weights": "gptq"},
     "w4a4kv4-gptq": {"preset": "w4a4kv4", "weights": "gptq"},
     "w4a4kv4-gptq-actorder": {"preset": "w4a4kv4", "weights": "gptq", "gptq_act_order": True},
@@ -49,7 +51,7 @@ def packed_weight_bytes(model, options) -> tuple[int, int]:
             out_f, in_f = module.weight.shape
             fp16 += 2 * out_f * in_f
             scales = out_f * (in_f // group if group else 1)
-            packed += out_f * in_f * bits // 8 + (2 * scales if bits < 16 else 0)
+            packed += out_f * in_f * bits // 8 + (4 * scales if bits < 16 else 0)
     return packed, fp16
 
 
@@ -96,6 +98,11 @@ def main(argv=None) -> None:
             gap = "" if row["gap_pct"] is None else f"{row['gap_pct']:+.1f}%"
             print(f"{name:<15} ppl {ppl:8.3f} {gap:>9}  {seconds:7.1f} s  linears {packed / 2**20:6.1f} MiB "
                   f"({packed / fp16:.2f}× fp16)", flush=True)
+    by_name = {row["config"]: row["ppl"] for row in rows}
+    for name in by_name:
+        if name.endswith("-fake") and name[:-len("-fake")] in by_name and not args.json:
+            integer, fake = by_name[name[:-len("-fake")]], by_name[name]
+            print(f"integer kernels vs fake quantization ({name[:-len('-fake')]}): {100 * (integer / fake - 1):+.2f}% PPL")
 
 
 if __name__ == "__main__":

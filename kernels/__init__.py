@@ -12,12 +12,13 @@ if __name__ == "quarot_fx.kernels":
     from .hadamard_transform import hadamard_transform, hadamard_transform_reference
     from .int4 import pack_int4, pack_int4_reference, unpack_int4, unpack_int4_reference
     from .kv_quant import kv_dequantize, kv_dequantize_reference, kv_quantize, kv_quantize_reference
-    from .quantized_linear import quantized_linear, quantized_linear_reference
+    from .quantized_linear import (pack_linear_weight, quantized_linear, quantized_linear_reference,
+                                   unpack_linear_weight)
 
     __all__ = ["hadamard_transform", "hadamard_transform_reference", "kv_dequantize", "kv_dequantize_reference",
-               "kv_quantize", "kv_quantize_reference", "pack_int4", "pack_int4_reference", "quantize_per_token",
+               "kv_quantize", "kv_quantize_reference", "pack_int4", "pack_int4_reference", "pack_linear_weight", "quantize_per_token",
                "quantize_per_token_reference", "quantized_linear", "quantized_linear_reference", "unpack_int4",
-               "unpack_int4_reference"]
+               "unpack_int4_reference", "unpack_linear_weight"]
 else:
     # Imported as a top-level ``kernels`` (the repository root is on sys.path, e.g. under
     # ``python -m``): that is transformers probing for the PyPI package of the same name.

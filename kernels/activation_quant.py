@@ -16,7 +16,7 @@ import torch
 
 from quarot_fx.quant import symmetric_codes, symmetric_scale
 
-from .hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
+from .hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference, row_chunks
 
 
 def check_bits(bits: int, name: str = "bits") -> None:
@@ -32,15 +32,26 @@ def _check(x: torch.Tensor, bits: int, clip: float) -> None:
         raise ValueError(f"clip must be in (0, 1]; got {clip}")
 
 
-def _quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int,
-              hadamard: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, bits, clip)
+def _quantize_rows(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int, hadamard: Callable):
     if hadamard_inner:
         with torch.profiler.record_function("quarot_fx::hadamard (fused)"):
             x = hadamard(x, hadamard_inner)
     x = x.float()
     scale = symmetric_scale(x, bits, clip)
-    return symmetric_codes(x, scale, bits).to(torch.int8), scale
+    return symmetric_codes(x, scale, bits), scale
+
+
+def _quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int,
+              hadamard: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row block by row block, so rotation, scale and rounding of a block stay in cache."""
+    _check(x, bits, clip)
+    n = x.shape[-1]
+    flat = x.reshape(-1, n)
+    codes = torch.empty(flat.shape, dtype=torch.int8, device=x.device)
+    scales = torch.empty((flat.shape[0], 1), dtype=torch.float32, device=x.device)
+    for rows in row_chunks(flat.shape[0], 4 * n):
+        codes[rows], scales[rows] = _quantize_rows(flat[rows], bits, clip, hadamard_inner, hadamard)
+    return codes.reshape(x.shape), scales.reshape(*x.shape[:-1], 1)
 
 
 def quantize_per_token_reference(x: torch.Tensor, bits: int, clip: float,

@@ -47,24 +47,40 @@ def hadamard_transform_reference(x: torch.Tensor, inner: int = 1) -> torch.Tenso
     return (x.to(torch.float64) @ h.to(x.device) / math.sqrt(m)).to(x.dtype)
 
 
+CHUNK_BYTES = 1 << 19  # rows are transformed in blocks of about this size, so every stage stays in cache
+
+
+def row_chunks(rows: int, row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
+    """Row blocks of about ``chunk_bytes`` (at least one row each)."""
+    step = max(1, chunk_bytes // max(row_bytes, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype) -> torch.Tensor:
+    """One block [rows, m·inner] (compute dtype) → its transform, same layout."""
+    rows = y.shape[0]
+    # Put the Hadamard axis last; the inner (per-head) axis rides along as batch.
+    y = y.reshape(rows, m, inner).transpose(1, 2).reshape(rows * inner, m) if inner > 1 else y
+    batch = y.shape[0]
+    for stage, order in enumerate(reversed(factors)):
+        scale = 1.0 / math.sqrt(m) if stage == 0 else 1.0
+        h = stage_matrix(order, scale, str(y.device), ctype)
+        y = (y.reshape(-1, order) @ h).reshape(batch, m // order, order).transpose(1, 2).reshape(batch, m)
+    return y.reshape(rows, inner, m).transpose(1, 2).reshape(rows, m * inner) if inner > 1 else y
+
+
 def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     m = _check(x, inner)
     factors = hadamard_plan(m).factors
     if not factors:  # m == 1: H_1 = [1]
         return x.clone(memory_format=torch.contiguous_format)
     ctype = compute_dtype(x.dtype)
-    rows = x.numel() // x.shape[-1]
-    y = x.to(ctype).reshape(rows, m, inner)
-    # Put the Hadamard axis last; the inner (per-head) axis rides along as batch.
-    y = y.transpose(1, 2).reshape(rows * inner, m) if inner > 1 else y.reshape(rows, m)
-    batch = y.shape[0]
-    for stage, order in enumerate(reversed(factors)):
-        scale = 1.0 / math.sqrt(m) if stage == 0 else 1.0
-        h = stage_matrix(order, scale, str(x.device), ctype)
-        y = (y.reshape(-1, order) @ h).reshape(batch, m // order, order).transpose(1, 2).reshape(batch, m)
-    if inner > 1:
-        y = y.reshape(rows, inner, m).transpose(1, 2)
-    return y.reshape(x.shape).to(x.dtype)
+    n = x.shape[-1]
+    flat = x.reshape(-1, n)
+    out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
+    for rows in row_chunks(flat.shape[0], n * 4):
+        out[rows] = _transform_rows(flat[rows].to(ctype), m, inner, factors, ctype)
+    return out.reshape(x.shape)
 
 
 @torch.library.custom_op("quarot_fx::hadamard_transform", mutates_args=())

@@ -1,6 +1,9 @@
 """``quarot_fx::quantized_linear``: y = x·Wᵀ + b with W held as packed int4 plus scales.
 
-* ``weight``: uint8 [out, ceil(in/2)], two int4 codes per byte (``pack_int4`` layout);
+* ``weight``: uint8 [out, ceil(in/2)], two int4 codes per byte in the *half-split* layout of
+  :func:`pack_linear_weight`: in each group of g inputs, byte j holds input j (low nibble) and
+  input j + ⌈g/2⌉ (high nibble). Unpacking is then two contiguous halves per group (a block
+  copy on CPU, two contiguous tile loads in Triton) instead of an element-wise interleave;
   ``weight_scale``: float32 [out, groups], one scale per output channel (groups = 1) or per
   group of ``in / groups`` inputs.
 * ``x``: int8 codes [..., in] with ``x_scale`` float32 [..., 1] (from ``quantize_per_token``),
@@ -20,10 +23,17 @@ import torch
 
 from quarot_fx.quant import dequantize_weight
 
-from .int4 import unpack_int4_reference
+from .hadamard_transform import row_chunks
 
 EXACT_FLOAT32 = 2**24
 MAX_PRODUCT = 128 * 8  # |int8 activation code| · |int4 weight code|
+
+
+def group_size(in_features: int, groups: int) -> int:
+    """Inputs per weight group; groups must be even-sized so a byte never spans two groups."""
+    if in_features % groups or (groups > 1 and (in_features // groups) % 2):
+        raise ValueError(f"quantized_linear: {groups} groups must split {in_features} inputs into even groups")
+    return in_features // groups
 
 
 def _check(x, x_scale, weight, weight_scale, bias, in_features) -> int:
@@ -35,8 +45,7 @@ def _check(x, x_scale, weight, weight_scale, bias, in_features) -> int:
         raise ValueError(f"quantized_linear: weight {tuple(weight.shape)} does not hold [{out_features}, {in_features}] int4")
     if x.shape[-1] != in_features:
         raise ValueError(f"quantized_linear: input has {x.shape[-1]} features, weight expects {in_features}")
-    if in_features % groups or (groups > 1 and (in_features // groups) % 2):
-        raise ValueError(f"quantized_linear: {groups} groups must split {in_features} inputs into even groups")
+    group_size(in_features, groups)
     if (x_scale is None) != x.is_floating_point():
         raise TypeError("quantized_linear: int8 codes need x_scale; float activations take x_scale=None")
     if x_scale is not None and x.dtype != torch.int8:
@@ -46,40 +55,85 @@ def _check(x, x_scale, weight, weight_scale, bias, in_features) -> int:
     return in_features // groups
 
 
-def integer_matmul(codes: torch.Tensor, weight_codes: torch.Tensor, group: int) -> torch.Tensor:
-    """Exact Σ_k codes·weight_codes per group: [groups, M, N] integer-valued floats."""
-    dtype = torch.float32 if group * MAX_PRODUCT < EXACT_FLOAT32 else torch.float64
-    rows, n = codes.shape[0], weight_codes.shape[0]
-    a = codes.to(dtype).reshape(rows, -1, group).transpose(0, 1)  # [G, M, group]
-    b = weight_codes.to(dtype).reshape(n, -1, group).permute(1, 2, 0)  # [G, group, N]
-    return torch.bmm(a, b) if a.shape[0] > 1 else (a[0] @ b[0])[None]
+def pack_linear_weight(codes: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """int8 codes [out, in] in [-8, 7] → uint8 [out, ceil(in/2)] in the half-split layout."""
+    if codes.dtype != torch.int8:
+        raise TypeError(f"pack_linear_weight takes int8 codes in [-8, 7], got {codes.dtype}")
+    out, in_features = codes.shape
+    group = group_size(in_features, groups)
+    half = (group + 1) // 2
+    c = torch.nn.functional.pad(codes.reshape(out, groups, group), (0, 2 * half - group)).to(torch.int16)
+    return ((c[..., :half] & 0xF) | ((c[..., half:] & 0xF) << 4)).to(torch.uint8).reshape(out, groups * half)
 
 
-def _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul) -> torch.Tensor:
-    group = _check(x, x_scale, weight, weight_scale, bias, in_features)
-    lead, out_features = x.shape[:-1], weight.shape[0]
-    codes = unpack_int4_reference(weight, in_features)
-    x2 = x.reshape(-1, in_features)
-    if x_scale is None:
-        y = x2.float() @ dequantize_weight(codes, weight_scale).T
-    else:
-        acc = matmul(x2, codes, group)
-        y = (acc * weight_scale.T[:, None, :]).sum(0) if acc.shape[0] > 1 else acc[0] * weight_scale[:, 0]
-        y = y * x_scale.reshape(-1, 1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype).reshape(*lead, out_features)
+def unpack_linear_weight(packed: torch.Tensor, in_features: int, groups: int = 1) -> torch.Tensor:
+    """Inverse of :func:`pack_linear_weight`: int8 codes [out, in]."""
+    out = packed.shape[0]
+    group = in_features // groups
+    p = packed.reshape(out, groups, -1)
+    low = ((p & 0xF) ^ 8).view(torch.int8) - 8  # two's complement nibble n is worth (n ^ 8) - 8
+    high = ((p >> 4) ^ 8).view(torch.int8) - 8
+    return torch.cat([low, high], dim=-1)[..., :group].reshape(out, in_features)
 
 
-def _int64_matmul(codes, weight_codes, group):
+def accumulator_dtype(group: int) -> torch.dtype:
+    """float32 holds every partial sum exactly while group · 128 · 8 < 2²⁴; float64 beyond."""
+    return torch.float32 if group * MAX_PRODUCT < EXACT_FLOAT32 else torch.float64
+
+
+def integer_matmul(codes: torch.Tensor, weight_codes: torch.Tensor, group: int, out=None) -> torch.Tensor:
+    """Exact Σ_k codes·weight_codes: [M, N] for one group (written to ``out`` if given), else
+    [groups, M, N]; integer-valued floats. ``weight_codes`` is already in the accumulator dtype."""
+    a = codes.to(weight_codes.dtype)
+    if weight_codes.shape[1] == group:
+        return torch.mm(a, weight_codes.T, out=out)
+    rows, n = a.shape[0], weight_codes.shape[0]
+    a = a.reshape(rows, -1, group).transpose(0, 1)  # [G, M, group]
+    return torch.bmm(a, weight_codes.reshape(n, -1, group).permute(1, 2, 0))  # [G, group, N]
+
+
+def _int64_matmul(codes, weight_codes, group, out=None):
     a = codes.long().reshape(codes.shape[0], -1, group)
     b = weight_codes.long().reshape(weight_codes.shape[0], -1, group)
     return torch.einsum("mgk,ngk->gmn", a, b).double()
 
 
+LINEAR_CHUNK_BYTES = 1 << 22  # accumulator block: large enough for an efficient GEMM, small enough for cache
+
+
+def _block(x2, x_scale, codes, weight_scale, bias, group, matmul, acc_dtype, out=None):
+    """y for some rows of x and some output channels (``codes``: their int8 weight rows)."""
+    if x_scale is None:  # weight-only
+        y = torch.mm(x2.float(), dequantize_weight(codes, weight_scale).T, out=out)
+    else:
+        acc = matmul(x2, codes.to(acc_dtype), group, out)
+        y = acc.mul_(weight_scale[:, 0]) if acc.dim() == 2 else (acc * weight_scale.T[:, None, :]).sum(0)
+        y.mul_(x_scale)
+    return y.add_(bias) if bias is not None else y
+
+
+def _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul, acc_dtype) -> torch.Tensor:
+    """Shared body: row blocks of x against the unpacked weight, each GEMM written straight into
+    a float32 output and scaled there while the block is in cache."""
+    group = _check(x, x_scale, weight, weight_scale, bias, in_features)
+    acc_dtype = acc_dtype or accumulator_dtype(group)
+    lead, out_features, groups = x.shape[:-1], weight.shape[0], weight_scale.shape[1]
+    x2 = x.reshape(-1, in_features)
+    x_scale = x_scale.reshape(-1, 1) if x_scale is not None else None
+    out = torch.empty((x2.shape[0], out_features), dtype=out_dtype, device=x.device)
+    codes = unpack_linear_weight(weight, in_features, groups)
+    direct = out_dtype == acc_dtype and groups == 1
+    for rows in row_chunks(x2.shape[0], 4 * out_features, LINEAR_CHUNK_BYTES):
+        y = _block(x2[rows], x_scale[rows] if x_scale is not None else None, codes, weight_scale, bias, group,
+                   matmul, acc_dtype, out[rows] if direct else None)
+        if not direct:
+            out[rows] = y
+    return out.reshape(*lead, out_features)
+
+
 def quantized_linear_reference(x, x_scale, weight, weight_scale, bias, in_features, out_dtype) -> torch.Tensor:
     """Plain torch with int64 accumulation (slow, obviously exact)."""
-    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, _int64_matmul)
+    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, _int64_matmul, torch.int64)
 
 
 @torch.library.custom_op("quarot_fx::quantized_linear", mutates_args=())
@@ -87,7 +141,7 @@ def quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], weight: t
                      weight_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int,
                      out_dtype: torch.dtype) -> torch.Tensor:
     """x·Wᵀ + b from int8 activation codes (or float x) and packed int4 weights; see the module doc."""
-    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul)
+    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul, None)
 
 
 @quantized_linear.register_fake
@@ -98,12 +152,11 @@ def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype):
 
 @quantized_linear.register_kernel("cuda")
 def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype):
-    from .triton_int4 import triton_unpack_int4
     from .triton_linear import triton_w4a_linear
 
     _check(x, x_scale, weight, weight_scale, bias, in_features)
-    if x_scale is None:  # weight-only: unpack on the GPU, float matmul
-        w = dequantize_weight(triton_unpack_int4(weight, in_features), weight_scale)
+    if x_scale is None:  # weight-only: unpack with torch on the GPU, float matmul
+        w = dequantize_weight(unpack_linear_weight(weight, in_features, weight_scale.shape[1]), weight_scale)
         y = x.float() @ w.T + (bias.float() if bias is not None else 0)
         return y.to(out_dtype)
     return triton_w4a_linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype)

@@ -1,8 +1,9 @@
 """Triton W4A4/W4A8 GEMM for ``quarot_fx::quantized_linear`` (the CUDA path).
 
 Tile [BM, BN] of y; per weight group, the K loop reads BKB packed bytes per weight row,
-splits them into low/high nibbles (the even/odd input columns) as int8, and accumulates
-``tl.dot(x_even, lo) + tl.dot(x_odd, hi)`` in int32: no interleaving in registers. At the
+splits them into low/high nibbles as int8 (half-split layout: byte j of a group holds inputs
+j and j + half), and accumulates ``tl.dot(x_low, lo) + tl.dot(x_high, hi)`` in int32, both
+activation tiles contiguous loads: no interleaving in registers. At the
 group's end the int32 sum is scaled by the group's weight scale into a float32 accumulator;
 the epilogue applies the per-token activation scale and the bias. Exact integer parts are
 proved against the CPU op under ``TRITON_INTERPRET=1`` (unit scales).
@@ -16,27 +17,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _w4a_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_bytes, groups, group_bytes,
+def _w4a_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_bytes, groups, group, half,
                      HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     kb = tl.arange(0, BKB)
+    m_ok = rm[:, None] < M
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for g in range(groups):
         acc_int = tl.zeros((BM, BN), dtype=tl.int32)
-        for start in range(0, group_bytes, BKB):
-            byte = g * group_bytes + start + kb  # byte b holds inputs 2b (low) and 2b+1 (high)
-            in_k = (start + kb < group_bytes) & (byte < n_bytes)
-            x_rows = x_ptr + rm[:, None] * K
-            m_ok = rm[:, None] < M
-            x_even = tl.load(x_rows + 2 * byte[None, :], mask=m_ok & in_k[None, :] & (2 * byte[None, :] < K), other=0)
-            x_odd = tl.load(x_rows + 2 * byte[None, :] + 1, mask=m_ok & in_k[None, :] & (2 * byte[None, :] + 1 < K),
-                            other=0)
-            w = tl.load(w_ptr + rn[None, :] * n_bytes + byte[:, None], mask=(rn[None, :] < N) & in_k[:, None],
+        for start in range(0, half, BKB):
+            j = start + kb  # byte j of the group: inputs g·group + j (low) and g·group + half + j (high)
+            low_ok = j < half
+            high_ok = half + j < group
+            x_row = x_ptr + rm[:, None] * K + g * group
+            x_low = tl.load(x_row + j[None, :], mask=m_ok & low_ok[None, :], other=0)
+            x_high = tl.load(x_row + half + j[None, :], mask=m_ok & high_ok[None, :], other=0)
+            w = tl.load(w_ptr + rn[None, :] * n_bytes + g * half + j[:, None], mask=(rn[None, :] < N) & low_ok[:, None],
                         other=0).to(tl.int32)  # [BKB, BN]: the weight transposed
             lo = (((w & 0xF) ^ 8) - 8).to(tl.int8)
             hi = ((((w >> 4) & 0xF) ^ 8) - 8).to(tl.int8)
-            acc_int += tl.dot(x_even, lo) + tl.dot(x_odd, hi)
+            acc_int += tl.dot(x_low, lo) + tl.dot(x_high, hi)
         w_scale = tl.load(ws_ptr + rn * groups + g, mask=rn < N, other=0.0)
         acc += acc_int.to(tl.float32) * w_scale[None, :]
     y = acc * tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
@@ -52,12 +53,11 @@ def triton_w4a_linear(x, x_scale, weight, weight_scale, bias, in_features: int, 
     lead, n = x.shape[:-1], weight.shape[0]
     x2 = x.reshape(-1, in_features).contiguous()
     m, groups = x2.shape[0], weight_scale.shape[1]
-    n_bytes = weight.shape[1]
-    group_bytes = n_bytes if groups == 1 else in_features // groups // 2
+    group = in_features // groups
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _w4a_gemm_kernel[grid](x2, x_scale.reshape(-1).float().contiguous(), weight.contiguous(),
                            weight_scale.float().contiguous(), bias if bias is not None else x_scale, y,
-                           m, n, in_features, n_bytes, groups, group_bytes, HAS_BIAS=bias is not None,
-                           BM=block_m, BN=block_n, BKB=block_k_bytes)
+                           m, n, in_features, weight.shape[1], groups, group, (group + 1) // 2,
+                           HAS_BIAS=bias is not None, BM=block_m, BN=block_n, BKB=block_k_bytes)
     return y.reshape(*lead, n)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from quarot_fx.report import Skip
 
 from .graph_utils import as_site, origin
-from .weights import WEIGHT_CACHE, GPTQWeight, QuantizeWeight, weight_key
+from .weights import GPTQWeight, QuantizeWeight, is_cached
 
 _HESSIANS: dict[str, torch.Tensor] = {}
 
@@ -62,8 +62,7 @@ def gptq_weights(ctx) -> None:
     edit = GPTQWeight(config.w_bits, config.w_group_size, config.w_clip_search, config.gptq_damp,
                       config.gptq_block_size, config.gptq_act_order, fingerprint(calibration))
     missing = [site for site in ctx.analysis.quantized
-               if not WEIGHT_CACHE.has(*weight_key(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of,
-                                                   extra=edit))]
+               if not is_cached(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of, extra=(edit,))]
     if missing:
         hessians = _collect_hessians(ctx, missing, calibration)
         if hessians is None:  # nothing to calibrate with: fall back to RTN, as reported

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from quarot_fx.kernels import pack_int4  # also registers torch.ops.quarot_fx
+from quarot_fx.kernels import pack_linear_weight  # also registers torch.ops.quarot_fx
 
 from .graph_utils import Site
 from .matrices import Matrix, multiply_right
@@ -189,20 +189,28 @@ class SiteEdits:
     online: list[str] = field(default_factory=list)  # descriptions of online transforms on its input
 
 
-def weight_key(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra=None) -> tuple:
-    """(parameter, cache key) of a site's weight after its edits (plus ``extra``, if given)."""
+PACKED = "packed int4"  # cache-key suffix of a packed (rather than float) result
+
+
+def weight_key(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra: tuple = ()) -> tuple:
+    """(parameter, cache key) of a site's weight after its edits and then ``extra``."""
     site = entry.site
     w_attr = site.weight_node.target
     b_node = site.bias_node
     b_attr = b_node.target if b_node is not None else None
     weight = originals.get(w_attr, getattr(gm, w_attr))
     bias = originals.get(b_attr, getattr(gm, b_attr)) if b_attr else None
-    edits = tuple(entry.edits) + ((extra,) if extra is not None else ())
+    edits = tuple(entry.edits) + tuple(extra)
     return weight, (site.kind, fqn_of(w_attr), weight._version, fqn_of(b_attr) if b_attr else None,
                     bias._version if bias is not None else None, edits, weight.dtype)
 
 
-def _site_tensors(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra=None):
+def is_cached(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra: tuple = ()) -> bool:
+    """The site's weight after its edits and ``extra`` is cached, in float or packed form."""
+    return any(WEIGHT_CACHE.has(*weight_key(gm, entry, originals, fqn_of, extra + form)) for form in ((), (PACKED,)))
+
+
+def _site_tensors(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra: tuple = ()):
     """(weight, bias, cache key) of a site's pre-edit tensors."""
     b_node = entry.site.bias_node
     weight, key = weight_key(gm, entry, originals, fqn_of, extra)
@@ -239,12 +247,12 @@ def quantizes_last(entry: SiteEdits) -> bool:
 def packed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of) -> tuple:
     """(int4 bytes [out, ceil(in/2)], float32 scales [out, groups], bias, in) of a site whose last
     edit quantizes to 4 bits; cached like :func:`transformed_weights`, so packing runs once."""
-    weight, bias, key = _site_tensors(gm, entry, originals, fqn_of, extra="packed int4")
+    weight, bias, key = _site_tensors(gm, entry, originals, fqn_of, extra=(PACKED,))
 
     def compute():
         w, b = _edited(entry, weight, bias, entry.edits[:-1])
         codes, scales = entry.edits[-1].codes(w)
-        return pack_int4(codes), scales.float().contiguous(), b, codes.shape[1]
+        return pack_linear_weight(codes, scales.shape[1]), scales.float().contiguous(), b, codes.shape[1]
 
     return WEIGHT_CACHE.get(weight, key, compute)
 

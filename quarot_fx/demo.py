@@ -6,9 +6,9 @@ import time
 
 import torch
 
-from .config import PRESETS
 from .evaluate import perplexity, read_eval_text, tokenize, windows
 from .models import load_model
+from .report import collect_reports
 
 PROMPT = "The capital of France is"
 
@@ -40,13 +40,12 @@ def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str
         if options is not None:
             model.forward = torch.compile(model.forward, backend="quarot", options={**options, "lowering": lowering})
         line = f"{name:<28}"
-        if evaluation:
-            line += f" ppl {perplexity(model, evaluation, desc=name):8.2f} ({len(evaluation)} windows)"
-        line += f" | {PROMPT!r} → {greedy(model, tokenizer, PROMPT, steps)!r}"
+        with collect_reports() as reports:
+            if evaluation:
+                line += f" ppl {perplexity(model, evaluation, desc=name):8.2f} ({len(evaluation)} windows)"
+            line += f" | {PROMPT!r} → {greedy(model, tokenizer, PROMPT, steps)!r}"
         print(line + f"  [{time.perf_counter() - start:.0f} s]", flush=True)
         if options is not None:
             del model.forward  # back to the eager forward
-    bits = PRESETS[preset]["w_bits"]
-    print(f"weight memory of the quantized linears, packed: {linear_megabytes(model) * bits / 32:.1f} MiB "
-          f"(+ one fp16 scale per output channel); this version simulates quantization in float, "
-          "packed int4 storage comes with the kernels")
+    storage = [note for note in reports[0].notes if note.startswith("integer kernels")] if reports else []
+    print("\n".join(storage) or f"{preset}: weights run simulated (integer kernels cover 4-bit weights)")

@@ -135,3 +135,17 @@ def test_bf16_model_runs_integer_kernels():
 def test_bad_kernels_option_is_refused():
     with pytest.raises(ValueError, match="kernels must be one of 'integer', 'fake'"):
         quarot_fx.QuaRotConfig(kernels="int4")
+
+
+def test_gptq_weights_are_packed_once_and_not_recalibrated_on_recompile():
+    model = tiny_model("llama")
+    calibration = [torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    compiled = torch.compile(model, backend="quarot", options={**W4A4KV4, "lowering": "fx", "weights": "gptq",
+                                                                "calibration": calibration})
+    with torch.no_grad(), quarot_fx.collect_reports() as reports:
+        for length in (8, 11, 13):
+            compiled(token_ids(length=length), use_cache=False)
+    assert len(reports) >= 2
+    assert any("calibration chunks" in note for note in reports[0].notes)
+    assert not any("calibration chunks" in note for note in reports[-1].notes)  # weights came from the cache
+    assert ops(reports[-1])["quarot_fx.quantized_linear.default"] == 14

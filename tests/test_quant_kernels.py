@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quarot_fx.kernels import (hadamard_transform, kv_dequantize, kv_dequantize_reference, kv_quantize,
-                               kv_quantize_reference, pack_int4, quantize_per_token,
+                               kv_quantize_reference, pack_linear_weight, quantize_per_token,
+                               unpack_linear_weight,
                                quantize_per_token_reference, quantized_linear, quantized_linear_reference)
 from quarot_fx.quant import fake_quant_asymmetric, fake_quant_symmetric
 
@@ -70,37 +71,54 @@ def linear_inputs(m, k, n, groups, seed=0, bias=True, x_dtype=torch.float32):
        out_dtype=st.sampled_from(DTYPES), seed=st.integers(0, 50))
 def test_quantized_linear_matches_int64_reference(m, k, n, bias, out_dtype, seed):
     codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, 1, seed, bias)
-    args = (codes, x_scale, pack_int4(w), w_scale, b, k, out_dtype)
+    args = (codes, x_scale, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, k, out_dtype)
     y = quantized_linear(*args)
     assert y.dtype == out_dtype and y.shape == (m, n)
     torch.testing.assert_close(y, quantized_linear_reference(*args))
     # Unit scales expose the integer accumulator: it must be exact.
-    ones = (codes, torch.ones_like(x_scale), pack_int4(w), torch.ones_like(w_scale), None, k, torch.float32)
+    ones = (codes, torch.ones_like(x_scale), pack_linear_weight(w, w_scale.shape[1]), torch.ones_like(w_scale), None, k, torch.float32)
     assert torch.equal(quantized_linear(*ones), (codes.long() @ w.long().T).float())
 
 
 @pytest.mark.parametrize("groups", [2, 4])
 def test_grouped_scales(groups):
     codes, x_scale, w, w_scale, b = linear_inputs(5, 48, 7, groups)
-    args = (codes, x_scale, pack_int4(w), w_scale, b, 48, torch.float32)
+    args = (codes, x_scale, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, 48, torch.float32)
     y = quantized_linear(*args)
     torch.testing.assert_close(y, quantized_linear_reference(*args))
     dequant = (w.float().reshape(7, groups, -1) * w_scale[..., None]).reshape(7, 48)
     torch.testing.assert_close(y, (codes.float() * x_scale) @ dequant.T + b, rtol=1e-5, atol=1e-4)
 
 
+@given(out=st.integers(1, 5), k=st.integers(1, 40), groups=st.sampled_from([1, 2]), seed=st.integers(0, 50))
+def test_linear_weight_layout_round_trips(out, k, groups, seed):
+    if groups > 1 and k % 4:
+        k = 4 * (k // 4 + 1)  # groups must be even-sized
+    w = weights(out, k, seed)
+    packed = pack_linear_weight(w, groups)
+    assert packed.dtype == torch.uint8 and packed.shape == (out, (k + 1) // 2)
+    assert torch.equal(unpack_linear_weight(packed, k, groups), w)
+
+
+def test_linear_weight_layout_is_half_split_per_group():
+    w = torch.tensor([[1, 2, 3, -1, -2, -3, 7, -8]], dtype=torch.int8)
+    assert pack_linear_weight(w).tolist() == [[0xE1, 0xD2, 0x73, 0x8F]]  # byte j: inputs j and j + 4
+    assert pack_linear_weight(w, 2).tolist() == [[0x31, 0xF2, 0x7E, 0x8D]]  # groups of 4: j and j + 2
+    assert pack_linear_weight(w[:, :5]).tolist() == [[0xF1, 0xE2, 0x03]]  # odd: 3 low, 2 high, pad 0
+
+
 def test_weight_only_path_dequantizes():
     x = activations(3, 33)
     w, w_scale = weights(6, 33), torch.rand(6, 1) + 0.1
-    y = quantized_linear(x, None, pack_int4(w), w_scale, None, 33, torch.float32)
+    y = quantized_linear(x, None, pack_linear_weight(w, w_scale.shape[1]), w_scale, None, 33, torch.float32)
     torch.testing.assert_close(y, x @ (w.float() * w_scale).T)
 
 
 def test_quantized_linear_on_batched_non_contiguous_codes():
     codes, x_scale, w, w_scale, b = linear_inputs(12, 32, 5, 1)
     codes3, scale3 = codes.reshape(3, 4, 32).transpose(0, 1), x_scale.reshape(3, 4, 1).transpose(0, 1)
-    y = quantized_linear(codes3, scale3, pack_int4(w), w_scale, b, 32, torch.float32)
-    expected = quantized_linear(codes3.contiguous(), scale3.contiguous(), pack_int4(w), w_scale, b, 32, torch.float32)
+    y = quantized_linear(codes3, scale3, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, 32, torch.float32)
+    expected = quantized_linear(codes3.contiguous(), scale3.contiguous(), pack_linear_weight(w, w_scale.shape[1]), w_scale, b, 32, torch.float32)
     assert torch.equal(y, expected)
 
 
@@ -109,11 +127,11 @@ def test_quantized_linear_refuses_bad_inputs():
     with pytest.raises(TypeError, match="packed uint8"):
         quantized_linear(codes, x_scale, w, w_scale, b, 32, torch.float32)
     with pytest.raises(ValueError, match="features"):
-        quantized_linear(codes[:, :30], x_scale, pack_int4(w), w_scale, b, 32, torch.float32)
+        quantized_linear(codes[:, :30], x_scale, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, 32, torch.float32)
     with pytest.raises(TypeError, match="x_scale"):
-        quantized_linear(codes, None, pack_int4(w), w_scale, b, 32, torch.float32)
+        quantized_linear(codes, None, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, 32, torch.float32)
     with pytest.raises(ValueError, match="groups"):
-        quantized_linear(codes, x_scale, pack_int4(w), torch.ones(4, 3), b, 32, torch.float32)
+        quantized_linear(codes, x_scale, pack_linear_weight(w, w_scale.shape[1]), torch.ones(4, 3), b, 32, torch.float32)
 
 
 @given(rows=st.integers(1, 6), d=st.integers(1, 40), bits=st.sampled_from([2, 4, 6, 8]),
@@ -143,8 +161,8 @@ def test_opcheck():
     torch.library.opcheck(quantize_per_token, (x, 4, 0.9, 0))
     torch.library.opcheck(quantize_per_token, (x, 4, 0.9, 4))
     codes, x_scale, w, w_scale, b = linear_inputs(3, 33, 5, 1)
-    torch.library.opcheck(quantized_linear, (codes, x_scale, pack_int4(w), w_scale, b, 33, torch.float32))
-    torch.library.opcheck(quantized_linear, (x, None, pack_int4(weights(5, 48)), w_scale, None, 48, torch.bfloat16))
+    torch.library.opcheck(quantized_linear, (codes, x_scale, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, 33, torch.float32))
+    torch.library.opcheck(quantized_linear, (x, None, pack_linear_weight(weights(5, 48)), w_scale, None, 48, torch.bfloat16))
     packed, scale, zero = kv_quantize(x, 4, 0.95)
     torch.library.opcheck(kv_quantize, (x, 4, 0.95))
     torch.library.opcheck(kv_dequantize, (packed, scale, zero, 4, 48, torch.float16))

@@ -6,7 +6,7 @@ Integer parts (codes, accumulators) must agree exactly; scaled outputs to float 
 import pytest
 import torch
 
-from quarot_fx.kernels import (hadamard_transform_reference, kv_dequantize, kv_quantize, pack_int4,
+from quarot_fx.kernels import (hadamard_transform_reference, kv_dequantize, kv_quantize, pack_linear_weight,
                                quantize_per_token, quantized_linear)
 
 from test_quant_kernels import DTYPES, activations, linear_inputs
@@ -79,7 +79,7 @@ def test_unfused_fallback_for_sizes_without_a_split(monkeypatch):
                                           (1, 1, 1, 1)])
 def test_w4a4_gemm_integer_accumulator_is_exact(m, k, n, groups):
     codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, groups)
-    unit = (codes, torch.ones_like(x_scale), pack_int4(w), torch.ones_like(w_scale), None, k, torch.float32)
+    unit = (codes, torch.ones_like(x_scale), pack_linear_weight(w, w_scale.shape[1]), torch.ones_like(w_scale), None, k, torch.float32)
     assert torch.equal(triton_linear.triton_w4a_linear(*unit), quantized_linear(*unit))
 
 
@@ -87,14 +87,14 @@ def test_w4a4_gemm_integer_accumulator_is_exact(m, k, n, groups):
 @pytest.mark.parametrize("m,k,n,groups", [(1, 64, 32, 1), (7, 33, 20, 1), (9, 64, 24, 4)])
 def test_w4a4_gemm_scaled_output(m, k, n, groups, out_dtype):
     codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, groups)
-    args = (codes, x_scale, pack_int4(w), w_scale, b, k, out_dtype)
+    args = (codes, x_scale, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, k, out_dtype)
     torch.testing.assert_close(triton_linear.triton_w4a_linear(*args), quantized_linear(*args))
 
 
 def test_w4a4_gemm_batched_non_contiguous_codes():
     codes, x_scale, w, w_scale, b = linear_inputs(8, 32, 16, 1)
     codes3, scale3 = codes.reshape(2, 4, 32).transpose(0, 1), x_scale.reshape(2, 4, 1).transpose(0, 1)
-    args = (codes3, scale3, pack_int4(w), w_scale, b, 32, torch.float32)
+    args = (codes3, scale3, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, 32, torch.float32)
     torch.testing.assert_close(triton_linear.triton_w4a_linear(*args), quantized_linear(*args))
 
 
