@@ -79,3 +79,27 @@ def _(x, bits, clip, hadamard_inner=0):
 
     _check(x, bits, clip)
     return triton_quantize_per_token(x, bits, clip, hadamard_inner)
+
+
+def _decomposed_on_cpu(x, bits, clip, hadamard_inner=0):
+    """On CPU, hand Inductor the quantizer as aten ops: it fuses the scale reduction and the
+    rounding into generated loops, faster than the op's chain of torch calls. Elsewhere (CUDA:
+    the fused Triton kernel) decline, so the op stays."""
+    if x.device.type != "cpu":
+        return NotImplemented
+    if hadamard_inner:
+        x = torch.ops.quarot_fx.hadamard_transform(x, hadamard_inner)
+    x = x.float()
+    scale = symmetric_scale(x, bits, clip)
+    return symmetric_codes(x, scale, bits).to(torch.int8), scale
+
+
+def register_inductor_decompositions() -> None:
+    """Add the CPU decomposition of ``quantize_per_token`` to Inductor's table (idempotent)."""
+    from torch._inductor import decomposition as inductor
+
+    op = torch.ops.quarot_fx.quantize_per_token.default
+    if op not in inductor.decompositions:
+        inductor.register_decomposition(op)(_decomposed_on_cpu)
+        # Inductor memoizes the table it hands to AOT autograd: drop a copy made before us.
+        getattr(inductor.fast_random_decomps, "cache_clear", lambda: None)()

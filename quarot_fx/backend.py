@@ -24,6 +24,9 @@ def _lower(gm: fx.GraphModule, inputs: list, config: QuaRotConfig):
         return gm
     from torch._inductor.compile_fx import compile_fx
 
+    from .kernels.activation_quant import register_inductor_decompositions
+
+    register_inductor_decompositions()
     # Freezing treats the lifted weights as constants (folding what depends only on them);
     # it applies to inference graphs, hence no_grad.
     with torch.no_grad():

@@ -28,14 +28,14 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
 def symmetric_scale(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
     """clip · max|x| / qmax over the last dim (kept), 1 where the group is all zeros."""
     # max|x| as the ∞-norm: one pass instead of abs() then amax().
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).mul_(clip).div_(2 ** (bits - 1) - 1)
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True) * clip / (2 ** (bits - 1) - 1)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def symmetric_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer-valued codes in [-2^(b-1), 2^(b-1) - 1] (same dtype as x)."""
     qmax = 2 ** (bits - 1) - 1
-    return torch.div(x, scale).round_().clamp_(-qmax - 1, qmax)
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax)  # out of place: also an Inductor decomposition
 
 
 def round_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -76,6 +76,20 @@ def test_inductor_compiles_the_integer_graph(arch):
     assert rel_err(real.logits, fake.logits) <= 1e-5
 
 
+def test_inductor_inlines_activation_quantization_on_cpu():
+    """On CPU, Inductor decomposes quantize_per_token (its generated loops beat the op's torch
+    calls); the packed linears and the Hadamards stay custom ops."""
+    model, ids = tiny_model("llama"), token_ids()
+    compiled = torch.compile(model, backend="quarot", options=W4A4KV4)
+    with torch.no_grad():
+        compiled(ids, use_cache=False)
+        with torch.profiler.profile() as prof:
+            compiled(ids, use_cache=False)
+    names = {e.key for e in prof.key_averages()}
+    assert {"quarot_fx::quantized_linear", "quarot_fx::hadamard_transform"} <= names
+    assert "quarot_fx::quantize_per_token" not in names
+
+
 def test_generation_with_quantized_cache_matches_fake_quant():
     model, ids = tiny_model("qwen2"), token_ids()
     tokens = {}
