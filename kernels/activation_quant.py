@@ -24,10 +24,10 @@ def check_bits(bits: int, name: str = "bits") -> None:
         raise ValueError(f"{name} must be in 2..8 for integer kernels; got {bits}")
 
 
-def _check(x: torch.Tensor, bits: int, clip: float) -> None:
+def check_inputs(x: torch.Tensor, bits: int, clip: float, op: str = "quantize_per_token") -> None:
     check_bits(bits)
     if not x.is_floating_point():
-        raise TypeError(f"quantize_per_token needs a floating-point tensor, got {x.dtype}")
+        raise TypeError(f"{op} needs a floating-point tensor, got {x.dtype}")
     if not 0 < clip <= 1:
         raise ValueError(f"clip must be in (0, 1]; got {clip}")
 
@@ -44,7 +44,7 @@ def _quantize_rows(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int,
 def _quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int,
               hadamard: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """Row block by row block, so rotation, scale and rounding of a block stay in cache."""
-    _check(x, bits, clip)
+    check_inputs(x, bits, clip)
     n = x.shape[-1]
     flat = x.reshape(-1, n)
     codes = torch.empty(flat.shape, dtype=torch.int8, device=x.device)
@@ -69,7 +69,7 @@ def quantize_per_token(x: torch.Tensor, bits: int, clip: float,
 
 @quantize_per_token.register_fake
 def _(x, bits, clip, hadamard_inner=0):
-    _check(x, bits, clip)
+    check_inputs(x, bits, clip)
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
@@ -77,7 +77,7 @@ def _(x, bits, clip, hadamard_inner=0):
 def _(x, bits, clip, hadamard_inner=0):
     from .triton_quant import triton_quantize_per_token
 
-    _check(x, bits, clip)
+    check_inputs(x, bits, clip)
     return triton_quantize_per_token(x, bits, clip, hadamard_inner)
 
 

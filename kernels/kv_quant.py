@@ -13,7 +13,7 @@ import torch
 
 from quarot_fx.quant import asymmetric_codes
 
-from .activation_quant import check_bits
+from .activation_quant import check_bits, check_inputs
 from .int4 import pack_int4_reference, unpack_int4_reference
 
 
@@ -22,11 +22,7 @@ def packs(bits: int) -> bool:
 
 
 def _check(x: torch.Tensor, bits: int, clip: float) -> None:
-    check_bits(bits)
-    if not x.is_floating_point():
-        raise TypeError(f"kv_quantize needs a floating-point tensor, got {x.dtype}")
-    if not 0 < clip <= 1:
-        raise ValueError(f"clip must be in (0, 1]; got {clip}")
+    check_inputs(x, bits, clip, "kv_quantize")
 
 
 def code_bytes(length: int, bits: int) -> int:

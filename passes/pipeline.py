@@ -4,9 +4,9 @@
 the ``rotate_*`` and ``quantize_*`` passes rewrite it and record weight edits on sites;
 ``materialize_weights`` computes the edited weights once (cached across recompiles), packed
 for ``quantized_linear`` with the integer kernels; ``lower_activation_quantizers`` then hands
-those linears integer codes. GPTQ
-materializes the rotations first, since its Hessians come from running the rotated graph. The runner times every pass
-and lints the graph after it, so a broken rewrite fails at the pass that made it.
+those linears integer codes. GPTQ materializes the rotations first, since its Hessians come
+from running the rotated graph. The runner times every pass and lints the graph after it, so
+a broken rewrite fails at the pass that made it.
 """
 
 from __future__ import annotations
