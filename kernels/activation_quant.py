@@ -32,13 +32,19 @@ def check_inputs(x: torch.Tensor, bits: int, clip: float, op: str = "quantize_pe
         raise ValueError(f"clip must be in (0, 1]; got {clip}")
 
 
-def _quantize_rows(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int, hadamard: Callable):
+def _rotate_and_quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int, hadamard: Callable):
+    """The op's semantics on one block of rows (also its Inductor decomposition, so no profiler
+    ranges or in-place ops here)."""
     if hadamard_inner:
-        with torch.profiler.record_function("quarot_fx::hadamard (fused)"):
-            x = hadamard(x, hadamard_inner)
+        x = hadamard(x, hadamard_inner)
     x = x.float()
     scale = symmetric_scale(x, bits, clip)
-    return symmetric_codes(x, scale, bits), scale
+    return symmetric_codes(x, scale, bits).to(torch.int8), scale
+
+
+def _profiled_hadamard(x: torch.Tensor, inner: int) -> torch.Tensor:
+    with torch.profiler.record_function("quarot_fx::hadamard (fused)"):
+        return hadamard_transform_cpu(x, inner)
 
 
 def _quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int,
@@ -50,7 +56,7 @@ def _quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int,
     codes = torch.empty(flat.shape, dtype=torch.int8, device=x.device)
     scales = torch.empty((flat.shape[0], 1), dtype=torch.float32, device=x.device)
     for rows in row_chunks(flat.shape[0], 4 * n):
-        codes[rows], scales[rows] = _quantize_rows(flat[rows], bits, clip, hadamard_inner, hadamard)
+        codes[rows], scales[rows] = _rotate_and_quantize(flat[rows], bits, clip, hadamard_inner, hadamard)
     return codes.reshape(x.shape), scales.reshape(*x.shape[:-1], 1)
 
 
@@ -64,7 +70,7 @@ def quantize_per_token_reference(x: torch.Tensor, bits: int, clip: float,
 def quantize_per_token(x: torch.Tensor, bits: int, clip: float,
                        hadamard_inner: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes, float32 scales [..., 1]) of x, rotated first when ``hadamard_inner > 0``."""
-    return _quantize(x, bits, clip, hadamard_inner, hadamard_transform_cpu)
+    return _quantize(x, bits, clip, hadamard_inner, _profiled_hadamard)
 
 
 @quantize_per_token.register_fake
@@ -87,11 +93,7 @@ def _decomposed_on_cpu(x, bits, clip, hadamard_inner=0):
     the fused Triton kernel) decline, so the op stays."""
     if x.device.type != "cpu":
         return NotImplemented
-    if hadamard_inner:
-        x = torch.ops.quarot_fx.hadamard_transform(x, hadamard_inner)
-    x = x.float()
-    scale = symmetric_scale(x, bits, clip)
-    return symmetric_codes(x, scale, bits).to(torch.int8), scale
+    return _rotate_and_quantize(x, bits, clip, hadamard_inner, torch.ops.quarot_fx.hadamard_transform)
 
 
 def register_inductor_decompositions() -> None:

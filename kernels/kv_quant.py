@@ -21,16 +21,12 @@ def packs(bits: int) -> bool:
     return bits <= 4
 
 
-def _check(x: torch.Tensor, bits: int, clip: float) -> None:
-    check_inputs(x, bits, clip, "kv_quantize")
-
-
 def code_bytes(length: int, bits: int) -> int:
     return (length + 1) // 2 if packs(bits) else length
 
 
 def kv_quantize_reference(x: torch.Tensor, bits: int, clip: float):
-    _check(x, bits, clip)
+    check_inputs(x, bits, clip, "kv_quantize")
     q, scale, zero = asymmetric_codes(x.float(), bits, clip)
     codes = pack_int4_reference((q - 8).to(torch.int8)) if packs(bits) else q.to(torch.uint8)
     return codes, scale, zero
@@ -50,7 +46,7 @@ def kv_quantize(x: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor, 
 
 @kv_quantize.register_fake
 def _(x, bits, clip):
-    _check(x, bits, clip)
+    check_inputs(x, bits, clip, "kv_quantize")
     lead = x.shape[:-1]
     return (x.new_empty((*lead, code_bytes(x.shape[-1], bits)), dtype=torch.uint8),
             x.new_empty((*lead, 1), dtype=torch.float32), x.new_empty((*lead, 1), dtype=torch.float32))
@@ -60,7 +56,7 @@ def _(x, bits, clip):
 def _(x, bits, clip):
     from .triton_quant import triton_kv_quantize
 
-    _check(x, bits, clip)
+    check_inputs(x, bits, clip, "kv_quantize")
     return triton_kv_quantize(x, bits, clip)
 
 

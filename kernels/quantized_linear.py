@@ -45,14 +45,14 @@ def _check(x, x_scale, weight, weight_scale, bias, in_features) -> int:
         raise ValueError(f"quantized_linear: weight {tuple(weight.shape)} does not hold [{out_features}, {in_features}] int4")
     if x.shape[-1] != in_features:
         raise ValueError(f"quantized_linear: input has {x.shape[-1]} features, weight expects {in_features}")
-    group_size(in_features, groups)
+    group = group_size(in_features, groups)
     if (x_scale is None) != x.is_floating_point():
         raise TypeError("quantized_linear: int8 codes need x_scale; float activations take x_scale=None")
     if x_scale is not None and x.dtype != torch.int8:
         raise TypeError(f"quantized_linear: activation codes must be int8; got {x.dtype}")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"quantized_linear: bias {tuple(bias.shape)} does not match {out_features} outputs")
-    return in_features // groups
+    return group
 
 
 def pack_linear_weight(codes: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -101,31 +101,34 @@ def _int64_matmul(codes, weight_codes, group, out=None):
 LINEAR_CHUNK_BYTES = 1 << 22  # accumulator block: large enough for an efficient GEMM, small enough for cache
 
 
-def _block(x2, x_scale, codes, weight_scale, bias, group, matmul, acc_dtype, out=None):
-    """y for some rows of x and some output channels (``codes``: their int8 weight rows)."""
+def _block(x2, x_scale, w, weight_scale, bias, group, matmul, out=None):
+    """y for a block of rows of x; ``w`` is the prepared weight (dequantized floats when x is
+    float, integer codes in the accumulator dtype otherwise)."""
     if x_scale is None:  # weight-only
-        y = torch.mm(x2.float(), dequantize_weight(codes, weight_scale).T, out=out)
+        y = torch.mm(x2.to(w.dtype), w.T, out=out)
     else:
-        acc = matmul(x2, codes.to(acc_dtype), group, out)
+        acc = matmul(x2, w, group, out)
         y = acc.mul_(weight_scale[:, 0]) if acc.dim() == 2 else (acc * weight_scale.T[:, None, :]).sum(0)
         y.mul_(x_scale)
     return y.add_(bias) if bias is not None else y
 
 
 def _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul, acc_dtype) -> torch.Tensor:
-    """Shared body: row blocks of x against the unpacked weight, each GEMM written straight into
-    a float32 output and scaled there while the block is in cache."""
+    """Shared body: the weight is unpacked once, then row blocks of x are multiplied by it, each
+    GEMM written straight into a float32 output and scaled there while the block is in cache."""
     group = _check(x, x_scale, weight, weight_scale, bias, in_features)
-    acc_dtype = acc_dtype or accumulator_dtype(group)
     lead, out_features, groups = x.shape[:-1], weight.shape[0], weight_scale.shape[1]
     x2 = x.reshape(-1, in_features)
-    x_scale = x_scale.reshape(-1, 1) if x_scale is not None else None
     out = torch.empty((x2.shape[0], out_features), dtype=out_dtype, device=x.device)
     codes = unpack_linear_weight(weight, in_features, groups)
-    direct = out_dtype == acc_dtype and groups == 1
+    if x_scale is None:
+        w = dequantize_weight(codes, weight_scale)
+    else:
+        w, x_scale = codes.to(acc_dtype or accumulator_dtype(group)), x_scale.reshape(-1, 1)
+    direct = out_dtype == w.dtype and groups == 1
     for rows in row_chunks(x2.shape[0], 4 * out_features, LINEAR_CHUNK_BYTES):
-        y = _block(x2[rows], x_scale[rows] if x_scale is not None else None, codes, weight_scale, bias, group,
-                   matmul, acc_dtype, out[rows] if direct else None)
+        y = _block(x2[rows], x_scale[rows] if x_scale is not None else None, w, weight_scale, bias, group,
+                   matmul, out[rows] if direct else None)
         if not direct:
             out[rows] = y
     return out.reshape(*lead, out_features)
