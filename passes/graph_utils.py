@@ -7,6 +7,7 @@ in ``meta["example_value"]``), never at module names.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,10 +234,20 @@ def as_site(node: fx.Node) -> Site | None:
     return site
 
 
-def label(node: fx.Node) -> str:
-    """Human-readable location from nn_module_stack (for reports only, never for decisions)."""
+# Dynamo spells the compiled module's root as L['self'], or L['args'][0] when the model's
+# forward is wrapped (transformers ≥ 5.24); nested modules as ".x" or "._modules['x']".
+_DYNAMO_ROOT = re.compile(r"^L(?:\[[^\]]*\])+")
+_MODULE_KEY = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
+
+
+def module_path(dynamo_path: str) -> str:
+    """``model.layers.0.mlp`` from any spelling of a Dynamo module path ("" for the root)."""
+    return _DYNAMO_ROOT.sub("", _MODULE_KEY.sub(r".\1", dynamo_path)).lstrip(".")
+
+
+def label(node: fx.Node, default: str | None = None) -> str:
+    """Where a node sits, for reports only (never for decisions): its innermost module's
+    path relative to the compiled model, else ``default``, else the node's name."""
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path.replace("L['self'].", "").replace("L['self']", "model")
-    return node.name
+    path = module_path(list(stack.values())[-1][0]) if stack else ""
+    return path or default or node.name

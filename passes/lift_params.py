@@ -9,13 +9,16 @@ them. A buffer that the graph writes to in place stays an input: freezing it wou
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-_SOURCE_PART = re.compile(r"\._(modules|parameters|buffers)\['([^']+)'\]")
+# Dynamo's sources name a parameter by the path it took from a local to the tensor. The
+# attribute hops that belong to the module tree: ``._modules['x']``, ``._parameters['w']``,
+# ``._buffers['b']`` (or a plain ``.x`` on a module); everything above the first module (the
+# root local, ``L['self']`` or ``L['args'][0]`` when transformers wraps ``forward``) is dropped.
+_TREE_DICTS = ("_modules", "_parameters", "_buffers")
 
 
 def source_name(source) -> str:
@@ -24,11 +27,34 @@ def source_name(source) -> str:
 
 
 def fqn_of_source(source) -> str | None:
-    """``model.layers.0.self_attn.q_proj.weight`` for a parameter or buffer source, else None."""
-    parts = _SOURCE_PART.findall(source_name(source))
-    if not parts or parts[-1][0] not in ("parameters", "buffers"):
+    """``model.layers.0.self_attn.q_proj.weight`` for a parameter or buffer source, else None.
+
+    Resolved by walking the source chain (``DictGetItemSource`` on ``_parameters`` and so on),
+    not by parsing its printed name, so the root's spelling does not matter.
+    """
+    parts: list[str] = []
+    leaf_kind = None
+    while source is not None:
+        base = getattr(source, "base", None)
+        member = getattr(base, "member", None)
+        if member in _TREE_DICTS and hasattr(source, "index"):
+            parts.append(str(source.index))
+            leaf_kind = leaf_kind or member
+            source = getattr(base, "base", None)
+            continue
+        if member is None and hasattr(source, "member") and not source.member.startswith("_") \
+                and parts and _is_module_source(base):
+            parts.append(source.member)  # a module reached by plain attribute access
+        source = base
+    if leaf_kind not in ("_parameters", "_buffers"):
         return None
-    return ".".join(part for _, part in parts)
+    return ".".join(reversed(parts))
+
+
+def _is_module_source(source) -> bool:
+    guard = getattr(source, "guard_source", None)
+    guard = guard() if callable(guard) else guard
+    return guard is not None and "NN_MODULE" in getattr(guard, "name", "")
 
 
 def _mutates(node: fx.Node) -> bool:

@@ -107,9 +107,8 @@ def materialize_weights(ctx: PassContext) -> None:
         ctx.report.notes.append(f"integer kernels cover 4-bit weights: w{ctx.config.w_bits} linears run "
                                 "simulated (dequantized float weights)")
     for entry in ctx.sites.values():
-        where, fqn = label(entry.site.node), ctx.fqn_of(entry.original_weight)
-        shared = "" if fqn == f"{where}.weight" else f", weight {fqn} (untied)"
-        linear = ctx.report.linear(f"{where} ({entry.site.kind}{shared})")
+        fqn = ctx.fqn_of(entry.original_weight)
+        linear = ctx.report.linear(label(entry.site.node, default=fqn.rpartition(".")[0]), entry.site.kind, fqn)
         linear.offline.extend(e.describe() for e in entry.edits)
         linear.online.extend(entry.online)
     ctx.sites.clear()  # a later phase (GPTQ) starts from the materialized weights

@@ -28,11 +28,24 @@ class Region:
 
 @dataclass
 class LinearReport:
-    """The transforms applied to one linear layer, offline (folded) and online (at run time)."""
+    """The transforms applied to one weight-bearing op, offline (folded) and online (at run time).
 
-    name: str
+    ``weight`` is the fully qualified name of the parameter the op reads (as in
+    ``model.named_parameters()``); ``module`` is where the op sits, which differs from the
+    weight's owner for a tied head (``lm_head`` reading ``model.embed_tokens.weight``).
+    """
+
+    module: str
+    kind: str  # "linear" | "addmm" | "embedding"
+    weight: str
     offline: list[str] = field(default_factory=list)
     online: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        owner = self.weight.rpartition(".")[0]
+        shared = "" if owner == self.module else f", weight {self.weight} (untied)"
+        return f"{self.module} ({self.kind}{shared})"
 
 
 @dataclass
@@ -58,11 +71,11 @@ class Report:
     def region_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(r.kind for r in self.regions).items()))
 
-    def linear(self, name: str) -> LinearReport:
+    def linear(self, module: str, kind: str, weight: str) -> LinearReport:
         for entry in self.linears:
-            if entry.name == name:
+            if (entry.module, entry.kind, entry.weight) == (module, kind, weight):
                 return entry
-        entry = LinearReport(name)
+        entry = LinearReport(module, kind, weight)
         self.linears.append(entry)
         return entry
 
