@@ -23,7 +23,9 @@ test-latest: install-latest
 	$(PYTHON) -m pytest -q
 
 lock:
-	$(PYTHON) -m pip freeze --exclude-editable | sed -e 's/^torch==2.13.0+cpu$$/$(TORCH)/' > $(CONSTRAINTS)
+	head -n 2 $(CONSTRAINTS) > $(CONSTRAINTS).new
+	$(PYTHON) -m pip freeze --exclude-editable | sed -e 's/^torch==2.13.0+cpu$$/$(TORCH)/' >> $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -33,10 +33,18 @@ def _rint(v):
 
 
 @triton.jit
+def _unit_where_zero(scale, nan_count):
+    """Scale 1 for an all-zero group; NaN when the group holds a NaN (tl.max may drop NaN), so
+    the outputs computed with this scale are NaN as in eager; Inf stays Inf."""
+    scale = tl.where(scale == 0, 1.0, scale)
+    return tl.where(nan_count > 0, float("nan"), scale)
+
+
+@triton.jit
 def _store_symmetric(y, q_ptrs, mask, s_ptr, clip, QMAX: tl.constexpr):
     amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
-    scale = tl.math.div_rn(amax * clip, QMAX * 1.0)
-    scale = tl.where(scale > 0, scale, 1.0)
+    nans = tl.sum(tl.sum((y != y).to(tl.int32), axis=1), axis=0)
+    scale = _unit_where_zero(tl.math.div_rn(amax * clip, QMAX * 1.0), nans)
     q = tl.clamp(_rint(tl.math.div_rn(y, scale)), -QMAX - 1.0, QMAX * 1.0)
     tl.store(q_ptrs, q.to(tl.int8), mask=mask)
     tl.store(s_ptr, scale)
@@ -130,8 +138,8 @@ def _kv_quant_kernel(x_ptr, c_ptr, s_ptr, z_ptr, d, n_bytes, clip,
     odd = tl.load(x_ptr + row * d + 2 * k + 1, mask=odd_mask, other=0.0).to(tl.float32)
     hi = tl.maximum(tl.maximum(tl.max(even, axis=0), tl.max(odd, axis=0)), 0.0) * clip
     lo = tl.minimum(tl.minimum(tl.min(even, axis=0), tl.min(odd, axis=0)), 0.0) * clip
-    scale = tl.math.div_rn(hi - lo, LEVELS * 1.0)
-    scale = tl.where(scale > 0, scale, 1.0)
+    nans = tl.sum((even != even).to(tl.int32), axis=0) + tl.sum((odd != odd).to(tl.int32), axis=0)
+    scale = _unit_where_zero(tl.math.div_rn(hi - lo, LEVELS * 1.0), nans)
     zero = _rint(tl.math.div_rn(-lo, scale))
     q_even = tl.clamp(_rint(tl.math.div_rn(even, scale)) + zero, 0.0, LEVELS * 1.0).to(tl.int32)
     q_odd = tl.clamp(_rint(tl.math.div_rn(odd, scale)) + zero, 0.0, LEVELS * 1.0).to(tl.int32)

@@ -1,6 +1,7 @@
 """R2 (value → output, per head) and R3 (query/key after the position embedding).
 
-Both start at a ``scaled_dot_product_attention`` node and walk the dataflow through ops
+Both start at an attention (a ``scaled_dot_product_attention`` call, or eager attention's
+``matmul(softmax(matmul(q, kᵀ)), v)``, see :class:`Attention`) and walk the dataflow through ops
 that leave the head dimension (the last one) alone: transposes of other dims, reshapes
 that keep it, GQA's expand/reshape, and the KV cache's ``cat`` along the sequence.
 
@@ -24,19 +25,99 @@ import torch.fx as fx
 from quarot_fx.hadamard import is_hadamard_order
 from quarot_fx.report import Region, Skip
 
-from .graph_utils import Site, as_site, first_arg, keeps_last_dim, label, last_dim, op_name, shape
+from .graph_utils import Site, as_site, first_arg, is_metadata_use, keeps_last_dim, label, last_dim, op_name, shape
 from .matrices import BlockHadamard, CrossHead, Hadamard
 from .weights import InputRotation, OutputTransform
 
 HADAMARD_OP = torch.ops.quarot_fx.hadamard_transform.default
 
 
-def sdpa_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and op_name(n) == "scaled_dot_product_attention"]
+# Ops between q·kᵀ and the probabilities that multiply V. R3 leaves the scores unchanged, so
+# any elementwise op on them (scaling, masking, Gemma2's tanh soft-capping) is allowed.
+SCORE_OPS = {"mul", "truediv", "div", "add", "sub", "tanh", "softmax", "_softmax", "to", "float", "type",
+             "dropout", "masked_fill", "where", "clamp", "contiguous", "_to_copy"}
+
+
+@dataclass
+class Attention:
+    """softmax(q·kᵀ …)·v found in a graph, as the SDPA op or spelled out in matmuls (eager attention).
+
+    ``inputs`` maps "query", "key", "value" to (consumer, operand): the node that reads the
+    operand (the SDPA op, or the score matmul, the key's transpose, the value matmul), so a
+    pass can rewrite exactly that use. ``output`` is [..., heads, seq, head_dim].
+    """
+
+    output: fx.Node
+    inputs: dict[str, tuple[fx.Node, fx.Node]]
+
+    def operand(self, name: str) -> fx.Node:
+        return self.inputs[name][1]
+
+    def consumer(self, name: str) -> fx.Node:
+        return self.inputs[name][0]
+
+    @property
+    def consumers(self) -> set[fx.Node]:
+        return {consumer for consumer, _ in self.inputs.values()}
 
 
 def sdpa_input(node: fx.Node, index: int, name: str):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def find_attentions(gm: fx.GraphModule) -> list[Attention]:
+    """Every attention in graph order: SDPA calls, and matmul(softmax(matmul(q, kᵀ)), v)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = op_name(node)
+        if name == "scaled_dot_product_attention":
+            found.append(Attention(node, {n: (node, sdpa_input(node, i, n))
+                                          for i, n in enumerate(("query", "key", "value"))}))
+        elif name == "matmul":
+            match = _spelled_out_attention(node)
+            if match is not None:
+                found.append(match)
+    return found
+
+
+def _is_last_two_transpose(node) -> bool:
+    if not isinstance(node, fx.Node) or op_name(node) != "transpose" or shape(node) is None:
+        return False
+    ndim = len(shape(node))
+    return sorted(d % ndim for d in node.args[1:3]) == [ndim - 2, ndim - 1]
+
+
+def _spelled_out_attention(pv: fx.Node) -> Attention | None:
+    """``pv = matmul(P, V)`` where P comes from softmax over the last dim of ``matmul(Q, Kᵀ)``."""
+    if len(pv.args) != 2 or not all(isinstance(a, fx.Node) for a in pv.args):
+        return None
+    probs, v = pv.args
+    current, softmax = probs, False
+    for _ in range(16):
+        name = op_name(current)
+        if name == "matmul":
+            break
+        if name not in SCORE_OPS:
+            return None
+        softmax = softmax or name in ("softmax", "_softmax")
+        scores = [a for a in current.all_input_nodes if shape(a) == shape(probs)]
+        if len(scores) != 1:
+            return None
+        current = scores[0]
+    else:
+        return None
+    if not softmax or len(current.args) != 2:
+        return None
+    q, k_t = current.args
+    if not _is_last_two_transpose(k_t):
+        return None
+    k = k_t.args[0]
+    head_dim = last_dim(q)
+    if head_dim is None or last_dim(k) != head_dim or shape(v) is None or shape(k)[-2] != shape(v)[-2]:
+        return None
+    return Attention(pv, {"query": (current, q), "key": (k_t, k), "value": (pv, v)})
 
 
 def _is_cache_operand(node) -> bool:
@@ -81,10 +162,11 @@ def walk_back(node: fx.Node) -> HeadPath:
     return path
 
 
-def only_used_along(path: HeadPath, attention: fx.Node) -> bool:
-    """Nodes on the path feed only the path, the attention, or graph outputs (the cache)."""
-    allowed = set(path.nodes) | {attention}
-    return all(u in allowed or u.op == "output" for n in path.nodes for u in n.users)
+def only_used_along(path: HeadPath, attention: Attention) -> bool:
+    """Nodes on the path feed only the path, the attention, graph outputs (the cache), or ops
+    that read their shape alone (``value_states.size()`` in a dynamic-shape graph)."""
+    allowed = set(path.nodes) | attention.consumers
+    return all(u in allowed or u.op == "output" or is_metadata_use(u, n) for n in path.nodes for u in n.users)
 
 
 def _trace_rows(node: fx.Node) -> tuple[Site, int] | None:
@@ -150,22 +232,22 @@ def _last_dim_slice_start(node: fx.Node) -> int | None:
 
 @dataclass
 class ValuePlan:
-    attention: fx.Node
+    attention: Attention
     head_dim: int
     kv_heads: int = 0
     heads: int = 0
     value_site: Site | None = None
     value_rows: int = 0
     output_site: Site | None = None
-    cached: bool = False
+    cache_inputs: list[fx.Node] = field(default_factory=list)
     problem: str | None = None
 
 
-def analyze_values(attention: fx.Node) -> ValuePlan:
-    value = sdpa_input(attention, 2, "value")
+def analyze_values(attention: Attention) -> ValuePlan:
+    value = attention.operand("value")
     plan = ValuePlan(attention, last_dim(value))
     path = walk_back(value)
-    plan.cached = bool(path.cache_inputs)
+    plan.cache_inputs = path.cache_inputs
     split = path.source
     s_in, s_out = shape(first_arg(split)) if isinstance(first_arg(split), fx.Node) else None, shape(split)
     if op_name(split) not in ("view", "reshape") or not s_in or not s_out or len(s_out) < 2 \
@@ -182,7 +264,7 @@ def analyze_values(attention: fx.Node) -> ValuePlan:
         return plan
     plan.value_site, plan.value_rows = traced
     # Forward: attention output → (transposes) → merge heads → output projection.
-    current = attention
+    current = attention.output
     while len(current.users) == 1 and keeps_last_dim(next(iter(current.users)), current):
         current = next(iter(current.users))
     merge = next(iter(current.users)) if len(current.users) == 1 else None
@@ -221,7 +303,7 @@ def insert_hadamard(gm: fx.GraphModule, consumer: fx.Node, value: fx.Node, inner
 def rotate_values(ctx) -> None:
     """Pass R2: per-head Hadamard folded into value/output projections, online cross-head part."""
     for plan in ctx.analysis.values:
-        where = label(plan.attention)
+        where = label(plan.attention.output)
         if plan.problem is None and not is_hadamard_order(plan.head_dim):
             plan.problem = f"no Hadamard matrix of order head_dim={plan.head_dim}"
         if plan.problem is not None:
@@ -246,20 +328,21 @@ def rotate_values(ctx) -> None:
             out.edits.append(InputRotation(online))
             out.online.append(online.describe())
         kind = f"hadamard per head ({hd})" + (f" + online {online.describe()}" if online else "")
-        cache = "; KV cache holds rotated values" if plan.cached else ""
+        ctx.kv_cache_inputs.update(plan.cache_inputs)
+        cache = "; KV cache holds rotated values" if plan.cache_inputs else ""
         ctx.report.regions.append(Region("R2", hd, kind, where + cache))
 
 
 @dataclass
 class QueryKeyPlan:
-    attention: fx.Node
+    attention: Attention
     head_dim: int
     key_path: HeadPath | None = None
     problem: str | None = None
 
 
-def analyze_queries_keys(attention: fx.Node) -> QueryKeyPlan:
-    query, key = sdpa_input(attention, 0, "query"), sdpa_input(attention, 1, "key")
+def analyze_queries_keys(attention: Attention) -> QueryKeyPlan:
+    query, key = attention.operand("query"), attention.operand("key")
     plan = QueryKeyPlan(attention, last_dim(query))
     if last_dim(key) != plan.head_dim:
         plan.problem = "query and key head dims differ"
@@ -279,14 +362,15 @@ def analyze_queries_keys(attention: fx.Node) -> QueryKeyPlan:
 def rotate_queries_keys(ctx) -> None:
     """Pass R3: online Hadamard on queries and (post-RoPE, pre-cache) keys."""
     for plan in ctx.analysis.queries_keys:
-        where = label(plan.attention)
+        where = label(plan.attention.output)
         if plan.problem is not None:
             ctx.report.skipped.append(Skip(f"R3 at {where}", plan.problem))
             continue
         attention = plan.attention
-        insert_hadamard(ctx.gm, attention, sdpa_input(attention, 0, "query"))
+        insert_hadamard(ctx.gm, attention.consumer("query"), attention.operand("query"))
         path = plan.key_path
-        consumer = path.nodes[-1] if path.nodes else attention
+        consumer = path.nodes[-1] if path.nodes else attention.consumer("key")
         insert_hadamard(ctx.gm, consumer, path.source)
+        ctx.kv_cache_inputs.update(path.cache_inputs)
         cache = "; KV cache holds rotated keys" if path.cache_inputs else ""
         ctx.report.regions.append(Region("R3", plan.head_dim, "online hadamard on query and key", where + cache))

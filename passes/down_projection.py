@@ -20,11 +20,11 @@ from .matrices import Hadamard
 from .weights import InputRotation, PadInput
 
 
-def attention_output_sites(gm: fx.GraphModule, attentions: list[fx.Node]) -> set[fx.Node]:
+def attention_output_sites(gm: fx.GraphModule, attentions: list) -> set[fx.Node]:
     """Linears that read an attention output through reshapes only (whatever R2 decided)."""
     found = set()
     for attention in attentions:
-        frontier = [attention]
+        frontier = [attention.output]
         for _ in range(16):
             nxt = []
             for node in frontier:

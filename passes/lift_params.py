@@ -79,6 +79,7 @@ class LiftedConstants:
     fqn_by_attr: dict[str, str] = field(default_factory=dict)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # attr -> the parameter itself
     left_as_inputs: dict[str, str] = field(default_factory=dict)  # fqn -> reason
+    position_of: dict[str, int] = field(default_factory=dict)  # attr -> position among the call's arguments
 
     def runtime_inputs(self, args):
         return [args[i] for i in self.kept_inputs]
@@ -114,5 +115,6 @@ def lift_parameters(gm: fx.GraphModule, example_inputs) -> LiftedConstants:
             gm._param_name_to_source[name] = grapharg.source
         lifted.fqn_by_attr[name] = fqn
         lifted.originals[name] = value
+        lifted.position_of[name] = index
     gm.recompile()
     return lifted

@@ -22,7 +22,7 @@ import torch.fx as fx
 from quarot_fx.quant import quantize_activation, quantize_kv
 from quarot_fx.report import Skip
 
-from .attention import HADAMARD_OP, only_used_along, sdpa_input, walk_back
+from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, value
 from .weights import QUANTIZED_LINEAR, QuantizeWeight
 
@@ -91,25 +91,30 @@ def _integer_kv(graph: fx.Graph, source: fx.Node, bits: int, clip: float, like) 
 def quantize_kv_cache(ctx) -> None:
     """Pass: asymmetric per-head quantization of keys and values where they enter the cache."""
     config = ctx.config
+    inserted = 0
     for attention in [p.attention for p in ctx.analysis.values]:
-        for index, name in ((1, "key"), (2, "value")):
-            path = walk_back(sdpa_input(attention, index, name))
+        for name in ("key", "value"):
+            path = walk_back(attention.operand(name))
             if path.cache_inputs and not only_used_along(path, attention):
-                ctx.report.skipped.append(Skip(f"KV quantization of {name}s at {label(attention)}",
+                ctx.report.skipped.append(Skip(f"KV quantization of {name}s at {label(attention.output)}",
                                                "the cached tensor is also used outside attention"))
                 continue
             source = path.source
-            consumer = path.nodes[-1] if path.nodes else attention  # source: [..., head_dim]
-            like = value(sdpa_input(attention, index, name))  # shape and dtype Dynamo recorded
+            consumer = path.nodes[-1] if path.nodes else attention.consumer(name)  # source: [..., head_dim]
+            like = value(attention.operand(name))  # shape and dtype Dynamo recorded
             integer = config.kernels == "integer" and isinstance(like, torch.Tensor)
             with ctx.gm.graph.inserting_before(consumer):
                 quantized = (_integer_kv(ctx.gm.graph, source, config.kv_bits, config.kv_cache_clip, like)
                              if integer else
                              ctx.gm.graph.call_function(quantize_kv, (source, config.kv_bits, config.kv_cache_clip)))
             consumer.replace_input_with(source, quantized)
+            ctx.kv_cache_inputs.update(path.cache_inputs)
+            inserted += 1
+    if not inserted:
+        return
     how = "kv_quantize/kv_dequantize ops" if config.kernels == "integer" else "fake quantization"
-    ctx.report.notes.append(f"KV cache: keys and values quantized to {config.kv_bits} bits, asymmetric per "
-                            f"head (clip {config.kv_cache_clip}), before the cache ({how}); the cache "
+    ctx.report.notes.append(f"KV cache: {inserted} key/value tensors quantized to {config.kv_bits} bits, asymmetric "
+                            f"per head (clip {config.kv_cache_clip}), before the cache ({how}); the cache "
                             "object itself stores the dequantized values (transformers' caches hold float tensors)")
 
 

@@ -10,18 +10,23 @@ from __future__ import annotations
 import torch
 
 from . import kernels  # noqa: F401  (registers the quarot_fx:: custom ops)
-from .backend import quarot_backend
+from . import generation
+from .backend import ForeignCacheError, quarot_backend
 from .config import PRESETS, QuaRotConfig
 from .explain import Explanation, explain
 from .hadamard import HadamardOrderError, hadamard_matrix, hadamard_plan, next_hadamard_order
-from .report import Report, collect_reports
+from .report import QuaRotWarning, Report, collect_reports
 from .rotations import rotation_matrix
 
 __version__ = "0.1.0"
 
+generation.install()  # generate() on a quarot-compiled module runs the compiled forward
+
 
 def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = False, dynamic=None, **options):
-    """``torch.compile(model, backend="quarot", options=...)`` with options checked up front."""
+    """``torch.compile(model, backend="quarot", options=...)`` with options checked up front.
+
+    The result's ``generate()`` runs the compiled (quantized) forward at every step."""
     if config is not None and options:
         raise ValueError("pass either a QuaRotConfig or option keywords, not both")
     config = config or QuaRotConfig.from_options(options)
@@ -30,6 +35,6 @@ def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = Fals
 
 
 __all__ = [
-    "PRESETS", "Explanation", "HadamardOrderError", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
+    "PRESETS", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotWarning", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
     "hadamard_matrix", "hadamard_plan", "next_hadamard_order", "quarot_backend", "rotation_matrix",
 ]

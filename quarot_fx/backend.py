@@ -1,14 +1,24 @@
-"""The ``quarot`` torch.compile backend: lift weights, run the passes, lower.
+"""The ``quarot`` torch.compile backend: lift weights, run the passes, lower, and stay bound.
 
 Registered through the ``torch_dynamo_backends`` entry point, so
 ``torch.compile(model, backend="quarot", options={...})`` finds it. Dynamo calls
 ``quarot_backend(gm, example_inputs, options=...)`` once per graph (again on a recompile,
 e.g. for a new sequence length).
+
+The compiled graph holds *transformed* weights (rotated, folded, quantized), but Dynamo
+keeps passing the parameters on every call and may reuse one graph for other parameters:
+a second model of the same shapes, a repeated block after a graph break, a weight changed
+in place. So each call checks the parameters it receives against those it was built from
+(identity and version counter) and, when they differ, builds again from the untouched
+Dynamo graph (transformed weights are cached per parameter): never an answer computed with
+someone else's weights.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -16,7 +26,14 @@ import torch.fx as fx
 from .config import QuaRotConfig
 from .passes.lift_params import lift_parameters
 from .passes.pipeline import PassContext, passes_for, run_passes
-from .report import Report, Skip, publish
+from .report import QuaRotWarning, Report, Skip, publish
+
+
+class ForeignCacheError(RuntimeError):
+    """A KV cache filled by another model (or the eager one) was passed to a compiled model."""
+
+
+KV_OWNER = "_quarot_fx_kv_owner"  # attribute on tensors a compiled model returns (its cache entries)
 
 
 def _lower(gm: fx.GraphModule, inputs: list, config: QuaRotConfig):
@@ -44,34 +61,133 @@ def private_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
+@dataclass
+class Build:
+    """One compilation of a graph, for one set of parameters (and their versions)."""
+
+    compiled: object
+    report: Report
+    runtime: list[int]  # positions of the call's arguments the compiled graph takes
+    bound: list[tuple[int, torch.Tensor, int]]  # (argument position, parameter, version at build)
+    cache_inputs: list[int]  # runtime positions holding KV-cache tensors of rotated/quantized attention
+
+    def matches(self, args) -> bool:
+        for position, param, version in self.bound:
+            arg = args[position]
+            if arg is not param or arg._version != version:
+                return False
+        return True
+
+
+def _check_grad_mode(lifted) -> None:
+    if not torch.is_grad_enabled():
+        return
+    trainable = [fqn for attr, fqn in lifted.fqn_by_attr.items() if lifted.originals[attr].requires_grad]
+    if trainable:
+        raise RuntimeError(
+            "quarot-fx compiles for inference: its weights are rotated and quantized constants, so no "
+            f"gradient can reach {trainable[0]} (and {len(trainable) - 1} more). Call the compiled model under "
+            "torch.no_grad() or torch.inference_mode(), or freeze it with model.requires_grad_(False).")
+
+
+def _report_non_finite(lifted, report: Report) -> None:
+    for attr, fqn in lifted.fqn_by_attr.items():
+        tensor = lifted.originals[attr]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            message = (f"parameter {fqn} holds {bad} non-finite value(s) (NaN/Inf): outputs that depend on "
+                       "it are non-finite, as in eager")
+            report.notes.append(message)
+            warnings.warn(QuaRotWarning(message), stacklevel=2)
+
+
+def _warn_near_recompile_limit() -> None:
+    """Past Dynamo's recompile limit a frame runs *eagerly*, i.e. the float model, without calling
+    us again: say so while we still can, at the last compile the limit allows."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    count = getattr(compile_id, "frame_compile_id", None)
+    limit = torch._dynamo.config.recompile_limit
+    if count is not None and count + 1 >= limit:
+        warnings.warn(QuaRotWarning(
+            f"quarot-fx: this graph has now been compiled {count + 1} times (torch._dynamo.config."
+            f"recompile_limit = {limit}); from the next new input shape on, Dynamo runs the original FLOAT "
+            "model for it, not the quantized one. Compile with dynamic=None or dynamic=True (one graph for "
+            "all sequence lengths), or raise torch._dynamo.config.recompile_limit."), stacklevel=2)
+
+
+def _build(gm: fx.GraphModule, example_inputs: list, config: QuaRotConfig) -> Build:
+    gm = private_copy(gm)
+    report = Report(graph=f"graph with {len(gm.graph.nodes)} nodes", options=config.summary())
+    start = time.perf_counter()
+    lifted = lift_parameters(gm, example_inputs)
+    _check_grad_mode(lifted)
+    report.lifted_constants = len(lifted.fqn_by_attr)
+    report.skipped.extend(Skip(f"buffer {fqn}", why) for fqn, why in lifted.left_as_inputs.items())
+    _report_non_finite(lifted, report)
+    report.seconds["lift_parameters"] = time.perf_counter() - start
+
+    ctx = PassContext(gm, config, report, lifted, list(example_inputs))
+    run_passes(ctx, passes_for(config))
+    report.warn_skips()
+
+    report.graph_module = gm
+    runtime = lifted.runtime_inputs(example_inputs)
+    start = time.perf_counter()
+    compiled = _lower(gm, runtime, config)
+    report.seconds[f"lower ({config.lowering})"] = time.perf_counter() - start
+    publish(report)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    cache_inputs = [placeholders.index(n) for n in ctx.kv_cache_inputs if n in placeholders]
+    bound = [(lifted.position_of[attr], tensor, tensor._version) for attr, tensor in lifted.originals.items()]
+    return Build(compiled, report, lifted.kept_inputs, bound, cache_inputs)
+
+
+class BoundGraph:
+    """What Dynamo runs for one graph: the build that matches the parameters of the call."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, config: QuaRotConfig):
+        self.template = private_copy(gm)  # untouched, for builds with other parameters
+        self.config = config
+        self.owner = config.kv_signature()
+        self.current = _build(self.template, list(example_inputs), config)
+        self.builds = {self._key(self.current.bound): self.current}
+        self.quarot_report = self.current.report
+        self.runtime_inputs = [example_inputs[i] for i in self.current.runtime]
+
+    @staticmethod
+    def _key(bound) -> tuple:
+        return tuple(id(param) for _, param, _ in bound)
+
+    def _select(self, args) -> Build:
+        key = tuple(id(args[position]) for position, _, _ in self.current.bound)
+        build = self.builds.get(key)
+        if build is None or not build.matches(args):
+            build = _build(self.template, list(args), self.config)
+            self.builds[key] = build
+        return build
+
+    def __call__(self, *args):
+        build = self.current
+        if not build.matches(args):
+            build = self.current = self._select(args)
+        runtime = [args[i] for i in build.runtime]
+        for position in build.cache_inputs:
+            if getattr(runtime[position], KV_OWNER, None) != self.owner:
+                raise ForeignCacheError(
+                    "quarot-fx: the KV cache passed to this compiled model was filled by another model (the "
+                    "eager one, or one compiled with other rotation/KV options). Its keys and values are in "
+                    "another basis or precision, so attention would be wrong. Run the whole generation "
+                    "(prefill and decode) with the same compiled model, e.g. compiled.generate(...), or "
+                    "start from a fresh cache.")
+        outputs = build.compiled(*runtime)
+        for out in outputs if isinstance(outputs, (list, tuple)) else (outputs,):
+            if isinstance(out, torch.Tensor):
+                setattr(out, KV_OWNER, self.owner)
+        return outputs
+
+
 def quarot_backend(gm: fx.GraphModule, example_inputs: list, options=None):
     """Compile one Dynamo graph with quarot-fx. ``options``: see :class:`QuaRotConfig`."""
     config = QuaRotConfig.from_options(options)
-    gm = private_copy(gm)
-    passes = passes_for(config)
-    report = Report(graph=f"graph with {len(gm.graph.nodes)} nodes", options=config.summary())
-
-    start = time.perf_counter()
-    lifted = lift_parameters(gm, example_inputs)
-    report.lifted_constants = len(lifted.fqn_by_attr)
-    report.skipped.extend(
-        Skip(f"buffer {fqn}", why) for fqn, why in lifted.left_as_inputs.items()
-    )
-    report.seconds["lift_parameters"] = time.perf_counter() - start
-
-    run_passes(PassContext(gm, config, report, lifted, list(example_inputs)), passes)
-
-    report.graph_module = gm
-    start = time.perf_counter()
-    compiled = _lower(gm, lifted.runtime_inputs(example_inputs), config)
-    report.seconds[f"lower ({config.lowering})"] = time.perf_counter() - start
-    publish(report)
-
-    def run(*args):
-        # Dynamo still passes the lifted weights; the compiled graph holds its own copies.
-        return compiled(*lifted.runtime_inputs(args))
-
-    run.quarot_report = report
-    run.runtime_inputs = lifted.runtime_inputs(example_inputs)  # for inspecting report.graph_module
-    return run
-
+    _warn_near_recompile_limit()
+    return BoundGraph(gm, example_inputs, config)

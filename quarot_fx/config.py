@@ -144,6 +144,9 @@ class QuaRotConfig:
         """Validate a backend ``options`` dict: the preset first, then the explicit keys."""
         if isinstance(options, QuaRotConfig):
             return options
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError("quarot options must be a mapping of option names to values, e.g. "
+                            f"options={{'preset': 'w4a4kv4'}}; got {type(options).__name__} {options!r}")
         options = dict(options or {})
         unknown = sorted(set(options) - set(cls.keys()))
         if unknown:
@@ -170,6 +173,11 @@ class QuaRotConfig:
 
     def replace(self, **changes: Any) -> QuaRotConfig:
         return QuaRotConfig.from_options({**self.to_options(), **changes})
+
+    def kv_signature(self) -> str:
+        """What decides the basis and precision of the keys and values a compiled model caches."""
+        return (f"rotation={self.rotation}/{self.seed}/{self.gsr_group_size} r2={self.r2} r3={self.r3} "
+                f"kv={self.kv_bits}/{self.kv_cache_clip}")
 
     @property
     def rotates(self) -> bool:

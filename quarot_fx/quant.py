@@ -26,10 +26,19 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 
 def symmetric_scale(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
-    """clip · max|x| / qmax over the last dim (kept), 1 where the group is all zeros."""
-    # max|x| as the ∞-norm: one pass instead of abs() then amax().
+    """clip · max|x| / qmax over the last dim (kept), 1 where the group is all zeros.
+
+    A NaN or Inf in the group makes its scale NaN or Inf, so the dequantized values (and every
+    output computed from the codes and this scale) are non-finite, as in eager.
+    """
+    # max|x| as the ∞-norm: one pass instead of abs() then amax(); it propagates NaN.
     scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True) * clip / (2 ** (bits - 1) - 1)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return unit_where_zero(scale)
+
+
+def unit_where_zero(scale: torch.Tensor) -> torch.Tensor:
+    """Scale 1 for an all-zero group (so it stays exactly zero); NaN and Inf are kept."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def symmetric_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -63,13 +72,13 @@ def fake_quant_asymmetric(x: torch.Tensor, bits: int, clip: float = 1.0, group_s
 def asymmetric_codes(x: torch.Tensor, bits: int, clip: float = 1.0):
     """(codes in [0, 2^b - 1], scale, zero point) along the last dim of a float32 tensor.
 
-    The range always includes 0 (so zero is exact) and a constant row keeps scale 1.
+    The range always includes 0 (so zero is exact) and a constant row keeps scale 1; a row
+    with a NaN gets a NaN scale and zero point, so it dequantizes to NaN.
     """
     levels = 2**bits - 1
-    hi = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip  # amax/amin and clamp propagate NaN
     lo = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip
-    scale = (hi - lo) / levels
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = unit_where_zero((hi - lo) / levels)
     zero = torch.round(-lo / scale)
     return torch.clamp(torch.round(x / scale) + zero, 0, levels), scale, zero
 

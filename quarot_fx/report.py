@@ -10,10 +10,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 log = logging.getLogger("quarot_fx")
+
+
+class QuaRotWarning(UserWarning):
+    """Something a user asked for did not happen, or will not from now on (see the message)."""
 
 
 @dataclass
@@ -78,6 +83,16 @@ class Report:
         entry = LinearReport(module, kind, weight)
         self.linears.append(entry)
         return entry
+
+    def warn_skips(self) -> None:
+        """One Python warning per graph that left requested work undone (the report has every reason)."""
+        if not self.skipped:
+            return
+        shown = "; ".join(f"{s.what}: {s.why}" for s in self.skipped[:3])
+        more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+        warnings.warn(QuaRotWarning(f"quarot-fx left {len(self.skipped)} part(s) of the {self.graph} as they "
+                                    f"were: {shown}{more} (quarot_fx.explain shows the full report)"),
+                      stacklevel=3)
 
     def __str__(self) -> str:
         lines = [f"quarot-fx report for {self.graph}", f"  options: {self.options}",

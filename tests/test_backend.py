@@ -118,15 +118,16 @@ def test_buffer_written_in_place_stays_an_input():
     assert any(s.what == "buffer calls" and "in place" in s.why for s in reports[0].skipped)
 
 
-def test_fqn_of_source_parses_dynamo_sources():
-    class Src:
-        name = "L['self']._modules['model']._modules['layers']._modules['3']._parameters['weight']"
+@pytest.mark.parametrize("root", ["self", "args"])
+def test_fqn_of_source_walks_dynamo_source_chains(root):
+    from torch._dynamo.source import AttrSource, DictGetItemSource, GetItemSource, LocalSource
 
-    class Input:
-        name = "L['kwargs']['input_ids']"
-
-    assert fqn_of_source(Src()) == "model.layers.3.weight"
-    assert fqn_of_source(Input()) is None
+    base = LocalSource("self") if root == "self" else GetItemSource(LocalSource("args"), 0)
+    for name in ("model", "layers", "3"):
+        base = DictGetItemSource(AttrSource(base, "_modules"), name)
+    weight = DictGetItemSource(AttrSource(base, "_parameters"), "weight")
+    assert fqn_of_source(weight) == "model.layers.3.weight"
+    assert fqn_of_source(DictGetItemSource(LocalSource("kwargs"), "input_ids")) is None
 
 
 def test_gptq_without_calibration_is_refused():

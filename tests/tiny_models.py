@@ -32,15 +32,19 @@ def tiny_config(arch: str, hidden: int = 64, heads: int = 4, kv_heads: int = 2, 
     raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHITECTURES}")
 
 
-def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> torch.nn.Module:
-    """A deterministic random-weight causal LM in eval mode, with non-trivial norm weights."""
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, trainable: bool = False,
+               attn_implementation: str = "sdpa", **sizes) -> torch.nn.Module:
+    """A deterministic random-weight causal LM in eval mode, with non-trivial norm weights.
+
+    Frozen (``requires_grad=False``) unless ``trainable``: the backend compiles for inference
+    and refuses grad mode with trainable parameters (tested on its own)."""
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, **sizes), attn_implementation="sdpa")
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, **sizes), attn_implementation=attn_implementation)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 1:  # norm scales and biases: make them matter
                 param.copy_(torch.randn_like(param) * 0.2 + (0.0 if "bias" in name or arch == "gemma" else 1.0))
-    return model.to(dtype).eval()
+    return model.to(dtype).eval().requires_grad_(trainable)
 
 
 def token_ids(vocab: int = 128, length: int = 12, batch: int = 1, seed: int = 1) -> torch.Tensor:
