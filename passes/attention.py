@@ -34,6 +34,7 @@ HADAMARD_OP = torch.ops.quarot_fx.hadamard_transform.default
 
 # Ops between q·kᵀ and the probabilities that multiply V. R3 leaves the scores unchanged, so
 # any elementwise op on them (scaling, masking, Gemma2's tanh soft-capping) is allowed.
+SOFTMAX = ("softmax", "_softmax")
 SCORE_OPS = {"mul", "truediv", "div", "add", "sub", "tanh", "softmax", "_softmax", "to", "float", "type",
              "dropout", "masked_fill", "where", "clamp", "contiguous", "_to_copy"}
 
@@ -49,6 +50,7 @@ class Attention:
 
     output: fx.Node
     inputs: dict[str, tuple[fx.Node, fx.Node]]
+    softmax: fx.Node | None = None  # the spelled-out form's softmax
 
     def operand(self, name: str) -> fx.Node:
         return self.inputs[name][1]
@@ -94,14 +96,15 @@ def _spelled_out_attention(pv: fx.Node) -> Attention | None:
     if len(pv.args) != 2 or not all(isinstance(a, fx.Node) for a in pv.args):
         return None
     probs, v = pv.args
-    current, softmax = probs, False
+    current, softmax = probs, None
     for _ in range(16):
         name = op_name(current)
         if name == "matmul":
             break
         if name not in SCORE_OPS:
             return None
-        softmax = softmax or name in ("softmax", "_softmax")
+        if name in SOFTMAX:
+            softmax = current
         scores = [a for a in current.all_input_nodes if shape(a) == shape(probs)]
         if len(scores) != 1:
             return None
@@ -117,7 +120,14 @@ def _spelled_out_attention(pv: fx.Node) -> Attention | None:
     head_dim = last_dim(q)
     if head_dim is None or last_dim(k) != head_dim or shape(v) is None or shape(k)[-2] != shape(v)[-2]:
         return None
-    return Attention(pv, {"query": (current, q), "key": (k_t, k), "value": (pv, v)})
+    return Attention(pv, {"query": (current, q), "key": (k_t, k), "value": (pv, v)}, softmax)
+
+
+def unmatched_softmaxes(gm: fx.GraphModule, attentions: list[Attention]) -> list[fx.Node]:
+    """Softmax ops outside every recognized attention: attention-like code the passes leave alone."""
+    matched = {a.softmax for a in attentions}
+    return [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and op_name(n) in SOFTMAX
+            and n not in matched]
 
 
 def _is_cache_operand(node) -> bool:

@@ -20,10 +20,11 @@ import torch.fx as fx
 from quarot_fx.config import QuaRotConfig
 from quarot_fx.report import Report, Skip
 
-from .attention import analyze_queries_keys, analyze_values, find_attentions, rotate_queries_keys, rotate_values
+from .attention import (analyze_queries_keys, analyze_values, find_attentions, rotate_queries_keys, rotate_values,
+                        unmatched_softmaxes)
 from .calibrate import gptq_weights
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
-from .graph_utils import Site, as_site, label
+from .graph_utils import Site, label
 from .lift_params import LiftedConstants
 from .quantize import (lower_activation_quantizers, quantize_activations, quantize_kv_cache, quantize_weights,
                        quantized_sites)
@@ -71,11 +72,12 @@ def analyze_invariance(ctx: PassContext) -> None:
     analysis.residual = find_residual_streams(gm)
     ctx.report.skipped.extend(skip_reasons(analysis.residual, config))
     attentions = find_attentions(gm)
-    if not attentions and any(as_site(n) for n in gm.graph.nodes):
-        wanted = [what for what, on in (("R2", config.rotates and config.r2), ("R3", config.rotates and config.r3),
-                                         ("KV cache quantization", config.kv_bits < 16)) if on]
-        ctx.report.skipped.extend(Skip(what, "no attention found in this graph (neither scaled_dot_product_attention "
-                                       "nor matmul → softmax → matmul)") for what in wanted)
+    wanted = [what for what, on in (("R2", config.rotates and config.r2), ("R3", config.rotates and config.r3),
+                                     ("KV quantization", config.kv_bits < 16)) if on]
+    for softmax in unmatched_softmaxes(gm, attentions):
+        ctx.report.skipped.extend(Skip(f"{what} at {label(softmax)}", "a softmax that is not part of a recognized "
+                                       "attention (scaled_dot_product_attention, or matmul(q, kᵀ) → softmax → "
+                                       "matmul(·, v))") for what in wanted)
     analysis.values = [analyze_values(a) for a in attentions]
     analysis.queries_keys = [analyze_queries_keys(a) for a in attentions]
     readers = {site.node for plan in analysis.residual for site, _ in plan.readers}

@@ -129,7 +129,7 @@ def analyze_component(gm: fx.GraphModule, links: nx.DiGraph, seed: fx.Node, memb
     plan = ResidualPlan(size=last_dim(seed), seed=seed, members=sorted(members, key=order.get))
     stats_on_plain = False
     for node in plan.members:
-        incoming = list(links.in_edges(node, data=True))
+        incoming = list(links.in_edges(node, data=True)) if node in links else []  # a lone embedding
         if not incoming:
             site = as_site(node)
             if site is None:
@@ -303,6 +303,10 @@ def _strip_norm_scales(plan: ResidualPlan) -> None:
 
 
 def skip_reasons(plans: list[ResidualPlan], config) -> list[Skip]:
+    """Why R1 leaves streams alone (nothing when R1 was not asked for). An explicit
+    ``gsr_group_size`` that does not fit the width is the user's error, not a skip."""
+    if not (config.rotates and config.r1):
+        return []
     if not plans:
         return [Skip("R1", "no residual stream: the graph has no embedding lookup of a weight table "
                      "(e.g. a graph break split the model; compile with fullgraph=True to see why)")]
@@ -310,6 +314,10 @@ def skip_reasons(plans: list[ResidualPlan], config) -> list[Skip]:
     for plan in plans:
         if plan.valid:
             problem = rotation_problem(config.rotation, plan.size, config.gsr_group_size)
+            if problem and config.rotation == "gsr" and config.gsr_group_size is not None:
+                fits = [g for g in (2, 4, 8, 16, 32, 64, 128, 256) if plan.size % g == 0]
+                raise ValueError(f"gsr_group_size={config.gsr_group_size} does not divide the residual width "
+                                 f"{plan.size}; use None or one of {fits}")
             if problem:
                 plan.problems.append(problem)
         if not plan.valid:

@@ -3,9 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
+
+from .config import LOWERINGS, PRESETS
+from .rotations import ROTATIONS
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+def _model(text: str) -> str:
+    """'tiny', 'smollm2-135m', or a local Hugging Face model directory (nothing is downloaded)."""
+    if text.lower() in ("tiny", "smollm2-135m", "smollm2") or os.path.isdir(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither 'tiny', 'smollm2-135m' nor a local model directory (models are never downloaded)")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -58,17 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quarot-fx", description="Rotate-then-quantize compiler for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compile a model with backend='quarot' and report what it did")
-    demo.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', a local path, or 'tiny'")
-    demo.add_argument("--text", default=None, help="evaluation text (WikiText-2 raw test file)")
-    demo.add_argument("--windows", type=int, default=2, help="2048-token windows for perplexity")
-    demo.add_argument("--steps", type=int, default=12, help="greedy tokens of the continuation")
-    demo.add_argument("--preset", default="w4a4kv4")
-    demo.add_argument("--rotation", default="hadamard", help="tiny model only")
-    demo.add_argument("--lowering", default="fx",
+    demo.add_argument("--model", default="smollm2-135m", type=_model,
+                      help="'smollm2-135m', a local model directory, or 'tiny'")
+    demo.add_argument("--text", default=None, type=_existing_file, help="evaluation text (WikiText-2 raw test file)")
+    demo.add_argument("--windows", type=_positive, default=2, help="2048-token windows for perplexity")
+    demo.add_argument("--steps", type=_positive, default=12, help="greedy tokens of the continuation")
+    demo.add_argument("--preset", default="w4a4kv4", choices=tuple(PRESETS))
+    demo.add_argument("--rotation", default="hadamard", choices=ROTATIONS, help="tiny model only")
+    demo.add_argument("--lowering", default="fx", choices=LOWERINGS,
                       help="'fx' (default: starts at once) or 'inductor' (adds ~2 min of compiles here)")
     demo.set_defaults(run=_demo)
     had = sub.add_parser("hadamard", help="show how quarot-fx builds Hadamard matrices of given orders")
-    had.add_argument("sizes", type=int, nargs="+")
+    had.add_argument("sizes", type=_positive, nargs="+")
     had.set_defaults(run=_hadamard)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("fuzz", deadline=None, print_blob=True)  # `make fuzz`: new examples each run
 settings.load_profile("ci")
 
 

@@ -166,3 +166,24 @@ def test_opcheck():
     packed, scale, zero = kv_quantize(x, 4, 0.95)
     torch.library.opcheck(kv_quantize, (x, 4, 0.95))
     torch.library.opcheck(kv_dequantize, (packed, scale, zero, 4, 48, torch.float16))
+
+
+def poisoned(rows=4, n=32):
+    """Row 0 holds a NaN, row 1 an Inf, the rest finite."""
+    x = activations(rows, n)
+    x[0, 3], x[1, 7] = float("nan"), float("inf")
+    return x
+
+
+def test_non_finite_values_propagate_like_eager():
+    """NaN in → NaN out (Inf → non-finite) in every quantizer; finite rows are unaffected."""
+    x = poisoned()
+    for fake in (fake_quant_symmetric(x, 4, 0.9), fake_quant_asymmetric(x, 4, 0.95)):
+        assert fake[0].isnan().all() and not torch.isfinite(fake[1]).all() and torch.isfinite(fake[2:]).all()
+    codes, scale = quantize_per_token(x, 4, 0.9)
+    assert scale[0].isnan().all() and scale[1].isinf().all() and torch.isfinite(scale[2:]).all()
+    w_codes = torch.randint(-8, 8, (8, 32), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    y = quantized_linear(codes, scale, pack_linear_weight(w_codes), torch.rand(8, 1) + 0.01, None, 32, torch.float32)
+    assert y[0].isnan().all() and not torch.isfinite(y[1]).any() and torch.isfinite(y[2:]).all()
+    kv = kv_dequantize(*kv_quantize(x, 4, 0.95), 4, 32, torch.float32)
+    assert kv[0].isnan().all() and not torch.isfinite(kv[1]).all() and torch.isfinite(kv[2:]).all()

@@ -109,3 +109,15 @@ def test_kv_kernels_match_cpu_exactly(rows, d, bits, dtype):
     y = triton_quant.triton_kv_dequantize(*got, bits, d, dtype)
     # Integer codes are exact above; the interpreter's float32→bf16 cast may differ by an ulp.
     torch.testing.assert_close(y, kv_dequantize(*expected, bits, d, dtype))
+
+
+def test_non_finite_values_propagate_as_on_cpu():
+    from test_quant_kernels import poisoned
+
+    x = poisoned()
+    codes, scale = triton_quant.triton_quantize_per_token(x, 4, 0.9)
+    ref_codes, ref_scale = quantize_per_token(x, 4, 0.9)
+    assert scale[0].isnan().all() and scale[1].isinf().all()
+    assert torch.equal(codes[2:], ref_codes[2:]) and torch.equal(scale[2:], ref_scale[2:])
+    kv = triton_quant.triton_kv_dequantize(*triton_quant.triton_kv_quantize(x, 4, 0.95), 4, 32, torch.float32)
+    assert kv[0].isnan().all() and not torch.isfinite(kv[1]).all() and torch.isfinite(kv[2:]).all()
