@@ -16,20 +16,8 @@ import torch
 
 from quarot_fx.quant import symmetric_codes, symmetric_scale
 
-from .hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference, row_chunks
-
-
-def check_bits(bits: int, name: str = "bits") -> None:
-    if not 2 <= bits <= 8:
-        raise ValueError(f"{name} must be in 2..8 for integer kernels; got {bits}")
-
-
-def check_inputs(x: torch.Tensor, bits: int, clip: float, op: str = "quantize_per_token") -> None:
-    check_bits(bits)
-    if not x.is_floating_point():
-        raise TypeError(f"{op} needs a floating-point tensor, got {x.dtype}")
-    if not 0 < clip <= 1:
-        raise ValueError(f"clip must be in (0, 1]; got {clip}")
+from .common import check_inputs, row_chunks
+from .hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
 
 
 def _rotate_and_quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int, hadamard: Callable):

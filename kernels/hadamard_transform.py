@@ -14,30 +14,12 @@ stages the axes are back in order. CUDA: the Triton kernel in ``triton_hadamard`
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
 import torch
 
-from quarot_fx.hadamard import factor_matrix, hadamard_matrix, hadamard_plan
+from quarot_fx.hadamard import hadamard_matrix, hadamard_plan
 
-
-@lru_cache(maxsize=None)
-def stage_matrix(order: int, scale: float, device: str, dtype: torch.dtype) -> torch.Tensor:
-    """One Kronecker factor as a scaled matrix on a device, cached across calls."""
-    return (factor_matrix(order, torch.float64) * scale).to(device=device, dtype=dtype)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half types accumulate in float32; float32 and float64 stay as they are."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check(x: torch.Tensor, inner: int) -> int:
-    if inner < 1 or x.shape[-1] % inner:
-        raise ValueError(f"hadamard_transform: inner={inner} must divide the last dimension {x.shape[-1]}")
-    if not x.is_floating_point():
-        raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
-    return x.shape[-1] // inner
+from .common import check_hadamard as _check
+from .common import compute_dtype, row_chunks, stage_matrix
 
 
 def hadamard_transform_reference(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
@@ -45,15 +27,6 @@ def hadamard_transform_reference(x: torch.Tensor, inner: int = 1) -> torch.Tenso
     m = _check(x, inner)
     h = torch.kron(hadamard_matrix(m, torch.float64), torch.eye(inner, dtype=torch.float64))
     return (x.to(torch.float64) @ h.to(x.device) / math.sqrt(m)).to(x.dtype)
-
-
-CHUNK_BYTES = 1 << 19  # rows are transformed in blocks of about this size, so every stage stays in cache
-
-
-def row_chunks(rows: int, row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
-    """Row blocks of about ``chunk_bytes`` (at least one row each)."""
-    step = max(1, chunk_bytes // max(row_bytes, 1))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype) -> torch.Tensor:

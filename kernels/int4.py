@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import torch
 
-
-def _check_values(q: torch.Tensor) -> None:
-    if q.dtype != torch.int8:
-        raise TypeError(f"pack_int4 takes int8 values in [-8, 7], got {q.dtype}")
+from .common import check_int4_values as _check_values
+from .common import signed_nibbles
 
 
 def pack_int4_reference(q: torch.Tensor) -> torch.Tensor:
@@ -29,9 +27,7 @@ def unpack_int4_reference(packed: torch.Tensor, length: int) -> torch.Tensor:
         raise TypeError(f"unpack_int4 takes uint8 bytes, got {packed.dtype}")
     if not 2 * packed.shape[-1] - 1 <= length <= 2 * packed.shape[-1]:
         raise ValueError(f"length {length} does not fit {packed.shape[-1]} packed bytes")
-    # A two's complement nibble n is worth (n ^ 8) - 8: no branch, one pass per nibble.
-    low = ((packed & 0xF) ^ 8).view(torch.int8) - 8
-    high = ((packed >> 4) ^ 8).view(torch.int8) - 8
+    low, high = signed_nibbles(packed)
     return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)[..., :length]
 
 

@@ -13,16 +13,10 @@ import torch
 
 from quarot_fx.quant import asymmetric_codes
 
-from .activation_quant import check_bits, check_inputs
+from .common import check_bits, check_inputs
+from .common import kv_code_bytes as code_bytes
+from .common import kv_packs as packs
 from .int4 import pack_int4_reference, unpack_int4_reference
-
-
-def packs(bits: int) -> bool:
-    return bits <= 4
-
-
-def code_bytes(length: int, bits: int) -> int:
-    return (length + 1) // 2 if packs(bits) else length
 
 
 def kv_quantize_reference(x: torch.Tensor, bits: int, clip: float):

@@ -23,7 +23,7 @@ import torch
 
 from quarot_fx.quant import dequantize_weight
 
-from .hadamard_transform import row_chunks
+from .common import row_chunks, signed_nibbles
 
 EXACT_FLOAT32 = 2**24
 MAX_PRODUCT = 128 * 8  # |int8 activation code| · |int4 weight code|
@@ -71,8 +71,7 @@ def unpack_linear_weight(packed: torch.Tensor, in_features: int, groups: int = 1
     out = packed.shape[0]
     group = in_features // groups
     p = packed.reshape(out, groups, -1)
-    low = ((p & 0xF) ^ 8).view(torch.int8) - 8  # two's complement nibble n is worth (n ^ 8) - 8
-    high = ((p >> 4) ^ 8).view(torch.int8) - 8
+    low, high = signed_nibbles(p)
     return torch.cat([low, high], dim=-1)[..., :group].reshape(out, in_features)
 
 

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from quarot_fx.hadamard import hadamard_plan
 
-from .hadamard_transform import _check, compute_dtype, stage_matrix
+from .common import check_hadamard as _check
+from .common import compute_dtype, stage_matrix
 
 
 @triton.jit

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .int4 import _check_values
+from .common import check_int4_values as _check_values
+from .triton_common import signed_nibble
 
 
 @triton.jit
@@ -29,10 +30,8 @@ def _unpack_kernel(p_ptr, out_ptr, length, n_bytes, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     byte = tl.load(p_ptr + row * n_bytes + offs, mask=offs < n_bytes, other=0).to(tl.int32)
-    lo = byte & 0xF
-    hi = (byte >> 4) & 0xF
-    lo = tl.where(lo > 7, lo - 16, lo)
-    hi = tl.where(hi > 7, hi - 16, hi)
+    lo = signed_nibble(byte)
+    hi = signed_nibble(byte >> 4)
     tl.store(out_ptr + row * length + 2 * offs, lo.to(tl.int8), mask=(offs < n_bytes) & (2 * offs < length))
     tl.store(out_ptr + row * length + 2 * offs + 1, hi.to(tl.int8), mask=(offs < n_bytes) & (2 * offs + 1 < length))
 

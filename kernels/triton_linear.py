@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import signed_nibble
+
 
 @triton.jit
 def _w4a_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_bytes, groups, group, half,
@@ -35,8 +37,8 @@ def _w4a_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_byte
             x_high = tl.load(x_row + half + j[None, :], mask=m_ok & high_ok[None, :], other=0)
             w = tl.load(w_ptr + rn[None, :] * n_bytes + g * half + j[:, None], mask=(rn[None, :] < N) & low_ok[:, None],
                         other=0).to(tl.int32)  # [BKB, BN]: the weight transposed
-            lo = (((w & 0xF) ^ 8) - 8).to(tl.int8)
-            hi = ((((w >> 4) & 0xF) ^ 8) - 8).to(tl.int8)
+            lo = signed_nibble(w).to(tl.int8)
+            hi = signed_nibble(w >> 4).to(tl.int8)
             acc_int += tl.dot(x_low, lo) + tl.dot(x_high, hi)
         w_scale = tl.load(ws_ptr + rn * groups + g, mask=rn < N, other=0.0)
         acc += acc_int.to(tl.float32) * w_scale[None, :]

@@ -20,8 +20,10 @@ import triton.language as tl
 
 from quarot_fx.hadamard import factor_matrix, hadamard_plan
 
-from .hadamard_transform import _check as _check_hadamard
-from .kv_quant import code_bytes, packs
+from .common import check_hadamard as _check_hadamard
+from .common import kv_code_bytes as code_bytes
+from .common import kv_packs as packs
+from .triton_common import signed_nibble
 
 MAX_TILE = 128
 ROUND = 12582912.0  # 1.5 · 2²³
@@ -160,8 +162,8 @@ def _kv_dequant_kernel(c_ptr, s_ptr, z_ptr, y_ptr, d, n_bytes, BLOCK: tl.constex
     even_mask, odd_mask = 2 * k < d, 2 * k + 1 < d
     if PACK:
         byte = tl.load(c_ptr + row * n_bytes + k, mask=k < n_bytes, other=0).to(tl.int32)
-        q_even = ((byte & 0xF) ^ 8).to(tl.float32)  # stored code - 8 as a two's complement nibble
-        q_odd = (((byte >> 4) & 0xF) ^ 8).to(tl.float32)
+        q_even = (signed_nibble(byte) + 8).to(tl.float32)  # stored as code - 8
+        q_odd = (signed_nibble(byte >> 4) + 8).to(tl.float32)
     else:
         q_even = tl.load(c_ptr + row * d + 2 * k, mask=even_mask, other=0).to(tl.float32)
         q_odd = tl.load(c_ptr + row * d + 2 * k + 1, mask=odd_mask, other=0).to(tl.float32)

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from quarot_fx.hadamard import is_hadamard_order
+from quarot_fx.rotations import rotation_kind
 from quarot_fx.report import Region, Skip
 
 from .graph_utils import Site, as_site, first_arg, is_metadata_use, keeps_last_dim, label, last_dim, op_name, shape
-from .matrices import BlockHadamard, CrossHead, Hadamard
+from .graph_utils import value as node_value
+from .matrices import BlockRotation, CrossHead, Rotation, build
 from .weights import InputRotation, OutputTransform
 
 HADAMARD_OP = torch.ops.quarot_fx.hadamard_transform.default
@@ -297,50 +298,65 @@ def analyze_values(attention: Attention) -> ValuePlan:
     return plan
 
 
-def insert_hadamard(gm: fx.GraphModule, consumer: fx.Node, value: fx.Node, inner: int = 1,
+def online_rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x·Q at run time for a rotation kind without a fast online op (a dense matmul)."""
+    return x @ q
+
+
+def insert_rotation(gm: fx.GraphModule, consumer: fx.Node, value: fx.Node, matrix,
                     pad_to: int | None = None) -> fx.Node:
-    """Insert the online transform (optionally zero-padding first) on one input of ``consumer``."""
+    """Insert the online transform x·M (zero-padding first if asked) on one input of ``consumer``:
+    ``quarot_fx::hadamard_transform`` for Hadamard kinds (fusable with quantization), else x @ M."""
     graph = gm.graph
+    kind = rotation_kind(matrix.kind)
     with graph.inserting_before(consumer):
         x = value
         if pad_to is not None and pad_to != last_dim(value):
             x = graph.call_function(torch.nn.functional.pad, (x, (0, pad_to - last_dim(value))))
-        rotated = graph.call_function(HADAMARD_OP, (x, inner))
+        if kind.hadamard_op and isinstance(matrix, (Rotation, CrossHead)):
+            rotated = graph.call_function(HADAMARD_OP, (x, matrix.size if isinstance(matrix, CrossHead) else 1))
+        else:
+            dtype = node_value(value).dtype if isinstance(node_value(value), torch.Tensor) else torch.float32
+            name = f"qfx_online_{len([n for n in graph.nodes if n.op == 'get_attr' and 'qfx_online_' in n.target])}"
+            gm.register_buffer(name, build(matrix).to(dtype))
+            rotated = graph.call_function(online_rotate, (x, graph.get_attr(name)))
     consumer.replace_input_with(value, rotated)
     return rotated
 
 
 def rotate_values(ctx) -> None:
-    """Pass R2: per-head Hadamard folded into value/output projections, online cross-head part."""
+    """Pass R2: per-head rotation folded into value/output projections, online cross-head part."""
+    name, seed = ctx.config.r2_rotation, ctx.config.seed
+    kind = rotation_kind(name)
     for plan in ctx.analysis.values:
         where = label(plan.attention.output)
-        if plan.problem is None and not is_hadamard_order(plan.head_dim):
-            plan.problem = f"no Hadamard matrix of order head_dim={plan.head_dim}"
+        if plan.problem is None and kind.problem(plan.head_dim, None):
+            plan.problem = f"{kind.problem(plan.head_dim, None)} (head_dim={plan.head_dim}, r2_rotation={name!r})"
         if plan.problem is not None:
             ctx.report.skipped.append(Skip(f"R2 at {where}", plan.problem))
             continue
         hd, heads = plan.head_dim, plan.heads
         rows = plan.kv_heads * hd
         ctx.edits(plan.value_site).edits.append(
-            OutputTransform(BlockHadamard(plan.kv_heads, hd), plan.value_rows, plan.value_rows + rows))
+            OutputTransform(BlockRotation(name, plan.kv_heads, hd, seed), plan.value_rows, plan.value_rows + rows))
         out = ctx.edits(plan.output_site)
-        out.edits.append(InputRotation(BlockHadamard(heads, hd)))
-        if heads > 1 and is_hadamard_order(heads):
-            online, inner = CrossHead(heads, hd), hd
-        elif is_hadamard_order(heads * hd):
-            online, inner = Hadamard(heads * hd), 1
+        out.edits.append(InputRotation(BlockRotation(name, heads, hd, seed)))
+        if heads > 1 and kind.problem(heads, None) is None:
+            online = CrossHead(name, heads, hd, seed)
+        elif kind.problem(heads * hd, None) is None:
+            online = Rotation(name, heads * hd, seed)
         else:
             online = None
-            ctx.report.notes.append(f"R2 at {where}: no Hadamard of order {heads} or {heads * hd}; "
+            ctx.report.notes.append(f"R2 at {where}: no {name} rotation of order {heads} or {heads * hd}; "
                                     "only the per-head part is applied")
         if online is not None:
-            insert_hadamard(ctx.gm, plan.output_site.node, plan.output_site.input_node, inner)
+            insert_rotation(ctx.gm, plan.output_site.node, plan.output_site.input_node, online)
             out.edits.append(InputRotation(online))
             out.online.append(online.describe())
-        kind = f"hadamard per head ({hd})" + (f" + online {online.describe()}" if online else "")
+        described = f"{name} per head ({hd})" + (f" + online {online.describe()}" if online else "")
         ctx.kv_cache_inputs.update(plan.cache_inputs)
         cache = "; KV cache holds rotated values" if plan.cache_inputs else ""
-        ctx.report.regions.append(Region("R2", hd, kind, where + cache))
+        ctx.report.regions.append(Region("R2", hd, described, where + cache))
 
 
 @dataclass
@@ -356,8 +372,6 @@ def analyze_queries_keys(attention: Attention) -> QueryKeyPlan:
     plan = QueryKeyPlan(attention, last_dim(query))
     if last_dim(key) != plan.head_dim:
         plan.problem = "query and key head dims differ"
-    elif not is_hadamard_order(plan.head_dim):
-        plan.problem = f"no Hadamard matrix of order head_dim={plan.head_dim}"
     else:
         plan.key_path = walk_back(key)
         if not only_used_along(plan.key_path, attention):
@@ -370,17 +384,21 @@ def analyze_queries_keys(attention: Attention) -> QueryKeyPlan:
 
 
 def rotate_queries_keys(ctx) -> None:
-    """Pass R3: online Hadamard on queries and (post-RoPE, pre-cache) keys."""
+    """Pass R3: the same online rotation on queries and (post-RoPE, pre-cache) keys."""
+    name = ctx.config.r3_rotation
+    kind = rotation_kind(name)
     for plan in ctx.analysis.queries_keys:
         where = label(plan.attention.output)
+        if plan.problem is None and kind.problem(plan.head_dim, None):
+            plan.problem = f"{kind.problem(plan.head_dim, None)} (head_dim={plan.head_dim}, r3_rotation={name!r})"
         if plan.problem is not None:
             ctx.report.skipped.append(Skip(f"R3 at {where}", plan.problem))
             continue
-        attention = plan.attention
-        insert_hadamard(ctx.gm, attention.consumer("query"), attention.operand("query"))
+        attention, rotation = plan.attention, Rotation(name, plan.head_dim, ctx.config.seed)
+        insert_rotation(ctx.gm, attention.consumer("query"), attention.operand("query"), rotation)
         path = plan.key_path
         consumer = path.nodes[-1] if path.nodes else attention.consumer("key")
-        insert_hadamard(ctx.gm, consumer, path.source)
+        insert_rotation(ctx.gm, consumer, path.source, rotation)
         ctx.kv_cache_inputs.update(path.cache_inputs)
         cache = "; KV cache holds rotated keys" if path.cache_inputs else ""
-        ctx.report.regions.append(Region("R3", plan.head_dim, "online hadamard on query and key", where + cache))
+        ctx.report.regions.append(Region("R3", plan.head_dim, f"online {name} on query and key", where + cache))

@@ -22,15 +22,18 @@ from quarot_fx.report import Skip
 from .graph_utils import as_site, origin
 from .weights import GPTQWeight, QuantizeWeight, is_cached
 
-_HESSIANS: dict[str, torch.Tensor] = {}
+class HessianObserver(torch.nn.Module):
+    """Identity that adds xᵀx (over all tokens) to ``store[key]`` (the context's Hessians)."""
 
+    def __init__(self, store: dict, key: str):
+        super().__init__()
+        self.store, self.key = store, key
 
-def observe(x: torch.Tensor, key: str) -> torch.Tensor:
-    """Identity that adds xᵀx (over all tokens) to the Hessian of ``key``."""
-    flat = x.detach().reshape(-1, x.shape[-1]).float()
-    h = flat.T @ flat
-    _HESSIANS[key] = _HESSIANS[key] + h if key in _HESSIANS else h
-    return x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        h = flat.T @ flat
+        self.store[self.key] = self.store[self.key] + h if self.key in self.store else h
+        return x
 
 
 def fingerprint(calibration) -> str:
@@ -84,16 +87,18 @@ def _collect_hessians(ctx, sites, calibration) -> dict | None:
         ctx.report.skipped.append(Skip("GPTQ", "no token-id input found to feed calibration data; RTN used"))
         return None
     observers = []
-    for site in sites:
+    ctx.hessians.clear()
+    for i, site in enumerate(sites):
+        name = f"qfx_hessian_observer_{i}"
+        gm.add_submodule(name, HessianObserver(ctx.hessians, site.node.name))
         with gm.graph.inserting_before(site.node):
-            obs = gm.graph.call_function(observe, (site.input_node, site.node.name))
+            obs = gm.graph.call_module(name, (site.input_node,))
         site.node.replace_input_with(site.input_node, obs)
         observers.append(obs)
     gm.recompile()
     inputs = list(ctx.lifted.runtime_inputs(ctx.example_inputs))
     index = placeholders.index(tokens_node)
     chunks = _chunks(calibration, tuple(inputs[index].shape))
-    _HESSIANS.clear()
     with torch.no_grad():
         for chunk in tqdm(chunks, desc="GPTQ calibration", leave=False):
             inputs[index] = chunk.to(inputs[index].device)
@@ -101,9 +106,11 @@ def _collect_hessians(ctx, sites, calibration) -> dict | None:
     for obs in observers:
         obs.replace_all_uses_with(obs.args[0])
         gm.graph.erase_node(obs)
+        gm.delete_submodule(obs.target)
     gm.recompile()
+    ctx.report.counters["gptq_calibration_chunks"] += len(chunks)
     ctx.report.notes.append(f"GPTQ: Hessians from {len(chunks)} calibration chunks of shape "
                             f"{tuple(inputs[index].shape)} through the rotated graph")
-    hessians = dict(_HESSIANS)
-    _HESSIANS.clear()
+    hessians = dict(ctx.hessians)
+    ctx.hessians.clear()  # the edits hold what they need; the context keeps no big tensors
     return hessians

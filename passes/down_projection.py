@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from quarot_fx.hadamard import is_hadamard_order, next_hadamard_order
-from quarot_fx.report import Region
+from quarot_fx.report import Region, Skip
+from quarot_fx.rotations import rotation_kind
 
-from .attention import insert_hadamard
+from .attention import insert_rotation
 from .graph_utils import Site, as_site, keeps_last_dim, label, op_name, origin
-from .matrices import Hadamard
+from .matrices import Rotation
 from .weights import InputRotation, PadInput
 
 
@@ -53,16 +53,23 @@ def find_down_projections(gm: fx.GraphModule, residual_readers: set[fx.Node],
 
 
 def rotate_down_projections(ctx) -> None:
-    """Pass R4: online Hadamard (padded if needed) on the input, inverse folded into W."""
+    """Pass R4: online rotation (zero-padded if the kind allows) on the input, inverse folded into W."""
+    name, seed = ctx.config.r4_rotation, ctx.config.seed
+    kind = rotation_kind(name)
     for site in ctx.analysis.down_projections:
         n = site.in_features
-        size = n if is_hadamard_order(n) else next_hadamard_order(n)
-        insert_hadamard(ctx.gm, site.node, site.input_node, pad_to=size)
+        size = n if kind.problem(n, None) is None else (kind.pad_to(n) if kind.pad_to else None)
+        if size is None:
+            ctx.report.skipped.append(Skip(f"R4 at {label(site.node)}", f"{kind.problem(n, None)} "
+                                           f"(r4_rotation={name!r} cannot be zero-padded to another order)"))
+            continue
+        rotation = Rotation(name, size, seed)
+        insert_rotation(ctx.gm, site.node, site.input_node, rotation, pad_to=size)
         entry = ctx.edits(site)
         if size != n:
             entry.edits.append(PadInput(size))
             entry.online.append(f"zero-pad {n}→{size}")
-        entry.edits.append(InputRotation(Hadamard(size)))
-        entry.online.append(Hadamard(size).describe())
+        entry.edits.append(InputRotation(rotation))
+        entry.online.append(rotation.describe())
         padded = f" (padded from {n})" if size != n else ""
-        ctx.report.regions.append(Region("R4", size, "online hadamard" + padded, label(site.node)))
+        ctx.report.regions.append(Region("R4", size, f"online {name}" + padded, label(site.node)))

@@ -1,24 +1,23 @@
 """Descriptions of the matrices the passes fold into weights: hashable keys, built on demand.
 
-A pass says *which* matrix (``Hadamard(576)``, ``BlockHadamard(9, 64)``, ...); the weight
-cache builds it once, in float64, when a weight first needs it.
+A pass says *which* matrix (``Rotation("hadamard", 576)``, ``BlockRotation("hadamard", 9, 64)``,
+...), of any registered rotation kind; the weight cache builds it once, in float64, when a
+weight first needs it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from quarot_fx.hadamard import hadamard_matrix
-from quarot_fx.rotations import random_signs, rotation_matrix
+from quarot_fx.rotations import rotation_kind, rotation_matrix
 
 
 @dataclass(frozen=True)
 class Rotation:
-    """The residual-stream rotation R1 of a given kind."""
+    """A rotation of order n of a registered kind (R1 on the residual, R3, R4; R2's full online part)."""
 
     kind: str
     n: int
@@ -30,36 +29,35 @@ class Rotation:
         return f"{self.kind}({self.n}{extra})"
 
 
-@dataclass(frozen=True)
-class Hadamard:
-    """H_n/√n: the full Hadamard rotation (R4, and R2's online part when heads have no H)."""
-
-    n: int
-
-    def describe(self) -> str:
-        return f"hadamard({self.n})"
+def Hadamard(n: int) -> Rotation:  # noqa: N802 (reads as the matrix it names)
+    """H_n/√n."""
+    return Rotation("hadamard", n)
 
 
 @dataclass(frozen=True)
-class BlockHadamard:
-    """blockdiag(H_size/√size, … ``blocks`` times): per-head rotation (R2, offline part)."""
+class BlockRotation:
+    """blockdiag(Q_size, … ``blocks`` times): the per-head rotation (R2, offline part)."""
 
+    kind: str
     blocks: int
     size: int
+    seed: int = 0
 
     def describe(self) -> str:
-        return f"per-head hadamard({self.blocks}×{self.size})"
+        return f"per-head {self.kind}({self.blocks}×{self.size})"
 
 
 @dataclass(frozen=True)
 class CrossHead:
-    """(H_heads/√heads) ⊗ I_size: the online cross-head part of R2."""
+    """Q_heads ⊗ I_size: the online cross-head part of R2."""
 
+    kind: str
     heads: int
     size: int
+    seed: int = 0
 
     def describe(self) -> str:
-        return f"cross-head hadamard({self.heads}) ⊗ I({self.size})"
+        return f"cross-head {self.kind}({self.heads}) ⊗ I({self.size})"
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ class Center:
         return f"mean-centering({self.n})"
 
 
-Matrix = Rotation | Hadamard | BlockHadamard | CrossHead | Center
+Matrix = Rotation | BlockRotation | CrossHead | Center
 
 
 @lru_cache(maxsize=64)
@@ -81,30 +79,29 @@ def build(matrix: Matrix) -> torch.Tensor:
     f64 = torch.float64
     if isinstance(matrix, Rotation):
         return rotation_matrix(matrix.kind, matrix.n, seed=matrix.seed, group_size=matrix.group, dtype=f64)
-    if isinstance(matrix, Hadamard):
-        return hadamard_matrix(matrix.n, f64) / math.sqrt(matrix.n)
-    if isinstance(matrix, BlockHadamard):
-        block = hadamard_matrix(matrix.size, f64) / math.sqrt(matrix.size)
+    if isinstance(matrix, BlockRotation):
+        block = rotation_matrix(matrix.kind, matrix.size, seed=matrix.seed, dtype=f64)
         return torch.block_diag(*[block] * matrix.blocks)
     if isinstance(matrix, CrossHead):
-        return torch.kron(hadamard_matrix(matrix.heads, f64) / math.sqrt(matrix.heads), torch.eye(matrix.size, dtype=f64))
+        heads = rotation_matrix(matrix.kind, matrix.heads, seed=matrix.seed, dtype=f64)
+        return torch.kron(heads, torch.eye(matrix.size, dtype=f64))
     if isinstance(matrix, Center):
         return torch.eye(matrix.n, dtype=f64) - 1.0 / matrix.n
     raise TypeError(f"unknown matrix description {matrix!r}")
 
 
 def multiply_right(x: torch.Tensor, matrix: Matrix) -> torch.Tensor:
-    """x·M without forming M where it has a fast form (Hadamard-based: n·Σfactors, not n²)."""
+    """x·M without forming M where the kind has a fast form (Hadamard-based: n·Σfactors, not n²)."""
     from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu
 
-    if isinstance(matrix, Hadamard) or (isinstance(matrix, Rotation) and matrix.kind == "hadamard"):
-        return hadamard_transform_cpu(x)
-    if isinstance(matrix, Rotation) and matrix.kind == "randomized_hadamard":
-        return hadamard_transform_cpu(x * random_signs(matrix.n, matrix.seed).to(x))
-    if isinstance(matrix, BlockHadamard):
-        return hadamard_transform_cpu(x.reshape(*x.shape[:-1], matrix.blocks, matrix.size)).reshape(x.shape)
-    if isinstance(matrix, CrossHead):
-        return hadamard_transform_cpu(x, matrix.size)
     if isinstance(matrix, Center):
         return x - x.mean(dim=-1, keepdim=True)
+    kind = rotation_kind(matrix.kind) if matrix.kind != "none" else None
+    if isinstance(matrix, Rotation) and kind is not None and kind.fast is not None:
+        return kind.fast(x, matrix.n, matrix.seed, matrix.group)
+    if isinstance(matrix, BlockRotation) and kind is not None and kind.fast is not None:
+        blocks = x.reshape(*x.shape[:-1], matrix.blocks, matrix.size)
+        return kind.fast(blocks, matrix.size, matrix.seed, None).reshape(x.shape)
+    if isinstance(matrix, CrossHead) and kind is not None and kind.hadamard_op:
+        return hadamard_transform_cpu(x, matrix.size)
     return x @ build(matrix).to(x)

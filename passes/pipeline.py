@@ -1,4 +1,4 @@
-"""The pass pipeline: an ordered list of plain functions over one shared context.
+"""The built-in passes' place in the pipeline, and the runner (see ``registry`` for the order rules).
 
 ``analyze_invariance`` reads the pristine graph and decides where each rotation can live;
 the ``rotate_*`` and ``quantize_*`` passes rewrite it and record weight edits on sites;
@@ -12,57 +12,22 @@ a broken rewrite fails at the pass that made it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import torch.fx as fx
 
 from quarot_fx.config import QuaRotConfig
-from quarot_fx.report import Report, Skip
+from quarot_fx.report import Skip
 
 from .attention import (analyze_queries_keys, analyze_values, find_attentions, rotate_queries_keys, rotate_values,
                         unmatched_softmaxes)
 from .calibrate import gptq_weights
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
-from .graph_utils import Site, label
-from .lift_params import LiftedConstants
+from .context import Analysis, PassContext  # noqa: F401  (re-exported: the context passes take)
+from .graph_utils import label
 from .quantize import (lower_activation_quantizers, quantize_activations, quantize_kv_cache, quantize_weights,
                        quantized_sites)
 from .residual import find_residual_streams, rotate_residual, skip_reasons
-from .weights import (SiteEdits, drop_unused_constants, packed_weights, quantizes_last, replace_site_weights,
+from .registry import RegisteredPass, ordered_passes, register_pass
+from .weights import (drop_unused_constants, weight_record, packed_weights, quantizes_last, replace_site_weights,
                       replace_with_quantized_linear, transformed_weights)
-
-
-@dataclass
-class Analysis:
-    residual: list = field(default_factory=list)
-    values: list = field(default_factory=list)
-    queries_keys: list = field(default_factory=list)
-    down_projections: list = field(default_factory=list)
-    quantized: list = field(default_factory=list)  # sites whose weights and inputs are quantized
-
-
-@dataclass
-class PassContext:
-    gm: fx.GraphModule
-    config: QuaRotConfig
-    report: Report
-    lifted: LiftedConstants
-    example_inputs: list = field(default_factory=list)
-    analysis: Analysis = field(default_factory=Analysis)
-    sites: dict = field(default_factory=dict)  # fx.Node -> SiteEdits
-    kv_cache_inputs: set = field(default_factory=set)  # cache tensors read where K/V were rotated or quantized
-
-    def edits(self, site: Site) -> SiteEdits:
-        if site.node not in self.sites:
-            self.sites[site.node] = SiteEdits(site, original_weight=site.weight_node.target)
-        return self.sites[site.node]
-
-    def fqn_of(self, attr: str) -> str:
-        return self.lifted.fqn_by_attr.get(attr, attr)
-
-
-Pass = Callable[[PassContext], None]
 
 
 def analyze_invariance(ctx: PassContext) -> None:
@@ -93,9 +58,13 @@ def materialize_weights(ctx: PassContext) -> None:
     when the integer kernels are on; the float weight is then never stored.
     """
     packed_bytes = fp16_bytes = 0
+    counters = ctx.report.counters
     for entry in ctx.sites.values():
         if not entry.edits:
             continue
+        if quantizes_last(entry):
+            ctx.report.quantized.append(weight_record(ctx.fqn_of(entry.original_weight), entry.edits[-1],
+                                                      packed=ctx.config.packs_weights and entry.site.kind != "embedding"))
         if ctx.config.packs_weights and quantizes_last(entry) and entry.site.kind != "embedding":
             packed, scales, bias, in_features = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
             size = packed.numel() + scales.numel() * scales.element_size()
@@ -108,6 +77,8 @@ def materialize_weights(ctx: PassContext) -> None:
         fqn = ctx.fqn_of(entry.site.weight_node.target)
         replace_site_weights(ctx.gm, entry, weight, bias)
         ctx.lifted.fqn_by_attr[entry.site.weight_node.target] = fqn  # later edits cache under the same name
+    counters["packed_bytes"] += packed_bytes
+    counters["packed_fp16_bytes"] += fp16_bytes
     if packed_bytes:
         ctx.report.notes.append(f"integer kernels: quantized linears hold {packed_bytes / 2**20:.2f} MiB packed "
                                 f"int4 + scales, {packed_bytes / fp16_bytes:.3f}× their fp16 size")
@@ -123,31 +94,40 @@ def materialize_weights(ctx: PassContext) -> None:
     drop_unused_constants(ctx.gm)
 
 
-def passes_for(config: QuaRotConfig) -> list[Pass]:
-    """The passes a config asks for, in order."""
-    if not config.rotates and not config.quantizes:
-        return []
-    rotations = ((config.r1, rotate_residual), (config.r2, rotate_values),
-                 (config.r3, rotate_queries_keys), (config.r4, rotate_down_projections))
-    chosen = [analyze_invariance]
-    chosen += [p for flag, p in rotations if flag and config.rotates]
-    if config.w_bits < 16:
-        # GPTQ needs the rotated weights in the graph to collect Hessians: materialize first.
-        chosen += [materialize_weights, gptq_weights] if config.weights == "gptq" else [quantize_weights]
-    chosen += [p for bits, p in ((config.a_bits, quantize_activations), (config.kv_bits, quantize_kv_cache))
-               if bits < 16]
-    chosen.append(materialize_weights)
-    if config.packs_weights and config.a_bits < 16:
-        chosen.append(lower_activation_quantizers)
-    return chosen
+# The built-in pipeline, in order. GPTQ materializes the rotations before its own weight step,
+# since its Hessians come from running the rotated graph.
+def _gptq(config):
+    return config.w_bits < 16 and config.weights == "gptq"
 
 
-def run_passes(ctx: PassContext, passes: list[Pass]) -> None:
-    for pass_fn in passes:
+for _stage, _fn, _when, _name in (
+    ("analysis", analyze_invariance, lambda c: c.rotates or c.quantizes, None),
+    ("rotation", rotate_residual, lambda c: c.rotates and c.r1, None),
+    ("rotation", rotate_values, lambda c: c.rotates and c.r2, None),
+    ("rotation", rotate_queries_keys, lambda c: c.rotates and c.r3, None),
+    ("rotation", rotate_down_projections, lambda c: c.rotates and c.r4, None),
+    ("weights", materialize_weights, _gptq, "materialize_rotations"),
+    ("weights", gptq_weights, _gptq, None),
+    ("weights", quantize_weights, lambda c: c.w_bits < 16 and c.weights == "rtn", None),
+    ("activations", quantize_activations, lambda c: c.a_bits < 16, None),
+    ("activations", quantize_kv_cache, lambda c: c.kv_bits < 16, None),
+    ("materialize", materialize_weights, lambda c: c.rotates or c.quantizes, None),
+    ("lower", lower_activation_quantizers, lambda c: c.packs_weights and c.a_bits < 16, None),
+):
+    register_pass(_stage, when=_when, name=_name)(_fn)
+
+
+def passes_for(config: QuaRotConfig) -> list[RegisteredPass]:
+    """The passes a config runs, in order (built-ins above plus any registered from outside)."""
+    return ordered_passes(config)
+
+
+def run_passes(ctx: PassContext, passes: list[RegisteredPass]) -> None:
+    """Run each pass, then lint the graph: a broken rewrite fails at the pass that made it."""
+    ctx.report.pipeline = [p.name for p in passes]
+    for entry in passes:
         start = time.perf_counter()
-        pass_fn(ctx)
+        entry.fn(ctx)
         ctx.gm.graph.lint()
         ctx.gm.recompile()
-        name = pass_fn.__name__
-        name = name if name not in ctx.report.seconds else f"{name} (again)"
-        ctx.report.seconds[name] = time.perf_counter() - start
+        ctx.report.seconds[entry.name] = time.perf_counter() - start

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from quarot_fx.quant import quantize_activation, quantize_kv
-from quarot_fx.report import Skip
+from quarot_fx.report import QuantRecord, Skip
 
 from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, value
@@ -29,6 +29,7 @@ from .weights import QUANTIZED_LINEAR, QuantizeWeight
 QUANTIZE_PER_TOKEN = torch.ops.quarot_fx.quantize_per_token.default
 KV_QUANTIZE = torch.ops.quarot_fx.kv_quantize.default
 KV_DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default
+RECORD = "quarot_quant"  # node.meta key: the QuantRecord of a quantizer node
 
 
 def feeds_output(node: fx.Node) -> bool:
@@ -77,6 +78,9 @@ def quantize_activations(ctx) -> None:
             with ctx.gm.graph.inserting_before(node):
                 quantizers[source] = ctx.gm.graph.call_function(
                     quantize_activation, (source, config.a_bits, config.activation_clip))
+            record = QuantRecord(label(node), "activation", config.a_bits, "per-token symmetric", config.activation_clip)
+            quantizers[source].meta[RECORD] = record  # the lowering reads the decision from the graph
+            ctx.report.quantized.append(record)
         node.replace_input_with(source, quantizers[source])
         ctx.edits(site).online.append(f"a{config.a_bits} per-token (clip {config.activation_clip})")
 
@@ -110,6 +114,9 @@ def quantize_kv_cache(ctx) -> None:
             consumer.replace_input_with(source, quantized)
             ctx.kv_cache_inputs.update(path.cache_inputs)
             inserted += 1
+            ctx.report.quantized.append(QuantRecord(label(attention.output), name, config.kv_bits, "asymmetric per head",
+                                                    config.kv_cache_clip, "integer op" if integer else "simulated"))
+    ctx.report.counters["kv_tensors_quantized"] += inserted
     if not inserted:
         return
     how = "kv_quantize/kv_dequantize ops" if config.kernels == "integer" else "fake quantization"
@@ -136,11 +143,14 @@ def lower_activation_quantizers(ctx) -> None:
             codes, scales = (graph.call_function(operator.getitem, (quantized, i)) for i in range(2))
         for linear in linears:
             linear.args = (codes, scales, *linear.args[2:])
+        if RECORD in fake.meta:
+            fake.meta[RECORD].storage = "integer op"
         if not fake.users:
             rotation = fake.args[0]
             graph.erase_node(fake)
             if inner:
                 graph.erase_node(rotation)
                 fused += 1
+    ctx.report.counters["fused_hadamards"] += fused
     if fused:
         ctx.report.notes.append(f"integer kernels: {fused} online Hadamards fused into activation quantization")

@@ -24,8 +24,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from quarot_fx.hadamard import is_hadamard_order, nearest_hadamard_orders
+from quarot_fx.hadamard import nearest_hadamard_orders
 from quarot_fx.report import Region, Skip
+from quarot_fx.rotations import rotation_kind
 
 from .graph_utils import (
     Site, as_site, constant_signature, evaluate_constant, first_arg, is_constant, is_metadata_use,
@@ -207,15 +208,11 @@ def find_residual_streams(gm: fx.GraphModule) -> list[ResidualPlan]:
 
 def rotation_problem(kind: str, d: int, group: int | None) -> str | None:
     """Why a rotation of this kind cannot be built for size d (None if it can)."""
-    if kind in ("hadamard", "randomized_hadamard") and not is_hadamard_order(d):
+    problem = rotation_kind(kind).problem(d, group)
+    if problem and kind in ("hadamard", "randomized_hadamard"):
         near = ", ".join(map(str, nearest_hadamard_orders(d)))
-        return (f"no Hadamard matrix of order {d} (nearest: {near}); the residual cannot be padded, "
-                "use rotation='gsr' or 'random'")
-    if kind == "gsr":
-        g = group or (d & -d)
-        if g < 2 or d % g or g & (g - 1):
-            return f"gsr_group_size {g} must be a power of two ≥ 2 dividing {d}"
-    return None
+        return f"{problem} (nearest: {near}); the residual cannot be padded, use rotation='gsr' or 'random'"
+    return problem
 
 
 def restore_basis(x: torch.Tensor, inverse: torch.Tensor, scale=None, shift=None) -> torch.Tensor:
@@ -280,6 +277,7 @@ def _insert_inverses(ctx, plan: ResidualPlan, rotation: Rotation) -> None:
             restored = gm.graph.call_function(restore_basis, (value, inverse, state.scale, state.shift))
         user.replace_input_with(value, restored)
         what = "a graph output" if user.op == "output" else f"'{op_name(user)}' ({label(user)})"
+        ctx.report.counters["explicit_inverses"] += 1
         ctx.report.notes.append(f"R1: explicit inverse rotation before {what} reading {value.name}: "
                                 "it does not absorb the rotation")
 

@@ -147,6 +147,15 @@ class GPTQWeight(_WeightQuantizer):
 Edit = InputAffine | InputRotation | OutputTransform | PadInput | QuantizeWeight | GPTQWeight
 
 
+def weight_record(fqn: str, edit: _WeightQuantizer, packed: bool):
+    """The report's record of a weight quantization (packed: 4-bit weights under the integer kernels)."""
+    from quarot_fx.report import QuantRecord
+
+    method = "gptq" if isinstance(edit, GPTQWeight) else "rtn"
+    storage = "packed int4" if packed and edit.bits == 4 else "simulated"
+    return QuantRecord(fqn, "weight", edit.bits, method, "search" if edit.clip_search else None, storage)
+
+
 class WeightCache:
     """Transformed weights by (parameter identity, edit list): survives recompiles, not the parameter."""
 

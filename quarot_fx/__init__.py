@@ -16,7 +16,7 @@ from .config import PRESETS, QuaRotConfig
 from .explain import Explanation, explain
 from .hadamard import HadamardOrderError, hadamard_matrix, hadamard_plan, next_hadamard_order
 from .report import QuaRotWarning, Report, collect_reports
-from .rotations import rotation_matrix
+from .rotations import register_rotation, rotation_kinds, rotation_matrix
 
 __version__ = "0.1.0"
 
@@ -36,5 +36,5 @@ def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = Fals
 
 __all__ = [
     "PRESETS", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotWarning", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
-    "hadamard_matrix", "hadamard_plan", "next_hadamard_order", "quarot_backend", "rotation_matrix",
+    "hadamard_matrix", "hadamard_plan", "next_hadamard_order", "quarot_backend", "register_rotation", "rotation_kinds", "rotation_matrix",
 ]

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from .config import LOWERINGS, PRESETS
-from .rotations import ROTATIONS
+from .rotations import rotation_kinds
 
 
 def _positive(text: str) -> int:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--windows", type=_positive, default=2, help="2048-token windows for perplexity")
     demo.add_argument("--steps", type=_positive, default=12, help="greedy tokens of the continuation")
     demo.add_argument("--preset", default="w4a4kv4", choices=tuple(PRESETS))
-    demo.add_argument("--rotation", default="hadamard", choices=ROTATIONS, help="tiny model only")
+    demo.add_argument("--rotation", default="hadamard", choices=rotation_kinds(), help="tiny model only")
     demo.add_argument("--lowering", default="fx", choices=LOWERINGS,
                       help="'fx' (default: starts at once) or 'inductor' (adds ~2 min of compiles here)")
     demo.set_defaults(run=_demo)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .rotations import ROTATIONS
+from .rotations import ROTATION_KINDS, rotation_kinds
 
 PRESETS: dict[str, dict[str, int]] = {
     "w4a4kv4": {"w_bits": 4, "a_bits": 4, "kv_bits": 4},
@@ -51,7 +51,11 @@ class QuaRotConfig:
     Attributes:
         preset: ``"w4a4kv4"``, ``"w8a8kv8"``, ``"w6a6kv6"``, ``"w4a16"``, ``"fp"`` (rotate only) or None.
         rotation: residual-stream rotation (R1): ``"hadamard"``, ``"randomized_hadamard"``,
-            ``"gsr"``, ``"random"`` or ``"none"`` (no rotation at all).
+            ``"gsr"``, ``"random"``, any kind added with ``quarot_fx.register_rotation``, or
+            ``"none"`` (no rotation at all).
+        r2_rotation, r3_rotation, r4_rotation: the registered kind R2 (value → output, per head
+            and across heads), R3 (query/key) and R4 (down-projection input) use; ``"hadamard"``
+            by default, whose online transforms are fused with quantization.
         w_bits, a_bits, kv_bits: 2..8, or 16 for "not quantized".
         seed: seed of the randomized rotations.
         gsr_group_size: Walsh block size for ``rotation="gsr"`` (power of two; None = largest
@@ -86,6 +90,9 @@ class QuaRotConfig:
     r2: bool = True
     r3: bool = True
     r4: bool = True
+    r2_rotation: str = "hadamard"
+    r3_rotation: str = "hadamard"
+    r4_rotation: str = "hadamard"
     lowering: str = "inductor"
     weights: str = "rtn"
     w_group_size: int | None = None
@@ -102,7 +109,9 @@ class QuaRotConfig:
     def __post_init__(self) -> None:
         if self.preset is not None:
             _choice("preset", self.preset, tuple(PRESETS))
-        _choice("rotation", self.rotation, ROTATIONS)
+        _choice("rotation", self.rotation, rotation_kinds())
+        for name in ("r2_rotation", "r3_rotation", "r4_rotation"):
+            _choice(name, getattr(self, name), tuple(ROTATION_KINDS))
         for name in ("w_bits", "a_bits", "kv_bits"):
             _integer(name, getattr(self, name), "an integer in 2..8, or 16 (not quantized)", lambda v: v in BITS)
         _integer("seed", self.seed, "a non-negative integer", lambda v: v >= 0)
@@ -176,7 +185,8 @@ class QuaRotConfig:
 
     def kv_signature(self) -> str:
         """What decides the basis and precision of the keys and values a compiled model caches."""
-        return (f"rotation={self.rotation}/{self.seed}/{self.gsr_group_size} r2={self.r2} r3={self.r3} "
+        return (f"rotation={self.rotation}/{self.seed}/{self.gsr_group_size} r2={self.r2 and self.r2_rotation} "
+                f"r3={self.r3 and self.r3_rotation} "
                 f"kv={self.kv_bits}/{self.kv_cache_clip}")
 
     @property

@@ -47,5 +47,10 @@ def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str
         print(line + f"  [{time.perf_counter() - start:.0f} s]", flush=True)
         if options is not None:
             del model.forward  # back to the eager forward
-    storage = [note for note in reports[0].notes if note.startswith("integer kernels")] if reports else []
-    print("\n".join(storage) or f"{preset}: weights run simulated (integer kernels cover 4-bit weights)")
+    counters = reports[0].counters if reports else {}
+    if counters.get("packed_bytes"):
+        print(f"integer kernels: quantized linears hold {counters['packed_bytes'] / 2**20:.2f} MiB packed int4 + "
+              f"scales, {counters['packed_bytes'] / counters['packed_fp16_bytes']:.3f}× their fp16 size; "
+              f"{counters['fused_hadamards']} online Hadamards fused into activation quantization")
+    else:
+        print(f"{preset}: weights run simulated (integer kernels cover 4-bit weights)")

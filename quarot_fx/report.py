@@ -62,6 +62,18 @@ class Skip:
 
 
 @dataclass
+class QuantRecord:
+    """One quantization decision: what is quantized where, to how many bits, how, and stored how."""
+
+    site: str  # a parameter's FQN (weights) or the module where the value is read (activations, KV)
+    what: str  # "weight" | "activation" | "key" | "value"
+    bits: int
+    method: str  # "rtn", "gptq", "per-token symmetric", "asymmetric per head"
+    clip: float | str | None = None  # a ratio, or "search" (weights: per-row clip search)
+    storage: str = "simulated"  # "simulated" (fake quantization), "integer op", "packed int4"
+
+
+@dataclass
 class Report:
     graph: str
     options: dict
@@ -70,7 +82,10 @@ class Report:
     linears: list[LinearReport] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    counters: Counter = field(default_factory=Counter)  # e.g. packed_bytes, fused_hadamards, kv_tensors_quantized
+    quantized: list[QuantRecord] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # pass or phase -> wall time
+    pipeline: list[str] = field(default_factory=list)  # the passes that ran, in order
     graph_module: object = field(default=None, repr=False)  # the rewritten FX graph, before lowering
 
     def region_counts(self) -> dict[str, int]:
@@ -111,6 +126,11 @@ class Report:
             lines.append(f"    {s.what}: {s.why}")
         for note in self.notes:
             lines.append(f"  note: {note}")
+        if self.quantized:
+            kinds = Counter(f"{r.what} {r.method} {r.bits}-bit, {r.storage}" for r in self.quantized)
+            lines.append("  quantized: " + "; ".join(f"{n}× {k}" for k, n in sorted(kinds.items())))
+        if self.pipeline:
+            lines.append("  pipeline: " + " → ".join(self.pipeline))
         lines.append("  time: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.seconds.items()))
         return "\n".join(lines)
 

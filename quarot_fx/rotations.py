@@ -1,9 +1,13 @@
-"""Orthogonal rotations the passes fold into weights: every matrix here is orthonormal.
+"""Orthogonal rotations, and the registry R1–R4 choose them from: every matrix here is orthonormal.
 
 * ``hadamard``: H_n/√n (QuaRot).
 * ``randomized_hadamard``: diag(±1)·H_n/√n with seeded signs (QuaRot's R1).
 * ``gsr``: block-diagonal sequency-ordered Walsh blocks (GSR), training-free.
 * ``random``: a seeded Haar-random orthogonal matrix (the SpinQuant/QuaRot baseline).
+
+A new kind is one call: ``register_rotation("name", build)`` with ``build(n, seed=0, group=None)``
+returning an orthonormal float64 [n, n] matrix; the options ``rotation``, ``r2_rotation``,
+``r3_rotation`` and ``r4_rotation`` then accept it.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import math
 
 import torch
 
-from .hadamard import factor_matrix, hadamard_matrix, is_power_of_two
+from collections.abc import Callable
+from dataclasses import dataclass
 
-ROTATIONS = ("hadamard", "randomized_hadamard", "gsr", "random", "none")
+from .hadamard import factor_matrix, hadamard_matrix, is_hadamard_order, is_power_of_two, next_hadamard_order
 
 
 def _bit_reverse(value: int, bits: int) -> int:
@@ -72,18 +77,87 @@ def random_orthogonal(n: int, seed: int = 0, dtype: torch.dtype = torch.float32)
     return (q * torch.sign(torch.diagonal(r))).to(dtype)
 
 
+@dataclass(frozen=True)
+class RotationKind:
+    """A registered rotation kind.
+
+    ``build(n, seed=0, group=None)``: the orthonormal float64 [n, n] matrix. ``problem(n, group)``:
+    why order n cannot be built (None when it can). ``fast(x, n, seed, group)``: x·Q without
+    forming Q, for weight folding (optional). ``pad_to(n)``: a larger order to zero-pad to when n
+    has none (dimension expansion; optional). ``hadamard_op``: the online transform is
+    ``quarot_fx::hadamard_transform``, which the integer kernels fuse with quantization; other
+    kinds run online as a dense matmul.
+    """
+
+    name: str
+    build: Callable[..., torch.Tensor]
+    problem: Callable[[int, int | None], str | None] = lambda n, group: None
+    fast: Callable[..., torch.Tensor] | None = None
+    pad_to: Callable[[int], int] | None = None
+    hadamard_op: bool = False
+
+
+ROTATION_KINDS: dict[str, RotationKind] = {}
+
+
+def register_rotation(name: str, build: Callable[..., torch.Tensor], *, problem=None, fast=None, pad_to=None,
+                      hadamard_op: bool = False) -> RotationKind:
+    """Make ``name`` a rotation kind every rotation option accepts (re-registering replaces it)."""
+    if not isinstance(name, str) or not name or name == "none":
+        raise ValueError(f"a rotation kind needs a name other than 'none'; got {name!r}")
+    kind = RotationKind(name, build, problem or (lambda n, group: None), fast, pad_to, hadamard_op)
+    ROTATION_KINDS[name] = kind
+    return kind
+
+
+def rotation_kinds() -> tuple[str, ...]:
+    """Registered kinds, then ``"none"`` (what the ``rotation`` option accepts)."""
+    return (*ROTATION_KINDS, "none")
+
+
+def rotation_kind(name: str) -> RotationKind:
+    if name not in ROTATION_KINDS:
+        raise ValueError(f"rotation must be one of {', '.join(map(repr, rotation_kinds()))}; got {name!r}")
+    return ROTATION_KINDS[name]
+
+
 def rotation_matrix(
     kind: str, n: int, *, seed: int = 0, group_size: int | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Orthonormal rotation of order n of the given kind (one of :data:`ROTATIONS`)."""
-    if kind == "hadamard":
-        return (hadamard_matrix(n, torch.float64) / math.sqrt(n)).to(dtype)
-    if kind == "randomized_hadamard":
-        return randomized_hadamard(n, seed, dtype)
-    if kind == "gsr":
-        return gsr_rotation(n, group_size, dtype)
-    if kind == "random":
-        return random_orthogonal(n, seed, dtype)
+    """Orthonormal rotation of order n of a registered kind (``"none"``: the identity)."""
     if kind == "none":
         return torch.eye(n, dtype=dtype)
-    raise ValueError(f"rotation must be one of {', '.join(map(repr, ROTATIONS))}; got {kind!r}")
+    matrix = rotation_kind(kind).build(n, seed=seed, group=group_size)
+    if tuple(matrix.shape) != (n, n):
+        raise ValueError(f"rotation kind {kind!r} built a {tuple(matrix.shape)} matrix for order {n}")
+    return matrix.to(dtype).contiguous()  # e.g. QR's Q is column-major
+
+
+def _hadamard_problem(n: int, group: int | None) -> str | None:
+    return None if is_hadamard_order(n) else f"no Hadamard matrix of order {n}"
+
+
+def _gsr_problem(n: int, group: int | None) -> str | None:
+    g = group or default_gsr_group(n)
+    return None if g >= 2 and is_power_of_two(g) and n % g == 0 else \
+        f"gsr_group_size {g} must be a power of two ≥ 2 dividing {n}"
+
+
+def _fast_hadamard(x, n, seed=0, group=None):
+    from .kernels.hadamard_transform import hadamard_transform_cpu
+
+    return hadamard_transform_cpu(x)
+
+
+def _fast_randomized_hadamard(x, n, seed=0, group=None):
+    from .kernels.hadamard_transform import hadamard_transform_cpu
+
+    return hadamard_transform_cpu(x * random_signs(n, seed).to(x))  # (x ⊙ s)·H/√n = x·diag(s)·H/√n
+
+
+register_rotation("hadamard", lambda n, seed=0, group=None: hadamard_matrix(n, torch.float64) / math.sqrt(n),
+                  problem=_hadamard_problem, fast=_fast_hadamard, pad_to=next_hadamard_order, hadamard_op=True)
+register_rotation("randomized_hadamard", lambda n, seed=0, group=None: randomized_hadamard(n, seed, torch.float64),
+                  problem=_hadamard_problem, fast=_fast_randomized_hadamard, pad_to=next_hadamard_order)
+register_rotation("gsr", lambda n, seed=0, group=None: gsr_rotation(n, group, torch.float64), problem=_gsr_problem)
+register_rotation("random", lambda n, seed=0, group=None: random_orthogonal(n, seed, torch.float64))

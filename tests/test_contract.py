@@ -104,11 +104,12 @@ def test_output_attentions_with_sdpa_is_exact():
 
 # 3. The recompile limit --------------------------------------------------------------------------
 
-def test_recompile_limit_is_announced_before_dynamo_falls_back_to_float(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+def test_recompile_limit_is_announced_before_dynamo_falls_back_to_float():
+    # torch's own patch: pytest's monkeypatch would delete the key from torch's config module on undo
     model = tiny_model("llama", layers=1)
     compiled = torch.compile(model, backend="quarot", options=W4, dynamic=False)
-    with torch.no_grad(), pytest.warns(quarot_fx.QuaRotWarning, match="FLOAT model"):
+    with torch._dynamo.config.patch(recompile_limit=3), torch.no_grad(), \
+            pytest.warns(quarot_fx.QuaRotWarning, match="FLOAT model"):
         for length in (4, 5, 6):
             compiled(token_ids(length=length), use_cache=False)
 

@@ -54,7 +54,9 @@ def test_quantized_linears_hold_only_packed_weights():
     linear_params = sum(p.numel() for name, p in model.named_parameters() if "proj" in name)
     packed_bytes = sum(getattr(gm, name).numel() for name in packed)
     assert packed_bytes == linear_params // 2
-    assert any("0.2" in note and "fp16 size" in note for note in reports[0].notes)  # ≈0.25× fp16
+    counters = reports[0].counters
+    assert 0.25 <= counters["packed_bytes"] / counters["packed_fp16_bytes"] < 0.3  # int4 + float32 scales
+    assert {r.storage for r in reports[0].quantized if r.what == "weight"} == {"packed int4"}
 
 
 def test_online_hadamards_fuse_into_activation_quantization():
@@ -65,7 +67,8 @@ def test_online_hadamards_fuse_into_activation_quantization():
     assert len(fused) == 2 * 2  # o_proj (cross-head) and down_proj (R4) of both layers
     hadamards = ops(reports[0])["quarot_fx.hadamard_transform.default"]
     assert hadamards == 2 * 2  # only R3 (queries, keys) stays a separate op
-    assert any("fused" in note for note in reports[0].notes)
+    assert reports[0].counters["fused_hadamards"] == 2 * 2
+    assert {r.storage for r in reports[0].quantized if r.what == "activation"} == {"integer op"}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -120,7 +123,8 @@ def test_other_weight_widths_stay_simulated_and_say_so():
     fake, _ = compile_and_run(model, ids, {"preset": "w8a8kv8", "kernels": "fake"}, use_cache=False)
     real, reports = compile_and_run(model, ids, {"preset": "w8a8kv8"}, use_cache=False)
     assert rel_err(real.logits, fake.logits) <= 1e-5
-    assert any("integer kernels cover 4-bit weights" in note for note in reports[0].notes)
+    assert {(r.bits, r.storage) for r in reports[0].quantized if r.what == "weight"} == {(8, "simulated")}
+    assert any("integer kernels cover 4-bit weights" in note for note in reports[0].notes)  # and says so
     assert ops(reports[0])["quarot_fx.kv_quantize.default"] == 4  # the KV ops still apply
 
 
@@ -160,6 +164,6 @@ def test_gptq_weights_are_packed_once_and_not_recalibrated_on_recompile():
         for length in (8, 11, 13):
             compiled(token_ids(length=length), use_cache=False)
     assert len(reports) >= 2
-    assert any("calibration chunks" in note for note in reports[0].notes)
-    assert not any("calibration chunks" in note for note in reports[-1].notes)  # weights came from the cache
+    assert reports[0].counters["gptq_calibration_chunks"] > 0
+    assert reports[-1].counters["gptq_calibration_chunks"] == 0  # weights came from the cache
     assert ops(reports[-1])["quarot_fx.quantized_linear.default"] == 14

@@ -1,0 +1,81 @@
+"""What the op families share, below all of them: input checks, row blocking, Hadamard stage
+matrices, the int4 nibble decode and the KV-code layout.
+
+Dependency rule of ``kernels/``: an op module (``hadamard_transform``, ``int4``,
+``activation_quant``, ``kv_quant``, ``quantized_linear``) may import this module and, lazily,
+its own ``triton_*`` module; a ``triton_*`` module imports only this module and
+``triton_common``. So there is no import cycle.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from quarot_fx.hadamard import factor_matrix
+
+CHUNK_BYTES = 1 << 19  # rows are processed in blocks of about this size, so every stage stays in cache
+
+
+def row_chunks(rows: int, row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
+    """Row blocks of about ``chunk_bytes`` (at least one row each)."""
+    step = max(1, chunk_bytes // max(row_bytes, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def check_bits(bits: int, name: str = "bits") -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be in 2..8 for integer kernels; got {bits}")
+
+
+def check_inputs(x: torch.Tensor, bits: int, clip: float, op: str = "quantize_per_token") -> None:
+    check_bits(bits)
+    if not x.is_floating_point():
+        raise TypeError(f"{op} needs a floating-point tensor, got {x.dtype}")
+    if not 0 < clip <= 1:
+        raise ValueError(f"clip must be in (0, 1]; got {clip}")
+
+
+def check_hadamard(x: torch.Tensor, inner: int) -> int:
+    """The Hadamard order m of ``hadamard_transform(x, inner)`` (last dim = m · inner)."""
+    if inner < 1 or x.shape[-1] % inner:
+        raise ValueError(f"hadamard_transform: inner={inner} must divide the last dimension {x.shape[-1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
+    return x.shape[-1] // inner
+
+
+def check_int4_values(q: torch.Tensor) -> None:
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 takes int8 values in [-8, 7], got {q.dtype}")
+
+
+@lru_cache(maxsize=None)
+def stage_matrix(order: int, scale: float, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """One Kronecker factor of a Hadamard matrix, scaled, on a device; cached across calls."""
+    return (factor_matrix(order, torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types accumulate in float32; float32 and float64 stay as they are."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def signed_nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high) int8 values of uint8 bytes holding two's complement nibbles.
+
+    A nibble n is worth (n ^ 8) - 8: no branch, one pass per nibble (``triton_common`` has the
+    same decode for Triton)."""
+    low = ((packed & 0xF) ^ 8).view(torch.int8) - 8
+    high = ((packed >> 4) ^ 8).view(torch.int8) - 8
+    return low, high
+
+
+def kv_packs(bits: int) -> bool:
+    """KV codes of ≤ 4 bits are stored two per byte (as code - 8, in the pack_int4 layout)."""
+    return bits <= 4
+
+
+def kv_code_bytes(length: int, bits: int) -> int:
+    return (length + 1) // 2 if kv_packs(bits) else length

@@ -1,0 +1,96 @@
+"""Extension points, used from outside the package as a researcher would.
+
+Each test body between the ``# --- begin/end`` markers is the whole extension; the closing
+note of issue 12 quotes their line counts (`test_extension_sizes` keeps them honest).
+"""
+
+import inspect
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_ids
+
+import quarot_fx
+from quarot_fx.passes.registry import unregister_pass
+from quarot_fx.rotations import ROTATION_KINDS
+
+
+@pytest.fixture
+def qr_kind():
+    yield
+    ROTATION_KINDS.pop("qr", None)
+
+
+def test_a_new_rotation_kind_in_a_few_lines(qr_kind):
+    # --- begin rotation kind
+    def qr_rotation(n, seed=0, group=None):
+        """A seeded Haar-random orthogonal matrix from the QR decomposition of a Gaussian."""
+        gauss = torch.randn(n, n, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+        q, r = torch.linalg.qr(gauss)
+        return q * torch.sign(torch.diagonal(r))
+
+    quarot_fx.register_rotation("qr", qr_rotation)
+    options = {"preset": "fp", "lowering": "fx", "rotation": "qr",
+               "r2_rotation": "qr", "r3_rotation": "qr", "r4_rotation": "qr"}
+    # --- end rotation kind
+    model, ids = tiny_model("llama"), token_ids()
+    with torch.no_grad(), quarot_fx.collect_reports() as reports:
+        out = torch.compile(model, backend="quarot", options=options)(ids, use_cache=False).logits
+        ref = model(ids, use_cache=False).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    report = reports[0]
+    assert report.region_counts() == {"R1": 1, "R2": 2, "R3": 2, "R4": 2}
+    assert all("qr" in region.rotation for region in report.regions), str(report)
+    assert "qr" in quarot_fx.rotation_kinds()
+
+
+@pytest.fixture
+def float_layer_pass():
+    yield
+    unregister_pass("keep_first_down_projection_in_float")
+
+
+def test_a_new_pass_in_a_few_lines(float_layer_pass):
+    # --- begin pass
+    from quarot_fx.passes.registry import register_pass
+
+    @register_pass("weights", before="quantize_weights", when=lambda config: config.w_bits < 16)
+    def keep_first_down_projection_in_float(ctx):
+        """Mixed precision: layer 0's down-projection keeps float weights and inputs."""
+        ctx.analysis.quantized = [site for site in ctx.analysis.quantized
+                                  if ctx.fqn_of(site.weight_node.target) != "model.layers.0.mlp.down_proj.weight"]
+    # --- end pass
+    model, ids = tiny_model("llama"), token_ids()
+    explanation = quarot_fx.explain(model, ids, model_kwargs={"use_cache": False}, preset="w4a4kv4")
+    report = explanation.reports[0]
+    assert report.pipeline.index("keep_first_down_projection_in_float") == report.pipeline.index("quantize_weights") - 1
+    assert "keep_first_down_projection_in_float" in str(explanation)
+    down = {e.weight: e for e in report.linears if "down_proj" in e.weight}
+    assert not any("rtn" in t for t in down["model.layers.0.mlp.down_proj.weight"].offline)
+    assert any("rtn" in t for t in down["model.layers.1.mlp.down_proj.weight"].offline)
+
+
+def test_a_pass_must_name_a_known_anchor():
+    from quarot_fx.passes.registry import register_pass
+
+    with pytest.raises(ValueError, match="no registered pass named 'nope'"):
+        register_pass("weights", after="nope")(lambda ctx: None)
+    with pytest.raises(ValueError, match="stage must be one of 'analysis'"):
+        register_pass("later")(lambda ctx: None)
+
+
+def test_unregistered_kinds_are_refused_by_name():
+    with pytest.raises(ValueError, match="r4_rotation must be one of 'hadamard'"):
+        quarot_fx.QuaRotConfig(r4_rotation="qr-not-registered")
+
+
+def extension_lines(test) -> int:
+    source = inspect.getsource(test).splitlines()
+    begin = next(i for i, line in enumerate(source) if "# --- begin" in line)
+    end = next(i for i, line in enumerate(source) if "# --- end" in line)
+    return sum(1 for line in source[begin + 1:end] if line.strip())
+
+
+def test_extension_sizes():
+    assert extension_lines(test_a_new_rotation_kind_in_a_few_lines) < 30
+    assert extension_lines(test_a_new_pass_in_a_few_lines) < 50
