@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     models = [("tiny-llama-2L", tiny_llama())]
     if args.model != "none":
-        from quarot_fx.models import load_model
+        from quarot_fx.tools.models import load_model
 
         models.append((args.model, load_model(args.model)[0]))
     rows = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from quarot_fx.hadamard import is_hadamard_order, next_hadamard_order
+from quarot_fx.numerics.hadamard import is_hadamard_order, next_hadamard_order
 from quarot_fx.kernels.triton_quant import _tile, kronecker_split
 
 FP16, INT4, SCALE = 2, 0.5, 4
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    from quarot_fx.models import load_model
+    from quarot_fx.tools.models import load_model
 
     config = load_model(args.model)[0].config
     table = rows(config, args.context)

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import median_seconds  # noqa: E402
 
-from quarot_fx.hadamard import hadamard_matrix, hadamard_plan  # noqa: E402
+from quarot_fx.numerics.hadamard import hadamard_matrix, hadamard_plan  # noqa: E402
 from quarot_fx.kernels import hadamard_transform  # noqa: E402
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from quarot_fx.config import PRESETS
-from quarot_fx.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
-from quarot_fx.models import load_model
+from quarot_fx.tools.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
+from quarot_fx.tools.models import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 DEFAULT_TEXT = DATA / "wiki.test.raw"

@@ -125,7 +125,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from quarot_fx.models import load_model
+    from quarot_fx.tools.models import load_model
 
     model = load_model(args.model)[0]
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from quarot_fx.quant import symmetric_codes, symmetric_scale
+from quarot_fx.numerics.quant import symmetric_codes, symmetric_scale
 
 from .common import check_inputs, row_chunks
 from .hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from quarot_fx.hadamard import factor_matrix
+from quarot_fx.numerics.hadamard import factor_matrix
 
 CHUNK_BYTES = 1 << 19  # rows are processed in blocks of about this size, so every stage stays in cache
 

@@ -2,7 +2,7 @@
 
 The output is always a new contiguous tensor of x's shape and dtype.
 
-H_m = F_1 ⊗ … ⊗ F_c (see :func:`quarot_fx.hadamard.hadamard_plan`), so the transform is c
+H_m = F_1 ⊗ … ⊗ F_c (see :func:`quarot_fx.numerics.hadamard.hadamard_plan`), so the transform is c
 small matmuls, one per Kronecker factor, instead of one dense m×m matmul: the power-of-two
 part runs as a radix-≤64 butterfly, Paley factors as dense blocks. ``inner > 1`` gives the
 "cross-head" transform (H over heads, identity inside each head) that online R2 needs.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import torch
 
-from quarot_fx.hadamard import hadamard_matrix, hadamard_plan
+from quarot_fx.numerics.hadamard import hadamard_matrix, hadamard_plan
 
 from .common import check_hadamard as _check
 from .common import compute_dtype, row_chunks, stage_matrix

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from quarot_fx.quant import asymmetric_codes
+from quarot_fx.numerics.quant import asymmetric_codes
 
 from .common import check_bits, check_inputs
 from .common import kv_code_bytes as code_bytes

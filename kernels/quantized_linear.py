@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from quarot_fx.quant import dequantize_weight
+from quarot_fx.numerics.quant import dequantize_weight
 
 from .common import row_chunks, signed_nibbles
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quarot_fx.hadamard import hadamard_plan
+from quarot_fx.numerics.hadamard import hadamard_plan
 
 from .common import check_hadamard as _check
 from .common import compute_dtype, stage_matrix

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quarot_fx.hadamard import factor_matrix, hadamard_plan
+from quarot_fx.numerics.hadamard import factor_matrix, hadamard_plan
 
 from .common import check_hadamard as _check_hadamard
 from .common import kv_code_bytes as code_bytes

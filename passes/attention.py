@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from quarot_fx.rotations import rotation_kind
+from quarot_fx.numerics.rotations import rotation_kind
 from quarot_fx.report import Region, Skip
 
 from .graph_utils import Site, as_site, first_arg, is_metadata_use, keeps_last_dim, label, last_dim, op_name, shape
@@ -324,17 +324,26 @@ def insert_rotation(gm: fx.GraphModule, consumer: fx.Node, value: fx.Node, matri
     return rotated
 
 
+def _applicable(ctx, plans, region: str, option: str):
+    """(plan, where) for the plans the option's rotation kind can apply at head_dim; the rest
+    become skips with their reason."""
+    name = getattr(ctx.config, option)
+    kind = rotation_kind(name)
+    for plan in plans:
+        where = label(plan.attention.output)
+        if plan.problem is None and kind.problem(plan.head_dim, None):
+            plan.problem = f"{kind.problem(plan.head_dim, None)} (head_dim={plan.head_dim}, {option}={name!r})"
+        if plan.problem is not None:
+            ctx.report.skipped.append(Skip(f"{region} at {where}", plan.problem))
+            continue
+        yield plan, where
+
+
 def rotate_values(ctx) -> None:
     """Pass R2: per-head rotation folded into value/output projections, online cross-head part."""
     name, seed = ctx.config.r2_rotation, ctx.config.seed
     kind = rotation_kind(name)
-    for plan in ctx.analysis.values:
-        where = label(plan.attention.output)
-        if plan.problem is None and kind.problem(plan.head_dim, None):
-            plan.problem = f"{kind.problem(plan.head_dim, None)} (head_dim={plan.head_dim}, r2_rotation={name!r})"
-        if plan.problem is not None:
-            ctx.report.skipped.append(Skip(f"R2 at {where}", plan.problem))
-            continue
+    for plan, where in _applicable(ctx, ctx.analysis.values, "R2", "r2_rotation"):
         hd, heads = plan.head_dim, plan.heads
         rows = plan.kv_heads * hd
         ctx.edits(plan.value_site).edits.append(
@@ -386,14 +395,7 @@ def analyze_queries_keys(attention: Attention) -> QueryKeyPlan:
 def rotate_queries_keys(ctx) -> None:
     """Pass R3: the same online rotation on queries and (post-RoPE, pre-cache) keys."""
     name = ctx.config.r3_rotation
-    kind = rotation_kind(name)
-    for plan in ctx.analysis.queries_keys:
-        where = label(plan.attention.output)
-        if plan.problem is None and kind.problem(plan.head_dim, None):
-            plan.problem = f"{kind.problem(plan.head_dim, None)} (head_dim={plan.head_dim}, r3_rotation={name!r})"
-        if plan.problem is not None:
-            ctx.report.skipped.append(Skip(f"R3 at {where}", plan.problem))
-            continue
+    for plan, where in _applicable(ctx, ctx.analysis.queries_keys, "R3", "r3_rotation"):
         attention, rotation = plan.attention, Rotation(name, plan.head_dim, ctx.config.seed)
         insert_rotation(ctx.gm, attention.consumer("query"), attention.operand("query"), rotation)
         path = plan.key_path

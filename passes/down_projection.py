@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from quarot_fx.report import Region, Skip
-from quarot_fx.rotations import rotation_kind
+from quarot_fx.numerics.rotations import rotation_kind
 
 from .attention import insert_rotation
 from .graph_utils import Site, as_site, keeps_last_dim, label, op_name, origin

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from quarot_fx.rotations import rotation_kind, rotation_matrix
+from quarot_fx.numerics.rotations import rotation_kind, rotation_matrix
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,6 @@ class Rotation:
     def describe(self) -> str:
         extra = f", group {self.group}" if self.kind == "gsr" and self.group else ""
         return f"{self.kind}({self.n}{extra})"
-
-
-def Hadamard(n: int) -> Rotation:  # noqa: N802 (reads as the matrix it names)
-    """H_n/√n."""
-    return Rotation("hadamard", n)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 ``analyze_invariance`` reads the pristine graph and decides where each rotation can live;
 the ``rotate_*`` and ``quantize_*`` passes rewrite it and record weight edits on sites;
-``materialize_weights`` computes the edited weights once (cached across recompiles), packed
-for ``quantized_linear`` with the integer kernels; ``lower_activation_quantizers`` then hands
-those linears integer codes. GPTQ materializes the rotations first, since its Hessians come
+``materialize_weights`` computes the edited weights once (cached across recompiles), leaving
+4-bit weights for ``lower_to_integer_kernels`` to pack, which also turns the fake activation and
+KV quantizers into integer ops. GPTQ materializes the rotations first, since its Hessians come
 from running the rotated graph. The runner times every pass and lints the graph after it, so
 a broken rewrite fails at the pass that made it.
 """
@@ -22,12 +22,11 @@ from .calibrate import gptq_weights
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
 from .context import Analysis, PassContext  # noqa: F401  (re-exported: the context passes take)
 from .graph_utils import label
-from .quantize import (lower_activation_quantizers, quantize_activations, quantize_kv_cache, quantize_weights,
-                       quantized_sites)
+from .quantize import PENDING_WEIGHT, lower_to_integer_kernels, quantize_activations, quantize_kv_cache, quantize_weights
+from .quantize import quantized_sites
 from .residual import find_residual_streams, rotate_residual, skip_reasons
 from .registry import RegisteredPass, ordered_passes, register_pass
-from .weights import (drop_unused_constants, weight_record, packed_weights, quantizes_last, replace_site_weights,
-                      replace_with_quantized_linear, transformed_weights)
+from .weights import drop_unused_constants, quantizes_last, replace_site_weights, transformed_weights, weight_record
 
 
 def analyze_invariance(ctx: PassContext) -> None:
@@ -54,37 +53,24 @@ def analyze_invariance(ctx: PassContext) -> None:
 def materialize_weights(ctx: PassContext) -> None:
     """Compute every edited weight once (cached by parameter) and point its site at it.
 
-    Sites whose last edit quantizes to 4 bits become ``quantized_linear`` on packed weights
-    when the integer kernels are on; the float weight is then never stored.
+    A 4-bit weight quantization that the integer kernels will store packed stays pending: the
+    site's node records it (``node.meta``) and ``lower_to_integer_kernels`` packs it, so the
+    float form of that weight is never computed.
     """
-    packed_bytes = fp16_bytes = 0
-    counters = ctx.report.counters
     for entry in ctx.sites.values():
         if not entry.edits:
             continue
+        record = None
         if quantizes_last(entry):
-            ctx.report.quantized.append(weight_record(ctx.fqn_of(entry.original_weight), entry.edits[-1],
-                                                      packed=ctx.config.packs_weights and entry.site.kind != "embedding"))
-        if ctx.config.packs_weights and quantizes_last(entry) and entry.site.kind != "embedding":
-            packed, scales, bias, in_features = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
-            size = packed.numel() + scales.numel() * scales.element_size()
-            entry.online.append(f"quantized_linear: packed int4 weight + scales, {size / 1024:.1f} KiB")
-            packed_bytes += size
-            fp16_bytes += 2 * packed.shape[0] * in_features
-            entry.site.node = replace_with_quantized_linear(ctx.gm, entry, packed, scales, bias, in_features)
+            record = weight_record(ctx.fqn_of(entry.original_weight), entry.edits[-1])
+            ctx.report.quantized.append(record)
+        if record is not None and ctx.config.packs_weights and entry.site.kind != "embedding":
+            entry.site.node.meta[PENDING_WEIGHT] = (entry, record)
             continue
         weight, bias = transformed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
         fqn = ctx.fqn_of(entry.site.weight_node.target)
         replace_site_weights(ctx.gm, entry, weight, bias)
         ctx.lifted.fqn_by_attr[entry.site.weight_node.target] = fqn  # later edits cache under the same name
-    counters["packed_bytes"] += packed_bytes
-    counters["packed_fp16_bytes"] += fp16_bytes
-    if packed_bytes:
-        ctx.report.notes.append(f"integer kernels: quantized linears hold {packed_bytes / 2**20:.2f} MiB packed "
-                                f"int4 + scales, {packed_bytes / fp16_bytes:.3f}× their fp16 size")
-    elif ctx.config.kernels == "integer" and ctx.config.w_bits < 16 and any(map(quantizes_last, ctx.sites.values())):
-        ctx.report.notes.append(f"integer kernels cover 4-bit weights: w{ctx.config.w_bits} linears run "
-                                "simulated (dequantized float weights)")
     for entry in ctx.sites.values():
         fqn = ctx.fqn_of(entry.original_weight)
         linear = ctx.report.linear(label(entry.site.node, default=fqn.rpartition(".")[0]), entry.site.kind, fqn)
@@ -112,7 +98,7 @@ for _stage, _fn, _when, _name in (
     ("activations", quantize_activations, lambda c: c.a_bits < 16, None),
     ("activations", quantize_kv_cache, lambda c: c.kv_bits < 16, None),
     ("materialize", materialize_weights, lambda c: c.rotates or c.quantizes, None),
-    ("lower", lower_activation_quantizers, lambda c: c.packs_weights and c.a_bits < 16, None),
+    ("lower", lower_to_integer_kernels, lambda c: c.kernels == "integer" and c.quantizes, None),
 ):
     register_pass(_stage, when=_when, name=_name)(_fn)
 

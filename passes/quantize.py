@@ -8,8 +8,8 @@
   per distinct input, shared by the linears that read it (q/k/v, gate/up);
 * KV cache: keys after R3 and values after R2, before the cache ``cat``, so prefill and
   every decode step attend over quantized keys and values;
-* ``lower_activation_quantizers`` (integer kernels): a fake quantizer feeding packed linears
-  becomes ``quarot_fx::quantize_per_token``, fused with the Hadamard right before it.
+* ``lower_to_integer_kernels`` (integer kernels): the decisions recorded on the graph (pending
+  weights, fake activation and KV quantizers) become the ``quarot_fx::`` integer ops.
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ import operator
 import torch
 import torch.fx as fx
 
-from quarot_fx.quant import quantize_activation, quantize_kv
+from quarot_fx.numerics.quant import quantize_activation, quantize_kv
 from quarot_fx.report import QuantRecord, Skip
 
 from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, value
-from .weights import QUANTIZED_LINEAR, QuantizeWeight
+from .weights import (QUANTIZED_LINEAR, QuantizeWeight, drop_unused_constants, packed_weights,
+                      replace_with_quantized_linear)
 
 QUANTIZE_PER_TOKEN = torch.ops.quarot_fx.quantize_per_token.default
 KV_QUANTIZE = torch.ops.quarot_fx.kv_quantize.default
 KV_DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default
 RECORD = "quarot_quant"  # node.meta key: the QuantRecord of a quantizer node
+PENDING_WEIGHT = "quarot_pending_weight"  # node.meta key: (SiteEdits, QuantRecord) of a weight to pack
+KV_LIKE = "quarot_kv_like"  # node.meta key: the tensor (shape, dtype) a KV quantizer's output stands for
 
 
 def feeds_output(node: fx.Node) -> bool:
@@ -105,29 +108,56 @@ def quantize_kv_cache(ctx) -> None:
                 continue
             source = path.source
             consumer = path.nodes[-1] if path.nodes else attention.consumer(name)  # source: [..., head_dim]
-            like = value(attention.operand(name))  # shape and dtype Dynamo recorded
-            integer = config.kernels == "integer" and isinstance(like, torch.Tensor)
             with ctx.gm.graph.inserting_before(consumer):
-                quantized = (_integer_kv(ctx.gm.graph, source, config.kv_bits, config.kv_cache_clip, like)
-                             if integer else
-                             ctx.gm.graph.call_function(quantize_kv, (source, config.kv_bits, config.kv_cache_clip)))
+                quantized = ctx.gm.graph.call_function(quantize_kv, (source, config.kv_bits, config.kv_cache_clip))
+            record = QuantRecord(label(attention.output), name, config.kv_bits, "asymmetric per head",
+                                 config.kv_cache_clip)
+            quantized.meta[RECORD] = record
+            quantized.meta[KV_LIKE] = value(attention.operand(name))  # shape and dtype Dynamo recorded
             consumer.replace_input_with(source, quantized)
             ctx.kv_cache_inputs.update(path.cache_inputs)
             inserted += 1
-            ctx.report.quantized.append(QuantRecord(label(attention.output), name, config.kv_bits, "asymmetric per head",
-                                                    config.kv_cache_clip, "integer op" if integer else "simulated"))
+            ctx.report.quantized.append(record)
     ctx.report.counters["kv_tensors_quantized"] += inserted
     if not inserted:
         return
-    how = "kv_quantize/kv_dequantize ops" if config.kernels == "integer" else "fake quantization"
     ctx.report.notes.append(f"KV cache: {inserted} key/value tensors quantized to {config.kv_bits} bits, asymmetric "
-                            f"per head (clip {config.kv_cache_clip}), before the cache ({how}); the cache "
+                            f"per head (clip {config.kv_cache_clip}), before the cache; the cache "
                             "object itself stores the dequantized values (transformers' caches hold float tensors)")
 
 
-def lower_activation_quantizers(ctx) -> None:
-    """Pass: fake activation quantizers that feed packed linears become integer codes."""
-    graph = ctx.gm.graph
+def lower_to_integer_kernels(ctx) -> None:
+    """Pass: the quantization decisions recorded on the graph become integer custom ops.
+
+    Weights: a pending 4-bit weight quantization becomes ``quantized_linear`` on packed int4
+    weights and scales (packing cached per parameter). Activations: a fake per-token quantizer
+    feeding those linears becomes ``quantize_per_token``, fused with the online Hadamard right
+    before it. KV cache: a fake KV quantizer becomes ``kv_dequantize(kv_quantize(·))``.
+    """
+    graph, report = ctx.gm.graph, ctx.report
+    packed_bytes = fp16_bytes = 0
+    for node in list(graph.nodes):
+        if PENDING_WEIGHT not in node.meta:
+            continue
+        entry, record = node.meta.pop(PENDING_WEIGHT)
+        packed, scales, bias, in_features = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+        size = packed.numel() + scales.numel() * scales.element_size()
+        packed_bytes += size
+        fp16_bytes += 2 * packed.shape[0] * in_features
+        fqn = ctx.fqn_of(entry.original_weight)
+        report.linear(label(node, default=fqn.rpartition(".")[0]), entry.site.kind, fqn).online.append(
+            f"quantized_linear: packed int4 weight + scales, {size / 1024:.1f} KiB")
+        replace_with_quantized_linear(ctx.gm, entry, packed, scales, bias, in_features)
+        record.storage = "packed int4"
+    report.counters["packed_bytes"] += packed_bytes
+    report.counters["packed_fp16_bytes"] += fp16_bytes
+    if packed_bytes:
+        report.notes.append(f"integer kernels: quantized linears hold {packed_bytes / 2**20:.2f} MiB packed "
+                            f"int4 + scales, {packed_bytes / fp16_bytes:.3f}× their fp16 size")
+    if any(r.what == "weight" and r.storage == "simulated" for r in report.quantized):
+        report.notes.append(f"integer kernels cover 4-bit weights: w{ctx.config.w_bits} linears run "
+                            "simulated (dequantized float weights)")
+
     fused = 0
     for fake in [n for n in graph.nodes if n.op == "call_function" and n.target is quantize_activation]:
         linears = [u for u in fake.users if u.target is QUANTIZED_LINEAR and u.args[0] is fake and u.args[1] is None]
@@ -151,6 +181,18 @@ def lower_activation_quantizers(ctx) -> None:
             if inner:
                 graph.erase_node(rotation)
                 fused += 1
-    ctx.report.counters["fused_hadamards"] += fused
+    report.counters["fused_hadamards"] += fused
     if fused:
-        ctx.report.notes.append(f"integer kernels: {fused} online Hadamards fused into activation quantization")
+        report.notes.append(f"integer kernels: {fused} online Hadamards fused into activation quantization")
+
+    for fake in [n for n in graph.nodes if n.op == "call_function" and n.target is quantize_kv]:
+        like = fake.meta.get(KV_LIKE)
+        if not isinstance(like, torch.Tensor):
+            continue
+        source, bits, clip = fake.args
+        with graph.inserting_before(fake):
+            integer = _integer_kv(graph, source, bits, clip, like)
+        fake.replace_all_uses_with(integer)
+        graph.erase_node(fake)
+        fake.meta[RECORD].storage = "integer op"
+    drop_unused_constants(ctx.gm)

@@ -24,9 +24,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from quarot_fx.hadamard import nearest_hadamard_orders
+from quarot_fx.numerics.hadamard import nearest_hadamard_orders
 from quarot_fx.report import Region, Skip
-from quarot_fx.rotations import rotation_kind
+from quarot_fx.numerics.rotations import rotation_kind
 
 from .graph_utils import (
     Site, as_site, constant_signature, evaluate_constant, first_arg, is_constant, is_metadata_use,

@@ -95,7 +95,7 @@ class _WeightQuantizer:
     the integer kernels store, packed); ``apply`` gives their dequantized float form."""
 
     def apply(self, w, b):
-        from quarot_fx.quant import dequantize_weight
+        from quarot_fx.numerics.quant import dequantize_weight
 
         return dequantize_weight(*self.codes(w)).to(w.dtype), b
 
@@ -109,7 +109,7 @@ class QuantizeWeight(_WeightQuantizer):
     clip_search: bool
 
     def codes(self, w):
-        from quarot_fx.quant import weight_codes_rtn
+        from quarot_fx.numerics.quant import weight_codes_rtn
 
         return weight_codes_rtn(w, self.bits, self.group_size, self.clip_search)
 
@@ -132,7 +132,7 @@ class GPTQWeight(_WeightQuantizer):
     hessian: torch.Tensor | None = field(default=None, compare=False, hash=False)
 
     def codes(self, w):
-        from quarot_fx.gptq import gptq_codes
+        from quarot_fx.numerics.gptq import gptq_codes
 
         if self.hessian is None:
             raise RuntimeError("GPTQ edit has no Hessian and its result is not cached")
@@ -147,13 +147,12 @@ class GPTQWeight(_WeightQuantizer):
 Edit = InputAffine | InputRotation | OutputTransform | PadInput | QuantizeWeight | GPTQWeight
 
 
-def weight_record(fqn: str, edit: _WeightQuantizer, packed: bool):
-    """The report's record of a weight quantization (packed: 4-bit weights under the integer kernels)."""
+def weight_record(fqn: str, edit: _WeightQuantizer):
+    """The report's record of a weight quantization (simulated until the lowering packs it)."""
     from quarot_fx.report import QuantRecord
 
     method = "gptq" if isinstance(edit, GPTQWeight) else "rtn"
-    storage = "packed int4" if packed and edit.bits == 4 else "simulated"
-    return QuantRecord(fqn, "weight", edit.bits, method, "search" if edit.clip_search else None, storage)
+    return QuantRecord(fqn, "weight", edit.bits, method, "search" if edit.clip_search else None)
 
 
 class WeightCache:
@@ -302,7 +301,7 @@ QUANTIZED_LINEAR = torch.ops.quarot_fx.quantized_linear.default
 def replace_with_quantized_linear(gm: fx.GraphModule, entry: SiteEdits, packed, scales, bias,
                                   in_features: int) -> fx.Node:
     """Swap a linear/addmm site for ``quantized_linear`` on packed constants (float input for
-    now: ``lower_activation_quantizers`` hands it integer codes later)."""
+    now: the lowering then hands it integer codes)."""
     node = entry.site.node
     prefix = f"qfx_packed__{node.name}"
     constants = [_constant(gm, node, f"{prefix}__{name}", t) if t is not None else None

@@ -7,6 +7,9 @@ or, equivalently, ``quarot_fx.compile(model, preset="w4a4kv4")``.
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import torch
 
 from . import kernels  # noqa: F401  (registers the quarot_fx:: custom ops)
@@ -14,11 +17,17 @@ from . import generation
 from .backend import ForeignCacheError, quarot_backend
 from .config import PRESETS, QuaRotConfig
 from .explain import Explanation, explain
-from .hadamard import HadamardOrderError, hadamard_matrix, hadamard_plan, next_hadamard_order
+from .numerics.hadamard import HadamardOrderError, hadamard_matrix, hadamard_plan, next_hadamard_order
 from .report import QuaRotWarning, Report, collect_reports
-from .rotations import register_rotation, rotation_kinds, rotation_matrix
+from .numerics.rotations import register_rotation, rotation_kinds, rotation_matrix
 
 __version__ = "0.1.0"
+
+# Modules moved into numerics/ and tools/ keep their old import paths (users' scripts use them).
+for _folder, _names in (("numerics", ("hadamard", "finite_field", "rotations", "quant", "gptq")),
+                        ("tools", ("evaluate", "models", "demo"))):
+    for _name in _names:
+        sys.modules[f"{__name__}.{_name}"] = globals()[_name] = importlib.import_module(f"{__name__}.{_folder}.{_name}")
 
 generation.install()  # generate() on a quarot-compiled module runs the compiled forward
 

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from .config import LOWERINGS, PRESETS
-from .rotations import rotation_kinds
+from .numerics.rotations import rotation_kinds
 
 
 def _positive(text: str) -> int:
@@ -38,7 +38,7 @@ def _model(text: str) -> str:
 
 def _demo(args: argparse.Namespace) -> int:
     if args.model != "tiny":
-        from .demo import run_demo
+        from .tools.demo import run_demo
 
         run_demo(args.model, args.text, args.windows, args.preset, args.lowering, args.steps)
         return 0
@@ -69,7 +69,7 @@ def _tiny_demo(args: argparse.Namespace) -> int:
 
 
 def _hadamard(args: argparse.Namespace) -> int:
-    from quarot_fx.hadamard import HadamardOrderError, hadamard_plan
+    from quarot_fx.numerics.hadamard import HadamardOrderError, hadamard_plan
 
     status = 0
     for n in args.sizes:

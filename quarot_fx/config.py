@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .rotations import ROTATION_KINDS, rotation_kinds
+from .numerics.rotations import ROTATION_KINDS, rotation_kinds
 
 PRESETS: dict[str, dict[str, int]] = {
     "w4a4kv4": {"w_bits": 4, "a_bits": 4, "kv_bits": 4},
@@ -65,7 +65,7 @@ class QuaRotConfig:
         lowering: ``"inductor"`` (compile with Inductor, freezing on) or ``"fx"`` (run the
             rewritten FX graph as it is: fast to start, for tests and debugging).
         weights: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``calibration``).
-        calibration: token-id tensors for GPTQ (see ``quarot_fx.evaluate.calibration_windows``).
+        calibration: token-id tensors for GPTQ (see ``quarot_fx.tools.evaluate.calibration_windows``).
         gptq_damp, gptq_block_size, gptq_act_order: GPTQ's damping (fraction of mean diag H),
             column block and activation ordering.
         w_group_size: weight quantization group along the input dim (None = per output channel).
@@ -142,7 +142,7 @@ class QuaRotConfig:
                                  f"{type(self.calibration).__name__}")
         if self.weights == "gptq" and self.w_bits < 16 and self.calibration is None:
             raise ValueError("weights='gptq' needs calibration=[token-id tensors] "
-                             "(e.g. quarot_fx.evaluate.calibration_windows)")
+                             "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -3,7 +3,7 @@ import math
 import torch
 from tiny_models import tiny_model
 
-from quarot_fx.evaluate import calibration_windows, perplexity, read_eval_text, windows
+from quarot_fx.tools.evaluate import calibration_windows, perplexity, read_eval_text, windows
 
 
 def test_windows_are_non_overlapping_from_the_start():

@@ -12,7 +12,7 @@ from tiny_models import tiny_model, token_ids
 
 import quarot_fx
 from quarot_fx.passes.registry import unregister_pass
-from quarot_fx.rotations import ROTATION_KINDS
+from quarot_fx.numerics.rotations import ROTATION_KINDS
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quarot_fx.finite_field import FiniteField, jacobsthal_matrix, prime_power
-from quarot_fx.hadamard import (
+from quarot_fx.numerics.finite_field import FiniteField, jacobsthal_matrix, prime_power
+from quarot_fx.numerics.hadamard import (
     HadamardOrderError, factor_matrix, hadamard_matrix, hadamard_orders, hadamard_plan,
     is_hadamard_order, nearest_hadamard_orders, next_hadamard_order, paley_construction, paley_matrix,
 )

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quarot_fx.hadamard import hadamard_orders
+from quarot_fx.numerics.hadamard import hadamard_orders
 from quarot_fx.kernels import hadamard_transform, hadamard_transform_reference
 
 ORDERS = [n for n in hadamard_orders(1024) if n > 1]

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from tiny_models import tiny_model, token_ids
 
 import quarot_fx
-from quarot_fx.quant import (
+from quarot_fx.numerics.quant import (
     fake_quant_asymmetric, fake_quant_symmetric, quantize_kv, quantize_weight_rtn,
 )
 
@@ -133,7 +133,7 @@ def test_presets_stay_close_to_float(preset, max_err):
 
 
 def test_gptq_beats_rtn_on_correlated_inputs():
-    from quarot_fx.gptq import gptq_quantize
+    from quarot_fx.numerics.gptq import gptq_quantize
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated features
@@ -148,7 +148,7 @@ def test_gptq_beats_rtn_on_correlated_inputs():
 
 
 def test_gptq_handles_dead_inputs_and_keeps_the_grid():
-    from quarot_fx.gptq import gptq_quantize
+    from quarot_fx.numerics.gptq import gptq_quantize
 
     x = torch.randn(512, 32)
     x[:, 5] = 0.0  # an input channel that never fires

@@ -9,7 +9,7 @@ from quarot_fx.kernels import (hadamard_transform, kv_dequantize, kv_dequantize_
                                kv_quantize_reference, pack_linear_weight, quantize_per_token,
                                unpack_linear_weight,
                                quantize_per_token_reference, quantized_linear, quantized_linear_reference)
-from quarot_fx.quant import fake_quant_asymmetric, fake_quant_symmetric
+from quarot_fx.numerics.quant import fake_quant_asymmetric, fake_quant_symmetric
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

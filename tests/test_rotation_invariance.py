@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tiny_models import ARCHITECTURES, tiny_model, token_ids
 
 import quarot_fx
-from quarot_fx.hadamard import hadamard_matrix
+from quarot_fx.numerics.hadamard import hadamard_matrix
 from quarot_fx.passes.weights import WEIGHT_CACHE
 
 ROTATE = {"preset": "fp"}  # rotations on (Hadamard R1), nothing quantized

@@ -3,8 +3,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quarot_fx.hadamard import hadamard_matrix
-from quarot_fx.rotations import (
+from quarot_fx.numerics.hadamard import hadamard_matrix
+from quarot_fx.numerics.rotations import (
     gsr_rotation, rotation_kinds, randomized_hadamard, rotation_matrix, sequency_permutation, walsh_matrix,
 )
 

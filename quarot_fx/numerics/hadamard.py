@@ -39,7 +39,7 @@ class HadamardOrderError(ValueError):
             f"no Hadamard matrix of order {n} can be constructed (Sylvester 2^k, Paley I q+1, "
             f"Paley II 2(q+1), and Kronecker products). Nearest larger orders that can: "
             f"{', '.join(map(str, nearest))}. Zero-pad the dimension to one of them "
-            f"(dimension expansion: quarot_fx.hadamard.next_hadamard_order({n}) == {nearest[0]})."
+            f"(dimension expansion: quarot_fx.numerics.hadamard.next_hadamard_order({n}) == {nearest[0]})."
         )
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .evaluate import perplexity, read_eval_text, tokenize, windows
 from .models import load_model
-from .report import collect_reports
+from ..report import collect_reports
 
 PROMPT = "The capital of France is"
 

@@ -144,13 +144,13 @@ def _gsr_problem(n: int, group: int | None) -> str | None:
 
 
 def _fast_hadamard(x, n, seed=0, group=None):
-    from .kernels.hadamard_transform import hadamard_transform_cpu
+    from ..kernels.hadamard_transform import hadamard_transform_cpu
 
     return hadamard_transform_cpu(x)
 
 
 def _fast_randomized_hadamard(x, n, seed=0, group=None):
-    from .kernels.hadamard_transform import hadamard_transform_cpu
+    from ..kernels.hadamard_transform import hadamard_transform_cpu
 
     return hadamard_transform_cpu(x * random_signs(n, seed).to(x))  # (x ⊙ s)·H/√n = x·diag(s)·H/√n
 

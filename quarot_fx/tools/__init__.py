@@ -1,0 +1,1 @@
+"""Around the compiler: model loading, the perplexity protocol, the demo."""
