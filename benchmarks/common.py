@@ -16,3 +16,14 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cpu_summary() -> str:
+    """Which CPU gave a figure: model name and the integer-GEMM flags that change what is fast."""
+    try:
+        info = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return "CPU: unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = sorted({f for f in ("avx2", "avx512_vnni", "amx_int8") if f" {f}" in info})
+    return f"CPU: {model}, flags {' '.join(flags) or 'none of avx2/avx512_vnni/amx_int8'}"
