@@ -38,7 +38,13 @@ CONFIGS = {
     "w4a4kv4-gptq": {"preset": "w4a4kv4", "weights": "gptq"},
     "w4a4kv4-gptq-actorder": {"preset": "w4a4kv4", "weights": "gptq", "gptq_act_order": True},
     "w4a4kv4-g64": {"preset": "w4a4kv4", "w_group_size": 64},
+    "w4a4kv4-smoothrot": {"preset": "w4a4kv4", "smoothrot": True},
+    "w4a4kv4-gptq-smoothrot": {"preset": "w4a4kv4", "weights": "gptq", "smoothrot": True},
 }
+
+
+def needs_calibration(options) -> bool:
+    return options is not None and (options.get("weights") == "gptq" or options.get("smoothrot", False))
 
 
 def packed_weight_bytes(model, options) -> tuple[int, int]:
@@ -60,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--text", default=str(DEFAULT_TEXT))
     parser.add_argument("--windows", default="16", help="number of 2048-token windows, or 'all'")
-    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION), help="GPTQ calibration text")
+    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION), help="GPTQ / SmoothRot calibration text")
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--lowering", default="inductor", choices=["inductor", "fx"])
@@ -71,13 +77,13 @@ def main(argv=None) -> None:
     tokens = tokenize(tokenizer, read_eval_text(args.text))
     evaluation = windows(tokens, None if args.windows == "all" else int(args.windows))
     calibration = None
-    if any((CONFIGS[c] or {}).get("weights") == "gptq" for c in args.configs):
+    if any(needs_calibration(CONFIGS[c]) for c in args.configs):
         text = Path(args.calibration).read_text(encoding="utf-8")
         calibration = calibration_windows(tokenize(tokenizer, text), args.calibration_windows)
     rows, reference = [], None
     for name in args.configs:
         options = CONFIGS[name]
-        if options is not None and options.get("weights") == "gptq":
+        if needs_calibration(options):
             options = {**options, "calibration": calibration}
         torch._dynamo.reset()
         start = time.perf_counter()

@@ -79,18 +79,19 @@ def gptq_weights(ctx) -> None:
         ctx.edits(site).edits.append(dataclasses.replace(edit, hessian=hessian))
 
 
-def _collect_hessians(ctx, sites, calibration) -> dict | None:
+def run_with_observers(ctx, sites, make_observer, desc: str) -> int | None:
+    """Run the graph as it is now on the calibration tokens with ``make_observer(site)`` (an
+    identity module) on each site's input; returns the number of chunks run, None if the graph
+    has no token-id input to feed. The observers are removed afterwards."""
     gm = ctx.gm
     tokens_node = token_input(ctx.analysis.residual)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if tokens_node is None:
-        ctx.report.skipped.append(Skip("GPTQ", "no token-id input found to feed calibration data; RTN used"))
         return None
     observers = []
-    ctx.hessians.clear()
     for i, site in enumerate(sites):
-        name = f"qfx_hessian_observer_{i}"
-        gm.add_submodule(name, HessianObserver(ctx.hessians, site.node.name))
+        name = f"qfx_observer_{i}"
+        gm.add_submodule(name, make_observer(site))
         with gm.graph.inserting_before(site.node):
             obs = gm.graph.call_module(name, (site.input_node,))
         site.node.replace_input_with(site.input_node, obs)
@@ -98,9 +99,9 @@ def _collect_hessians(ctx, sites, calibration) -> dict | None:
     gm.recompile()
     inputs = list(ctx.lifted.runtime_inputs(ctx.example_inputs))
     index = placeholders.index(tokens_node)
-    chunks = _chunks(calibration, tuple(inputs[index].shape))
+    chunks = _chunks(ctx.config.calibration, tuple(inputs[index].shape))
     with torch.no_grad():
-        for chunk in tqdm(chunks, desc="GPTQ calibration", leave=False):
+        for chunk in tqdm(chunks, desc=desc, leave=False):
             inputs[index] = chunk.to(inputs[index].device)
             gm(*inputs)
     for obs in observers:
@@ -108,9 +109,18 @@ def _collect_hessians(ctx, sites, calibration) -> dict | None:
         gm.graph.erase_node(obs)
         gm.delete_submodule(obs.target)
     gm.recompile()
-    ctx.report.counters["gptq_calibration_chunks"] += len(chunks)
-    ctx.report.notes.append(f"GPTQ: Hessians from {len(chunks)} calibration chunks of shape "
-                            f"{tuple(inputs[index].shape)} through the rotated graph")
+    return len(chunks)
+
+
+def _collect_hessians(ctx, sites, calibration) -> dict | None:
+    ctx.hessians.clear()
+    count = run_with_observers(ctx, sites, lambda site: HessianObserver(ctx.hessians, site.node.name),
+                               "GPTQ calibration")
+    if count is None:
+        ctx.report.skipped.append(Skip("GPTQ", "no token-id input found to feed calibration data; RTN used"))
+        return None
+    ctx.report.counters["gptq_calibration_chunks"] += count
+    ctx.report.notes.append(f"GPTQ: Hessians from {count} calibration chunks through the rotated graph")
     hessians = dict(ctx.hessians)
     ctx.hessians.clear()  # the edits hold what they need; the context keeps no big tensors
     return hessians

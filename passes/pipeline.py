@@ -25,6 +25,7 @@ from .graph_utils import label
 from .quantize import PENDING_WEIGHT, lower_to_integer_kernels, quantize_activations, quantize_kv_cache, quantize_weights
 from .quantize import quantized_sites
 from .residual import find_residual_streams, rotate_residual, skip_reasons
+from .smoothrot import smooth_down_projections
 from .registry import RegisteredPass, ordered_passes, register_pass
 from .weights import drop_unused_constants, quantizes_last, replace_site_weights, transformed_weights, weight_record
 
@@ -87,7 +88,7 @@ def _gptq(config):
 
 
 for _stage, _fn, _when, _name in (
-    ("analysis", analyze_invariance, lambda c: c.rotates or c.quantizes, None),
+    ("analysis", analyze_invariance, lambda c: c.rotates or c.quantizes or c.smoothrot, None),
     ("rotation", rotate_residual, lambda c: c.rotates and c.r1, None),
     ("rotation", rotate_values, lambda c: c.rotates and c.r2, None),
     ("rotation", rotate_queries_keys, lambda c: c.rotates and c.r3, None),
@@ -97,10 +98,12 @@ for _stage, _fn, _when, _name in (
     ("weights", quantize_weights, lambda c: c.w_bits < 16 and c.weights == "rtn", None),
     ("activations", quantize_activations, lambda c: c.a_bits < 16, None),
     ("activations", quantize_kv_cache, lambda c: c.kv_bits < 16, None),
-    ("materialize", materialize_weights, lambda c: c.rotates or c.quantizes, None),
+    ("materialize", materialize_weights, lambda c: c.rotates or c.quantizes or c.smoothrot, None),
     ("lower", lower_to_integer_kernels, lambda c: c.kernels == "integer" and c.quantizes, None),
 ):
     register_pass(_stage, when=_when, name=_name)(_fn)
+# SmoothRot reads the float graph before any rewrite and must edit the down-projection before R4.
+register_pass("rotation", before="rotate_residual", when=lambda c: c.smoothrot)(smooth_down_projections)
 
 
 def passes_for(config: QuaRotConfig) -> list[RegisteredPass]:

@@ -78,6 +78,41 @@ class OutputTransform:
 
 
 @dataclass(frozen=True)
+class ScaleOutputRows:
+    """Output rows [start, start + len(scale)) divided by the scale (SmoothRot's producer side)."""
+
+    signature: str
+    scale: torch.Tensor = field(compare=False, hash=False)
+    start: int = 0
+
+    def apply(self, w, b):
+        rows = slice(self.start, self.start + self.scale.numel())
+        w = w.clone()
+        w[rows] = (w[rows].double() / self.scale[:, None]).to(w.dtype)  # float64, then one rounding
+        if b is not None:
+            b = b.clone()
+            b[rows] = (b[rows].double() / self.scale).to(b.dtype)
+        return w, b
+
+    def describe(self) -> str:
+        return f"smoothrot ÷ s on rows {self.start}:{self.start + self.scale.numel()}"
+
+
+@dataclass(frozen=True)
+class ScaleInputColumns:
+    """Input columns multiplied by the scale (SmoothRot's consumer side): W ← W·diag(s)."""
+
+    signature: str
+    scale: torch.Tensor = field(compare=False, hash=False)
+
+    def apply(self, w, b):
+        return (w.double() * self.scale[None, :]).to(w.dtype), b
+
+    def describe(self) -> str:
+        return "smoothrot × s on inputs"
+
+
+@dataclass(frozen=True)
 class PadInput:
     """Zero columns up to ``n`` inputs (dimension expansion for a Hadamard of order n)."""
 
@@ -144,7 +179,8 @@ class GPTQWeight(_WeightQuantizer):
         return f"gptq w{self.bits}{group}" + (" act-order" if self.act_order else "")
 
 
-Edit = InputAffine | InputRotation | OutputTransform | PadInput | QuantizeWeight | GPTQWeight
+Edit = (InputAffine | InputRotation | OutputTransform | ScaleOutputRows | ScaleInputColumns | PadInput | QuantizeWeight
+        | GPTQWeight)
 
 
 def weight_record(fqn: str, edit: _WeightQuantizer):

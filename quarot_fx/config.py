@@ -72,6 +72,8 @@ class QuaRotConfig:
         w_clip_search: per-row clip ratio search minimizing the weight reconstruction error.
         a_clip, kv_clip: activation / KV clip ratios (None = 0.9 / 0.95 at ≤ 4 bits, else 1.0).
         quantize_lm_head: quantize the output head too (default: keep it in float).
+        smoothrot, smoothrot_alpha: SmoothRot channel scaling of the MLP down-projection input
+            before R4 (needs ``calibration``); s_j = max|x_j|^α / max|W_j|^(1-α).
         kernels: ``"integer"`` (4-bit weights stored packed two per byte with their scales,
             activations and KV quantized to integer codes by ``quarot_fx::`` custom ops; the CPU
             emulates the integer GEMM exactly, CUDA runs Triton) or ``"fake"`` (quantize, then
@@ -105,6 +107,8 @@ class QuaRotConfig:
     gptq_block_size: int = 128
     gptq_act_order: bool = False
     kernels: str = "integer"
+    smoothrot: bool = False
+    smoothrot_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -140,6 +144,13 @@ class QuaRotConfig:
                     isinstance(t, torch.Tensor) and not t.is_floating_point() for t in self.calibration):
                 raise ValueError("calibration must be a non-empty list of token-id tensors; got "
                                  f"{type(self.calibration).__name__}")
+        _flag("smoothrot", self.smoothrot)
+        if isinstance(self.smoothrot_alpha, bool) or not isinstance(self.smoothrot_alpha, (int, float)) \
+                or not 0 <= self.smoothrot_alpha <= 1:
+            raise ValueError(f"smoothrot_alpha must be a number in [0, 1]; got {self.smoothrot_alpha!r}")
+        if self.smoothrot and self.calibration is None:
+            raise ValueError("smoothrot=True needs calibration=[token-id tensors] for its channel statistics "
+                             "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
         if self.weights == "gptq" and self.w_bits < 16 and self.calibration is None:
             raise ValueError("weights='gptq' needs calibration=[token-id tensors] "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
