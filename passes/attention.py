@@ -180,7 +180,7 @@ def only_used_along(path: HeadPath, attention: Attention) -> bool:
     return all(u in allowed or u.op == "output" or is_metadata_use(u, n) for n in path.nodes for u in n.users)
 
 
-def _trace_rows(node: fx.Node) -> tuple[Site, int] | None:
+def trace_rows(node: fx.Node) -> tuple[Site, int] | None:
     """Walk back from a head split to the site producing it: (site, first output row)."""
     offset, current = 0, node
     while True:
@@ -269,7 +269,7 @@ def analyze_values(attention: Attention) -> ValuePlan:
         plan.problem = "values on the path to attention are also used elsewhere"
         return plan
     plan.kv_heads = s_out[-2]
-    traced = _trace_rows(first_arg(split))
+    traced = trace_rows(first_arg(split))
     if traced is None:
         plan.problem = "the value heads do not come from a linear layer's output rows"
         return plan

@@ -88,7 +88,7 @@ def _gptq(config):
 
 
 for _stage, _fn, _when, _name in (
-    ("analysis", analyze_invariance, lambda c: c.rotates or c.quantizes or c.smoothrot, None),
+    ("analysis", analyze_invariance, lambda c: c.transforms, None),
     ("rotation", rotate_residual, lambda c: c.rotates and c.r1, None),
     ("rotation", rotate_values, lambda c: c.rotates and c.r2, None),
     ("rotation", rotate_queries_keys, lambda c: c.rotates and c.r3, None),
@@ -98,7 +98,7 @@ for _stage, _fn, _when, _name in (
     ("weights", quantize_weights, lambda c: c.w_bits < 16 and c.weights == "rtn", None),
     ("activations", quantize_activations, lambda c: c.a_bits < 16, None),
     ("activations", quantize_kv_cache, lambda c: c.kv_bits < 16, None),
-    ("materialize", materialize_weights, lambda c: c.rotates or c.quantizes or c.smoothrot, None),
+    ("materialize", materialize_weights, lambda c: c.transforms, None),
     ("lower", lower_to_integer_kernels, lambda c: c.kernels == "integer" and c.quantizes, None),
 ):
     register_pass(_stage, when=_when, name=_name)(_fn)

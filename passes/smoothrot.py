@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from quarot_fx.report import Region, Skip
 
-from .attention import _trace_rows
+from .attention import trace_rows
 from .calibrate import fingerprint, run_with_observers
 from .graph_utils import Site, label, last_dim, op_name, origin
 from .weights import ScaleInputColumns, ScaleOutputRows
@@ -57,7 +57,7 @@ def smoothing_site(down: Site) -> SmoothSite | str:
     for operand in reversed(product.args):
         if not isinstance(operand, fx.Node) or last_dim(operand) != down.in_features:
             continue
-        traced = _trace_rows(operand)
+        traced = trace_rows(operand)
         if traced is None or traced[0].kind != "linear":
             continue
         up, start = traced

@@ -218,6 +218,11 @@ class QuaRotConfig:
         return self.kernels == "integer" and self.w_bits == 4
 
     @property
+    def transforms(self) -> bool:
+        """Anything to do at all: a rotation, a quantization or SmoothRot's channel scaling."""
+        return self.rotates or self.quantizes or self.smoothrot
+
+    @property
     def quantizes(self) -> bool:
         return min(self.w_bits, self.a_bits, self.kv_bits) < 16
 
