@@ -1,6 +1,7 @@
 """WikiText-2 perplexity of SmolLM2-135M under each quantization setting (BENCHMARK.md protocol).
 
     python benchmarks/ppl.py [--windows 16|all] [--configs float w8a8kv8 ...] [--lowering fx] [--json]
+    python benchmarks/ppl.py --sweep smoothrot_alpha [--values 0.3 0.4 0.5 0.6 0.7]
 
 One row per configuration: PPL, gap to float, wall time (compile + calibration + evaluation,
 one run) and the bytes of the quantized linears packed (bits/8 per weight + a float32 scale
@@ -8,6 +9,10 @@ per row or group: what the integer kernels hold at 4 bits; other widths run simu
 them it is the storage they would need). ``w4a4kv4`` runs the integer kernels (the default);
 ``w4a4kv4-fake`` the same quantization simulated in float, to compare the two paths. GPTQ rows
 calibrate on 32 windows of wiki.valid.tokens (seed 0), as BENCHMARK.md says.
+
+``--sweep OPTION`` compiles the sweep's base configuration once per value and picks the value
+with the lowest perplexity on held-out *calibration* windows (wiki.valid, another seed); the
+test perplexity of every value is printed next to it but never used to choose.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from quarot_fx.config import PRESETS
+from quarot_fx.config import QuaRotConfig
 from quarot_fx.tools.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
 from quarot_fx.tools.models import load_model
 
@@ -36,11 +41,20 @@ CONFIGS = {
     "w4a4kv4-fake": {"preset": "w4a4kv4", "kernels": "fake"},
     "w4a16-gptq": {"preset": "w4a16", "weights": "gptq"},
     "w4a4kv4-gptq": {"preset": "w4a4kv4", "weights": "gptq"},
+    "w4a4kv4-gptq-onepass": {"preset": "w4a4kv4", "weights": "gptq", "gptq_sequential": False},
     "w4a4kv4-gptq-actorder": {"preset": "w4a4kv4", "weights": "gptq", "gptq_act_order": True},
     "w4a4kv4-g64": {"preset": "w4a4kv4", "w_group_size": 64},
     "w4a4kv4-smoothrot": {"preset": "w4a4kv4", "smoothrot": True},
     "w4a4kv4-gptq-smoothrot": {"preset": "w4a4kv4", "weights": "gptq", "smoothrot": True},
+    "w4a4kv4-gptq-smoothrot-onepass": {"preset": "w4a4kv4", "weights": "gptq", "smoothrot": True,
+                                       "gptq_sequential": False},
+    # GSR (R1 only) where its paper claims the gain: 2- and 3-bit GPTQ weights, groups of 64.
+    **{f"w{bits}a16-gptq-g64{suffix}": {"w_bits": bits, "a_bits": 16, "kv_bits": 16, "weights": "gptq",
+                                         "w_group_size": 64, **extra}
+       for bits in (2, 3) for suffix, extra in (("", {}), ("-gsr", {"rotation": "gsr", "gsr_group_size": 64}))},
+    "w4a4kv4-gptq-gsr": {"preset": "w4a4kv4", "weights": "gptq", "rotation": "gsr"},
 }
+SWEEPS = {"smoothrot_alpha": ("w4a4kv4-smoothrot", (0.3, 0.4, 0.5, 0.6, 0.7))}
 
 
 def needs_calibration(options) -> bool:
@@ -49,8 +63,9 @@ def needs_calibration(options) -> bool:
 
 def packed_weight_bytes(model, options) -> tuple[int, int]:
     """(bytes of the quantized linears if packed, their bytes in fp16)."""
-    options = options or {"preset": "fp"}
-    bits, group = PRESETS[options["preset"]]["w_bits"], options.get("w_group_size")
+    config = QuaRotConfig.from_options({**(options or {"preset": "fp"}), "calibration": None,
+                                        "weights": "rtn", "smoothrot": False})
+    bits, group = config.w_bits, config.w_group_size
     packed = fp16 = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
@@ -61,6 +76,35 @@ def packed_weight_bytes(model, options) -> tuple[int, int]:
     return packed, fp16
 
 
+def measure(model, name, options, evaluation, lowering, reference, held_out=None) -> dict:
+    """One row: compile (+ calibrate), then perplexity on the evaluation windows (and on
+    ``held_out`` calibration windows, for a sweep's choice)."""
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    runner = model if options is None else torch.compile(model, backend="quarot", options={**options, "lowering": lowering})
+    ppl = perplexity(runner, evaluation, desc=name)
+    seconds = time.perf_counter() - start
+    packed, fp16 = packed_weight_bytes(model, options)
+    shown = None if options is None else {k: v for k, v in options.items() if k != "calibration"}
+    row = {"config": name, "options": shown, "windows": len(evaluation), "ppl": round(ppl, 3),
+           "gap_pct": None if reference is None else round(100 * (ppl / reference - 1), 1),
+           "seconds": round(seconds, 1), "linear_bytes_packed": packed, "linear_bytes_fp16": fp16}
+    if held_out is not None:
+        row["calibration_ppl"] = round(perplexity(runner, held_out, desc=f"{name} (held-out calibration)"), 3)
+    return row
+
+
+def show(row, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(row), flush=True)
+        return
+    gap = "" if row["gap_pct"] is None else f"{row['gap_pct']:+.1f}%"
+    extra = f"  calibration ppl {row['calibration_ppl']:.3f}" if "calibration_ppl" in row else ""
+    print(f"{row['config']:<28} ppl {row['ppl']:8.3f} {gap:>9}  {row['seconds']:7.1f} s  linears "
+          f"{row['linear_bytes_packed'] / 2**20:6.1f} MiB ({row['linear_bytes_packed'] / row['linear_bytes_fp16']:.2f}× fp16)"
+          f"{extra}", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -69,6 +113,10 @@ def main(argv=None) -> None:
     parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION), help="GPTQ / SmoothRot calibration text")
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--sweep", choices=list(SWEEPS), help="sweep one option of its base configuration")
+    parser.add_argument("--values", nargs="+", type=float, help="the sweep's values (default: see SWEEPS)")
+    parser.add_argument("--held-out-windows", type=int, default=4,
+                        help="calibration-text windows (seed 1) that choose the sweep's value")
     parser.add_argument("--lowering", default="inductor", choices=["inductor", "fx"])
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     args = parser.parse_args(argv)
@@ -76,34 +124,38 @@ def main(argv=None) -> None:
     model, tokenizer = load_model(args.model)
     tokens = tokenize(tokenizer, read_eval_text(args.text))
     evaluation = windows(tokens, None if args.windows == "all" else int(args.windows))
-    calibration = None
-    if any(needs_calibration(CONFIGS[c]) for c in args.configs):
-        text = Path(args.calibration).read_text(encoding="utf-8")
-        calibration = calibration_windows(tokenize(tokenizer, text), args.calibration_windows)
-    rows, reference = [], None
-    for name in args.configs:
+    names = [SWEEPS[args.sweep][0]] if args.sweep else args.configs
+    calibration_tokens = None
+    if args.sweep or any(needs_calibration(CONFIGS[c]) for c in names):
+        calibration_tokens = tokenize(tokenizer, Path(args.calibration).read_text(encoding="utf-8"))
+    calibration = None if calibration_tokens is None else calibration_windows(calibration_tokens, args.calibration_windows)
+
+    def options_of(name, **extra):
         options = CONFIGS[name]
-        if needs_calibration(options):
-            options = {**options, "calibration": calibration}
-        torch._dynamo.reset()
-        start = time.perf_counter()
-        runner = model if options is None else torch.compile(
-            model, backend="quarot", options={**options, "lowering": args.lowering})
-        ppl = perplexity(runner, evaluation, desc=name)
-        seconds = time.perf_counter() - start
-        reference = ppl if name == "float" else reference
-        packed, fp16 = packed_weight_bytes(model, options)
-        shown = None if options is None else {k: v for k, v in options.items() if k != "calibration"}
-        row = {"config": name, "options": shown, "windows": len(evaluation), "ppl": round(ppl, 3),
-               "gap_pct": None if reference is None else round(100 * (ppl / reference - 1), 1),
-               "seconds": round(seconds, 1), "linear_bytes_packed": packed, "linear_bytes_fp16": fp16}
+        return options if not needs_calibration(options) else {**options, **extra, "calibration": calibration}
+
+    if args.sweep:
+        base, default_values = SWEEPS[args.sweep]
+        held_out = calibration_windows(calibration_tokens, args.held_out_windows, seed=1)
+        reference = measure(model, "float", None, evaluation, args.lowering, None, held_out)
+        show(reference, args.json)
+        rows = []
+        for value in args.values or default_values:
+            rows.append(measure(model, f"{base} {args.sweep}={value}", options_of(base, **{args.sweep: value}),
+                                evaluation, args.lowering, reference["ppl"], held_out))
+            show(rows[-1], args.json)
+        best = min(rows, key=lambda row: row["calibration_ppl"])
+        choice = {"sweep": args.sweep, "chosen": best["options"][args.sweep], "by": "held-out calibration ppl",
+                  "calibration_ppl": best["calibration_ppl"], "test_ppl": best["ppl"]}
+        print(json.dumps(choice) if args.json else f"chosen {args.sweep}={choice['chosen']} (lowest held-out "
+              f"calibration ppl {best['calibration_ppl']}); its test ppl {best['ppl']}", flush=True)
+        return
+    rows, reference = [], None
+    for name in names:
+        row = measure(model, name, options_of(name), evaluation, args.lowering, reference)
+        reference = row["ppl"] if name == "float" else reference
         rows.append(row)
-        if args.json:
-            print(json.dumps(row), flush=True)
-        else:
-            gap = "" if row["gap_pct"] is None else f"{row['gap_pct']:+.1f}%"
-            print(f"{name:<15} ppl {ppl:8.3f} {gap:>9}  {seconds:7.1f} s  linears {packed / 2**20:6.1f} MiB "
-                  f"({packed / fp16:.2f}× fp16)", flush=True)
+        show(row, args.json)
     by_name = {row["config"]: row["ppl"] for row in rows}
     for name in by_name:
         if name.endswith("-fake") and name[:-len("-fake")] in by_name and not args.json:

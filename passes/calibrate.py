@@ -1,17 +1,28 @@
-"""GPTQ inside the compiler: Hessians of each linear's input, collected on the rotated graph.
+"""Calibration inside the compiler: run the graph on calibration tokens and look at site inputs.
 
-The rotation edits are materialized first, observers (identity ops that accumulate xᵀx)
-go on every quantized linear's input after the online Hadamards, and the graph itself
-runs on the calibration tokens: the token-id input is found structurally (what the
-embedding lookup reads) and fed calibration windows cut to the compiled shape; every other
-input keeps its example value. GPTQ results are cached with the weights, keyed by a
-fingerprint of the calibration data, so a recompile runs no calibration.
+:func:`run_calibration` feeds calibration windows (cut to the compiled shape) to the graph's
+token-id input, found structurally (what the embedding lookup reads); every other input keeps
+its example value. It runs node by node over all windows at once and computes only what the
+observed sites' inputs depend on (no output head, no logits), so at each site every window's
+input is at hand: a statistic sees all of them, and sequential GPTQ can quantize the site and
+let every later node see the quantized weight, in one pass over the graph.
+
+GPTQ (``gptq_weights``) uses it in two ways (option ``gptq_sequential``):
+
+* one pass: Hessians of every quantized linear's input on the rotated float graph;
+* sequential (the GPTQ and QuaRot papers): each site's Hessian comes from inputs produced by
+  the already-quantized earlier sites, with activation and KV quantization as configured, so
+  later layers compensate what earlier ones lost.
+
+GPTQ results are cached with the weights, keyed by a fingerprint of the calibration data, so a
+recompile runs no calibration.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -20,20 +31,11 @@ from tqdm.auto import tqdm
 from quarot_fx.report import Skip
 
 from .graph_utils import as_site, origin
-from .weights import GPTQWeight, QuantizeWeight, is_cached
+from .weights import GPTQWeight, QuantizeWeight, edited_logical_weight, is_cached, side_effects
 
-class HessianObserver(torch.nn.Module):
-    """Identity that adds xᵀx (over all tokens) to ``store[key]`` (the context's Hessians)."""
-
-    def __init__(self, store: dict, key: str):
-        super().__init__()
-        self.store, self.key = store, key
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        h = flat.T @ flat
-        self.store[self.key] = self.store[self.key] + h if self.key in self.store else h
-        return x
+# visit(site, inputs) sees the site's input for every window; it may return a replacement
+# weight (stored layout) that the site and everything after it then compute with.
+Visit = Callable[[object, list], torch.Tensor | None]
 
 
 def fingerprint(calibration) -> str:
@@ -58,69 +60,123 @@ def _chunks(calibration, shape) -> list[torch.Tensor]:
     return [tokens[i:i + size].reshape(shape) for i in range(0, tokens.numel() - size + 1, size)]
 
 
-def gptq_weights(ctx) -> None:
-    """Pass: GPTQ edit on every quantized linear, with Hessians from the rotated graph."""
-    config, gm = ctx.config, ctx.gm
-    calibration = config.calibration
-    edit = GPTQWeight(config.w_bits, config.w_group_size, config.w_clip_search, config.gptq_damp,
-                      config.gptq_block_size, config.gptq_act_order, fingerprint(calibration))
-    missing = [site for site in ctx.analysis.quantized
-               if not is_cached(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of, extra=(edit,))]
-    if missing:
-        hessians = _collect_hessians(ctx, missing, calibration)
-        if hessians is None:  # nothing to calibrate with: fall back to RTN, as reported
-            rtn = QuantizeWeight(config.w_bits, config.w_group_size, config.w_clip_search)
-            for site in ctx.analysis.quantized:
-                ctx.edits(site).edits.append(rtn)
-            return
-    for site in ctx.analysis.quantized:
-        # The Hessian is not part of the cache key: cached sites need none.
-        hessian = hessians[site.node.name] if site in missing else None
-        ctx.edits(site).edits.append(dataclasses.replace(edit, hessian=hessian))
+def _needed(graph: fx.Graph, sites) -> set[fx.Node]:
+    """Nodes the sites' inputs depend on, plus in-place writes before the last site."""
+    order = list(graph.nodes)
+    last = max(order.index(s.node) for s in sites)
+    roots = [s.input_node for s in sites] + [n for n in order[:last] if side_effects(n)]
+    seen: set[fx.Node] = set()
+    stack = [r for r in roots if isinstance(r, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
 
 
-def run_with_observers(ctx, sites, make_observer, desc: str) -> int | None:
-    """Run the graph as it is now on the calibration tokens with ``make_observer(site)`` (an
-    identity module) on each site's input; returns the number of chunks run, None if the graph
-    has no token-id input to feed. The observers are removed afterwards."""
-    gm = ctx.gm
+def run_calibration(ctx, sites, visit: Visit, desc: str, limit: int | None = None) -> int | None:
+    """Run the graph on every calibration window (the first ``limit``), calling ``visit`` at each
+    site (graph order); returns the number of windows, or None if there is no token-id input."""
+    gm, graph = ctx.gm, ctx.gm.graph
     tokens_node = token_input(ctx.analysis.residual)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if tokens_node is None:
-        return None
-    observers = []
-    for i, site in enumerate(sites):
-        name = f"qfx_observer_{i}"
-        gm.add_submodule(name, make_observer(site))
-        with gm.graph.inserting_before(site.node):
-            obs = gm.graph.call_module(name, (site.input_node,))
-        site.node.replace_input_with(site.input_node, obs)
-        observers.append(obs)
-    gm.recompile()
+    if tokens_node is None or not sites:
+        return None if tokens_node is None else 0
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     inputs = list(ctx.lifted.runtime_inputs(ctx.example_inputs))
-    index = placeholders.index(tokens_node)
-    chunks = _chunks(ctx.config.calibration, tuple(inputs[index].shape))
+    chunks = _chunks(ctx.config.calibration, tuple(inputs[placeholders.index(tokens_node)].shape))[:limit]
+    needed = _needed(graph, sites)
+    by_node = {s.node: s for s in sites}
+    nodes = [n for n in graph.nodes if n in needed or n in by_node]  # every site is visited
+    last_use = {}
+    for i, node in enumerate(nodes):
+        for used in node.all_input_nodes:
+            last_use[used] = i
+    runners = [fx.Interpreter(gm) for _ in chunks]
+    bar = tqdm(total=len(sites), desc=desc, leave=False)
     with torch.no_grad():
-        for chunk in tqdm(chunks, desc=desc, leave=False):
-            inputs[index] = chunk.to(inputs[index].device)
-            gm(*inputs)
-    for obs in observers:
-        obs.replace_all_uses_with(obs.args[0])
-        gm.graph.erase_node(obs)
-        gm.delete_submodule(obs.target)
-    gm.recompile()
+        for i, node in enumerate(nodes):
+            if node.op == "placeholder":
+                example = inputs[placeholders.index(node)]
+                mutated = any(side_effects(u) for u in node.users)
+                for runner, chunk in zip(runners, chunks):
+                    runner.env[node] = (chunk.to(example.device) if node is tokens_node
+                                        else example.clone() if mutated else example)
+            elif node.op == "get_attr":  # constants: fetched once, shared by every window
+                fetched = runners[0].run_node(node)
+                for runner in runners:
+                    runner.env[node] = fetched
+            else:
+                site = by_node.get(node)
+                weight = None
+                if site is not None:
+                    weight = visit(site, [runner.env[site.input_node] for runner in runners])
+                    bar.update()
+                for runner in runners if node in needed else ():
+                    if weight is None:
+                        runner.env[node] = runner.run_node(node)
+                    else:  # the site computes with the replacement weight from now on
+                        kept = runner.env[site.weight_node]
+                        runner.env[site.weight_node] = weight
+                        runner.env[node] = runner.run_node(node)
+                        runner.env[site.weight_node] = kept
+            for used in node.all_input_nodes:
+                if last_use[used] == i:
+                    for runner in runners:
+                        runner.env.pop(used, None)
+    bar.close()
     return len(chunks)
 
 
-def _collect_hessians(ctx, sites, calibration) -> dict | None:
-    ctx.hessians.clear()
-    count = run_with_observers(ctx, sites, lambda site: HessianObserver(ctx.hessians, site.node.name),
-                               "GPTQ calibration")
-    if count is None:
+def _hessian(inputs) -> torch.Tensor:
+    """Σ xᵀx over every token of every window (float32)."""
+    total = None
+    for x in inputs:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        total = flat.T @ flat if total is None else total.addmm_(flat.T, flat)
+    return total
+
+
+def gptq_weights(ctx) -> None:
+    """Pass: GPTQ edit on every quantized linear, with Hessians from the rotated graph (see the
+    module docstring for one-pass vs sequential)."""
+    config, gm = ctx.config, ctx.gm
+    calibration = config.calibration
+    edit = GPTQWeight(config.w_bits, config.w_group_size, config.w_clip_search, config.gptq_damp,
+                      config.gptq_block_size, config.gptq_act_order, fingerprint(calibration),
+                      config.gptq_sequential)
+    sites = ctx.analysis.quantized
+    missing = [site for site in sites
+               if not is_cached(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of, extra=(edit,))]
+    if not missing:
+        for site in sites:  # the Hessian is not part of the cache key: cached sites need none
+            ctx.edits(site).edits.append(edit)
+        return
+    # Sequential: the later sites' inputs depend on the earlier quantized weights, so all run.
+    solved: dict[fx.Node, GPTQWeight] = {}
+
+    def one_pass(site, inputs):
+        solved[site.node] = dataclasses.replace(edit, hessian=_hessian(inputs))
+
+    def sequential(site, inputs):
+        entry = ctx.edits(site)
+        logical, dtype = edited_logical_weight(gm, entry, ctx.lifted.originals)
+        codes = dataclasses.replace(edit, hessian=_hessian(inputs)).codes(logical)
+        solved[site.node] = dataclasses.replace(edit, solved=codes)
+        quantized, _ = solved[site.node].apply(logical, None)
+        return site.from_logical(quantized.to(dtype))
+
+    count = run_calibration(ctx, sites if config.gptq_sequential else missing,
+                            sequential if config.gptq_sequential else one_pass,
+                            "GPTQ (sequential)" if config.gptq_sequential else "GPTQ calibration")
+    if count is None:  # nothing to calibrate with: fall back to RTN, as reported
         ctx.report.skipped.append(Skip("GPTQ", "no token-id input found to feed calibration data; RTN used"))
-        return None
+        rtn = QuantizeWeight(config.w_bits, config.w_group_size, config.w_clip_search)
+        for site in sites:
+            ctx.edits(site).edits.append(rtn)
+        return
     ctx.report.counters["gptq_calibration_chunks"] += count
-    ctx.report.notes.append(f"GPTQ: Hessians from {count} calibration chunks through the rotated graph")
-    hessians = dict(ctx.hessians)
-    ctx.hessians.clear()  # the edits hold what they need; the context keeps no big tensors
-    return hessians
+    how = "sequentially (earlier sites quantized)" if config.gptq_sequential else "in one pass"
+    ctx.report.notes.append(f"GPTQ: Hessians from {count} calibration chunks through the rotated graph, {how}")
+    for site in sites:
+        ctx.edits(site).edits.append(solved.get(site.node, edit))

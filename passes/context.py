@@ -40,7 +40,6 @@ class PassContext:
     analysis: Analysis = field(default_factory=Analysis)
     sites: dict[fx.Node, SiteEdits] = field(default_factory=dict)  # weight edits recorded per site
     kv_cache_inputs: set = field(default_factory=set)  # cache tensors read where K/V were rotated or quantized
-    hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # GPTQ: xᵀx per site, from calibration
 
     def edits(self, site: Site) -> SiteEdits:
         if site.node not in self.sites:

@@ -52,18 +52,26 @@ def find_down_projections(gm: fx.GraphModule, residual_readers: set[fx.Node],
     return sites
 
 
+def r4_rotation_for(config, n: int) -> Rotation | str:
+    """R4 for an input of width n (its order is larger when the kind zero-pads), or why none."""
+    name = config.r4_rotation
+    kind = rotation_kind(name)
+    size = n if kind.problem(n, None) is None else (kind.pad_to(n) if kind.pad_to else None)
+    if size is None:
+        return f"{kind.problem(n, None)} (r4_rotation={name!r} cannot be zero-padded to another order)"
+    return Rotation(name, size, config.seed)
+
+
 def rotate_down_projections(ctx) -> None:
     """Pass R4: online rotation (zero-padded if the kind allows) on the input, inverse folded into W."""
-    name, seed = ctx.config.r4_rotation, ctx.config.seed
-    kind = rotation_kind(name)
+    name = ctx.config.r4_rotation
     for site in ctx.analysis.down_projections:
         n = site.in_features
-        size = n if kind.problem(n, None) is None else (kind.pad_to(n) if kind.pad_to else None)
-        if size is None:
-            ctx.report.skipped.append(Skip(f"R4 at {label(site.node)}", f"{kind.problem(n, None)} "
-                                           f"(r4_rotation={name!r} cannot be zero-padded to another order)"))
+        rotation = r4_rotation_for(ctx.config, n)
+        if isinstance(rotation, str):
+            ctx.report.skipped.append(Skip(f"R4 at {label(site.node)}", rotation))
             continue
-        rotation = Rotation(name, size, seed)
+        size = rotation.n
         insert_rotation(ctx.gm, site.node, site.input_node, rotation, pad_to=size)
         entry = ctx.edits(site)
         if size != n:

@@ -23,9 +23,11 @@ class Rotation:
     n: int
     seed: int = 0
     group: int | None = None
+    variant: str | None = None  # e.g. GSR's permutation side
 
     def describe(self) -> str:
         extra = f", group {self.group}" if self.kind == "gsr" and self.group else ""
+        extra += f", {self.variant}" if self.variant else ""
         return f"{self.kind}({self.n}{extra})"
 
 
@@ -73,7 +75,8 @@ def build(matrix: Matrix) -> torch.Tensor:
     """The float64 matrix a description stands for (cached: R1 is shared by every layer)."""
     f64 = torch.float64
     if isinstance(matrix, Rotation):
-        return rotation_matrix(matrix.kind, matrix.n, seed=matrix.seed, group_size=matrix.group, dtype=f64)
+        return rotation_matrix(matrix.kind, matrix.n, seed=matrix.seed, group_size=matrix.group, dtype=f64,
+                               variant=matrix.variant)
     if isinstance(matrix, BlockRotation):
         block = rotation_matrix(matrix.kind, matrix.size, seed=matrix.seed, dtype=f64)
         return torch.block_diag(*[block] * matrix.blocks)

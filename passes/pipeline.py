@@ -82,7 +82,8 @@ def materialize_weights(ctx: PassContext) -> None:
 
 
 # The built-in pipeline, in order. GPTQ materializes the rotations before its own weight step,
-# since its Hessians come from running the rotated graph.
+# since its Hessians come from running the rotated graph; sequential GPTQ runs after the
+# activation and KV quantizers are in place.
 def _gptq(config):
     return config.w_bits < 16 and config.weights == "gptq"
 
@@ -94,10 +95,12 @@ for _stage, _fn, _when, _name in (
     ("rotation", rotate_queries_keys, lambda c: c.rotates and c.r3, None),
     ("rotation", rotate_down_projections, lambda c: c.rotates and c.r4, None),
     ("weights", materialize_weights, _gptq, "materialize_rotations"),
-    ("weights", gptq_weights, _gptq, None),
+    ("weights", gptq_weights, lambda c: _gptq(c) and not c.gptq_sequential, None),
     ("weights", quantize_weights, lambda c: c.w_bits < 16 and c.weights == "rtn", None),
     ("activations", quantize_activations, lambda c: c.a_bits < 16, None),
     ("activations", quantize_kv_cache, lambda c: c.kv_bits < 16, None),
+    # Sequential GPTQ sees the activations and KV cache quantized as configured.
+    ("activations", gptq_weights, lambda c: _gptq(c) and c.gptq_sequential, "gptq_sequential"),
     ("materialize", materialize_weights, lambda c: c.transforms, None),
     ("lower", lower_to_integer_kernels, lambda c: c.kernels == "integer" and c.quantizes, None),
 ):

@@ -236,7 +236,8 @@ def rotate_residual(ctx) -> None:
     for plan in ctx.analysis.residual:
         if not plan.valid:
             continue
-        rotation = Rotation(config.rotation, plan.size, config.seed, config.gsr_group_size)
+        rotation = Rotation(config.rotation, plan.size, config.seed, config.gsr_group_size,
+                            config.gsr_permutation if config.rotation == "gsr" else None)
         if plan.centered:
             center = Center(plan.size)
         for site in plan.writers:

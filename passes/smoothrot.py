@@ -21,12 +21,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from quarot_fx.report import Region, Skip
+from quarot_fx.report import ChannelMax, Region, Skip
 
 from .attention import trace_rows
-from .calibrate import fingerprint, run_with_observers
+from .calibrate import fingerprint, run_calibration
+from .down_projection import r4_rotation_for
+from .matrices import multiply_right
 from .graph_utils import Site, label, last_dim, op_name, origin
-from .weights import ScaleInputColumns, ScaleOutputRows
+from .weights import WEIGHT_CACHE, ScaleInputColumns, ScaleOutputRows
 
 
 @dataclass
@@ -36,17 +38,9 @@ class SmoothSite:
     up_start: int  # first output row of the up side in its linear (a fused gate_up has both)
 
 
-class ChannelMaxObserver(torch.nn.Module):
-    """Identity that keeps max over tokens of |x_j| per channel in ``store[key]``."""
-
-    def __init__(self, store: dict, key: str):
-        super().__init__()
-        self.store, self.key = store, key
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        peak = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).double()
-        self.store[self.key] = torch.maximum(self.store[self.key], peak) if self.key in self.store else peak
-        return x
+def channel_max(inputs) -> torch.Tensor:
+    """max over every token of every window of |x_j|, per channel (float64)."""
+    return torch.stack([x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0) for x in inputs]).amax(dim=0).double()
 
 
 def smoothing_site(down: Site) -> SmoothSite | str:
@@ -67,6 +61,29 @@ def smoothing_site(down: Site) -> SmoothSite | str:
     return "no operand of the product is a linear layer's output used only there"
 
 
+def _cached_channel_maxima(ctx, sites) -> dict | None:
+    """Channel maxima per down-projection node, from the weight cache when the calibration data
+    and every parameter are unchanged (a sweep of α calibrates once), else by running the
+    float graph; None when there is no token-id input to feed."""
+    originals = ctx.lifted.originals
+    state = tuple(sorted((ctx.fqn_of(attr), id(t), t._version) for attr, t in originals.items()))
+    key = ("smoothrot channel max", fingerprint(ctx.config.calibration), hash(state))
+    params = {s.down.node: originals.get(s.down.weight_node.target, getattr(ctx.gm, s.down.weight_node.target))
+              for s in sites}
+    if all(WEIGHT_CACHE.has(p, key) for p in params.values()):
+        return {node: WEIGHT_CACHE.get(p, key, None) for node, p in params.items()}
+    maxima: dict[fx.Node, torch.Tensor] = {}
+    chunks = run_calibration(ctx, [s.down for s in sites],
+                             lambda site, inputs: maxima.__setitem__(site.node, channel_max(inputs)),
+                             "SmoothRot calibration")
+    if chunks is None:
+        return None
+    ctx.report.counters["smoothrot_calibration_chunks"] += chunks
+    for node, p in params.items():
+        WEIGHT_CACHE.get(p, key, lambda node=node: maxima[node])
+    return maxima
+
+
 def smooth_down_projections(ctx) -> None:
     """Pass: calibrate channel maxima on the float graph, fold s into up rows and down columns."""
     config, report = ctx.config, ctx.report
@@ -79,21 +96,21 @@ def smooth_down_projections(ctx) -> None:
             sites.append(found)
     if not sites:
         return
-    maxima: dict[str, torch.Tensor] = {}
-    chunks = run_with_observers(ctx, [s.down for s in sites], lambda site: ChannelMaxObserver(maxima, site.node.name),
-                                "SmoothRot calibration")
-    if chunks is None:
+    maxima = _cached_channel_maxima(ctx, sites)
+    if maxima is None:
         report.skipped.append(Skip("SmoothRot", "no token-id input found to feed calibration data"))
         return
     tag = f"α={config.smoothrot_alpha} calibration={fingerprint(config.calibration)}"
+    scales = {}
     for site in sites:
         weight = site.down.to_logical(ctx.lifted.originals.get(site.down.weight_node.target,
                                                                 getattr(ctx.gm, site.down.weight_node.target)))
         w_max = weight.detach().abs().amax(dim=0).double()
-        a_max = maxima[site.down.node.name]
+        a_max = maxima[site.down.node]
         alpha = config.smoothrot_alpha
         scale = (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
         scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))  # dead channels stay
+        scales[site.down.node] = scale
         signature = f"{tag} site={ctx.fqn_of(site.down.weight_node.target)}"
         ctx.edits(site.up).edits.append(ScaleOutputRows(signature, scale, site.up_start))
         ctx.edits(site.down).edits.append(ScaleInputColumns(signature, scale))
@@ -101,4 +118,25 @@ def smooth_down_projections(ctx) -> None:
                                      f"{label(site.down.node)}; input max {a_max.max():.3g} → "
                                      f"{(a_max / scale).max():.3g} after smoothing"))
     report.counters["smoothed_channels"] += sum(s.down.in_features for s in sites)
-    report.counters["smoothrot_calibration_chunks"] += chunks
+    _measure_channel_max(ctx, sites, scales)
+
+
+def _measure_channel_max(ctx, sites, scales) -> None:
+    """The report's table: on calibration window 1, the largest |x_j| at each down-projection
+    input before and after smoothing, each with and without R4 (one more forward, one window)."""
+    config = ctx.config
+
+    def visit(site, inputs):
+        x = inputs[0].detach().double().reshape(-1, site.in_features)
+        smoothed = x / scales[site.node]
+        rotation = r4_rotation_for(config, site.in_features) if config.rotates and config.r4 else "off"
+
+        def rotate(v):
+            if isinstance(rotation, str):
+                return None
+            return multiply_right(torch.nn.functional.pad(v, (0, rotation.n - v.shape[-1])), rotation).abs().max().item()
+
+        ctx.report.channel_max.append(ChannelMax(label(site.node), x.abs().max().item(), smoothed.abs().max().item(),
+                                                 rotate(x), rotate(smoothed)))
+
+    run_calibration(ctx, [s.down for s in sites], visit, "SmoothRot table", limit=1)

@@ -164,11 +164,15 @@ class GPTQWeight(_WeightQuantizer):
     block_size: int
     act_order: bool
     calibration: str  # fingerprint of the calibration tokens
+    sequential: bool = False  # Hessians from inputs of the already-quantized earlier sites
     hessian: torch.Tensor | None = field(default=None, compare=False, hash=False)
+    solved: tuple | None = field(default=None, compare=False, hash=False)  # (codes, scales) already computed
 
     def codes(self, w):
         from quarot_fx.numerics.gptq import gptq_codes
 
+        if self.solved is not None:
+            return self.solved
         if self.hessian is None:
             raise RuntimeError("GPTQ edit has no Hessian and its result is not cached")
         return gptq_codes(w, self.hessian, self.bits, self.group_size, self.clip_search, self.damp,
@@ -176,7 +180,8 @@ class GPTQWeight(_WeightQuantizer):
 
     def describe(self) -> str:
         group = f" group {self.group_size}" if self.group_size else " per channel"
-        return f"gptq w{self.bits}{group}" + (" act-order" if self.act_order else "")
+        return (f"gptq w{self.bits}{group}" + (" act-order" if self.act_order else "")
+                + (" sequential" if self.sequential else ""))
 
 
 Edit = (InputAffine | InputRotation | OutputTransform | ScaleOutputRows | ScaleInputColumns | PadInput | QuantizeWeight
@@ -273,6 +278,13 @@ def _edited(entry: SiteEdits, weight, bias, edits) -> tuple:
     return w, (None if b is None else b.to(bias.dtype if bias is not None else weight.dtype))
 
 
+def edited_logical_weight(gm: fx.GraphModule, entry: SiteEdits, originals) -> tuple[torch.Tensor, torch.dtype]:
+    """(logical [out, in] float32 weight after the site's edits so far, the stored dtype)."""
+    weight = originals.get(entry.site.weight_node.target, getattr(gm, entry.site.weight_node.target))
+    w, _ = _edited(entry, weight, None, entry.edits)
+    return w, weight.dtype
+
+
 def transformed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of) -> tuple:
     """(weight, bias) after the site's edits, in the stored layout and dtype, via the cache."""
     weight, bias, key = _site_tensors(gm, entry, originals, fqn_of)
@@ -353,7 +365,7 @@ def replace_with_quantized_linear(gm: fx.GraphModule, entry: SiteEdits, packed, 
     return new
 
 
-def _has_side_effects(node: fx.Node) -> bool:
+def side_effects(node: fx.Node) -> bool:
     """FX's purity test plus in-place methods (``buf.add_(1)``), which it does not know."""
     if node.is_impure():
         return True
@@ -363,7 +375,7 @@ def _has_side_effects(node: fx.Node) -> bool:
 
 def drop_unused_constants(gm: fx.GraphModule) -> None:
     """Remove get_attr nodes and buffers nothing uses any more (the pre-edit weights)."""
-    gm.graph.eliminate_dead_code(is_impure_node=_has_side_effects)
+    gm.graph.eliminate_dead_code(is_impure_node=side_effects)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in [name for name, _ in gm.named_buffers(recurse=False) if name not in used]:
         delattr(gm, name)

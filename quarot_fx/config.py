@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .numerics.rotations import ROTATION_KINDS, rotation_kinds
+from .numerics.rotations import GSR_PERMUTATIONS, ROTATION_KINDS, rotation_kinds
 
 PRESETS: dict[str, dict[str, int]] = {
     "w4a4kv4": {"w_bits": 4, "a_bits": 4, "kv_bits": 4},
@@ -60,6 +60,9 @@ class QuaRotConfig:
         seed: seed of the randomized rotations.
         gsr_group_size: Walsh block size for ``rotation="gsr"`` (power of two; None = largest
             power of two ≤ 128 dividing the hidden size).
+        gsr_permutation: ``"sequency"`` (GSR's Walsh blocks, default) or ``"none"`` (Sylvester
+            blocks: plain block Hadamard, GSR's baseline). The Walsh matrix is symmetric, so there
+            is no side to choose (see ``numerics.rotations.gsr_rotation``).
         r1, r2, r3, r4: switch each rotation site on or off (residual, value→output,
             query/key, down-projection input); ignored when ``rotation="none"``.
         lowering: ``"inductor"`` (compile with Inductor, freezing on) or ``"fx"`` (run the
@@ -68,6 +71,9 @@ class QuaRotConfig:
         calibration: token-id tensors for GPTQ (see ``quarot_fx.tools.evaluate.calibration_windows``).
         gptq_damp, gptq_block_size, gptq_act_order: GPTQ's damping (fraction of mean diag H),
             column block and activation ordering.
+        gptq_sequential: each linear's Hessian from inputs produced by the already-quantized
+            earlier linears, with activation and KV quantization as configured (GPTQ/QuaRot
+            papers); False: all Hessians in one pass over the rotated float graph.
         w_group_size: weight quantization group along the input dim (None = per output channel).
         w_clip_search: per-row clip ratio search minimizing the weight reconstruction error.
         a_clip, kv_clip: activation / KV clip ratios (None = 0.9 / 0.95 at ≤ 4 bits, else 1.0).
@@ -88,6 +94,7 @@ class QuaRotConfig:
     kv_bits: int = 4
     seed: int = 0
     gsr_group_size: int | None = None
+    gsr_permutation: str = "sequency"
     r1: bool = True
     r2: bool = True
     r3: bool = True
@@ -106,6 +113,7 @@ class QuaRotConfig:
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = False
+    gptq_sequential: bool = True
     kernels: str = "integer"
     smoothrot: bool = False
     smoothrot_alpha: float = 0.5
@@ -122,6 +130,7 @@ class QuaRotConfig:
         if self.gsr_group_size is not None:
             _integer("gsr_group_size", self.gsr_group_size, "None or a power of two ≥ 2",
                      lambda v: v >= 2 and v & (v - 1) == 0)
+        _choice("gsr_permutation", self.gsr_permutation, GSR_PERMUTATIONS)
         for name in ("r1", "r2", "r3", "r4"):
             _flag(name, getattr(self, name))
         _choice("lowering", self.lowering, LOWERINGS)
@@ -129,7 +138,7 @@ class QuaRotConfig:
         _choice("kernels", self.kernels, KERNELS)
         if self.w_group_size is not None:
             _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
-        for name in ("w_clip_search", "quantize_lm_head", "gptq_act_order"):
+        for name in ("w_clip_search", "quantize_lm_head", "gptq_act_order", "gptq_sequential"):
             _flag(name, getattr(self, name))
         for name in ("a_clip", "kv_clip"):
             value = getattr(self, name)
@@ -196,7 +205,7 @@ class QuaRotConfig:
 
     def kv_signature(self) -> str:
         """What decides the basis and precision of the keys and values a compiled model caches."""
-        return (f"rotation={self.rotation}/{self.seed}/{self.gsr_group_size} r2={self.r2 and self.r2_rotation} "
+        return (f"rotation={self.rotation}/{self.seed}/{self.gsr_group_size}/{self.gsr_permutation} r2={self.r2 and self.r2_rotation} "
                 f"r3={self.r3 and self.r3_rotation} "
                 f"kv={self.kv_bits}/{self.kv_cache_clip}")
 

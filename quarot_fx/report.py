@@ -74,6 +74,17 @@ class QuantRecord:
 
 
 @dataclass
+class ChannelMax:
+    """SmoothRot's effect on one down-projection input: the largest |x_j| over channels."""
+
+    site: str
+    before: float
+    smoothed: float  # after dividing by SmoothRot's scales
+    rotated: float | None  # after R4 alone (None: no R4 there)
+    smoothed_rotated: float | None  # after smoothing, then R4: what the quantizer sees
+
+
+@dataclass
 class Report:
     graph: str
     options: dict
@@ -86,6 +97,7 @@ class Report:
     quantized: list[QuantRecord] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # pass or phase -> wall time
     pipeline: list[str] = field(default_factory=list)  # the passes that ran, in order
+    channel_max: list[ChannelMax] = field(default_factory=list)  # SmoothRot, on calibration window 1
     graph_module: object = field(default=None, repr=False)  # the rewritten FX graph, before lowering
 
     def region_counts(self) -> dict[str, int]:
@@ -129,6 +141,13 @@ class Report:
         if self.quantized:
             kinds = Counter(f"{r.what} {r.method} {r.bits}-bit, {r.storage}" for r in self.quantized)
             lines.append("  quantized: " + "; ".join(f"{n}× {k}" for k, n in sorted(kinds.items())))
+        if self.channel_max:
+            lines.append("  down-projection input, max |x| over channels (calibration window 1):")
+            lines.append(f"    {'site':<34} {'before':>10} {'smoothed':>10} {'rotated':>10} {'both':>10}")
+            show = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+            for row in self.channel_max:
+                lines.append(f"    {row.site:<34} {row.before:>10.3g} {row.smoothed:>10.3g} "
+                             f"{show(row.rotated):>10} {show(row.smoothed_rotated):>10}")
         if self.pipeline:
             lines.append("  pipeline: " + " → ".join(self.pipeline))
         lines.append("  time: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.seconds.items()))

@@ -105,14 +105,16 @@ ARCH_SIZES = st.sampled_from([
 @settings(max_examples=14, suppress_health_check=[HealthCheck.too_slow])
 @given(arch_sizes=ARCH_SIZES, layers=st.integers(1, 3), ffn=st.sampled_from([64, 96, 92]),
        outliers=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
-       rotation=st.sampled_from(["hadamard", "randomized_hadamard", "gsr", "random"]), seed=st.integers(0, 3))
-def test_invariance_property(arch_sizes, layers, ffn, outliers, dtype, rotation, seed):
+       rotation=st.sampled_from(["hadamard", "randomized_hadamard", "gsr", "random"]), seed=st.integers(0, 3),
+       gsr_permutation=st.sampled_from(["sequency", "none"]))
+def test_invariance_property(arch_sizes, layers, ffn, outliers, dtype, rotation, seed, gsr_permutation):
     arch, hidden, heads, kv_heads = arch_sizes
     torch._dynamo.reset()
     make = outlier_model if outliers else tiny_model
     model = make(arch, seed=seed, hidden=hidden, heads=heads, kv_heads=kv_heads, layers=layers, ffn=ffn).to(dtype)
     ids = token_ids(length=9, seed=seed)
-    out, reports = run(model, ids, {**FX, "rotation": rotation, "seed": seed}, use_cache=False)
+    extra = {"gsr_permutation": gsr_permutation} if rotation == "gsr" else {}
+    out, reports = run(model, ids, {**FX, "rotation": rotation, "seed": seed, **extra}, use_cache=False)
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
     assert rel_err(out.logits, ref) <= (1e-4 if dtype == torch.float32 else 1e-6)  # norms run in fp32

@@ -57,3 +57,42 @@ def test_smoothrot_needs_calibration_and_a_valid_alpha():
         quarot_fx.QuaRotConfig(smoothrot=True)
     with pytest.raises(ValueError, match=r"smoothrot_alpha must be a number in \[0, 1\]"):
         quarot_fx.QuaRotConfig(smoothrot_alpha=1.5)
+
+
+def test_report_table_of_channel_maxima_before_and_after_smoothing_and_rotation():
+    from quarot_fx.numerics.hadamard import hadamard_matrix
+
+    model, ids = tiny_model("llama"), token_ids()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[5] *= 100.0
+    _, report = run(model, ids, rotation="hadamard")
+    row = next(r for r in report.channel_max if r.site == "model.layers.0.mlp.down_proj")
+    seen = {}
+    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0]))
+    window = torch.cat([t.reshape(-1) for t in CALIBRATION])[:ids.numel()].reshape(ids.shape)  # window 1
+    with torch.no_grad():
+        model(window, use_cache=False)
+    hook.remove()
+    x = seen["x"].double().reshape(-1, 128)
+    h = hadamard_matrix(128, torch.float64) / 128 ** 0.5
+    assert row.before == pytest.approx(x.abs().max().item(), rel=1e-5)
+    assert row.rotated == pytest.approx((x @ h).abs().max().item(), rel=1e-5)
+    assert row.smoothed < row.before / 5 and row.smoothed_rotated < row.rotated
+    assert "max |x| over channels" in str(report) and len(report.channel_max) == 2
+
+
+def test_a_sweep_of_alpha_calibrates_once_and_a_changed_weight_calibrates_again():
+    model, ids = tiny_model("llama"), token_ids()
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    counts = []
+    for alpha, touch in ((0.3, False), (0.6, False), (0.6, True)):
+        torch._dynamo.reset()
+        if touch:
+            with torch.no_grad():
+                model.model.layers[0].mlp.gate_proj.weight.mul_(1.5)
+                ref = model(ids, use_cache=False).logits
+        out, report = run(model, ids, smoothrot_alpha=alpha)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        counts.append(report.counters["smoothrot_calibration_chunks"])
+    assert counts[0] > 0 and counts[1] == 0 and counts[2] > 0

@@ -44,14 +44,29 @@ def default_gsr_group(n: int) -> int:
     return min(n & -n, 128)
 
 
-def gsr_rotation(n: int, group_size: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Block-diagonal of normalized Walsh matrices of order ``group_size`` (GSR)."""
+GSR_PERMUTATIONS = ("sequency", "none")
+
+
+def gsr_rotation(n: int, group_size: int | None = None, dtype: torch.dtype = torch.float32,
+                 permutation: str = "sequency") -> torch.Tensor:
+    """Block-diagonal of normalized Walsh matrices of order ``group_size`` (GSR).
+
+    ``permutation="none"`` keeps Sylvester order: plain block Hadamard, the baseline GSR is
+    measured against. There is no "side" to choose: the Walsh matrix is symmetric, and since
+    Gray code and bit reversal are linear over GF(2), it equals the Sylvester matrix with its
+    columns permuted. So GSR is block Hadamard with the rotated coordinates reordered inside
+    each block: per-group RTN with blocks inside groups cannot see it (a test shows it); only
+    GPTQ's column order and blocks wider than a group can.
+    """
     group = group_size or default_gsr_group(n)
     if not is_power_of_two(group) or n % group:
         raise ValueError(
             f"gsr_group_size must be a power of two that divides the dimension {n}, got {group}"
         )
-    block = walsh_matrix(group, torch.float64) / math.sqrt(group)
+    if permutation not in GSR_PERMUTATIONS:
+        raise ValueError(f"gsr_permutation must be one of {', '.join(map(repr, GSR_PERMUTATIONS))}; got {permutation!r}")
+    walsh = walsh_matrix(group, torch.float64) if permutation == "sequency" else factor_matrix(group, torch.float64)
+    block = walsh / math.sqrt(group)
     return torch.block_diag(*[block] * (n // group)).to(dtype)
 
 
@@ -81,7 +96,8 @@ def random_orthogonal(n: int, seed: int = 0, dtype: torch.dtype = torch.float32)
 class RotationKind:
     """A registered rotation kind.
 
-    ``build(n, seed=0, group=None)``: the orthonormal float64 [n, n] matrix. ``problem(n, group)``:
+    ``build(n, seed=0, group=None)``: the orthonormal float64 [n, n] matrix (kinds with
+    variants, like GSR's permutation side, also take ``variant=``). ``problem(n, group)``:
     why order n cannot be built (None when it can). ``fast(x, n, seed, group)``: x·Q without
     forming Q, for weight folding (optional). ``pad_to(n)``: a larger order to zero-pad to when n
     has none (dimension expansion; optional). ``hadamard_op``: the online transform is
@@ -122,12 +138,13 @@ def rotation_kind(name: str) -> RotationKind:
 
 
 def rotation_matrix(
-    kind: str, n: int, *, seed: int = 0, group_size: int | None = None, dtype: torch.dtype = torch.float32
+    kind: str, n: int, *, seed: int = 0, group_size: int | None = None, dtype: torch.dtype = torch.float32,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """Orthonormal rotation of order n of a registered kind (``"none"``: the identity)."""
     if kind == "none":
         return torch.eye(n, dtype=dtype)
-    matrix = rotation_kind(kind).build(n, seed=seed, group=group_size)
+    matrix = rotation_kind(kind).build(n, seed=seed, group=group_size, **({"variant": variant} if variant else {}))
     if tuple(matrix.shape) != (n, n):
         raise ValueError(f"rotation kind {kind!r} built a {tuple(matrix.shape)} matrix for order {n}")
     return matrix.to(dtype).contiguous()  # e.g. QR's Q is column-major
@@ -159,5 +176,7 @@ register_rotation("hadamard", lambda n, seed=0, group=None: hadamard_matrix(n, t
                   problem=_hadamard_problem, fast=_fast_hadamard, pad_to=next_hadamard_order, hadamard_op=True)
 register_rotation("randomized_hadamard", lambda n, seed=0, group=None: randomized_hadamard(n, seed, torch.float64),
                   problem=_hadamard_problem, fast=_fast_randomized_hadamard, pad_to=next_hadamard_order)
-register_rotation("gsr", lambda n, seed=0, group=None: gsr_rotation(n, group, torch.float64), problem=_gsr_problem)
+register_rotation("gsr", lambda n, seed=0, group=None, variant=None: gsr_rotation(n, group, torch.float64,
+                                                                                    variant or "sequency"),
+                  problem=_gsr_problem)
 register_rotation("random", lambda n, seed=0, group=None: random_orthogonal(n, seed, torch.float64))
