@@ -51,7 +51,9 @@ CONFIGS = {
     # GSR (R1 only) where its paper claims the gain: 2- and 3-bit GPTQ weights, groups of 64.
     **{f"w{bits}a16-gptq-g64{suffix}": {"w_bits": bits, "a_bits": 16, "kv_bits": 16, "weights": "gptq",
                                          "w_group_size": 64, **extra}
-       for bits in (2, 3) for suffix, extra in (("", {}), ("-gsr", {"rotation": "gsr", "gsr_group_size": 64}))},
+       for bits in (2, 3) for suffix, extra in (("", {}), ("-gsr", {"rotation": "gsr", "gsr_group_size": 64}),
+                                                ("-blockhad", {"rotation": "gsr", "gsr_group_size": 64,
+                                                               "gsr_permutation": "none"}))},
     "w4a4kv4-gptq-gsr": {"preset": "w4a4kv4", "weights": "gptq", "rotation": "gsr"},
 }
 SWEEPS = {"smoothrot_alpha": ("w4a4kv4-smoothrot", (0.3, 0.4, 0.5, 0.6, 0.7))}

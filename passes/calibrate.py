@@ -34,7 +34,7 @@ from .graph_utils import as_site, origin
 from .weights import GPTQWeight, QuantizeWeight, edited_logical_weight, is_cached, side_effects
 
 # visit(site, inputs) sees the site's input for every window; it may return a replacement
-# weight (stored layout) that the site and everything after it then compute with.
+# weight (logical [out, in]) that the site and everything after it then compute with.
 Visit = Callable[[object, list], torch.Tensor | None]
 
 
@@ -75,57 +75,107 @@ def _needed(graph: fx.Graph, sites) -> set[fx.Node]:
     return seen
 
 
+def linear_override(site, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[dict], torch.Tensor]:
+    """A site's value computed from a logical [out, in] weight (and bias: by default the one the
+    graph reads), whatever the site's kind: for :attr:`Windows.override`."""
+    def compute(env):
+        x = env[site.input_node]
+        b = bias if bias is not None else (env[site.bias_node] if site.bias_node is not None else None)
+        return torch.nn.functional.linear(x, weight.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    return compute
+
+
+class Windows:
+    """The graph run node by node on several calibration windows at once (node-major), each
+    window in its own environment, so whatever a node sees is at hand for every window.
+
+    ``override[node]`` computes a node from a window's environment instead of the graph (a
+    quantized weight for sequential GPTQ, a clip under search); :meth:`run` executes a list of
+    nodes and frees values after their last use in that list.
+    """
+
+    def __init__(self, ctx, limit: int | None = None):
+        graph = ctx.gm.graph
+        self.tokens_node = token_input(ctx.analysis.residual)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        inputs = list(ctx.lifted.runtime_inputs(ctx.example_inputs))
+        self.chunks = [] if self.tokens_node is None else _chunks(
+            ctx.config.calibration, tuple(inputs[placeholders.index(self.tokens_node)].shape))[:limit]
+        self.runners = [fx.Interpreter(ctx.gm) for _ in self.chunks]
+        self._inputs = dict(zip(placeholders, inputs))
+        self._constants: dict[fx.Node, object] = {}
+        self.override: dict[fx.Node, Callable[[dict], torch.Tensor]] = {}
+
+    def value(self, window: int, node: fx.Node, env: dict | None = None):
+        """One window's value of ``node`` from ``env`` (default: the window's own environment)."""
+        runner = self.runners[window]
+        if node.op == "placeholder":
+            example = self._inputs[node]
+            if node is self.tokens_node:
+                return self.chunks[window].to(example.device)
+            return example.clone() if any(side_effects(u) for u in node.users) else example
+        if node.op == "get_attr":  # constants: fetched once, shared by every window
+            if node not in self._constants:
+                self._constants[node] = runner.run_node(node)
+            return self._constants[node]
+        if env is not None:
+            runner.env, kept = env, runner.env
+        try:
+            if node in self.override:
+                return self.override[node](runner.env)
+            return runner.run_node(node)
+        finally:
+            if env is not None:
+                runner.env = kept
+
+    def run(self, nodes: list[fx.Node], at: Callable[[fx.Node], None] = lambda node: None,
+            skip: frozenset = frozenset()) -> None:
+        """Execute ``nodes`` in order for every window, calling ``at(node)`` before each (nodes in
+        ``skip`` get the call but are not computed)."""
+        last_use = {}
+        for i, node in enumerate(nodes):
+            for used in node.all_input_nodes:
+                last_use[used] = i
+        with torch.no_grad():
+            for i, node in enumerate(nodes):
+                at(node)
+                for w, runner in enumerate(self.runners if node not in skip else ()):
+                    runner.env[node] = self.value(w, node)
+                for used in node.all_input_nodes:
+                    if last_use[used] == i:
+                        for runner in self.runners:
+                            runner.env.pop(used, None)
+
+    def inputs_of(self, node: fx.Node) -> list:
+        return [runner.env[node] for runner in self.runners]
+
+
 def run_calibration(ctx, sites, visit: Visit, desc: str, limit: int | None = None) -> int | None:
     """Run the graph on every calibration window (the first ``limit``), calling ``visit`` at each
     site (graph order); returns the number of windows, or None if there is no token-id input."""
-    gm, graph = ctx.gm, ctx.gm.graph
-    tokens_node = token_input(ctx.analysis.residual)
-    if tokens_node is None or not sites:
-        return None if tokens_node is None else 0
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    inputs = list(ctx.lifted.runtime_inputs(ctx.example_inputs))
-    chunks = _chunks(ctx.config.calibration, tuple(inputs[placeholders.index(tokens_node)].shape))[:limit]
-    needed = _needed(graph, sites)
+    windows = Windows(ctx, limit)
+    if windows.tokens_node is None:
+        return None
+    if not sites:
+        return 0
+    needed = _needed(ctx.gm.graph, sites)
     by_node = {s.node: s for s in sites}
-    nodes = [n for n in graph.nodes if n in needed or n in by_node]  # every site is visited
-    last_use = {}
-    for i, node in enumerate(nodes):
-        for used in node.all_input_nodes:
-            last_use[used] = i
-    runners = [fx.Interpreter(gm) for _ in chunks]
     bar = tqdm(total=len(sites), desc=desc, leave=False)
-    with torch.no_grad():
-        for i, node in enumerate(nodes):
-            if node.op == "placeholder":
-                example = inputs[placeholders.index(node)]
-                mutated = any(side_effects(u) for u in node.users)
-                for runner, chunk in zip(runners, chunks):
-                    runner.env[node] = (chunk.to(example.device) if node is tokens_node
-                                        else example.clone() if mutated else example)
-            elif node.op == "get_attr":  # constants: fetched once, shared by every window
-                fetched = runners[0].run_node(node)
-                for runner in runners:
-                    runner.env[node] = fetched
-            else:
-                site = by_node.get(node)
-                weight = None
-                if site is not None:
-                    weight = visit(site, [runner.env[site.input_node] for runner in runners])
-                    bar.update()
-                for runner in runners if node in needed else ():
-                    if weight is None:
-                        runner.env[node] = runner.run_node(node)
-                    else:  # the site computes with the replacement weight from now on
-                        kept = runner.env[site.weight_node]
-                        runner.env[site.weight_node] = weight
-                        runner.env[node] = runner.run_node(node)
-                        runner.env[site.weight_node] = kept
-            for used in node.all_input_nodes:
-                if last_use[used] == i:
-                    for runner in runners:
-                        runner.env.pop(used, None)
+
+    def at(node):
+        site = by_node.get(node)
+        if site is not None:
+            weight = visit(site, windows.inputs_of(site.input_node))
+            if weight is not None:  # the site computes with the replacement from now on
+                windows.override[node] = linear_override(site, weight)
+            bar.update()
+
+    # Every site is visited; a site's own output is computed only if a later site needs it.
+    nodes = [n for n in ctx.gm.graph.nodes if n in needed or n in by_node]
+    windows.run(nodes, at, skip=frozenset(n for n in by_node if n not in needed))
     bar.close()
-    return len(chunks)
+    return len(windows.chunks)
 
 
 def _hessian(inputs) -> torch.Tensor:
@@ -164,7 +214,7 @@ def gptq_weights(ctx) -> None:
         codes = dataclasses.replace(edit, hessian=_hessian(inputs)).codes(logical)
         solved[site.node] = dataclasses.replace(edit, solved=codes)
         quantized, _ = solved[site.node].apply(logical, None)
-        return site.from_logical(quantized.to(dtype))
+        return quantized.to(dtype)
 
     count = run_calibration(ctx, sites if config.gptq_sequential else missing,
                             sequential if config.gptq_sequential else one_pass,

@@ -19,6 +19,7 @@ from quarot_fx.report import Skip
 from .attention import (analyze_queries_keys, analyze_values, find_attentions, rotate_queries_keys, rotate_values,
                         unmatched_softmaxes)
 from .calibrate import gptq_weights
+from .clip_search import search_clips
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
 from .context import Analysis, PassContext  # noqa: F401  (re-exported: the context passes take)
 from .graph_utils import label
@@ -105,6 +106,8 @@ for _stage, _fn, _when, _name in (
     ("lower", lower_to_integer_kernels, lambda c: c.kernels == "integer" and c.quantizes, None),
 ):
     register_pass(_stage, when=_when, name=_name)(_fn)
+# GBS searches clips with the weights final and before the lowering turns quantizers into integer ops.
+register_pass("materialize", after="materialize_weights", when=lambda c: c.searches_clips)(search_clips)
 # SmoothRot reads the float graph before any rewrite and must edit the down-projection before R4.
 register_pass("rotation", before="rotate_residual", when=lambda c: c.smoothrot)(smooth_down_projections)
 

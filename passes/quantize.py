@@ -85,7 +85,8 @@ def quantize_activations(ctx) -> None:
             quantizers[source].meta[RECORD] = record  # the lowering reads the decision from the graph
             ctx.report.quantized.append(record)
         node.replace_input_with(source, quantizers[source])
-        ctx.edits(site).online.append(f"a{config.a_bits} per-token (clip {config.activation_clip})")
+        clip = "searched" if config.a_clip == "gbs" else config.activation_clip
+        ctx.edits(site).online.append(f"a{config.a_bits} per-token (clip {clip})")
 
 
 def _integer_kv(graph: fx.Graph, source: fx.Node, bits: int, clip: float, like) -> fx.Node:

@@ -20,6 +20,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "w4a4kv4": {"w_bits": 4, "a_bits": 4, "kv_bits": 4},
     "w8a8kv8": {"w_bits": 8, "a_bits": 8, "kv_bits": 8},
     "w6a6kv6": {"w_bits": 6, "a_bits": 6, "kv_bits": 6},
+    "w3a3kv3": {"w_bits": 3, "a_bits": 3, "kv_bits": 3},
     "w4a16": {"w_bits": 4, "a_bits": 16, "kv_bits": 16},
     "fp": {"w_bits": 16, "a_bits": 16, "kv_bits": 16},
 }
@@ -27,6 +28,7 @@ BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
 WEIGHT_METHODS = ("rtn", "gptq")
 KERNELS = ("integer", "fake")
+GBS_OBJECTIVES = ("loss", "local")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -49,7 +51,7 @@ class QuaRotConfig:
     """Options of the quarot backend. Unknown keys and bad values raise ``ValueError``.
 
     Attributes:
-        preset: ``"w4a4kv4"``, ``"w8a8kv8"``, ``"w6a6kv6"``, ``"w4a16"``, ``"fp"`` (rotate only) or None.
+        preset: ``"w4a4kv4"``, ``"w8a8kv8"``, ``"w6a6kv6"``, ``"w3a3kv3"``, ``"w4a16"``, ``"fp"`` (rotate only) or None.
         rotation: residual-stream rotation (R1): ``"hadamard"``, ``"randomized_hadamard"``,
             ``"gsr"``, ``"random"``, any kind added with ``quarot_fx.register_rotation``, or
             ``"none"`` (no rotation at all).
@@ -76,7 +78,11 @@ class QuaRotConfig:
             papers); False: all Hessians in one pass over the rotated float graph.
         w_group_size: weight quantization group along the input dim (None = per output channel).
         w_clip_search: per-row clip ratio search minimizing the weight reconstruction error.
-        a_clip, kv_clip: activation / KV clip ratios (None = 0.9 / 0.95 at ≤ 4 bits, else 1.0).
+        a_clip, kv_clip: activation / KV clip ratios (None = 0.9 / 0.95 at ≤ 4 bits, else 1.0), or
+            ``"gbs"``: searched per quantized input by gradual binary search (needs ``calibration``).
+        gbs_objective, gbs_windows, gbs_iterations: the search's objective (``"loss"``: the rest
+            of the network's cross-entropy; ``"local"``: error of the first linear outputs the
+            site reaches), how many calibration windows it uses, and its halving steps.
         quantize_lm_head: quantize the output head too (default: keep it in float).
         smoothrot, smoothrot_alpha: SmoothRot channel scaling of the MLP down-projection input
             before R4 (needs ``calibration``); s_j = max|x_j|^α / max|W_j|^(1-α).
@@ -117,6 +123,9 @@ class QuaRotConfig:
     kernels: str = "integer"
     smoothrot: bool = False
     smoothrot_alpha: float = 0.5
+    gbs_objective: str = "loss"
+    gbs_windows: int = 4
+    gbs_iterations: int = 8
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -142,9 +151,15 @@ class QuaRotConfig:
             _flag(name, getattr(self, name))
         for name in ("a_clip", "kv_clip"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not 0 < value <= 1):
-                raise ValueError(f"{name} must be None or a number in (0, 1]; got {value!r}")
+            if value is not None and value != "gbs" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                         or not 0 < value <= 1):
+                raise ValueError(f"{name} must be None, a number in (0, 1] or 'gbs'; got {value!r}")
+        _choice("gbs_objective", self.gbs_objective, GBS_OBJECTIVES)
+        _integer("gbs_windows", self.gbs_windows, "a positive integer", lambda v: v >= 1)
+        _integer("gbs_iterations", self.gbs_iterations, "an integer in 1..20", lambda v: 1 <= v <= 20)
+        if self.searches_clips and self.calibration is None:
+            raise ValueError("a_clip='gbs' / kv_clip='gbs' needs calibration=[token-id tensors] for the search "
+                             "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
         if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or not 0 < self.gptq_damp < 1:
             raise ValueError(f"gptq_damp must be a number in (0, 1); got {self.gptq_damp!r}")
         _integer("gptq_block_size", self.gptq_block_size, "a positive integer", lambda v: v >= 1)
@@ -207,19 +222,26 @@ class QuaRotConfig:
         """What decides the basis and precision of the keys and values a compiled model caches."""
         return (f"rotation={self.rotation}/{self.seed}/{self.gsr_group_size}/{self.gsr_permutation} r2={self.r2 and self.r2_rotation} "
                 f"r3={self.r3 and self.r3_rotation} "
-                f"kv={self.kv_bits}/{self.kv_cache_clip}")
+                f"kv={self.kv_bits}/{'gbs' if self.kv_clip == 'gbs' else self.kv_cache_clip}")
 
     @property
     def rotates(self) -> bool:
         return self.rotation != "none" and any((self.r1, self.r2, self.r3, self.r4))
 
     @property
+    def searches_clips(self) -> bool:
+        return (self.a_clip == "gbs" and self.a_bits < 16) or (self.kv_clip == "gbs" and self.kv_bits < 16)
+
+    @property
     def activation_clip(self) -> float:
-        return self.a_clip if self.a_clip is not None else (0.9 if self.a_bits <= 4 else 1.0)
+        """The fixed clip (with ``"gbs"``: the default the search replaces)."""
+        fixed = self.a_clip not in (None, "gbs")
+        return self.a_clip if fixed else (0.9 if self.a_bits <= 4 else 1.0)
 
     @property
     def kv_cache_clip(self) -> float:
-        return self.kv_clip if self.kv_clip is not None else (0.95 if self.kv_bits <= 4 else 1.0)
+        fixed = self.kv_clip not in (None, "gbs")
+        return self.kv_clip if fixed else (0.95 if self.kv_bits <= 4 else 1.0)
 
     @property
     def packs_weights(self) -> bool:

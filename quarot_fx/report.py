@@ -85,6 +85,15 @@ class ChannelMax:
 
 
 @dataclass
+class ClipRecord:
+    """A clip ratio found by the GBS search for one quantized input (activation, key or value)."""
+
+    site: str
+    what: str
+    clip: float
+
+
+@dataclass
 class Report:
     graph: str
     options: dict
@@ -98,6 +107,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)  # pass or phase -> wall time
     pipeline: list[str] = field(default_factory=list)  # the passes that ran, in order
     channel_max: list[ChannelMax] = field(default_factory=list)  # SmoothRot, on calibration window 1
+    clips: list[ClipRecord] = field(default_factory=list)  # GBS, in graph order
     graph_module: object = field(default=None, repr=False)  # the rewritten FX graph, before lowering
 
     def region_counts(self) -> dict[str, int]:
@@ -148,6 +158,10 @@ class Report:
             for row in self.channel_max:
                 lines.append(f"    {row.site:<34} {row.before:>10.3g} {row.smoothed:>10.3g} "
                              f"{show(row.rotated):>10} {show(row.smoothed_rotated):>10}")
+        if self.clips:
+            lines.append("  clips found by GBS (site × input → clip):")
+            for row in self.clips:
+                lines.append(f"    {row.site:<34} {row.what:<10} {row.clip:.4f}")
         if self.pipeline:
             lines.append("  pipeline: " + " → ".join(self.pipeline))
         lines.append("  time: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.seconds.items()))

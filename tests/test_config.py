@@ -32,13 +32,13 @@ def test_fp_preset_quantizes_nothing():
     ({"w_bits": 1}, r"w_bits must be an integer in 2..8, or 16"),
     ({"a_bits": 4.0}, r"a_bits must be an integer"),
     ({"kv_bits": True}, r"kv_bits must be an integer"),
-    ({"preset": "w3"}, r"preset must be one of 'w4a4kv4', 'w8a8kv8', 'w6a6kv6', 'w4a16', 'fp'"),
+    ({"preset": "w3"}, r"preset must be one of 'w4a4kv4', 'w8a8kv8', 'w6a6kv6', 'w3a3kv3', 'w4a16', 'fp'"),
     ({"lowering": "aot"}, r"lowering must be one of 'inductor', 'fx'"),
     ({"gsr_group_size": 48}, r"gsr_group_size must be None or a power of two"),
     ({"r2": "yes"}, r"r2 must be True or False"),
     ({"seed": -1}, r"seed must be a non-negative integer"),
     ({"weights": "awq"}, r"weights must be one of 'rtn', 'gptq'"),
-    ({"a_clip": 1.5}, r"a_clip must be None or a number in \(0, 1\]"),
+    ({"a_clip": 1.5}, r"a_clip must be None, a number in \(0, 1\] or 'gbs'"),
     ({"w_group_size": 0}, r"w_group_size must be None or a positive integer"),
 ])
 def test_bad_options_name_the_key_and_allowed_values(options, pattern):

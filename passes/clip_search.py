@@ -1,0 +1,195 @@
+"""Gradual binary search (GBS) of activation and KV clip ratios (METHODS.md; arXiv 2504.13989).
+
+Weights are quantized first (RTN or GPTQ, as configured). Every searched quantizer starts off
+(float). Walking the graph in order, the current quantizer is switched on, its clip ratio found
+by a bounded binary search, frozen, and the walk goes on: later sites are searched with the
+earlier ones quantized ("gradual"). There is one clip per quantized input, so q/k/v (and
+gate/up) share theirs: a quantize-once kernel reads one clip.
+
+The walk is :class:`~.calibrate.Windows`: node by node over the calibration windows, so the
+frozen prefix's values are cached and a candidate clip costs only what comes after the site:
+
+* ``gbs_objective="loss"`` (default): cross-entropy of the rest of the network on the windows;
+* ``"local"``: relative squared error, against the site left in float, of the first linear
+  outputs the site reaches (q/k/v for their input, o_proj for K and V): a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from quarot_fx.numerics.quant import dequantize_weight, quantize_activation, quantize_kv
+from quarot_fx.report import ClipRecord, Skip
+
+from .calibrate import Windows, linear_override
+from .graph_utils import as_site, label
+from .quantize import PENDING_WEIGHT, RECORD
+from .weights import packed_weights
+
+QUANTIZERS = (quantize_activation, quantize_kv)
+
+
+def searched_quantizers(gm: fx.GraphModule, config) -> list[fx.Node]:
+    wanted = {quantize_activation: config.a_clip == "gbs", quantize_kv: config.kv_clip == "gbs"}
+    return [n for n in gm.graph.nodes if n.op == "call_function" and wanted.get(n.target, False)]
+
+
+def binary_search(objective, iterations: int, tolerance: float = 1e-3) -> tuple[float, dict[float, float]]:
+    """GBS's bounded search on (0, 1]: start a=0, m=0.5, b=1; each step evaluates the midpoints
+    of both halves and keeps the half around the better one. Returns the best clip evaluated
+    (1.0 included, so clipping is never chosen over not clipping unless it helps)."""
+    seen: dict[float, float] = {}
+
+    def f(c):
+        if c not in seen:
+            seen[c] = objective(c)
+        return seen[c]
+
+    a, m, b = 0.0, 0.5, 1.0
+    f(1.0)
+    f(m)
+    for _ in range(iterations):
+        if b - a < tolerance:
+            break
+        left, right = (a + m) / 2, (m + b) / 2
+        if f(left) <= f(right):
+            a, m, b = a, left, m
+        else:
+            a, m, b = m, right, b
+    best = min(seen, key=lambda c: (seen[c], -c))
+    return best, seen
+
+
+def _quantize(node: fx.Node, clip: float | None):
+    """The quantizer's value from an environment: off (``None``: float) or at ``clip``."""
+    def compute(env):
+        x = env[node.args[0]]
+        return x if clip is None else node.target(x, node.args[1], clip)
+
+    return compute
+
+
+def _logits(gm: fx.GraphModule) -> fx.Node | None:
+    """The graph output with the widest last dimension (the vocabulary)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    best = None
+    for node in out.all_input_nodes:
+        v = node.meta.get("example_value")
+        if isinstance(v, torch.Tensor) and v.ndim >= 2 and (best is None or v.shape[-1] > best[1]):
+            best = (node, v.shape[-1])
+    return None if best is None else best[0]
+
+
+def _ancestors(roots) -> set[fx.Node]:
+    seen, stack = set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _first_linears(node: fx.Node) -> list[fx.Node]:
+    """The first linear/addmm sites reached from ``node`` going forward."""
+    found, frontier, seen = [], list(node.users), set()
+    while frontier:
+        user = frontier.pop()
+        if user in seen or user.op == "output":
+            continue
+        seen.add(user)
+        if as_site(user) is not None and as_site(user).kind != "embedding":
+            found.append(user)
+        else:
+            frontier.extend(user.users)
+    return found
+
+
+def _quantized_weights(ctx, windows: Windows) -> None:
+    """Sites whose 4-bit weights the lowering will pack still read float weights in the graph:
+    compute them from the packed codes (cached: the lowering reuses them)."""
+    from quarot_fx.kernels.int4 import unpack_int4_reference
+
+    for node in ctx.gm.graph.nodes:
+        if PENDING_WEIGHT in node.meta:
+            entry, _ = node.meta[PENDING_WEIGHT]
+            packed, scales, bias, n = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+            weight = dequantize_weight(unpack_int4_reference(packed, n), scales)
+            windows.override[node] = linear_override(entry.site, weight, bias)
+
+
+def search_clips(ctx) -> None:
+    """Pass: GBS clip per searched quantizer, written into the graph and the report."""
+    config, gm = ctx.config, ctx.gm
+    quantizers = searched_quantizers(gm, config)
+    if not quantizers:
+        return
+    windows = Windows(ctx, config.gbs_windows)
+    logits = _logits(gm)
+    if windows.tokens_node is None or logits is None:
+        ctx.report.skipped.append(Skip("clip search (gbs)", "no token-id input or no logits output found; "
+                                       "the default clips are kept"))
+        return
+    _quantized_weights(ctx, windows)
+    for q in quantizers:
+        windows.override[q] = _quantize(q, None)  # not searched yet: float
+    order = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(order)}
+    needed = _ancestors([logits])
+    labels = [chunk[..., 1:].reshape(-1) for chunk in windows.chunks]
+    bar = tqdm(total=len(quantizers), desc="GBS clip search", leave=False)
+
+    def evaluate(q, clip, nodes, score) -> float:
+        total = 0.0
+        for w, runner in enumerate(windows.runners):
+            env = dict(runner.env)
+            env[q] = _quantize(q, clip)(env)
+            for node in nodes:
+                env[node] = windows.value(w, node, env)
+            total += score(w, env)
+        return total
+
+    def loss(w, env):
+        out = env[logits][..., :-1, :].reshape(labels[w].numel(), -1).float()
+        return torch.nn.functional.cross_entropy(out, labels[w], reduction="sum").item()
+
+    def search(q):
+        if config.gbs_objective == "loss":
+            nodes = [n for n in order[position[q] + 1:] if n in needed]
+            objective = lambda c: evaluate(q, c, nodes, loss)  # noqa: E731
+        else:
+            targets = _first_linears(q)
+            last = max(position[t] for t in targets)
+            feeding = _ancestors(targets)
+            nodes = [n for n in order[position[q] + 1:last + 1] if n in feeding]
+            reference = {}
+
+            def error(w, env, reference=reference):
+                if w not in reference:
+                    return 0.0
+                return sum((env[t] - reference[w][t]).float().pow(2).sum().item() for t in targets) / reference["norm"]
+
+            def record_reference(w, env):
+                reference[w] = {t: env[t] for t in targets}
+                return 0.0
+
+            evaluate(q, None, nodes, record_reference)
+            reference["norm"] = sum(r[t].float().pow(2).sum().item() for r in reference.values() for t in targets) or 1.0
+            objective = lambda c: evaluate(q, c, nodes, error)  # noqa: E731
+        clip, _ = binary_search(objective, config.gbs_iterations)
+        q.args = (q.args[0], q.args[1], clip)
+        windows.override[q] = _quantize(q, clip)
+        if RECORD in q.meta:
+            q.meta[RECORD].clip = clip
+        what = q.meta[RECORD].what if RECORD in q.meta else "activation" if q.target is quantize_activation else "kv"
+        ctx.report.clips.append(ClipRecord(q.meta[RECORD].site if RECORD in q.meta else label(q), what, clip))
+        bar.update()
+
+    searched = set(quantizers)
+    windows.run([n for n in order if n in needed], lambda node: search(node) if node in searched else None)
+    bar.close()
+    ctx.report.counters["gbs_windows"] += len(windows.chunks)
+    ctx.report.notes.append(f"GBS: {len(quantizers)} clips searched ({config.gbs_objective} objective, "
+                            f"{len(windows.chunks)} calibration windows, {config.gbs_iterations} iterations)")

@@ -1,0 +1,68 @@
+"""GBS clip search: the bounded binary search, and the pass on a tiny model."""
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_ids
+
+import quarot_fx
+from quarot_fx.passes.clip_search import binary_search
+
+CALIBRATION = [torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+
+@pytest.mark.parametrize("minimum", [0.05, 0.37, 0.81])
+def test_binary_search_finds_the_minimum_of_a_unimodal_objective(minimum):
+    calls = []
+
+    def objective(c):
+        calls.append(c)
+        return (c - minimum) ** 2
+
+    clip, seen = binary_search(objective, iterations=8)
+    assert abs(clip - minimum) <= 1 / 256 + 1e-9
+    assert len(calls) == len(seen) <= 2 + 2 * 8  # every point evaluated once
+
+
+def test_binary_search_keeps_no_clipping_when_clipping_only_hurts():
+    clip, _ = binary_search(lambda c: 1 - c, iterations=8)
+    assert clip == 1.0
+
+
+def _compile(model, ids, **options):
+    options = {"preset": "w4a4kv4", "lowering": "fx", "calibration": CALIBRATION, **options}
+    with torch.no_grad(), quarot_fx.collect_reports() as reports:
+        out = torch.compile(model, backend="quarot", options=options)(ids, use_cache=False).logits
+    return out, reports[0]
+
+
+@pytest.mark.parametrize("objective", ["local", "loss"])
+def test_searched_clips_are_what_the_compiled_model_uses(objective):
+    torch._dynamo.reset()
+    model, ids = tiny_model("llama", layers=1), token_ids(length=32)
+    _, report = _compile(model, ids, a_clip="gbs", kv_clip="gbs", gbs_objective=objective, gbs_iterations=4)
+    assert len(report.clips) == 6  # per layer: qkv input, K, V, o input, gate/up input, down input
+    assert all(0 < row.clip <= 1 for row in report.clips)
+    by_site = {(r.site, r.what): r.clip for r in report.clips}
+    used = {(r.site, r.what): r.clip for r in report.quantized if r.what != "weight"}
+    assert used == pytest.approx(by_site)  # the integer ops were lowered with the searched clips
+    assert "clips found by GBS" in str(report) and report.counters["gbs_windows"] == len(CALIBRATION)
+
+
+def test_loss_search_does_not_lose_to_the_default_clips_on_its_own_windows():
+    torch._dynamo.reset()
+    model = tiny_model("llama", layers=1)
+    window = CALIBRATION[0]
+
+    def calibration_loss(**options):
+        torch._dynamo.reset()
+        out, _ = _compile(model, window, kernels="fake", calibration=[window], gbs_windows=1, **options)
+        return torch.nn.functional.cross_entropy(out[0, :-1], window[0, 1:]).item()
+
+    assert calibration_loss(a_clip="gbs", kv_clip="gbs") <= calibration_loss() + 1e-6
+
+
+def test_gbs_needs_calibration():
+    with pytest.raises(ValueError, match="a_clip='gbs' / kv_clip='gbs' needs calibration"):
+        quarot_fx.QuaRotConfig(a_clip="gbs")
+    with pytest.raises(ValueError, match=r"a_clip must be None, a number in \(0, 1\] or 'gbs'"):
+        quarot_fx.QuaRotConfig(a_clip="search")
