@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from quarot_fx import collect_reports
 from quarot_fx.config import QuaRotConfig
 from quarot_fx.tools.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
 from quarot_fx.tools.models import load_model
@@ -31,6 +32,7 @@ from quarot_fx.tools.models import load_model
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 DEFAULT_TEXT = DATA / "wiki.test.raw"
 DEFAULT_CALIBRATION = DATA / "wiki.valid.tokens"
+GBS = {"a_clip": "gbs", "kv_clip": "gbs", "gbs_objective": "local"}
 CONFIGS = {
     "float": None,
     "w8a8kv8": {"preset": "w8a8kv8"},
@@ -55,12 +57,20 @@ CONFIGS = {
                                                 ("-blockhad", {"rotation": "gsr", "gsr_group_size": 64,
                                                                "gsr_permutation": "none"}))},
     "w4a4kv4-gptq-gsr": {"preset": "w4a4kv4", "weights": "gptq", "rotation": "gsr"},
+    # GBS clip search (the local objective: the loss objective is hours on this CPU, see README).
+    "w4a4kv4-gptq-gbs": {"preset": "w4a4kv4", "weights": "gptq", **GBS},
+    "w4a4kv4-gptq-smoothrot-gbs": {"preset": "w4a4kv4", "weights": "gptq", "smoothrot": True, **GBS},
+    "w3a3kv3": {"preset": "w3a3kv3"},
+    "w3a3kv3-gptq": {"preset": "w3a3kv3", "weights": "gptq"},
+    "w3a3kv3-gptq-gbs": {"preset": "w3a3kv3", "weights": "gptq", **GBS},
+    "w3a3kv3-gptq-smoothrot-gbs": {"preset": "w3a3kv3", "weights": "gptq", "smoothrot": True, **GBS},
 }
 SWEEPS = {"smoothrot_alpha": ("w4a4kv4-smoothrot", (0.3, 0.4, 0.5, 0.6, 0.7))}
 
 
 def needs_calibration(options) -> bool:
-    return options is not None and (options.get("weights") == "gptq" or options.get("smoothrot", False))
+    return options is not None and (options.get("weights") == "gptq" or options.get("smoothrot", False)
+                                    or "gbs" in (options.get("a_clip"), options.get("kv_clip")))
 
 
 def packed_weight_bytes(model, options) -> tuple[int, int]:
@@ -84,13 +94,16 @@ def measure(model, name, options, evaluation, lowering, reference, held_out=None
     torch._dynamo.reset()
     start = time.perf_counter()
     runner = model if options is None else torch.compile(model, backend="quarot", options={**options, "lowering": lowering})
-    ppl = perplexity(runner, evaluation, desc=name)
+    with collect_reports() as reports:
+        ppl = perplexity(runner, evaluation, desc=name)
     seconds = time.perf_counter() - start
     packed, fp16 = packed_weight_bytes(model, options)
     shown = None if options is None else {k: v for k, v in options.items() if k != "calibration"}
     row = {"config": name, "options": shown, "windows": len(evaluation), "ppl": round(ppl, 3),
            "gap_pct": None if reference is None else round(100 * (ppl / reference - 1), 1),
            "seconds": round(seconds, 1), "linear_bytes_packed": packed, "linear_bytes_fp16": fp16}
+    if reports:  # where the time went: passes over a second (calibration, GPTQ, clip search)
+        row["pass_seconds"] = {k: round(v, 1) for k, v in reports[0].seconds.items() if v >= 1}
     if held_out is not None:
         row["calibration_ppl"] = round(perplexity(runner, held_out, desc=f"{name} (held-out calibration)"), 3)
     return row

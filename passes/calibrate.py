@@ -60,11 +60,8 @@ def _chunks(calibration, shape) -> list[torch.Tensor]:
     return [tokens[i:i + size].reshape(shape) for i in range(0, tokens.numel() - size + 1, size)]
 
 
-def _needed(graph: fx.Graph, sites) -> set[fx.Node]:
-    """Nodes the sites' inputs depend on, plus in-place writes before the last site."""
-    order = list(graph.nodes)
-    last = max(order.index(s.node) for s in sites)
-    roots = [s.input_node for s in sites] + [n for n in order[:last] if side_effects(n)]
+def ancestors(roots) -> set[fx.Node]:
+    """The nodes ``roots`` depend on, themselves included."""
     seen: set[fx.Node] = set()
     stack = [r for r in roots if isinstance(r, fx.Node)]
     while stack:
@@ -73,6 +70,13 @@ def _needed(graph: fx.Graph, sites) -> set[fx.Node]:
             seen.add(node)
             stack.extend(node.all_input_nodes)
     return seen
+
+
+def _needed(graph: fx.Graph, sites) -> set[fx.Node]:
+    """Nodes the sites' inputs depend on, plus in-place writes before the last site."""
+    order = list(graph.nodes)
+    last = max(order.index(s.node) for s in sites)
+    return ancestors([s.input_node for s in sites] + [n for n in order[:last] if side_effects(n)])
 
 
 def linear_override(site, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[dict], torch.Tensor]:

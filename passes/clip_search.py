@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from quarot_fx.numerics.quant import dequantize_weight, quantize_activation, quantize_kv
 from quarot_fx.report import ClipRecord, Skip
 
-from .calibrate import Windows, linear_override
+from .calibrate import Windows, ancestors, linear_override
 from .graph_utils import as_site, label
 from .quantize import PENDING_WEIGHT, RECORD
 from .weights import packed_weights
@@ -82,16 +82,6 @@ def _logits(gm: fx.GraphModule) -> fx.Node | None:
     return None if best is None else best[0]
 
 
-def _ancestors(roots) -> set[fx.Node]:
-    seen, stack = set(), list(roots)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
-
-
 def _first_linears(node: fx.Node) -> list[fx.Node]:
     """The first linear/addmm sites reached from ``node`` going forward."""
     found, frontier, seen = [], list(node.users), set()
@@ -137,7 +127,7 @@ def search_clips(ctx) -> None:
         windows.override[q] = _quantize(q, None)  # not searched yet: float
     order = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(order)}
-    needed = _ancestors([logits])
+    needed = ancestors([logits])
     labels = [chunk[..., 1:].reshape(-1) for chunk in windows.chunks]
     bar = tqdm(total=len(quantizers), desc="GBS clip search", leave=False)
 
@@ -162,7 +152,7 @@ def search_clips(ctx) -> None:
         else:
             targets = _first_linears(q)
             last = max(position[t] for t in targets)
-            feeding = _ancestors(targets)
+            feeding = ancestors(targets)
             nodes = [n for n in order[position[q] + 1:last + 1] if n in feeding]
             reference = {}
 
