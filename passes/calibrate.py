@@ -209,13 +209,21 @@ def gptq_weights(ctx) -> None:
     # Sequential: the later sites' inputs depend on the earlier quantized weights, so all run.
     solved: dict[fx.Node, GPTQWeight] = {}
 
+    shared: dict[fx.Node, torch.Tensor] = {}  # q/k/v (gate/up) read one input: one Hessian
+
+    def hessian(site, inputs):
+        if site.input_node not in shared:
+            shared.clear()
+            shared[site.input_node] = _hessian(inputs)
+        return shared[site.input_node]
+
     def one_pass(site, inputs):
-        solved[site.node] = dataclasses.replace(edit, hessian=_hessian(inputs))
+        solved[site.node] = dataclasses.replace(edit, hessian=hessian(site, inputs))
 
     def sequential(site, inputs):
         entry = ctx.edits(site)
         logical, dtype = edited_logical_weight(gm, entry, ctx.lifted.originals)
-        codes = dataclasses.replace(edit, hessian=_hessian(inputs)).codes(logical)
+        codes = dataclasses.replace(edit, hessian=hessian(site, inputs)).codes(logical)
         solved[site.node] = dataclasses.replace(edit, solved=codes)
         quantized, _ = solved[site.node].apply(logical, None)
         return quantized.to(dtype)

@@ -33,7 +33,7 @@ from .graph_utils import (
     keeps_last_dim, label, last_dim, op_name, scalar_like, shape,
 )
 from .matrices import Center, Rotation, build
-from .weights import InputAffine, InputRotation, OutputTransform
+from .weights import InputAffine, InputRotation, OutputTransform, PadInput, PadOutput
 
 LINK_SAME, LINK_SCALE, LINK_LAYER_NORM, LINK_RMS_NORM = "same", "scale", "layer_norm", "rms_norm"
 REDUCTIONS = {"mean", "sum"}
@@ -103,6 +103,7 @@ class ResidualPlan:
     norm_links: list[tuple[fx.Node, str, fx.Node]] = field(default_factory=list)  # (node, kind, input)
     centered: bool = False
     problems: list[str] = field(default_factory=list)
+    width: int | None = None  # rotated width when the stream is expanded (zero-padded), else None
 
     @property
     def valid(self) -> bool:
@@ -211,7 +212,7 @@ def rotation_problem(kind: str, d: int, group: int | None) -> str | None:
     problem = rotation_kind(kind).problem(d, group)
     if problem and kind in ("hadamard", "randomized_hadamard"):
         near = ", ".join(map(str, nearest_hadamard_orders(d)))
-        return f"{problem} (nearest: {near}); the residual cannot be padded, use rotation='gsr' or 'random'"
+        return f"{problem} (nearest: {near})"
     return problem
 
 
@@ -230,13 +231,73 @@ def layers_of(sites: list[Site], fqn_of) -> str:
     return f"layers {indices[0]}–{indices[-1]}" if indices else "no numbered layers"
 
 
+SIZED = {"view", "reshape", "expand"}  # ops whose arguments spell out the last dim
+
+
+def expanded_width(config, d: int) -> int:
+    """d + ``expand``, rounded up to an order the rotation kind can build (automatic when d has none)."""
+    kind = rotation_kind(config.rotation)
+    wanted = d + config.expand
+    if kind.problem(wanted, config.gsr_group_size) is None or kind.pad_to is None:
+        return wanted
+    return kind.pad_to(wanted)
+
+
+def expansion_problems(plan: ResidualPlan) -> list[str]:
+    """Why the stream's ops could not be widened (each must spell its last dim or keep it)."""
+    problems = []
+    for node in plan.members:
+        name = op_name(node)
+        if name in ("view_as", "reshape_as", "expand_as"):
+            problems.append(f"{node.name} ({label(node)}) takes its shape from another tensor ('{name}'), "
+                            "so the stream cannot be zero-padded")
+    return problems
+
+
+def rms_over_width(x: torch.Tensor, width: int, eps: float | None) -> torch.Tensor:
+    """RMSNorm without scale whose mean of squares divides by the original width (expanded stream:
+    the padded coordinates carry signal after R1, but ‖x̃‖ = ‖x‖)."""
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) / width + eps).to(x.dtype)
+
+
+def _widen(plan: ResidualPlan, gm: fx.GraphModule, width: int) -> None:
+    """Rewrite the stream for width ``width``: sizes spelled in reshapes, and norms' means of
+    squares over the original width."""
+    d = plan.size
+    for node in plan.members:
+        if op_name(node) in SIZED and node.args and isinstance(node.args[-1], int) and node.args[-1] == d:
+            node.args = (*node.args[:-1], width)
+        elif op_name(node) in SIZED and len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+                and node.args[1] and node.args[1][-1] == d:
+            node.args = (node.args[0], type(node.args[1])((*node.args[1][:-1], width)))
+        for user in list(node.users):
+            if plan.states.get(node, State()).plain and _is_rms_statistic(user, node):
+                for reduction in list(user.users):
+                    if op_name(reduction) == "mean":
+                        _mean_over(gm, reduction, d)
+
+
+def _mean_over(gm: fx.GraphModule, reduction: fx.Node, d: int) -> None:
+    """mean(x, dim, keepdim) → sum(x, dim, keepdim) / d."""
+    x = reduction.args[0]
+    dim = reduction.args[1] if len(reduction.args) > 1 else reduction.kwargs.get("dim")
+    keepdim = reduction.args[2] if len(reduction.args) > 2 else reduction.kwargs.get("keepdim", False)
+    with gm.graph.inserting_before(reduction):
+        total = gm.graph.call_function(torch.sum, (x, dim), {"keepdim": keepdim})
+        mean = gm.graph.call_function(torch.div, (total, d))
+    reduction.replace_all_uses_with(mean)
+    gm.graph.erase_node(reduction)
+
+
 def rotate_residual(ctx) -> None:
     """Pass: rotate every valid residual stream with R1 (config.rotation), fold norm scales."""
     gm, config, report = ctx.gm, ctx.config, ctx.report
     for plan in ctx.analysis.residual:
         if not plan.valid:
             continue
-        rotation = Rotation(config.rotation, plan.size, config.seed, config.gsr_group_size,
+        width = plan.width or plan.size
+        rotation = Rotation(config.rotation, width, config.seed, config.gsr_group_size,
                             config.gsr_permutation if config.rotation == "gsr" else None)
         if plan.centered:
             center = Center(plan.size)
@@ -244,7 +305,9 @@ def rotate_residual(ctx) -> None:
             edits = ctx.edits(site)
             if plan.centered:
                 edits.edits.append(OutputTransform(center, 0, site.out_features))
-            edits.edits.append(OutputTransform(rotation, 0, site.out_features))
+            if width != plan.size:
+                edits.edits.append(PadOutput(width))
+            edits.edits.append(OutputTransform(rotation, 0, width))
         for site, value in plan.readers:
             state = plan.states[value]
             edits = ctx.edits(site)
@@ -254,14 +317,21 @@ def rotate_residual(ctx) -> None:
                     + " shift=" + constant_signature(gm, state.shift, ctx.fqn_of),
                     evaluate_constant(gm, state.scale) if state.scale is not None else None,
                     evaluate_constant(gm, state.shift) if state.shift is not None else None))
+            if width != plan.size:
+                edits.edits.append(PadInput(width))
             edits.edits.append(InputRotation(rotation))
         _insert_inverses(ctx, plan, rotation)
         _strip_norm_scales(plan)
+        if width != plan.size:
+            _widen(plan, gm, width)
+            report.counters["expanded_dims"] += width - plan.size
         where = (f"residual stream: {len(plan.writers)} writers, {len(plan.readers)} readers, "
                  f"{len(plan.norm_links)} norm scales folded, {layers_of(plan.writers, ctx.fqn_of)}")
         if plan.centered:
             where += "; mean-centered (LayerNorm → RMSNorm)"
-        report.regions.append(Region("R1", plan.size, rotation.describe(), where))
+        if width != plan.size:
+            where += f"; expanded {plan.size} → {width} (+{width - plan.size} zero dims, norms divide by {plan.size})"
+        report.regions.append(Region("R1", width, rotation.describe(), where))
 
 
 def _insert_inverses(ctx, plan: ResidualPlan, rotation: Rotation) -> None:
@@ -269,7 +339,7 @@ def _insert_inverses(ctx, plan: ResidualPlan, rotation: Rotation) -> None:
         return
     gm = ctx.gm
     name = f"qfx_r1_inverse_{plan.seed.name}"
-    gm.register_buffer(name, build(rotation).T.contiguous().to(torch.float32))
+    gm.register_buffer(name, build(rotation).T[:, :plan.size].contiguous().to(torch.float32))  # back to d
     for value, user in plan.escapes:
         state = plan.states[value]
         with gm.graph.inserting_after(value):
@@ -284,15 +354,22 @@ def _insert_inverses(ctx, plan: ResidualPlan, rotation: Rotation) -> None:
 
 
 def _strip_norm_scales(plan: ResidualPlan) -> None:
-    """Norm scales now live in the readers: drop ``* w`` and make norms scale-free."""
+    """Norm scales now live in the readers: drop ``* w`` and make norms scale-free (in an
+    expanded stream, over the original width)."""
+    expanded = plan.width is not None and plan.width != plan.size
     for node, kind, src in plan.norm_links:
         if kind == LINK_SCALE:
             node.replace_all_uses_with(src)  # escapes' restore_basis re-applies the scale
-        elif kind == LINK_LAYER_NORM:
+        elif kind == LINK_LAYER_NORM or (kind == LINK_RMS_NORM and expanded):
             x, shape_, *rest = node.args
-            eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
-            node.target = torch.nn.functional.rms_norm
-            node.args, node.kwargs = (x, shape_, None, eps), {}
+            default = 1e-5 if kind == LINK_LAYER_NORM else None
+            eps = node.args[{LINK_LAYER_NORM: 4, LINK_RMS_NORM: 3}[kind]] \
+                if len(node.args) > {LINK_LAYER_NORM: 4, LINK_RMS_NORM: 3}[kind] else node.kwargs.get("eps", default)
+            if expanded:
+                node.target, node.args, node.kwargs = rms_over_width, (x, plan.size, eps), {}
+            else:
+                node.target = torch.nn.functional.rms_norm
+                node.args, node.kwargs = (x, shape_, None, eps), {}
         else:
             args = list(node.args)
             if len(args) > 2:
@@ -312,7 +389,11 @@ def skip_reasons(plans: list[ResidualPlan], config) -> list[Skip]:
     skips = []
     for plan in plans:
         if plan.valid:
-            problem = rotation_problem(config.rotation, plan.size, config.gsr_group_size)
+            width = expanded_width(config, plan.size)
+            if width != plan.size:
+                plan.problems.extend(expansion_problems(plan))
+                plan.width = width
+            problem = rotation_problem(config.rotation, width, config.gsr_group_size)
             if problem and config.rotation == "gsr" and config.gsr_group_size is not None:
                 fits = [g for g in (2, 4, 8, 16, 32, 64, 128, 256) if plan.size % g == 0]
                 raise ValueError(f"gsr_group_size={config.gsr_group_size} does not divide the residual width "

@@ -113,6 +113,20 @@ class ScaleInputColumns:
 
 
 @dataclass(frozen=True)
+class PadOutput:
+    """Zero output rows up to ``n`` (a residual writer in an expanded stream)."""
+
+    n: int
+
+    def apply(self, w, b):
+        w = torch.nn.functional.pad(w, (0, 0, 0, self.n - w.shape[0]))
+        return w, (None if b is None else torch.nn.functional.pad(b, (0, self.n - b.shape[0])))
+
+    def describe(self) -> str:
+        return f"pad output to {self.n}"
+
+
+@dataclass(frozen=True)
 class PadInput:
     """Zero columns up to ``n`` inputs (dimension expansion for a Hadamard of order n)."""
 
@@ -184,8 +198,8 @@ class GPTQWeight(_WeightQuantizer):
                 + (" sequential" if self.sequential else ""))
 
 
-Edit = (InputAffine | InputRotation | OutputTransform | ScaleOutputRows | ScaleInputColumns | PadInput | QuantizeWeight
-        | GPTQWeight)
+Edit = (InputAffine | InputRotation | OutputTransform | ScaleOutputRows | ScaleInputColumns | PadInput | PadOutput
+        | QuantizeWeight | GPTQWeight)
 
 
 def weight_record(fqn: str, edit: _WeightQuantizer):

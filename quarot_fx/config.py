@@ -80,6 +80,9 @@ class QuaRotConfig:
         w_clip_search: per-row clip ratio search minimizing the weight reconstruction error.
         a_clip, kv_clip: activation / KV clip ratios (None = 0.9 / 0.95 at ≤ 4 bits, else 1.0), or
             ``"gbs"``: searched per quantized input by gradual binary search (needs ``calibration``).
+        expand: extra residual dimensions (dimension expansion): R1 works at width d + expand,
+            rounded up to an order the rotation kind can build; a width without one is expanded
+            automatically. Zero-padded writers and readers, norms still divide by d: exact.
         gbs_objective, gbs_windows, gbs_iterations: the search's objective (``"loss"``: the rest
             of the network's cross-entropy; ``"local"``: error of the first linear outputs the
             site reaches), how many calibration windows it uses, and its halving steps.
@@ -123,6 +126,7 @@ class QuaRotConfig:
     kernels: str = "integer"
     smoothrot: bool = False
     smoothrot_alpha: float = 0.5
+    expand: int = 0
     gbs_objective: str = "loss"
     gbs_windows: int = 4
     gbs_iterations: int = 8
@@ -154,6 +158,7 @@ class QuaRotConfig:
             if value is not None and value != "gbs" and (isinstance(value, bool) or not isinstance(value, (int, float))
                                                          or not 0 < value <= 1):
                 raise ValueError(f"{name} must be None, a number in (0, 1] or 'gbs'; got {value!r}")
+        _integer("expand", self.expand, "a non-negative integer", lambda v: v >= 0)
         _choice("gbs_objective", self.gbs_objective, GBS_OBJECTIVES)
         _integer("gbs_windows", self.gbs_windows, "a positive integer", lambda v: v >= 1)
         _integer("gbs_iterations", self.gbs_iterations, "an integer in 1..20", lambda v: 1 <= v <= 20)
@@ -220,7 +225,7 @@ class QuaRotConfig:
 
     def kv_signature(self) -> str:
         """What decides the basis and precision of the keys and values a compiled model caches."""
-        return (f"rotation={self.rotation}/{self.seed}/{self.gsr_group_size}/{self.gsr_permutation} r2={self.r2 and self.r2_rotation} "
+        return (f"rotation={self.rotation}/{self.seed}/{self.gsr_group_size}/{self.gsr_permutation}/{self.expand} r2={self.r2 and self.r2_rotation} "
                 f"r3={self.r3 and self.r3_rotation} "
                 f"kv={self.kv_bits}/{'gbs' if self.kv_clip == 'gbs' else self.kv_cache_clip}")
 
