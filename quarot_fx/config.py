@@ -88,7 +88,8 @@ class QuaRotConfig:
             site reaches), how many calibration windows it uses, and its halving steps.
         quantize_lm_head: quantize the output head too (default: keep it in float).
         smoothrot, smoothrot_alpha: SmoothRot channel scaling of the MLP down-projection input
-            before R4 (needs ``calibration``); s_j = max|x_j|^α / max|W_j|^(1-α).
+            before R4 (needs ``calibration``); s_j = max|x_j|^α / max|W_j|^(1-α); α = 0.6 won
+            the sweep on held-out calibration text (SmolLM2-135M, W4A4KV4).
         kernels: ``"integer"`` (4-bit weights stored packed two per byte with their scales,
             activations and KV quantized to integer codes by ``quarot_fx::`` custom ops; the CPU
             emulates the integer GEMM exactly, CUDA runs Triton) or ``"fake"`` (quantize, then
@@ -125,7 +126,7 @@ class QuaRotConfig:
     gptq_sequential: bool = True
     kernels: str = "integer"
     smoothrot: bool = False
-    smoothrot_alpha: float = 0.5
+    smoothrot_alpha: float = 0.6  # the best of a sweep on held-out calibration text (README)
     expand: int = 0
     gbs_objective: str = "loss"
     gbs_windows: int = 4
