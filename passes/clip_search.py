@@ -90,7 +90,8 @@ def _first_linears(node: fx.Node) -> list[fx.Node]:
         if user in seen or user.op == "output":
             continue
         seen.add(user)
-        if as_site(user) is not None and as_site(user).kind != "embedding":
+        site = as_site(user)
+        if site is not None and site.kind != "embedding":
             found.append(user)
         else:
             frontier.extend(user.users)
@@ -154,19 +155,18 @@ def search_clips(ctx) -> None:
             last = max(position[t] for t in targets)
             feeding = ancestors(targets)
             nodes = [n for n in order[position[q] + 1:last + 1] if n in feeding]
-            reference = {}
-
-            def error(w, env, reference=reference):
-                if w not in reference:
-                    return 0.0
-                return sum((env[t] - reference[w][t]).float().pow(2).sum().item() for t in targets) / reference["norm"]
+            reference: dict[int, dict] = {}
 
             def record_reference(w, env):
                 reference[w] = {t: env[t] for t in targets}
                 return 0.0
 
             evaluate(q, None, nodes, record_reference)
-            reference["norm"] = sum(r[t].float().pow(2).sum().item() for r in reference.values() for t in targets) or 1.0
+            norm = sum(r[t].float().pow(2).sum().item() for r in reference.values() for t in targets) or 1.0
+
+            def error(w, env):
+                return sum((env[t] - reference[w][t]).float().pow(2).sum().item() for t in targets) / norm
+
             objective = lambda c: evaluate(q, c, nodes, error)  # noqa: E731
         clip, _ = binary_search(objective, config.gbs_iterations)
         q.args = (q.args[0], q.args[1], clip)

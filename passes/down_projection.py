@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from quarot_fx.report import Region, Skip
-from quarot_fx.numerics.rotations import rotation_kind
+from quarot_fx.numerics.rotations import padded_order, rotation_kind
 
 from .attention import insert_rotation
 from .graph_utils import Site, as_site, keeps_last_dim, label, op_name, origin
@@ -55,10 +55,9 @@ def find_down_projections(gm: fx.GraphModule, residual_readers: set[fx.Node],
 def r4_rotation_for(config, n: int) -> Rotation | str:
     """R4 for an input of width n (its order is larger when the kind zero-pads), or why none."""
     name = config.r4_rotation
-    kind = rotation_kind(name)
-    size = n if kind.problem(n, None) is None else (kind.pad_to(n) if kind.pad_to else None)
+    size = padded_order(name, n)
     if size is None:
-        return f"{kind.problem(n, None)} (r4_rotation={name!r} cannot be zero-padded to another order)"
+        return f"{rotation_kind(name).problem(n, None)} (r4_rotation={name!r} cannot be zero-padded to another order)"
     return Rotation(name, size, config.seed)
 
 

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from quarot_fx.numerics.hadamard import nearest_hadamard_orders
 from quarot_fx.report import Region, Skip
-from quarot_fx.numerics.rotations import rotation_kind
+from quarot_fx.numerics.rotations import padded_order, rotation_kind
 
 from .graph_utils import (
     Site, as_site, constant_signature, evaluate_constant, first_arg, is_constant, is_metadata_use,
@@ -236,11 +236,8 @@ SIZED = {"view", "reshape", "expand"}  # ops whose arguments spell out the last 
 
 def expanded_width(config, d: int) -> int:
     """d + ``expand``, rounded up to an order the rotation kind can build (automatic when d has none)."""
-    kind = rotation_kind(config.rotation)
     wanted = d + config.expand
-    if kind.problem(wanted, config.gsr_group_size) is None or kind.pad_to is None:
-        return wanted
-    return kind.pad_to(wanted)
+    return padded_order(config.rotation, wanted, config.gsr_group_size) or wanted  # None: the problem is reported
 
 
 def expansion_problems(plan: ResidualPlan) -> list[str]:

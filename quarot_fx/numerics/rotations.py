@@ -137,6 +137,14 @@ def rotation_kind(name: str) -> RotationKind:
     return ROTATION_KINDS[name]
 
 
+def padded_order(kind: str, n: int, group: int | None = None) -> int | None:
+    """n if the kind builds order n, else the order it zero-pads n to (None: it cannot)."""
+    spec = rotation_kind(kind)
+    if spec.problem(n, group) is None:
+        return n
+    return spec.pad_to(n) if spec.pad_to else None
+
+
 def rotation_matrix(
     kind: str, n: int, *, seed: int = 0, group_size: int | None = None, dtype: torch.dtype = torch.float32,
     variant: str | None = None,
