@@ -26,6 +26,7 @@ import torch
 
 from quarot_fx import collect_reports
 from quarot_fx.config import QuaRotConfig
+from quarot_fx.passes.residual import expanded_width
 from quarot_fx.tools.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
 from quarot_fx.tools.models import load_model
 
@@ -64,6 +65,9 @@ CONFIGS = {
     "w3a3kv3-gptq": {"preset": "w3a3kv3", "weights": "gptq"},
     "w3a3kv3-gptq-gbs": {"preset": "w3a3kv3", "weights": "gptq", **GBS},
     "w3a3kv3-gptq-smoothrot-gbs": {"preset": "w3a3kv3", "weights": "gptq", "smoothrot": True, **GBS},
+    # Dimension expansion: R1 at width 576 + k (rounded up to a constructible Hadamard order).
+    **{f"w3a3kv3-gptq-gbs-expand{k}": {"preset": "w3a3kv3", "weights": "gptq", "expand": k, **GBS}
+       for k in (64, 192)},
 }
 SWEEPS = {"smoothrot_alpha": ("w4a4kv4-smoothrot", (0.3, 0.4, 0.5, 0.6, 0.7))}
 
@@ -73,19 +77,47 @@ def needs_calibration(options) -> bool:
                                     or "gbs" in (options.get("a_clip"), options.get("kv_clip")))
 
 
+def config_of(options) -> QuaRotConfig:
+    """The configuration's shape (bits, groups, width) without what needs calibration."""
+    options = {k: v for k, v in (options or {"preset": "fp"}).items() if k not in ("a_clip", "kv_clip")}
+    return QuaRotConfig.from_options({**options, "calibration": None, "weights": "rtn", "smoothrot": False})
+
+
+def residual_width(model, options) -> tuple[int, int]:
+    """(hidden size, the width R1 rotates at: larger under dimension expansion)."""
+    hidden = model.config.hidden_size
+    return hidden, expanded_width(config_of(options), hidden) if options else hidden
+
+
 def packed_weight_bytes(model, options) -> tuple[int, int]:
-    """(bytes of the quantized linears if packed, their bytes in fp16)."""
-    config = QuaRotConfig.from_options({**(options or {"preset": "fp"}), "calibration": None,
-                                        "weights": "rtn", "smoothrot": False})
+    """(bytes of the quantized linears if packed, their bytes in fp16), at the rotated width: an
+    expanded residual stream widens every linear that reads or writes it."""
+    config = config_of(options)
     bits, group = config.w_bits, config.w_group_size
+    hidden, width = residual_width(model, options)
     packed = fp16 = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            out_f, in_f = module.weight.shape
+            out_f, in_f = (width if n == hidden else n for n in module.weight.shape)
             fp16 += 2 * out_f * in_f
             scales = out_f * (in_f // group if group else 1)
             packed += out_f * in_f * bits // 8 + (4 * scales if bits < 16 else 0)
     return packed, fp16
+
+
+def expansion_cost(model, options) -> dict | None:
+    """What dimension expansion adds: linear multiply-adds per token (lm_head included) and
+    weight elements (the embedding table too), as ratios to the unexpanded model."""
+    hidden, width = residual_width(model, options)
+    if width == hidden:
+        return None
+    grown = lambda shape: torch.Size(width if n == hidden else n for n in shape).numel()
+    linears = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    tables = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    flops = sum(map(grown, linears)) / sum(s.numel() for s in linears)
+    params = sum(map(grown, linears + tables)) / sum(s.numel() for s in linears + tables)
+    return {"width": width, "extra_dims": width - hidden, "linear_macs_ratio": round(flops, 3),
+            "weight_elements_ratio": round(params, 3)}
 
 
 def measure(model, name, options, evaluation, lowering, reference, held_out=None) -> dict:
@@ -104,8 +136,12 @@ def measure(model, name, options, evaluation, lowering, reference, held_out=None
                 "gap_pct": None if reference is None or ppl is None else round(100 * (ppl / reference - 1), 1),
                 "seconds": round(time.perf_counter() - start, 1), "linear_bytes_packed": packed,
                 "linear_bytes_fp16": fp16})
+    if (cost := expansion_cost(model, options)) is not None:
+        row["expansion"] = cost
     if reports:  # where the time went: passes over a second (calibration, GPTQ, clip search)
         row["pass_seconds"] = {k: round(v, 1) for k, v in reports[0].seconds.items() if v >= 1}
+        if reports[0].clips:  # what GBS chose (benchmarks/plot_clips.py draws it)
+            row["clips"] = [[c.site, c.what, c.clip] for c in reports[0].clips]
     return row
 
 
@@ -116,6 +152,10 @@ def show(row, as_json: bool) -> None:
     gap = "" if row["gap_pct"] is None else f"{row['gap_pct']:+.1f}%"
     extra = f"  calibration ppl {row['calibration_ppl']:.3f}" if "calibration_ppl" in row else ""
     test = "       -" if row["ppl"] is None else f"{row['ppl']:8.3f}"
+    if "expansion" in row:
+        cost = row["expansion"]
+        extra += (f"  width {cost['width']}: {cost['linear_macs_ratio']:.2f}× linear MACs, "
+                  f"{cost['weight_elements_ratio']:.2f}× weights")
     print(f"{row['config']:<28} ppl {test} {gap:>9}  {row['seconds']:7.1f} s  linears "
           f"{row['linear_bytes_packed'] / 2**20:6.1f} MiB ({row['linear_bytes_packed'] / row['linear_bytes_fp16']:.2f}× fp16)"
           f"{extra}", flush=True)

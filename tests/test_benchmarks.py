@@ -1,0 +1,38 @@
+"""The benchmark helpers whose numbers go into the README: expansion cost, packed bytes, clip table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_models import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import plot_clips  # noqa: E402
+import ppl  # noqa: E402
+
+
+def test_expansion_cost_counts_every_linear_that_touches_the_residual_stream():
+    model = tiny_model("llama")  # hidden 64, ffn 128, kv width 32, vocab 128, 2 layers
+    options = {"preset": "w4a4kv4", "expand": 64, "a_clip": "gbs", "calibration": [object()]}
+    assert ppl.residual_width(model, options) == (64, 128)
+    # per layer q,o: 64·64 → 128·128; k,v: 32·64 → 32·128; gate, up, down: 128·64 → 128·128; lm_head too
+    before = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64) + 128 * 64
+    after = 2 * (2 * 128 * 128 + 2 * 32 * 128 + 3 * 128 * 128) + 128 * 128
+    cost = ppl.expansion_cost(model, options)
+    assert cost["width"] == 128 and cost["extra_dims"] == 64
+    assert cost["linear_macs_ratio"] == pytest.approx(after / before, abs=1e-3)
+    assert cost["weight_elements_ratio"] == pytest.approx((after + 128 * 128) / (before + 128 * 64), abs=1e-3)
+    assert ppl.expansion_cost(model, {"preset": "w4a4kv4"}) is None
+    packed, fp16 = ppl.packed_weight_bytes(model, options)
+    assert fp16 == 2 * (after - 128 * 128) and packed == (after - 128 * 128) // 2 + 4 * (2 * (2 * 128 + 2 * 32 + 3 * 128))
+
+
+def test_clip_table_reads_layers_and_inputs_in_graph_order():
+    clips = [["model.layers.0.self_attn.q_proj", "activation", 0.9], ["model.layers.0.self_attn", "key", 0.8],
+             ["model.layers.1.self_attn.q_proj", "activation", 0.7], ["lm_head", "activation", 1.0]]
+    layers, kinds, table = plot_clips.clip_table(clips)
+    assert layers == [-1, 0, 1] and kinds == ["q_proj input", "key", "lm_head input"]
+    assert table[1, "q_proj input"] == 0.7 and table[0, "key"] == 0.8 and (1, "key") not in table
