@@ -24,6 +24,7 @@ def cpu_summary() -> str:
         info = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:
         return "CPU: unknown"
+    from quarot_fx.kernels.int_gemm import cpu_flags
+
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = sorted({f for f in ("avx2", "avx512_vnni", "amx_int8") if f" {f}" in info})
-    return f"CPU: {model}, flags {' '.join(flags) or 'none of avx2/avx512_vnni/amx_int8'}"
+    return f"CPU: {model}, flags {' '.join(cpu_flags()) or 'none of avx2/avx512_vnni/amx_int8'}"

@@ -24,9 +24,10 @@ import resource
 import time
 
 import torch
-from common import median_seconds
+from common import cpu_summary, median_seconds
 
 import quarot_fx
+from quarot_fx.kernels import int_gemm
 
 HADAMARD_EVENTS = ("quarot_fx::hadamard_transform", "quarot_fx::hadamard (fused)")
 QUANTIZED_LINEAR = "quarot_fx.quantized_linear.default"
@@ -145,15 +146,18 @@ def main(argv=None) -> None:
         rows.append(row)
         if not args.json:
             print(f"  measured {name} in {row['wall_s']:.0f} s", flush=True)
+    gemm = [f"{d.rows}x{d.in_features}->{d.out_features}: {d.choice} ({d.by})" for d in int_gemm.decisions()]
     eager = rows[0]
     for row in rows:
         row["prefill_vs_eager"] = row["prefill_s"] / eager["prefill_s"]
         row["decode_vs_eager"] = row["decode_tok_s"] / eager["decode_tok_s"]
     if args.json:
+        print(json.dumps({"cpu": cpu_summary(), "threads": torch.get_num_threads(), "int_gemm": gemm}))
         for row in rows:
             print(json.dumps(row))
         return
-    print(f"\n{args.model}: prefill 1×{args.prefill}, decode {args.decode} tokens after {args.prompt}, "
+    print(f"\n{cpu_summary()}; integer GEMM per shape (rows bucket): " + ("; ".join(gemm) or "none"))
+    print(f"{args.model}: prefill 1×{args.prefill}, decode {args.decode} tokens after {args.prompt}, "
           f"median of {args.repeats}, {torch.get_num_threads()} threads")
     print(f"{'model':<18} {'prefill s':>9} {'× eager':>8} {'decode tok/s':>12} {'× eager':>8} "
           f"{'weights MiB':>11} {'peak RSS MiB':>12}")

@@ -10,9 +10,10 @@
   or float activations with ``x_scale=None`` (weight-only: dequantize, float matmul).
 
 Integer semantics: acc = Σ_k qx·qw per group is an exact integer; y = Σ_g acc_g·s_w,g·s_x + b.
-CPU emulates the integer GEMM with a float32 matmul on integer-valued tensors (exact while
-|acc| < 2²⁴, i.e. group · 128 · 8 < 2²⁴; float64 beyond), because ``torch._int_mm`` is ~60×
-slower than an fp32 matmul on this kind of CPU. CUDA: the Triton GEMM in ``triton_linear``.
+CPU: a real int8 GEMM (``torch._int_mm``, int32 accumulation) or a float32 matmul on
+integer-valued tensors (exact while |acc| < 2²⁴, i.e. group · 128 · 8 < 2²⁴; float64 beyond),
+whichever ``int_gemm`` measures faster on this CPU for the shape (``gemm``: "auto" | "int8" |
+"float"); both give the same bits. CUDA: the Triton GEMM in ``triton_linear``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from quarot_fx.numerics.quant import dequantize_weight
 
+from . import int_gemm
 from .common import row_chunks, signed_nibbles
 
 EXACT_FLOAT32 = 2**24
@@ -112,19 +114,25 @@ def _block(x2, x_scale, w, weight_scale, bias, group, matmul, out=None):
     return y.add_(bias) if bias is not None else y
 
 
-def _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul, acc_dtype) -> torch.Tensor:
+def _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul, acc_dtype,
+            gemm="float") -> torch.Tensor:
     """Shared body: the weight is unpacked once, then row blocks of x are multiplied by it, each
-    GEMM written straight into a float32 output and scaled there while the block is in cache."""
+    GEMM written straight into a float32 output and scaled there while the block is in cache.
+    ``gemm`` (integer codes only): the int_gemm policy for the float emulation vs ``_int_mm``."""
     group = _check(x, x_scale, weight, weight_scale, bias, in_features)
     lead, out_features, groups = x.shape[:-1], weight.shape[0], weight_scale.shape[1]
     x2 = x.reshape(-1, in_features)
     out = torch.empty((x2.shape[0], out_features), dtype=out_dtype, device=x.device)
     codes = unpack_linear_weight(weight, in_features, groups)
+    acc_dtype = acc_dtype or accumulator_dtype(group)
     if x_scale is None:
         w = dequantize_weight(codes, weight_scale)
+    elif gemm != "float" and int_gemm.decide(x2.shape[0], in_features, out_features, group, gemm).choice == "int8":
+        w, x_scale = int_gemm.transposed_groups(codes, group), x_scale.reshape(-1, 1)
+        matmul = lambda a, b, g, out=None: int_gemm.int8_matmul(a, b, g, out, acc_dtype)  # noqa: E731
     else:
-        w, x_scale = codes.to(acc_dtype or accumulator_dtype(group)), x_scale.reshape(-1, 1)
-    direct = out_dtype == w.dtype and groups == 1
+        w, x_scale = codes.to(acc_dtype), x_scale.reshape(-1, 1)
+    direct = out_dtype == (w.dtype if x_scale is None else acc_dtype) and groups == 1
     for rows in row_chunks(x2.shape[0], 4 * out_features, LINEAR_CHUNK_BYTES):
         y = _block(x2[rows], x_scale[rows] if x_scale is not None else None, w, weight_scale, bias, group,
                    matmul, out[rows] if direct else None)
@@ -141,19 +149,20 @@ def quantized_linear_reference(x, x_scale, weight, weight_scale, bias, in_featur
 @torch.library.custom_op("quarot_fx::quantized_linear", mutates_args=())
 def quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], weight: torch.Tensor,
                      weight_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int,
-                     out_dtype: torch.dtype) -> torch.Tensor:
+                     out_dtype: torch.dtype, gemm: str = "auto") -> torch.Tensor:
     """x·Wᵀ + b from int8 activation codes (or float x) and packed int4 weights; see the module doc."""
-    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul, None)
+    int_gemm.check_policy("gemm", gemm)
+    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul, None, gemm)
 
 
 @quantized_linear.register_fake
-def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype):
+def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, gemm="auto"):
     _check(x, x_scale, weight, weight_scale, bias, in_features)
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
 
 
 @quantized_linear.register_kernel("cuda")
-def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype):
+def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, gemm="auto"):
     from .triton_linear import triton_w4a_linear
 
     _check(x, x_scale, weight, weight_scale, bias, in_features)

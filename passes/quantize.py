@@ -19,6 +19,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from quarot_fx.kernels import int_gemm
 from quarot_fx.numerics.quant import quantize_activation, quantize_kv
 from quarot_fx.report import QuantRecord, Skip
 
@@ -127,6 +128,25 @@ def quantize_kv_cache(ctx) -> None:
                             "object itself stores the dequantized values (transformers' caches hold float tensors)")
 
 
+def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str) -> None:
+    """Choose (or read the option for) the CPU's integer GEMM for this linear at the compiled
+    number of rows and at one row (decode), so the report says what will run; the kernel
+    makes the same cached decision at run time for any other row count."""
+    like = source.meta.get("example_value")
+    weight = getattr(linear.args[2], "meta", {}).get("example_value")
+    if not isinstance(like, torch.Tensor) or like.device.type != "cpu" or not isinstance(weight, torch.Tensor):
+        return
+    try:
+        rows = int(like.numel() // like.shape[-1])
+    except (TypeError, RuntimeError):  # symbolic sizes: the kernel decides at run time
+        return
+    in_features, groups = linear.args[5], linear.args[3].meta["example_value"].shape[1]
+    for m in dict.fromkeys((rows, 1)):
+        decision = int_gemm.decide(m, in_features, weight.shape[0], in_features // groups, policy)
+        if decision not in report.gemm:
+            report.gemm.append(decision)
+
+
 def lower_to_integer_kernels(ctx) -> None:
     """Pass: the quantization decisions recorded on the graph become integer custom ops.
 
@@ -148,7 +168,7 @@ def lower_to_integer_kernels(ctx) -> None:
         fqn = ctx.fqn_of(entry.original_weight)
         report.linear(label(node, default=fqn.rpartition(".")[0]), entry.site.kind, fqn).online.append(
             f"quantized_linear: packed int4 weight + scales, {size / 1024:.1f} KiB")
-        replace_with_quantized_linear(ctx.gm, entry, packed, scales, bias, in_features)
+        replace_with_quantized_linear(ctx.gm, entry, packed, scales, bias, in_features, ctx.config.int_gemm)
         record.storage = "packed int4"
     report.counters["packed_bytes"] += packed_bytes
     report.counters["packed_fp16_bytes"] += fp16_bytes
@@ -174,6 +194,7 @@ def lower_to_integer_kernels(ctx) -> None:
             codes, scales = (graph.call_function(operator.getitem, (quantized, i)) for i in range(2))
         for linear in linears:
             linear.args = (codes, scales, *linear.args[2:])
+            _decide_gemm(report, linear, source, ctx.config.int_gemm)
         if RECORD in fake.meta:
             fake.meta[RECORD].storage = "integer op"
         if not fake.users:

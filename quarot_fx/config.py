@@ -28,6 +28,7 @@ BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
 WEIGHT_METHODS = ("rtn", "gptq")
 KERNELS = ("integer", "fake")
+GEMM_POLICIES = ("auto", "int8", "float")  # kernels/int_gemm.py
 GBS_OBJECTIVES = ("loss", "local")
 
 
@@ -91,10 +92,13 @@ class QuaRotConfig:
             before R4 (needs ``calibration``); s_j = max|x_j|^α / max|W_j|^(1-α); α = 0.6 won
             the sweep on held-out calibration text (SmolLM2-135M, W4A4KV4).
         kernels: ``"integer"`` (4-bit weights stored packed two per byte with their scales,
-            activations and KV quantized to integer codes by ``quarot_fx::`` custom ops; the CPU
-            emulates the integer GEMM exactly, CUDA runs Triton) or ``"fake"`` (quantize, then
-            dequantize in float and use float matmuls). Weights of other widths than 4 bits
-            stay simulated under ``"integer"``; the report says so.
+            activations and KV quantized to integer codes by ``quarot_fx::`` custom ops; CUDA
+            runs Triton) or ``"fake"`` (quantize, then dequantize in float and use float
+            matmuls). Weights of other widths than 4 bits stay simulated under ``"integer"``;
+            the report says so.
+        int_gemm: the CPU's exact integer GEMM: ``"auto"`` (time a real int8 GEMM against float32
+            emulation once per shape and keep the faster: it depends on the CPU), ``"int8"`` or
+            ``"float"``; both give the same bits. ``"auto"`` defers to ``QUAROT_FX_INT_GEMM``.
     """
 
     preset: str | None = None
@@ -125,6 +129,7 @@ class QuaRotConfig:
     gptq_act_order: bool = False
     gptq_sequential: bool = True
     kernels: str = "integer"
+    int_gemm: str = "auto"
     smoothrot: bool = False
     smoothrot_alpha: float = 0.6  # the best of a sweep on held-out calibration text (README)
     expand: int = 0
@@ -150,6 +155,7 @@ class QuaRotConfig:
         _choice("lowering", self.lowering, LOWERINGS)
         _choice("weights", self.weights, WEIGHT_METHODS)
         _choice("kernels", self.kernels, KERNELS)
+        _choice("int_gemm", self.int_gemm, GEMM_POLICIES)
         if self.w_group_size is not None:
             _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
         for name in ("w_clip_search", "quantize_lm_head", "gptq_act_order", "gptq_sequential"):

@@ -108,6 +108,7 @@ class Report:
     pipeline: list[str] = field(default_factory=list)  # the passes that ran, in order
     channel_max: list[ChannelMax] = field(default_factory=list)  # SmoothRot, on calibration window 1
     clips: list[ClipRecord] = field(default_factory=list)  # GBS, in graph order
+    gemm: list = field(default_factory=list)  # kernels.int_gemm.Decision per CPU linear shape (rows: compiled, 1)
     graph_module: object = field(default=None, repr=False)  # the rewritten FX graph, before lowering
 
     def region_counts(self) -> dict[str, int]:
@@ -162,6 +163,14 @@ class Report:
             lines.append("  clips found by GBS (site × input → clip):")
             for row in self.clips:
                 lines.append(f"    {row.site:<34} {row.what:<10} {row.clip:.4f}")
+        if self.gemm:
+            from quarot_fx.kernels.int_gemm import cpu_flags
+
+            lines.append(f"  integer GEMM on this CPU ({', '.join(cpu_flags()) or 'flags unknown'}), per shape:")
+            for d in self.gemm:
+                timing = f" (int8 {d.int8_ms:.3g} ms vs float {d.float_ms:.3g} ms)" if d.by == "measured" else ""
+                lines.append(f"    rows≤{d.rows:<4} {d.in_features}→{d.out_features} group {d.group}: "
+                             f"{d.choice}, by {d.by}{timing}")
         if self.pipeline:
             lines.append("  pipeline: " + " → ".join(self.pipeline))
         lines.append("  time: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.seconds.items()))

@@ -1,0 +1,94 @@
+"""CPU integer GEMM dispatch: a real int8 GEMM and the float32 emulation give the same bits, and
+the choice between them is measured (or forced by option / environment), never assumed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import quarot_fx
+from quarot_fx.kernels import int_gemm
+from quarot_fx.kernels.quantized_linear import pack_linear_weight, quantized_linear
+from test_quant_kernels import DTYPES, linear_inputs
+from tiny_models import tiny_model, token_ids
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions(monkeypatch):
+    monkeypatch.delenv(int_gemm.ENVIRONMENT, raising=False)
+    int_gemm.forget()
+    yield
+    int_gemm.forget()
+
+
+@given(m=st.integers(1, 40), k=st.sampled_from([8, 24, 64, 96]), n=st.integers(1, 24), groups=st.sampled_from([1, 2, 4]),
+       bias=st.booleans(), out_dtype=st.sampled_from(DTYPES), seed=st.integers(0, 50))
+def test_int8_gemm_and_float_emulation_agree_bit_for_bit(m, k, n, groups, bias, out_dtype, seed):
+    if (k // groups) % 2:
+        groups = 1
+    codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, groups, seed, bias)
+    args = (codes, x_scale, pack_linear_weight(w, groups), w_scale, b, k, out_dtype)
+    assert torch.equal(quantized_linear(*args, "int8"), quantized_linear(*args, "float"))
+
+
+def test_each_policy_runs_its_own_gemm(monkeypatch):
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or real(a, b))
+    codes, x_scale, w, w_scale, b = linear_inputs(6, 32, 5, 2)
+    args = (codes, x_scale, pack_linear_weight(w, 2), w_scale, b, 32, torch.float32)
+    quantized_linear(*args, "float")
+    assert calls == []
+    quantized_linear(*args, "int8")
+    assert calls == [(6, 16), (6, 16)]  # one int8 GEMM per weight group
+
+
+def test_auto_keeps_the_measured_winner_once_per_shape(monkeypatch):
+    measured = []
+    timings = {"int8 wins": (1.0, 2.0), "float wins": (2.0, 1.0)}
+    verdict = "int8 wins"
+    monkeypatch.setattr(int_gemm, "_measure", lambda *shape: measured.append(shape) or timings[verdict])
+    first = int_gemm.decide(100, 64, 32, 64)
+    assert (first.choice, first.by, first.rows) == ("int8", "measured", 128)
+    verdict = "float wins"
+    assert int_gemm.decide(120, 64, 32, 64) is first  # same bucket: no new measurement
+    assert measured == [(128, 64, 32, 64)]
+    assert int_gemm.decide(1, 64, 32, 64).choice == "float"  # decode rows: measured on their own
+    assert int_gemm.decide(1, 64, 32, 64, "int8").by == "option"
+    assert len(measured) == 2
+
+
+def test_environment_overrides_auto_and_bad_values_name_the_variable(monkeypatch):
+    monkeypatch.setattr(int_gemm, "_measure", lambda *shape: pytest.fail("the environment decides"))
+    monkeypatch.setenv(int_gemm.ENVIRONMENT, "int8")
+    assert int_gemm.decide(4, 64, 32, 64).choice == "int8"
+    assert int_gemm.decide(4, 64, 32, 64, "float").by == "option"  # the option is stronger
+    int_gemm.forget()
+    monkeypatch.setenv(int_gemm.ENVIRONMENT, "fast")
+    with pytest.raises(ValueError, match="QUAROT_FX_INT_GEMM='fast'.*auto, int8, float"):
+        int_gemm.decide(4, 64, 32, 64)
+
+
+def test_groups_too_long_for_int32_stay_on_the_float_path():
+    decision = int_gemm.decide(4, 2**21, 8, 2**21, "int8")
+    assert (decision.choice, decision.by) == ("float", "range")
+
+
+def test_option_is_checked_and_compiled_models_report_and_agree_across_policies():
+    with pytest.raises(ValueError, match="int_gemm must be one of 'auto', 'int8', 'float'; got 'vnni'"):
+        quarot_fx.QuaRotConfig.from_options({"preset": "w4a4kv4", "int_gemm": "vnni"})
+    model, x = tiny_model("llama"), token_ids()
+    logits = {}
+    for policy in ("int8", "float", "auto"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="quarot", options={"preset": "w4a4kv4", "int_gemm": policy})
+        with quarot_fx.collect_reports() as reports:
+            logits[policy] = compiled(x).logits
+        gemm = reports[0].gemm
+        assert {d.rows for d in gemm} == {1, 16} and {d.in_features for d in gemm} == {64, 128}
+        assert all(d.choice == policy and d.by == "option" for d in gemm) if policy != "auto" else \
+            all(d.by == "measured" and d.int8_ms > 0 and d.float_ms > 0 for d in gemm)
+        assert "integer GEMM on this CPU" in str(reports[0])
+    assert torch.equal(logits["int8"], logits["float"]) and torch.equal(logits["auto"], logits["float"])
