@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from quarot_fx.numerics.quant import dequantize_weight
 
@@ -114,24 +115,44 @@ def _block(x2, x_scale, w, weight_scale, bias, group, matmul, out=None):
     return y.add_(bias) if bias is not None else y
 
 
+_unpacked = WeakIdKeyDictionary()  # packed weight (by identity) → {form: (version, tensor)}
+
+
+def _gemm_ready(weight: torch.Tensor, form: str, make, keep: bool) -> torch.Tensor:
+    """The weight in the form a GEMM reads, made from the packed bytes on every call, or once and
+    kept while the packed tensor lives and is unchanged (``keep``: memory for speed, see
+    ``resident_weights``)."""
+    if not keep:
+        return make()
+    forms = _unpacked.setdefault(weight, {})
+    version, ready = forms.get(form, (None, None))
+    if version != weight._version:
+        ready = make()
+        forms[form] = (weight._version, ready)
+    return ready
+
+
 def _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul, acc_dtype,
-            gemm="float") -> torch.Tensor:
+            gemm="float", keep_unpacked=False) -> torch.Tensor:
     """Shared body: the weight is unpacked once, then row blocks of x are multiplied by it, each
     GEMM written straight into a float32 output and scaled there while the block is in cache.
-    ``gemm`` (integer codes only): the int_gemm policy for the float emulation vs ``_int_mm``."""
+    ``gemm`` (integer codes only): the int_gemm policy for the float emulation vs ``_int_mm``;
+    ``keep_unpacked``: keep the unpacked weight between calls instead of unpacking each time."""
     group = _check(x, x_scale, weight, weight_scale, bias, in_features)
     lead, out_features, groups = x.shape[:-1], weight.shape[0], weight_scale.shape[1]
     x2 = x.reshape(-1, in_features)
     out = torch.empty((x2.shape[0], out_features), dtype=out_dtype, device=x.device)
-    codes = unpack_linear_weight(weight, in_features, groups)
+    codes = lambda: unpack_linear_weight(weight, in_features, groups)  # noqa: E731
     acc_dtype = acc_dtype or accumulator_dtype(group)
     if x_scale is None:
-        w = dequantize_weight(codes, weight_scale)
+        w = _gemm_ready(weight, "dequantized", lambda: dequantize_weight(codes(), weight_scale), keep_unpacked)
     elif gemm != "float" and int_gemm.decide(x2.shape[0], in_features, out_features, group, gemm).choice == "int8":
-        w, x_scale = int_gemm.transposed_groups(codes, group), x_scale.reshape(-1, 1)
+        w = _gemm_ready(weight, "int8", lambda: int_gemm.transposed_groups(codes(), group), keep_unpacked)
+        x_scale = x_scale.reshape(-1, 1)
         matmul = lambda a, b, g, out=None: int_gemm.int8_matmul(a, b, g, out, acc_dtype)  # noqa: E731
     else:
-        w, x_scale = codes.to(acc_dtype), x_scale.reshape(-1, 1)
+        w = _gemm_ready(weight, str(acc_dtype), lambda: codes().to(acc_dtype), keep_unpacked)
+        x_scale = x_scale.reshape(-1, 1)
     direct = out_dtype == (w.dtype if x_scale is None else acc_dtype) and groups == 1
     for rows in row_chunks(x2.shape[0], 4 * out_features, LINEAR_CHUNK_BYTES):
         y = _block(x2[rows], x_scale[rows] if x_scale is not None else None, w, weight_scale, bias, group,
@@ -149,20 +170,21 @@ def quantized_linear_reference(x, x_scale, weight, weight_scale, bias, in_featur
 @torch.library.custom_op("quarot_fx::quantized_linear", mutates_args=())
 def quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], weight: torch.Tensor,
                      weight_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int,
-                     out_dtype: torch.dtype, gemm: str = "auto") -> torch.Tensor:
+                     out_dtype: torch.dtype, gemm: str = "auto", keep_unpacked: bool = False) -> torch.Tensor:
     """x·Wᵀ + b from int8 activation codes (or float x) and packed int4 weights; see the module doc."""
     int_gemm.check_policy("gemm", gemm)
-    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul, None, gemm)
+    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul, None, gemm,
+                   keep_unpacked)
 
 
 @quantized_linear.register_fake
-def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, gemm="auto"):
+def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, gemm="auto", keep_unpacked=False):
     _check(x, x_scale, weight, weight_scale, bias, in_features)
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
 
 
 @quantized_linear.register_kernel("cuda")
-def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, gemm="auto"):
+def _(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, gemm="auto", keep_unpacked=False):
     from .triton_linear import triton_w4a_linear
 
     _check(x, x_scale, weight, weight_scale, bias, in_features)

@@ -168,7 +168,8 @@ def lower_to_integer_kernels(ctx) -> None:
         fqn = ctx.fqn_of(entry.original_weight)
         report.linear(label(node, default=fqn.rpartition(".")[0]), entry.site.kind, fqn).online.append(
             f"quantized_linear: packed int4 weight + scales, {size / 1024:.1f} KiB")
-        replace_with_quantized_linear(ctx.gm, entry, packed, scales, bias, in_features, ctx.config.int_gemm)
+        replace_with_quantized_linear(ctx.gm, entry, packed, scales, bias, in_features, ctx.config.int_gemm,
+                                      ctx.config.resident_weights == "unpacked")
         record.storage = "packed int4"
     report.counters["packed_bytes"] += packed_bytes
     report.counters["packed_fp16_bytes"] += fp16_bytes

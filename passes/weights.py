@@ -361,7 +361,7 @@ QUANTIZED_LINEAR = torch.ops.quarot_fx.quantized_linear.default
 
 
 def replace_with_quantized_linear(gm: fx.GraphModule, entry: SiteEdits, packed, scales, bias,
-                                  in_features: int, gemm: str = "auto") -> fx.Node:
+                                  in_features: int, gemm: str = "auto", keep_unpacked: bool = False) -> fx.Node:
     """Swap a linear/addmm site for ``quantized_linear`` on packed constants (float input for
     now: the lowering then hands it integer codes)."""
     node = entry.site.node
@@ -372,7 +372,7 @@ def replace_with_quantized_linear(gm: fx.GraphModule, entry: SiteEdits, packed, 
     dtype = out.dtype if isinstance(out, torch.Tensor) else entry.site.weight_node.meta["example_value"].dtype
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(QUANTIZED_LINEAR, (entry.site.input_node, None, constants[0], constants[1],
-                                                         constants[2], in_features, dtype, gemm))
+                                                         constants[2], in_features, dtype, gemm, keep_unpacked))
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)

@@ -29,6 +29,7 @@ LOWERINGS = ("inductor", "fx")
 WEIGHT_METHODS = ("rtn", "gptq")
 KERNELS = ("integer", "fake")
 GEMM_POLICIES = ("auto", "int8", "float")  # kernels/int_gemm.py
+RESIDENT_WEIGHTS = ("packed", "unpacked")
 GBS_OBJECTIVES = ("loss", "local")
 
 
@@ -99,6 +100,9 @@ class QuaRotConfig:
         int_gemm: the CPU's exact integer GEMM: ``"auto"`` (time a real int8 GEMM against float32
             emulation once per shape and keep the faster: it depends on the CPU), ``"int8"`` or
             ``"float"``; both give the same bits. ``"auto"`` defers to ``QUAROT_FX_INT_GEMM``.
+        resident_weights: ``"packed"`` (unpack the int4 weights on every call: least memory) or
+            ``"unpacked"`` (unpack once and keep the GEMM-ready codes too: 4 bytes per weight
+            more, no unpacking per call, which is most of a decode step's linear time on CPU).
     """
 
     preset: str | None = None
@@ -130,6 +134,7 @@ class QuaRotConfig:
     gptq_sequential: bool = True
     kernels: str = "integer"
     int_gemm: str = "auto"
+    resident_weights: str = "packed"
     smoothrot: bool = False
     smoothrot_alpha: float = 0.6  # the best of a sweep on held-out calibration text (README)
     expand: int = 0
@@ -156,6 +161,7 @@ class QuaRotConfig:
         _choice("weights", self.weights, WEIGHT_METHODS)
         _choice("kernels", self.kernels, KERNELS)
         _choice("int_gemm", self.int_gemm, GEMM_POLICIES)
+        _choice("resident_weights", self.resident_weights, RESIDENT_WEIGHTS)
         if self.w_group_size is not None:
             _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
         for name in ("w_clip_search", "quantize_lm_head", "gptq_act_order", "gptq_sequential"):

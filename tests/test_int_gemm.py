@@ -92,3 +92,21 @@ def test_option_is_checked_and_compiled_models_report_and_agree_across_policies(
             all(d.by == "measured" and d.int8_ms > 0 and d.float_ms > 0 for d in gemm)
         assert "integer GEMM on this CPU" in str(reports[0])
     assert torch.equal(logits["int8"], logits["float"]) and torch.equal(logits["auto"], logits["float"])
+
+
+def test_resident_unpacked_weights_are_kept_once_per_linear_and_change_nothing():
+    import importlib
+
+    kernel = importlib.import_module("quarot_fx.kernels.quantized_linear")
+    with pytest.raises(ValueError, match="resident_weights must be one of 'packed', 'unpacked'"):
+        quarot_fx.QuaRotConfig.from_options({"preset": "w4a4kv4", "resident_weights": "float"})
+    model, x = tiny_model("llama"), token_ids()
+    logits = {}
+    for resident in ("packed", "unpacked"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="quarot", options={"preset": "w4a4kv4", "resident_weights": resident})
+        before = len(kernel._unpacked)
+        logits[resident] = [compiled(x).logits for _ in range(2)]
+        kept = len(kernel._unpacked) - before
+        assert kept == (0 if resident == "packed" else 14)  # 2 layers × q, k, v, o, gate, up, down
+    assert all(torch.equal(a, b) for a, b in zip(logits["packed"], logits["unpacked"]))

@@ -187,3 +187,31 @@ def test_non_finite_values_propagate_like_eager():
     assert y[0].isnan().all() and not torch.isfinite(y[1]).any() and torch.isfinite(y[2:]).all()
     kv = kv_dequantize(*kv_quantize(x, 4, 0.95), 4, 32, torch.float32)
     assert kv[0].isnan().all() and not torch.isfinite(kv[1]).all() and torch.isfinite(kv[2:]).all()
+
+
+def test_signed_nibbles_decode_every_byte():
+    from quarot_fx.kernels.common import signed_nibbles
+
+    byte = torch.arange(256, dtype=torch.uint8)
+    low, high = signed_nibbles(byte)
+    assert low.tolist() == [((b & 0xF) ^ 8) - 8 for b in range(256)]
+    assert high.tolist() == [((b >> 4) ^ 8) - 8 for b in range(256)]
+
+
+@pytest.mark.parametrize("gemm", ["float", "int8"])
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_kept_unpacked_weights_give_the_same_bits_and_follow_in_place_changes(gemm, weight_only):
+    import importlib
+
+    kernel = importlib.import_module("quarot_fx.kernels.quantized_linear")
+    codes, x_scale, w, w_scale, b = linear_inputs(3, 32, 6, 2)
+    x, x_scale = (activations(3, 32), None) if weight_only else (codes, x_scale)
+    packed = pack_linear_weight(w, 2)
+    run = lambda keep: quantized_linear(x, x_scale, packed, w_scale, b, 32, torch.float32, gemm, keep)  # noqa: E731
+    assert torch.equal(run(True), run(False))
+    assert len(kernel._unpacked[packed]) == 1
+    first = next(iter(kernel._unpacked[packed].values()))[1]
+    run(True)
+    assert next(iter(kernel._unpacked[packed].values()))[1] is first  # reused, not rebuilt
+    packed.copy_(pack_linear_weight(-w.clamp(min=-7), 2))  # an in-place change bumps the version
+    assert torch.equal(run(True), run(False))
