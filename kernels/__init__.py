@@ -2,7 +2,8 @@
 
 Importing this package registers the ops under the ``quarot_fx`` torch.library namespace:
 ``hadamard_transform``, ``pack_int4`` / ``unpack_int4``, ``quantize_per_token`` (optionally
-fused with the Hadamard), ``quantized_linear`` (packed int4 weights) and ``kv_quantize`` /
+fused with the Hadamard), ``quantized_linear`` (packed int4 weights), ``sparse_quantized_linear`` (pruned int4 weights stored
+compressed) and ``kv_quantize`` /
 ``kv_dequantize``. Each has a plain-torch ``*_reference`` beside it. Triton modules are
 imported lazily, only for CUDA tensors or by tests.
 """
@@ -14,10 +15,11 @@ if __name__ == "quarot_fx.kernels":
     from .kv_quant import kv_dequantize, kv_dequantize_reference, kv_quantize, kv_quantize_reference
     from .quantized_linear import (pack_linear_weight, quantized_linear, quantized_linear_reference,
                                    unpack_linear_weight)
+    from .sparse_linear import sparse_quantized_linear
 
     __all__ = ["hadamard_transform", "hadamard_transform_reference", "kv_dequantize", "kv_dequantize_reference",
                "kv_quantize", "kv_quantize_reference", "pack_int4", "pack_int4_reference", "pack_linear_weight", "quantize_per_token",
-               "quantize_per_token_reference", "quantized_linear", "quantized_linear_reference", "unpack_int4",
+               "quantize_per_token_reference", "quantized_linear", "quantized_linear_reference", "sparse_quantized_linear", "unpack_int4",
                "unpack_int4_reference", "unpack_linear_weight"]
 else:
     # Imported as a top-level ``kernels`` (the repository root is on sys.path, e.g. under

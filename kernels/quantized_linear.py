@@ -43,9 +43,15 @@ def _check(x, x_scale, weight, weight_scale, bias, in_features) -> int:
     """Validate shapes and dtypes; returns the group size."""
     if weight.dtype != torch.uint8 or weight.dim() != 2:
         raise TypeError(f"quantized_linear: weight must be packed uint8 [out, in/2]; got {weight.dtype} {tuple(weight.shape)}")
-    out_features, groups = weight_scale.shape
+    out_features = weight_scale.shape[0]
     if weight.shape != (out_features, (in_features + 1) // 2):
         raise ValueError(f"quantized_linear: weight {tuple(weight.shape)} does not hold [{out_features}, {in_features}] int4")
+    return check_inputs(x, x_scale, weight_scale, bias, in_features)
+
+
+def check_inputs(x, x_scale, weight_scale, bias, in_features) -> int:
+    """Validate the activation, scales and bias against the weight's shape; returns the group size."""
+    out_features, groups = weight_scale.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"quantized_linear: input has {x.shape[-1]} features, weight expects {in_features}")
     group = group_size(in_features, groups)
@@ -133,16 +139,21 @@ def _gemm_ready(weight: torch.Tensor, form: str, make, keep: bool) -> torch.Tens
 
 
 def _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul, acc_dtype,
-            gemm="float", keep_unpacked=False) -> torch.Tensor:
+            gemm="float", keep_unpacked=False, codes=None) -> torch.Tensor:
     """Shared body: the weight is unpacked once, then row blocks of x are multiplied by it, each
     GEMM written straight into a float32 output and scaled there while the block is in cache.
     ``gemm`` (integer codes only): the int_gemm policy for the float emulation vs ``_int_mm``;
-    ``keep_unpacked``: keep the unpacked weight between calls instead of unpacking each time."""
-    group = _check(x, x_scale, weight, weight_scale, bias, in_features)
-    lead, out_features, groups = x.shape[:-1], weight.shape[0], weight_scale.shape[1]
+    ``keep_unpacked``: keep the unpacked weight between calls instead of unpacking each time;
+    ``codes``: how to get the int8 codes [out, in] from ``weight`` when it is not the dense
+    packed layout (compressed sparse storage, ``sparse_linear``; checked by its caller)."""
+    if codes is None:
+        group = _check(x, x_scale, weight, weight_scale, bias, in_features)
+        codes = lambda: unpack_linear_weight(weight, in_features, groups)  # noqa: E731
+    else:
+        group = check_inputs(x, x_scale, weight_scale, bias, in_features)
+    lead, out_features, groups = x.shape[:-1], weight_scale.shape[0], weight_scale.shape[1]
     x2 = x.reshape(-1, in_features)
     out = torch.empty((x2.shape[0], out_features), dtype=out_dtype, device=x.device)
-    codes = lambda: unpack_linear_weight(weight, in_features, groups)  # noqa: E731
     acc_dtype = acc_dtype or accumulator_dtype(group)
     if x_scale is None:
         w = _gemm_ready(weight, "dequantized", lambda: dequantize_weight(codes(), weight_scale), keep_unpacked)

@@ -198,7 +198,7 @@ def gptq_weights(ctx) -> None:
     calibration = config.calibration
     edit = GPTQWeight(config.w_bits, config.w_group_size, config.w_clip_search, config.gptq_damp,
                       config.gptq_block_size, config.gptq_act_order, fingerprint(calibration),
-                      config.gptq_sequential)
+                      config.gptq_sequential, config.weights, config.pruned_fraction, config.sparsity_pattern)
     sites = ctx.analysis.quantized
     missing = [site for site in sites
                if not is_cached(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of, extra=(edit,))]
@@ -228,17 +228,19 @@ def gptq_weights(ctx) -> None:
         quantized, _ = solved[site.node].apply(logical, None)
         return quantized.to(dtype)
 
+    name = {"gptq": "GPTQ", "obr": "OBR", "rtn": "Wanda mask + RTN"}[config.weights]
     count = run_calibration(ctx, sites if config.gptq_sequential else missing,
                             sequential if config.gptq_sequential else one_pass,
-                            "GPTQ (sequential)" if config.gptq_sequential else "GPTQ calibration")
+                            f"{name} (sequential)" if config.gptq_sequential else f"{name} calibration")
     if count is None:  # nothing to calibrate with: fall back to RTN, as reported
-        ctx.report.skipped.append(Skip("GPTQ", "no token-id input found to feed calibration data; RTN used"))
+        ctx.report.skipped.append(Skip(name, "no token-id input found to feed calibration data; dense RTN used"
+                                       + (" and nothing pruned" if config.prunes else "")))
         rtn = QuantizeWeight(config.w_bits, config.w_group_size, config.w_clip_search)
         for site in sites:
             ctx.edits(site).edits.append(rtn)
         return
     ctx.report.counters["gptq_calibration_chunks"] += count
     how = "sequentially (earlier sites quantized)" if config.gptq_sequential else "in one pass"
-    ctx.report.notes.append(f"GPTQ: Hessians from {count} calibration chunks through the rotated graph, {how}")
+    ctx.report.notes.append(f"{name}: Hessians from {count} calibration chunks through the rotated graph, {how}")
     for site in sites:
         ctx.edits(site).edits.append(solved.get(site.node, edit))

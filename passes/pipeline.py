@@ -19,6 +19,7 @@ from quarot_fx.report import Skip
 from .attention import (analyze_queries_keys, analyze_values, find_attentions, rotate_queries_keys, rotate_values,
                         unmatched_softmaxes)
 from .calibrate import gptq_weights
+from .sparsity import prunes, record_sparsity
 from .clip_search import search_clips
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
 from .context import Analysis, PassContext  # noqa: F401  (re-exported: the context passes take)
@@ -70,6 +71,8 @@ def materialize_weights(ctx: PassContext) -> None:
             entry.site.node.meta[PENDING_WEIGHT] = (entry, record)
             continue
         weight, bias = transformed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+        if prunes(entry):
+            record_sparsity(ctx.report, entry.site.to_logical(weight), entry.edits[-1])
         fqn = ctx.fqn_of(entry.site.weight_node.target)
         replace_site_weights(ctx.gm, entry, weight, bias)
         ctx.lifted.fqn_by_attr[entry.site.weight_node.target] = fqn  # later edits cache under the same name
@@ -86,7 +89,7 @@ def materialize_weights(ctx: PassContext) -> None:
 # since its Hessians come from running the rotated graph; sequential GPTQ runs after the
 # activation and KV quantizers are in place.
 def _gptq(config):
-    return config.w_bits < 16 and config.weights == "gptq"
+    return config.calibrates_weights  # GPTQ, OBR, or a Wanda mask (RTN after it)
 
 
 for _stage, _fn, _when, _name in (
@@ -97,7 +100,7 @@ for _stage, _fn, _when, _name in (
     ("rotation", rotate_down_projections, lambda c: c.rotates and c.r4, None),
     ("weights", materialize_weights, _gptq, "materialize_rotations"),
     ("weights", gptq_weights, lambda c: _gptq(c) and not c.gptq_sequential, None),
-    ("weights", quantize_weights, lambda c: c.w_bits < 16 and c.weights == "rtn", None),
+    ("weights", quantize_weights, lambda c: c.w_bits < 16 and not c.calibrates_weights, None),
     ("activations", quantize_activations, lambda c: c.a_bits < 16, None),
     ("activations", quantize_kv_cache, lambda c: c.kv_bits < 16, None),
     # Sequential GPTQ sees the activations and KV cache quantized as configured.

@@ -20,11 +20,13 @@ import torch
 import torch.fx as fx
 
 from quarot_fx.kernels import int_gemm
+from quarot_fx.kernels.quantized_linear import unpack_linear_weight
 from quarot_fx.numerics.quant import quantize_activation, quantize_kv
 from quarot_fx.report import QuantRecord, Skip
 
 from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, value
+from .sparsity import prunes, record_sparsity
 from .weights import (QUANTIZED_LINEAR, QuantizeWeight, drop_unused_constants, packed_weights,
                       replace_with_quantized_linear)
 
@@ -162,6 +164,8 @@ def lower_to_integer_kernels(ctx) -> None:
             continue
         entry, record = node.meta.pop(PENDING_WEIGHT)
         packed, scales, bias, in_features = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+        if prunes(entry):  # counted from what is stored: the packed codes
+            record_sparsity(report, unpack_linear_weight(packed, in_features, scales.shape[1]), entry.edits[-1])
         size = packed.numel() + scales.numel() * scales.element_size()
         packed_bytes += size
         fp16_bytes += 2 * packed.shape[0] * in_features

@@ -169,7 +169,9 @@ class QuantizeWeight(_WeightQuantizer):
 
 @dataclass(frozen=True)
 class GPTQWeight(_WeightQuantizer):
-    """Last edit: GPTQ with the Hessian of the (rotated) inputs; keyed by the calibration data."""
+    """Last edit from calibration: GPTQ, OBR, or RTN after a Wanda mask (``method``), with the
+    Hessian of the (rotated) inputs; keyed by the calibration data. ``sparsity`` > 0 or an N:M
+    ``pattern`` prunes with Wanda's mask first (numerics/sparse.py)."""
 
     bits: int
     group_size: int | None
@@ -179,22 +181,44 @@ class GPTQWeight(_WeightQuantizer):
     act_order: bool
     calibration: str  # fingerprint of the calibration tokens
     sequential: bool = False  # Hessians from inputs of the already-quantized earlier sites
+    method: str = "gptq"  # "gptq" | "obr" | "rtn" (pruning only: the mask needs calibration)
+    sparsity: float = 0.0
+    pattern: str = "unstructured"
     hessian: torch.Tensor | None = field(default=None, compare=False, hash=False)
     solved: tuple | None = field(default=None, compare=False, hash=False)  # (codes, scales) already computed
 
+    @property
+    def prunes(self) -> bool:
+        return self.sparsity > 0
+
     def codes(self, w):
+        from quarot_fx.numerics import sparse
         from quarot_fx.numerics.gptq import gptq_codes
+        from quarot_fx.numerics.quant import weight_codes_rtn
 
         if self.solved is not None:
             return self.solved
         if self.hessian is None:
-            raise RuntimeError("GPTQ edit has no Hessian and its result is not cached")
-        return gptq_codes(w, self.hessian, self.bits, self.group_size, self.clip_search, self.damp,
-                          self.block_size, self.act_order)
+            raise RuntimeError(f"{self.method} edit has no Hessian and its result is not cached")
+        args = (self.bits, self.group_size, self.clip_search, self.damp, self.block_size)
+        keep = (sparse.wanda_mask(w, torch.diag(self.hessian).clamp(min=0).sqrt(), self.sparsity, self.pattern)
+                if self.prunes else torch.ones_like(w, dtype=torch.bool))
+        if self.method == "obr":
+            return sparse.obr_codes(w, self.hessian, keep, *args)
+        if self.method == "rtn":
+            codes, scales = weight_codes_rtn(w * keep, self.bits, self.group_size, self.clip_search)
+            return codes * keep, scales
+        if self.prunes:
+            return sparse.masked_gptq_codes(w, self.hessian, keep, *args)
+        return gptq_codes(w, self.hessian, *args, self.act_order)
 
     def describe(self) -> str:
         group = f" group {self.group_size}" if self.group_size else " per channel"
-        return (f"gptq w{self.bits}{group}" + (" act-order" if self.act_order else "")
+        pruned = ""
+        if self.prunes:
+            pruned = f" {self.pattern}" if self.pattern != "unstructured" else f" {self.sparsity:.0%} unstructured"
+            pruned += " (Wanda mask)"
+        return (f"{self.method} w{self.bits}{group}{pruned}" + (" act-order" if self.act_order else "")
                 + (" sequential" if self.sequential else ""))
 
 
@@ -206,7 +230,9 @@ def weight_record(fqn: str, edit: _WeightQuantizer):
     """The report's record of a weight quantization (simulated until the lowering packs it)."""
     from quarot_fx.report import QuantRecord
 
-    method = "gptq" if isinstance(edit, GPTQWeight) else "rtn"
+    method = edit.method if isinstance(edit, GPTQWeight) else "rtn"
+    if isinstance(edit, GPTQWeight) and edit.prunes:
+        method += f" + Wanda {edit.pattern if edit.pattern != 'unstructured' else f'{edit.sparsity:.0%}'}"
     return QuantRecord(fqn, "weight", edit.bits, method, "search" if edit.clip_search else None)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .numerics.rotations import GSR_PERMUTATIONS, ROTATION_KINDS, rotation_kinds
+from .numerics.sparse import parse_pattern, pattern_sparsity
 
 PRESETS: dict[str, dict[str, int]] = {
     "w4a4kv4": {"w_bits": 4, "a_bits": 4, "kv_bits": 4},
@@ -26,7 +27,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
-WEIGHT_METHODS = ("rtn", "gptq")
+WEIGHT_METHODS = ("rtn", "gptq", "obr")
 KERNELS = ("integer", "fake")
 GEMM_POLICIES = ("auto", "int8", "float")  # kernels/int_gemm.py
 RESIDENT_WEIGHTS = ("packed", "unpacked")
@@ -71,7 +72,13 @@ class QuaRotConfig:
             query/key, down-projection input); ignored when ``rotation="none"``.
         lowering: ``"inductor"`` (compile with Inductor, freezing on) or ``"fx"`` (run the
             rewritten FX graph as it is: fast to start, for tests and debugging).
-        weights: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``calibration``).
+        weights: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"obr"`` (optimal brain restoration:
+            pruning and 4-bit quantization solved together; both need ``calibration``).
+        sparsity, sparsity_pattern: fraction of each quantized linear's weights set to zero
+            (0 ≤ s < 1), ``"unstructured"`` (exactly ⌊s·in⌋ per row) or ``"N:M"`` (N kept of every M
+            inputs, e.g. ``"2:4"``; fixes s = 1 − N/M). The mask is Wanda's (|W|·‖x‖, needs
+            ``calibration``); then ``rtn`` rounds, ``gptq`` compensates with pruned weights held
+            at zero (SparseGPT-style), ``obr`` as in its paper.
         calibration: token-id tensors for GPTQ (see ``quarot_fx.tools.evaluate.calibration_windows``).
         gptq_damp, gptq_block_size, gptq_act_order: GPTQ's damping (fraction of mean diag H),
             column block and activation ordering.
@@ -138,6 +145,8 @@ class QuaRotConfig:
     smoothrot: bool = False
     smoothrot_alpha: float = 0.6  # the best of a sweep on held-out calibration text (README)
     expand: int = 0
+    sparsity: float = 0.0
+    sparsity_pattern: str = "unstructured"
     gbs_objective: str = "loss"
     gbs_windows: int = 4
     gbs_iterations: int = 8
@@ -193,8 +202,22 @@ class QuaRotConfig:
         if self.smoothrot and self.calibration is None:
             raise ValueError("smoothrot=True needs calibration=[token-id tensors] for its channel statistics "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
-        if self.weights == "gptq" and self.w_bits < 16 and self.calibration is None:
-            raise ValueError("weights='gptq' needs calibration=[token-id tensors] "
+        if self.weights in ("gptq", "obr") and self.w_bits < 16 and self.calibration is None:
+            raise ValueError(f"weights={self.weights!r} needs calibration=[token-id tensors] "
+                             "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be a number in [0, 1); got {self.sparsity!r}")
+        nm = parse_pattern(self.sparsity_pattern)
+        if nm is not None and self.sparsity not in (0, 1 - nm[0] / nm[1]):
+            raise ValueError(f"sparsity={self.sparsity} contradicts sparsity_pattern={self.sparsity_pattern!r}, "
+                             f"which prunes {1 - nm[0] / nm[1]:g}: give one of them")
+        if self.prunes and self.w_bits >= 16:
+            raise ValueError(f"sparsity / sparsity_pattern prune quantized weights: set w_bits < 16 (got {self.w_bits})")
+        if self.gptq_act_order and self.w_bits < 16 and (self.prunes or self.weights == "obr"):
+            raise ValueError("gptq_act_order=True works with dense GPTQ only, not with sparsity or weights='obr' "
+                             "(their column order is the mask's)")
+        if self.prunes and self.calibration is None:
+            raise ValueError("sparsity needs calibration=[token-id tensors]: the Wanda mask scores |W|·‖x‖ "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
 
     @classmethod
@@ -245,6 +268,20 @@ class QuaRotConfig:
     @property
     def rotates(self) -> bool:
         return self.rotation != "none" and any((self.r1, self.r2, self.r3, self.r4))
+
+    @property
+    def pruned_fraction(self) -> float:
+        """The fraction of zeros the sparsity options ask for (an N:M pattern fixes it)."""
+        return pattern_sparsity(self.sparsity, self.sparsity_pattern)
+
+    @property
+    def prunes(self) -> bool:
+        return self.pruned_fraction > 0
+
+    @property
+    def calibrates_weights(self) -> bool:
+        """Weights come from the calibration pass (GPTQ, OBR, or any pruning: Wanda needs ‖x‖)."""
+        return self.w_bits < 16 and (self.weights in ("gptq", "obr") or self.prunes)
 
     @property
     def searches_clips(self) -> bool:

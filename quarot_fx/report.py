@@ -149,6 +149,12 @@ class Report:
             lines.append(f"    {s.what}: {s.why}")
         for note in self.notes:
             lines.append(f"  note: {note}")
+        if self.counters["sparse_weights"]:
+            c = self.counters
+            verdict = ("pattern holds in every linear" if not c["sparse_pattern_violations"]
+                       else f"PATTERN VIOLATED in {c['sparse_pattern_violations']} linear(s)")
+            lines.append(f"  sparsity (stored weights): {c['sparse_zeros'] / c['sparse_weights']:.2%} zeros over "
+                         f"{c['sparse_linears']} linears; {verdict}")
         if self.quantized:
             kinds = Counter(f"{r.what} {r.method} {r.bits}-bit, {r.storage}" for r in self.quantized)
             lines.append("  quantized: " + "; ".join(f"{n}× {k}" for k, n in sorted(kinds.items())))
