@@ -65,6 +65,10 @@ CONFIGS = {
     "w3a3kv3-gptq": {"preset": "w3a3kv3", "weights": "gptq"},
     "w3a3kv3-gptq-gbs": {"preset": "w3a3kv3", "weights": "gptq", **GBS},
     "w3a3kv3-gptq-smoothrot-gbs": {"preset": "w3a3kv3", "weights": "gptq", "smoothrot": True, **GBS},
+    # OBR vs its baselines at 50 % sparsity (Wanda mask for all three), stored compressed.
+    **{f"w4a4kv4-{tag}-{method}": {"preset": "w4a4kv4", "weights": method, **pattern}
+       for tag, pattern in (("s50", {"sparsity": 0.5}), ("24", {"sparsity_pattern": "2:4"}))
+       for method in ("rtn", "gptq", "obr")},
     # Dimension expansion: R1 at width 576 + k (rounded up to a constructible Hadamard order).
     **{f"w3a3kv3-gptq-gbs-expand{k}": {"preset": "w3a3kv3", "weights": "gptq", "expand": k, **GBS}
        for k in (64, 192)},
@@ -73,8 +77,9 @@ SWEEPS = {"smoothrot_alpha": ("w4a4kv4-smoothrot", (0.3, 0.4, 0.5, 0.6, 0.7))}
 
 
 def needs_calibration(options) -> bool:
-    return options is not None and (options.get("weights") == "gptq" or options.get("smoothrot", False)
-                                    or "gbs" in (options.get("a_clip"), options.get("kv_clip")))
+    return options is not None and (options.get("weights") in ("gptq", "obr") or options.get("smoothrot", False)
+                                    or "gbs" in (options.get("a_clip"), options.get("kv_clip"))
+                                    or bool(options.get("sparsity")) or "sparsity_pattern" in options)
 
 
 def config_of(options) -> QuaRotConfig:
@@ -140,6 +145,12 @@ def measure(model, name, options, evaluation, lowering, reference, held_out=None
         row["expansion"] = cost
     if reports:  # where the time went: passes over a second (calibration, GPTQ, clip search)
         row["pass_seconds"] = {k: round(v, 1) for k, v in reports[0].seconds.items() if v >= 1}
+        counters = reports[0].counters
+        if counters["packed_bytes"]:  # what the integer kernels really hold (sparse: compressed)
+            row["stored_linear_bytes"] = counters["packed_bytes"]
+        if counters["sparse_weights"]:  # counted from the stored weights
+            row["sparsity"] = round(counters["sparse_zeros"] / counters["sparse_weights"], 4)
+            row["sparse_pattern_violations"] = counters["sparse_pattern_violations"]
         if reports[0].clips:  # what GBS chose (benchmarks/plot_clips.py draws it)
             row["clips"] = [[c.site, c.what, c.clip] for c in reports[0].clips]
     return row

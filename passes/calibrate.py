@@ -201,7 +201,8 @@ def gptq_weights(ctx) -> None:
                       config.gptq_sequential, config.weights, config.pruned_fraction, config.sparsity_pattern)
     sites = ctx.analysis.quantized
     missing = [site for site in sites
-               if not is_cached(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of, extra=(edit,))]
+               if not is_cached(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of, extra=(edit,),
+                                packed=config.packs_weights)]
     if not missing:
         for site in sites:  # the Hessian is not part of the cache key: cached sites need none
             ctx.edits(site).edits.append(edit)

@@ -21,13 +21,14 @@ import torch.fx as fx
 
 from quarot_fx.kernels import int_gemm
 from quarot_fx.kernels.quantized_linear import unpack_linear_weight
+from quarot_fx.kernels.sparse_linear import compress
 from quarot_fx.numerics.quant import quantize_activation, quantize_kv
 from quarot_fx.report import QuantRecord, Skip
 
 from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, value
-from .sparsity import prunes, record_sparsity
-from .weights import (QUANTIZED_LINEAR, QuantizeWeight, drop_unused_constants, packed_weights,
+from .sparsity import prunes, record_sparsity, storage_format
+from .weights import (INTEGER_LINEARS, QuantizeWeight, integer_linear_shape, drop_unused_constants, packed_weights,
                       replace_with_quantized_linear)
 
 QUANTIZE_PER_TOKEN = torch.ops.quarot_fx.quantize_per_token.default
@@ -135,16 +136,15 @@ def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str) -> None:
     number of rows and at one row (decode), so the report says what will run; the kernel
     makes the same cached decision at run time for any other row count."""
     like = source.meta.get("example_value")
-    weight = getattr(linear.args[2], "meta", {}).get("example_value")
-    if not isinstance(like, torch.Tensor) or like.device.type != "cpu" or not isinstance(weight, torch.Tensor):
+    if not isinstance(like, torch.Tensor) or like.device.type != "cpu":
         return
     try:
         rows = int(like.numel() // like.shape[-1])
     except (TypeError, RuntimeError):  # symbolic sizes: the kernel decides at run time
         return
-    in_features, groups = linear.args[5], linear.args[3].meta["example_value"].shape[1]
+    in_features, out_features, groups = integer_linear_shape(linear)
     for m in dict.fromkeys((rows, 1)):
-        decision = int_gemm.decide(m, in_features, weight.shape[0], in_features // groups, policy)
+        decision = int_gemm.decide(m, in_features, out_features, in_features // groups, policy)
         if decision not in report.gemm:
             report.gemm.append(decision)
 
@@ -153,7 +153,8 @@ def lower_to_integer_kernels(ctx) -> None:
     """Pass: the quantization decisions recorded on the graph become integer custom ops.
 
     Weights: a pending 4-bit weight quantization becomes ``quantized_linear`` on packed int4
-    weights and scales (packing cached per parameter). Activations: a fake per-token quantizer
+    weights and scales (packing cached per parameter), or ``sparse_quantized_linear`` on the
+    compressed codes when the weight was pruned (2:4, or a bitmap). Activations: a fake per-token quantizer
     feeding those linears becomes ``quantize_per_token``, fused with the online Hadamard right
     before it. KV cache: a fake KV quantizer becomes ``kv_dequantize(kv_quantize(·))``.
     """
@@ -164,21 +165,28 @@ def lower_to_integer_kernels(ctx) -> None:
             continue
         entry, record = node.meta.pop(PENDING_WEIGHT)
         packed, scales, bias, in_features = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
-        if prunes(entry):  # counted from what is stored: the packed codes
-            record_sparsity(report, unpack_linear_weight(packed, in_features, scales.shape[1]), entry.edits[-1])
-        size = packed.numel() + scales.numel() * scales.element_size()
+        weights, extra, storage = {"weight": packed}, (), "packed int4"
+        if prunes(entry):
+            codes = unpack_linear_weight(packed, in_features, scales.shape[1])
+            record_sparsity(report, codes, entry.edits[-1])  # counted from what is stored
+            fmt, kept = storage_format(entry.edits[-1], in_features)
+            values, meta = compress(codes, fmt, kept)
+            weights, extra, storage = {"values": values, "meta": meta}, (fmt, kept), f"sparse int4 ({fmt})"
+        size = sum(t.numel() for t in weights.values()) + scales.numel() * scales.element_size()
         packed_bytes += size
         fp16_bytes += 2 * packed.shape[0] * in_features
         fqn = ctx.fqn_of(entry.original_weight)
+        op = "quantized_linear" if "weight" in weights else "sparse_quantized_linear"
         report.linear(label(node, default=fqn.rpartition(".")[0]), entry.site.kind, fqn).online.append(
-            f"quantized_linear: packed int4 weight + scales, {size / 1024:.1f} KiB")
-        replace_with_quantized_linear(ctx.gm, entry, packed, scales, bias, in_features, ctx.config.int_gemm,
+            f"{op}: {storage} weight + scales, {size / 1024:.1f} KiB")
+        replace_with_quantized_linear(ctx.gm, entry, weights, scales, bias, in_features, extra, ctx.config.int_gemm,
                                       ctx.config.resident_weights == "unpacked")
-        record.storage = "packed int4"
+        record.storage = storage
     report.counters["packed_bytes"] += packed_bytes
     report.counters["packed_fp16_bytes"] += fp16_bytes
     if packed_bytes:
-        report.notes.append(f"integer kernels: quantized linears hold {packed_bytes / 2**20:.2f} MiB packed "
+        report.notes.append(f"integer kernels: quantized linears hold {packed_bytes / 2**20:.2f} MiB "
+                            f"{'compressed sparse' if report.counters['sparse_linears'] else 'packed'} "
                             f"int4 + scales, {packed_bytes / fp16_bytes:.3f}× their fp16 size")
     if any(r.what == "weight" and r.storage == "simulated" for r in report.quantized):
         report.notes.append(f"integer kernels cover 4-bit weights: w{ctx.config.w_bits} linears run "
@@ -186,7 +194,7 @@ def lower_to_integer_kernels(ctx) -> None:
 
     fused = 0
     for fake in [n for n in graph.nodes if n.op == "call_function" and n.target is quantize_activation]:
-        linears = [u for u in fake.users if u.target is QUANTIZED_LINEAR and u.args[0] is fake and u.args[1] is None]
+        linears = [u for u in fake.users if u.target in INTEGER_LINEARS and u.args[0] is fake and u.args[1] is None]
         if not linears:
             continue
         source, bits, clip = fake.args

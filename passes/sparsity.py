@@ -30,3 +30,15 @@ def record_sparsity(report, weight: torch.Tensor, edit: GPTQWeight) -> None:
     report.counters["sparse_weights"] += zero.numel()
     report.counters["sparse_zeros"] += int(zero.sum())
     report.counters["sparse_pattern_violations"] += 0 if ok else 1
+
+
+def storage_format(edit: GPTQWeight, in_features: int) -> tuple[str, int]:
+    """(compressed format, weights kept per row) for a pruned weight: "2:4" where it fits (in % 8
+    == 0), else a bitmap, which any pattern with the same count per row fits."""
+    nm = parse_pattern(edit.pattern)
+    if nm == (2, 4) and in_features % 8 == 0:
+        return "2:4", in_features // 2
+    if nm is None:
+        return "bitmap", in_features - int(edit.sparsity * in_features)
+    n, m = nm
+    return "bitmap", in_features // m * n

@@ -294,9 +294,10 @@ def weight_key(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra: t
                     bias._version if bias is not None else None, edits, weight.dtype)
 
 
-def is_cached(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra: tuple = ()) -> bool:
-    """The site's weight after its edits and ``extra`` is cached, in float or packed form."""
-    return any(WEIGHT_CACHE.has(*weight_key(gm, entry, originals, fqn_of, extra + form)) for form in ((), (PACKED,)))
+def is_cached(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra: tuple = (), packed: bool = False) -> bool:
+    """The site's weight after its edits and ``extra`` is cached in the form materialization will
+    ask for (packed for the integer kernels, else float): the other form needs the edit's inputs."""
+    return WEIGHT_CACHE.has(*weight_key(gm, entry, originals, fqn_of, extra + ((PACKED,) if packed else ())))
 
 
 def _site_tensors(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of, extra: tuple = ()):
@@ -384,21 +385,34 @@ def replace_site_weights(gm: fx.GraphModule, entry: SiteEdits, weight, bias) -> 
 
 
 QUANTIZED_LINEAR = torch.ops.quarot_fx.quantized_linear.default
+SPARSE_QUANTIZED_LINEAR = torch.ops.quarot_fx.sparse_quantized_linear.default
+INTEGER_LINEARS = (QUANTIZED_LINEAR, SPARSE_QUANTIZED_LINEAR)
 
 
-def replace_with_quantized_linear(gm: fx.GraphModule, entry: SiteEdits, packed, scales, bias,
-                                  in_features: int, gemm: str = "auto", keep_unpacked: bool = False) -> fx.Node:
-    """Swap a linear/addmm site for ``quantized_linear`` on packed constants (float input for
-    now: the lowering then hands it integer codes)."""
+def integer_linear_shape(node: fx.Node) -> tuple[int, int, int]:
+    """(in_features, out_features, groups) of a ``quantized_linear`` / ``sparse_quantized_linear`` node."""
+    scale = node.args[3] if node.target is QUANTIZED_LINEAR else node.args[4]
+    in_features = node.args[5] if node.target is QUANTIZED_LINEAR else node.args[6]
+    out_features, groups = scale.meta["example_value"].shape
+    return in_features, out_features, groups
+
+
+def replace_with_quantized_linear(gm: fx.GraphModule, entry: SiteEdits, weights: dict, scales, bias,
+                                  in_features: int, extra: tuple = (), gemm: str = "auto",
+                                  keep_unpacked: bool = False) -> fx.Node:
+    """Swap a linear/addmm site for ``quantized_linear`` (``weights`` = {"weight": packed}) or
+    ``sparse_quantized_linear`` ({"values": …, "meta": …}, ``extra`` = (format, kept)) on
+    constants (float input for now: the lowering then hands it integer codes)."""
     node = entry.site.node
     prefix = f"qfx_packed__{node.name}"
-    constants = [_constant(gm, node, f"{prefix}__{name}", t) if t is not None else None
-                 for name, t in (("weight", packed), ("scale", scales), ("bias", bias))]
+    tensors = {**weights, "scale": scales, "bias": bias}
+    constants = [_constant(gm, node, f"{prefix}__{name}", t) if t is not None else None for name, t in tensors.items()]
     out = node.meta.get("example_value")
     dtype = out.dtype if isinstance(out, torch.Tensor) else entry.site.weight_node.meta["example_value"].dtype
+    target = QUANTIZED_LINEAR if "weight" in weights else SPARSE_QUANTIZED_LINEAR
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(QUANTIZED_LINEAR, (entry.site.input_node, None, constants[0], constants[1],
-                                                         constants[2], in_features, dtype, gemm, keep_unpacked))
+        new = gm.graph.call_function(target, (entry.site.input_node, None, *constants, in_features, dtype, *extra,
+                                              gemm, keep_unpacked))
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
