@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from quarot_fx.report import Skip
 
 from .graph_utils import as_site, origin
-from .weights import GPTQWeight, QuantizeWeight, edited_logical_weight, is_cached, side_effects
+from .weights import (WEIGHT_CACHE, GPTQWeight, QuantizeWeight, edited_logical_weight, is_cached, side_effects,
+                      weight_key)
 
 # visit(site, inputs) sees the site's input for every window; it may return a replacement
 # weight (logical [out, in]) that the site and everything after it then compute with.
@@ -193,18 +194,35 @@ def _hessian(inputs) -> torch.Tensor:
 
 def gptq_weights(ctx) -> None:
     """Pass: GPTQ edit on every quantized linear, with Hessians from the rotated graph (see the
-    module docstring for one-pass vs sequential)."""
+    module docstring for one-pass vs sequential); from a loaded artifact's codes when there is one."""
     config, gm = ctx.config, ctx.gm
-    calibration = config.calibration
     edit = GPTQWeight(config.w_bits, config.w_group_size, config.w_clip_search, config.gptq_damp,
-                      config.gptq_block_size, config.gptq_act_order, fingerprint(calibration),
+                      config.gptq_block_size, config.gptq_act_order, config.calibration_id(),
                       config.gptq_sequential, config.weights, config.pruned_fraction, config.sparsity_pattern)
     sites = ctx.analysis.quantized
+    name = {"gptq": "GPTQ", "obr": "OBR", "rtn": "Wanda mask + RTN"}[config.weights]
+    if config.calibrated is not None:  # a loaded artifact: the solved codes, no calibration
+        for site in sites:
+            fqn = ctx.fqn_of(site.weight_node.target)
+            ctx.edits(site).edits.append(dataclasses.replace(edit, solved=config.calibrated.get("weights", fqn)))
+        ctx.report.notes.append(f"{name}: {len(sites)} weights restored from a saved artifact (no calibration)")
+        return
+
+    def record(site, solved_edit: GPTQWeight) -> GPTQWeight:
+        """Keep the codes for quarot_fx.save, also across recompiles (cached with the weight)."""
+        param = weight_key(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of)[0]
+        key = ("calibrated codes", edit)
+        if solved_edit.solved is not None or WEIGHT_CACHE.has(param, key):
+            codes = WEIGHT_CACHE.get(param, key, lambda: solved_edit.solved)
+            ctx.report.calibrated.weights[ctx.fqn_of(site.weight_node.target)] = codes
+        return solved_edit
+
     missing = [site for site in sites
                if not is_cached(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of, extra=(edit,),
                                 packed=config.packs_weights)]
     if not missing:
         for site in sites:  # the Hessian is not part of the cache key: cached sites need none
+            record(site, edit)
             ctx.edits(site).edits.append(edit)
         return
     # Sequential: the later sites' inputs depend on the earlier quantized weights, so all run.
@@ -218,18 +236,20 @@ def gptq_weights(ctx) -> None:
             shared[site.input_node] = _hessian(inputs)
         return shared[site.input_node]
 
+    def solve(site, inputs):
+        logical, dtype = edited_logical_weight(gm, ctx.edits(site), ctx.lifted.originals)
+        codes = dataclasses.replace(edit, hessian=hessian(site, inputs)).codes(logical)
+        solved[site.node] = record(site, dataclasses.replace(edit, solved=codes))
+        return logical, dtype
+
     def one_pass(site, inputs):
-        solved[site.node] = dataclasses.replace(edit, hessian=hessian(site, inputs))
+        solve(site, inputs)
 
     def sequential(site, inputs):
-        entry = ctx.edits(site)
-        logical, dtype = edited_logical_weight(gm, entry, ctx.lifted.originals)
-        codes = dataclasses.replace(edit, hessian=hessian(site, inputs)).codes(logical)
-        solved[site.node] = dataclasses.replace(edit, solved=codes)
+        logical, dtype = solve(site, inputs)
         quantized, _ = solved[site.node].apply(logical, None)
         return quantized.to(dtype)
 
-    name = {"gptq": "GPTQ", "obr": "OBR", "rtn": "Wanda mask + RTN"}[config.weights]
     count = run_calibration(ctx, sites if config.gptq_sequential else missing,
                             sequential if config.gptq_sequential else one_pass,
                             f"{name} (sequential)" if config.gptq_sequential else f"{name} calibration")
@@ -244,4 +264,4 @@ def gptq_weights(ctx) -> None:
     how = "sequentially (earlier sites quantized)" if config.gptq_sequential else "in one pass"
     ctx.report.notes.append(f"{name}: Hessians from {count} calibration chunks through the rotated graph, {how}")
     for site in sites:
-        ctx.edits(site).edits.append(solved.get(site.node, edit))
+        ctx.edits(site).edits.append(solved.get(site.node) or record(site, edit))

@@ -111,11 +111,32 @@ def _quantized_weights(ctx, windows: Windows) -> None:
             windows.override[node] = linear_override(entry.site, weight, bias)
 
 
+def _site_of(q: fx.Node) -> tuple[str, str]:
+    """(site, what) naming a quantizer in the report and in saved artifacts."""
+    if RECORD in q.meta:
+        return q.meta[RECORD].site, q.meta[RECORD].what
+    return label(q), "activation" if q.target is quantize_activation else "kv"
+
+
+def _set_clip(ctx, q: fx.Node, site: str, what: str, clip: float) -> None:
+    q.args = (q.args[0], q.args[1], clip)
+    if RECORD in q.meta:
+        q.meta[RECORD].clip = clip
+    ctx.report.clips.append(ClipRecord(site, what, clip))
+    ctx.report.calibrated.clips[site, what] = clip
+
+
 def search_clips(ctx) -> None:
     """Pass: GBS clip per searched quantizer, written into the graph and the report."""
     config, gm = ctx.config, ctx.gm
     quantizers = searched_quantizers(gm, config)
     if not quantizers:
+        return
+    if config.calibrated is not None:  # a loaded artifact: the clips it was searched to
+        for q in quantizers:
+            site, what = _site_of(q)
+            _set_clip(ctx, q, site, what, config.calibrated.get("clips", (site, what)))
+        ctx.report.notes.append(f"GBS: {len(quantizers)} clips restored from a saved artifact (no search)")
         return
     windows = Windows(ctx, config.gbs_windows)
     logits = _logits(gm)
@@ -169,12 +190,8 @@ def search_clips(ctx) -> None:
 
             objective = lambda c: evaluate(q, c, nodes, error)  # noqa: E731
         clip, _ = binary_search(objective, config.gbs_iterations)
-        q.args = (q.args[0], q.args[1], clip)
         windows.override[q] = _quantize(q, clip)
-        if RECORD in q.meta:
-            q.meta[RECORD].clip = clip
-        what = q.meta[RECORD].what if RECORD in q.meta else "activation" if q.target is quantize_activation else "kv"
-        ctx.report.clips.append(ClipRecord(q.meta[RECORD].site if RECORD in q.meta else label(q), what, clip))
+        _set_clip(ctx, q, *_site_of(q), clip)
         bar.update()
 
     searched = set(quantizers)

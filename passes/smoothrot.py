@@ -24,7 +24,7 @@ import torch.fx as fx
 from quarot_fx.report import ChannelMax, Region, Skip
 
 from .attention import trace_rows
-from .calibrate import fingerprint, run_calibration
+from .calibrate import run_calibration
 from .down_projection import r4_rotation_for
 from .matrices import multiply_right
 from .graph_utils import Site, label, last_dim, op_name, origin
@@ -66,8 +66,11 @@ def _cached_channel_maxima(ctx, sites) -> dict | None:
     and every parameter are unchanged (a sweep of α calibrates once), else by running the
     float graph; None when there is no token-id input to feed."""
     originals = ctx.lifted.originals
+    if ctx.config.calibrated is not None:  # a loaded artifact: no calibration
+        return {s.down.node: ctx.config.calibrated.get("channel_max", ctx.fqn_of(s.down.weight_node.target))
+                for s in sites}
     state = tuple(sorted((ctx.fqn_of(attr), id(t), t._version) for attr, t in originals.items()))
-    key = ("smoothrot channel max", fingerprint(ctx.config.calibration), hash(state))
+    key = ("smoothrot channel max", ctx.config.calibration_id(), hash(state))
     params = {s.down.node: originals.get(s.down.weight_node.target, getattr(ctx.gm, s.down.weight_node.target))
               for s in sites}
     if all(WEIGHT_CACHE.has(p, key) for p in params.values()):
@@ -100,7 +103,7 @@ def smooth_down_projections(ctx) -> None:
     if maxima is None:
         report.skipped.append(Skip("SmoothRot", "no token-id input found to feed calibration data"))
         return
-    tag = f"α={config.smoothrot_alpha} calibration={fingerprint(config.calibration)}"
+    tag = f"α={config.smoothrot_alpha} calibration={config.calibration_id()}"
     scales = {}
     for site in sites:
         weight = site.down.to_logical(ctx.lifted.originals.get(site.down.weight_node.target,
@@ -111,6 +114,7 @@ def smooth_down_projections(ctx) -> None:
         scale = (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
         scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))  # dead channels stay
         scales[site.down.node] = scale
+        report.calibrated.channel_max[ctx.fqn_of(site.down.weight_node.target)] = a_max
         signature = f"{tag} site={ctx.fqn_of(site.down.weight_node.target)}"
         ctx.edits(site.up).edits.append(ScaleOutputRows(signature, scale, site.up_start))
         ctx.edits(site.down).edits.append(ScaleInputColumns(signature, scale))
@@ -118,7 +122,8 @@ def smooth_down_projections(ctx) -> None:
                                      f"{label(site.down.node)}; input max {a_max.max():.3g} → "
                                      f"{(a_max / scale).max():.3g} after smoothing"))
     report.counters["smoothed_channels"] += sum(s.down.in_features for s in sites)
-    _measure_channel_max(ctx, sites, scales)
+    if config.calibration is not None:  # the table needs a window of data (a loaded artifact has none)
+        _measure_channel_max(ctx, sites, scales)
 
 
 def _measure_channel_max(ctx, sites, scales) -> None:

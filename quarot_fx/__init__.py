@@ -19,6 +19,7 @@ from .config import PRESETS, QuaRotConfig
 from .explain import Explanation, explain
 from .numerics.hadamard import HadamardOrderError, hadamard_matrix, hadamard_plan, next_hadamard_order
 from .report import QuaRotWarning, Report, collect_reports
+from .artifact import ArtifactError, load, save
 from .numerics.rotations import register_rotation, rotation_kinds, rotation_matrix
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = Fals
 
 
 __all__ = [
-    "PRESETS", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotWarning", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
-    "hadamard_matrix", "hadamard_plan", "next_hadamard_order", "quarot_backend", "register_rotation", "rotation_kinds", "rotation_matrix",
+    "PRESETS", "ArtifactError", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotWarning", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
+    "hadamard_matrix", "hadamard_plan", "load", "next_hadamard_order", "quarot_backend", "register_rotation", "rotation_kinds",
+    "rotation_matrix", "save",
 ]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .artifact import _graphs
 from .config import QuaRotConfig
 from .passes.lift_params import lift_parameters
 from .passes.pipeline import PassContext, passes_for, run_passes
@@ -147,6 +148,7 @@ class BoundGraph:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, config: QuaRotConfig):
         self.template = private_copy(gm)  # untouched, for builds with other parameters
+        _graphs.add(self)  # quarot_fx.save finds a model's graphs here
         self.config = config
         self.owner = config.kv_signature()
         self.current = _build(self.template, list(example_inputs), config)

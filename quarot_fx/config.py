@@ -135,6 +135,7 @@ class QuaRotConfig:
     kv_clip: float | None = None
     quantize_lm_head: bool = False
     calibration: tuple | list | None = field(default=None, compare=False, repr=False)
+    calibrated: Any = field(default=None, compare=False, repr=False)  # quarot_fx.artifact.Calibrated (load)
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = False
@@ -184,12 +185,18 @@ class QuaRotConfig:
         _choice("gbs_objective", self.gbs_objective, GBS_OBJECTIVES)
         _integer("gbs_windows", self.gbs_windows, "a positive integer", lambda v: v >= 1)
         _integer("gbs_iterations", self.gbs_iterations, "an integer in 1..20", lambda v: 1 <= v <= 20)
-        if self.searches_clips and self.calibration is None:
+        if self.searches_clips and not self.has_calibration:
             raise ValueError("a_clip='gbs' / kv_clip='gbs' needs calibration=[token-id tensors] for the search "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
         if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or not 0 < self.gptq_damp < 1:
             raise ValueError(f"gptq_damp must be a number in (0, 1); got {self.gptq_damp!r}")
         _integer("gptq_block_size", self.gptq_block_size, "a positive integer", lambda v: v >= 1)
+        if self.calibrated is not None:
+            from .artifact import Calibrated
+
+            if not isinstance(self.calibrated, Calibrated):
+                raise ValueError("calibrated must be a quarot_fx.artifact.Calibrated (what quarot_fx.load passes); "
+                                 f"got {type(self.calibrated).__name__}")
         if self.calibration is not None:
             if not isinstance(self.calibration, (list, tuple)) or not self.calibration or not all(
                     isinstance(t, torch.Tensor) and not t.is_floating_point() for t in self.calibration):
@@ -199,10 +206,10 @@ class QuaRotConfig:
         if isinstance(self.smoothrot_alpha, bool) or not isinstance(self.smoothrot_alpha, (int, float)) \
                 or not 0 <= self.smoothrot_alpha <= 1:
             raise ValueError(f"smoothrot_alpha must be a number in [0, 1]; got {self.smoothrot_alpha!r}")
-        if self.smoothrot and self.calibration is None:
+        if self.smoothrot and not self.has_calibration:
             raise ValueError("smoothrot=True needs calibration=[token-id tensors] for its channel statistics "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
-        if self.weights in ("gptq", "obr") and self.w_bits < 16 and self.calibration is None:
+        if self.weights in ("gptq", "obr") and self.w_bits < 16 and not self.has_calibration:
             raise ValueError(f"weights={self.weights!r} needs calibration=[token-id tensors] "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
@@ -216,7 +223,7 @@ class QuaRotConfig:
         if self.gptq_act_order and self.w_bits < 16 and (self.prunes or self.weights == "obr"):
             raise ValueError("gptq_act_order=True works with dense GPTQ only, not with sparsity or weights='obr' "
                              "(their column order is the mask's)")
-        if self.prunes and self.calibration is None:
+        if self.prunes and not self.has_calibration:
             raise ValueError("sparsity needs calibration=[token-id tensors]: the Wanda mask scores |W|·‖x‖ "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
 
@@ -254,6 +261,8 @@ class QuaRotConfig:
         options = self.to_options()
         if self.calibration is not None:
             options["calibration"] = f"{len(self.calibration)} tensors, {sum(t.numel() for t in self.calibration)} tokens"
+        if self.calibrated is not None:
+            options["calibrated"] = f"restored: {self.calibrated}"
         return options
 
     def replace(self, **changes: Any) -> QuaRotConfig:
@@ -268,6 +277,21 @@ class QuaRotConfig:
     @property
     def rotates(self) -> bool:
         return self.rotation != "none" and any((self.r1, self.r2, self.r3, self.r4))
+
+    @property
+    def has_calibration(self) -> bool:
+        """Calibration data, or what an earlier calibration produced (a loaded artifact)."""
+        return self.calibration is not None or self.calibrated is not None
+
+    def calibration_id(self) -> str | None:
+        """Fingerprint of the calibration data (or of the data the loaded artifact was calibrated on)."""
+        if self.calibrated is not None:
+            return self.calibrated.fingerprint
+        if self.calibration is None:
+            return None
+        from quarot_fx.passes.calibrate import fingerprint
+
+        return fingerprint(self.calibration)
 
     @property
     def pruned_fraction(self) -> float:

@@ -14,6 +14,8 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .artifact import Calibrated
+
 log = logging.getLogger("quarot_fx")
 
 
@@ -108,6 +110,7 @@ class Report:
     pipeline: list[str] = field(default_factory=list)  # the passes that ran, in order
     channel_max: list[ChannelMax] = field(default_factory=list)  # SmoothRot, on calibration window 1
     clips: list[ClipRecord] = field(default_factory=list)  # GBS, in graph order
+    calibrated: Calibrated = field(default_factory=Calibrated)  # what quarot_fx.save writes
     gemm: list = field(default_factory=list)  # kernels.int_gemm.Decision per CPU linear shape (rows: compiled, 1)
     graph_module: object = field(default=None, repr=False)  # the rewritten FX graph, before lowering
 
