@@ -84,9 +84,10 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
     return result
 
 
-def save(compiled_model, path) -> Path:
+def save(compiled_model, path, source: str | None = None) -> Path:
     """Write what calibration produced for ``compiled_model`` (already called at least once:
-    compilation is lazy) to the directory ``path``; see the module doc."""
+    compilation is lazy) to the directory ``path``; see the module doc. ``source``: how ``load``
+    finds the base model again (default: the model config's ``_name_or_path``)."""
     from safetensors.torch import save_file
 
     from quarot_fx import __version__
@@ -115,7 +116,7 @@ def save(compiled_model, path) -> Path:
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "quarot_fx_version": __version__,
         "options": options, "calibration_fingerprint": calibrated.fingerprint,
-        "source": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "source": source or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "weights": {fqn: list(codes.shape) for fqn, (codes, _) in calibrated.weights.items()},
         "clips": [[site, what, clip] for (site, what), clip in calibrated.clips.items()],
         "model": model_fingerprint(model),

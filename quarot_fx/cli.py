@@ -1,4 +1,10 @@
-"""``quarot-fx`` command line: ``demo`` (compile a model and show what the backend did), ``hadamard``."""
+"""``quarot-fx`` command line.
+
+``quantize MODEL --preset … [--weights gptq --calib FILE] -o DIR``, ``eval DIR|MODEL --text FILE``,
+``explain MODEL``, ``generate DIR|MODEL --prompt …``, ``demo`` (compile a model and show what the
+backend did), ``hadamard``. MODEL: ``smollm2-135m``, a local Hugging Face directory or a GGUF
+file (nothing is downloaded); DIR: what ``quantize`` saved (``quarot_fx.save``).
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,79 @@ def _model(text: str) -> str:
         return text
     raise argparse.ArgumentTypeError(
         f"{text!r} is neither 'tiny', 'smollm2-135m' nor a local model directory (models are never downloaded)")
+
+
+def _model_or_dir(text: str) -> str:
+    """MODEL (see _model), a GGUF file, or a DIR that ``quantize`` wrote."""
+    if text.lower().endswith(".gguf") and os.path.isfile(text):
+        return text
+    if text.lower() == "tiny":
+        raise argparse.ArgumentTypeError("'tiny' is for demo only; give 'smollm2-135m', a model directory or a GGUF file")
+    return _model(text)
+
+
+def _option(text: str) -> tuple[str, object]:
+    """KEY=VALUE, VALUE read as JSON when it parses (numbers, true/false, null), else a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The quarot options the flags ask for (checked now, so a bad one fails before any model loads)."""
+    import quarot_fx
+
+    options = {k: v for k, v in (("preset", args.preset), ("weights", getattr(args, "weights", None))) if v}
+    options.update(dict(args.option or ()))
+    if "calibration" in options:
+        raise ValueError("--option calibration=…: give calibration text with --calib FILE (quantize)")
+    if options:  # calibration-dependent checks wait for the data; the rest fail now
+        quarot_fx.QuaRotConfig.from_options({**options, "calibration": [torch.zeros(1, dtype=torch.long)]})
+    return options
+
+
+def _print(result, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .tools import commands
+
+    _print(commands.quantize(args.model, _options(args), args.calib, args.calib_windows, args.output, args.window),
+           args.json)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .tools import commands
+
+    _print(commands.evaluate(args.target, _options(args), args.text, args.windows, args.window), args.json)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .tools import commands
+
+    print(commands.generate(args.target, _options(args), args.prompt, args.steps))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .tools import commands
+
+    print(commands.explain(args.model, _options(args) or {"preset": "w4a4kv4"}, args.tokens))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -96,11 +175,51 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--lowering", default="fx", choices=LOWERINGS,
                       help="'fx' (default: starts at once) or 'inductor' (adds ~2 min of compiles here)")
     demo.set_defaults(run=_demo)
+
+    def quarot_flags(p, weights=True):
+        p.add_argument("--preset", choices=tuple(PRESETS), help="bit widths (see README, Options)")
+        if weights:
+            p.add_argument("--weights", choices=("rtn", "gptq", "obr"), help="weight method (gptq/obr need --calib)")
+        p.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
+                       help="any other quarot option, e.g. --option smoothrot=true (repeatable)")
+
+    quantize = sub.add_parser("quantize", help="quantize MODEL once and save it to DIR (calibrating if asked)")
+    quantize.add_argument("model", type=_model_or_dir, metavar="MODEL")
+    quarot_flags(quantize)
+    quantize.add_argument("--calib", type=_existing_file, help="calibration text (never the evaluation text)")
+    quantize.add_argument("--calib-windows", type=_positive, default=32, help="calibration windows")
+    quantize.add_argument("--window", type=_positive, default=2048, help="tokens per window (and compiled length)")
+    quantize.add_argument("-o", "--output", required=True, metavar="DIR")
+    quantize.add_argument("--json", action="store_true")
+    quantize.set_defaults(run=_quantize)
+    evaluate = sub.add_parser("eval", help="perplexity of a saved DIR, or of MODEL (float, or with --preset)")
+    evaluate.add_argument("target", type=_model_or_dir, metavar="DIR|MODEL")
+    quarot_flags(evaluate, weights=False)
+    evaluate.add_argument("--text", required=True, type=_existing_file)
+    evaluate.add_argument("--windows", type=_positive, default=None, help="windows to evaluate (default: all)")
+    evaluate.add_argument("--window", type=_positive, default=2048, help="tokens per window")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=_eval)
+    explain = sub.add_parser("explain", help="what the compiler finds and does in MODEL (no calibration)")
+    explain.add_argument("model", type=_model_or_dir, metavar="MODEL")
+    quarot_flags(explain, weights=False)
+    explain.add_argument("--tokens", type=_positive, default=16, help="length of the example input")
+    explain.set_defaults(run=_explain)
+    gen = sub.add_parser("generate", help="greedy continuation of --prompt by a saved DIR or MODEL")
+    gen.add_argument("target", type=_model_or_dir, metavar="DIR|MODEL")
+    quarot_flags(gen, weights=False)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--steps", type=_positive, default=20)
+    gen.set_defaults(run=_generate)
     had = sub.add_parser("hadamard", help="show how quarot-fx builds Hadamard matrices of given orders")
     had.add_argument("sizes", type=_positive, nargs="+")
     had.set_defaults(run=_hadamard)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:  # bad options, artifacts, files: the message, not a traceback
+        print(f"quarot-fx {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
