@@ -138,7 +138,7 @@ def _gemm_ready(weight: torch.Tensor, form: str, make, keep: bool) -> torch.Tens
     return ready
 
 
-def _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul, acc_dtype,
+def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul, acc_dtype,
             gemm="float", keep_unpacked=False, codes=None) -> torch.Tensor:
     """Shared body: the weight is unpacked once, then row blocks of x are multiplied by it, each
     GEMM written straight into a float32 output and scaled there while the block is in cache.
@@ -175,7 +175,7 @@ def _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matm
 
 def quantized_linear_reference(x, x_scale, weight, weight_scale, bias, in_features, out_dtype) -> torch.Tensor:
     """Plain torch with int64 accumulation (slow, obviously exact)."""
-    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, _int64_matmul, torch.int64)
+    return linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, _int64_matmul, torch.int64)
 
 
 @torch.library.custom_op("quarot_fx::quantized_linear", mutates_args=())
@@ -184,7 +184,7 @@ def quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], weight: t
                      out_dtype: torch.dtype, gemm: str = "auto", keep_unpacked: bool = False) -> torch.Tensor:
     """x·Wᵀ + b from int8 activation codes (or float x) and packed int4 weights; see the module doc."""
     int_gemm.check_policy("gemm", gemm)
-    return _linear(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul, None, gemm,
+    return linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul, None, gemm,
                    keep_unpacked)
 
 

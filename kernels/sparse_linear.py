@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .int4 import pack_int4_reference, unpack_int4_reference
-from .quantized_linear import _linear, check_inputs, integer_matmul, pack_linear_weight
+from .quantized_linear import check_inputs, integer_matmul, linear_from_codes, pack_linear_weight
 
 FORMATS = ("2:4", "bitmap")
 
@@ -121,7 +121,7 @@ def sparse_quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], va
     """x·Wᵀ + b with W stored compressed (see the module doc); the same bits as ``quantized_linear``
     on the dense packed weight."""
     _check_sparse(values, meta, weight_scale, in_features, format, kept)
-    return _linear(x, x_scale, values, weight_scale, bias, in_features, out_dtype, integer_matmul, None, gemm,
+    return linear_from_codes(x, x_scale, values, weight_scale, bias, in_features, out_dtype, integer_matmul, None, gemm,
                    keep_unpacked, codes=lambda: decompress(values, meta, in_features, format, kept))
 
 
