@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
+
+from quarot_fx.tools.outliers import layer_of
 
 
 def clip_table(clips) -> tuple[list[int], list[str], dict]:
     """(layers, input kinds in graph order, {(layer, kind): clip}) from [site, what, clip] triples."""
     layers, kinds, table = [], [], {}
     for site, what, clip in clips:
-        match = re.search(r"layers?\.(\d+)\.", site)
-        layer = int(match.group(1)) if match else -1
+        layer = (layer_of(site) or (-1, ""))[0]
         kind = site.rsplit(".", 1)[-1] + " input" if what == "activation" else what
         layers += [layer] if layer not in layers else []
         kinds += [kind] if kind not in kinds else []

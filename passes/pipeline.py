@@ -19,6 +19,7 @@ from quarot_fx.report import Skip
 from .attention import (analyze_queries_keys, analyze_values, find_attentions, rotate_queries_keys, rotate_values,
                         unmatched_softmaxes)
 from .calibrate import gptq_weights
+from .observe import observe_inputs
 from .sparsity import prunes, record_sparsity
 from .clip_search import search_clips
 from .down_projection import attention_output_sites, find_down_projections, rotate_down_projections
@@ -111,6 +112,8 @@ for _stage, _fn, _when, _name in (
     register_pass(_stage, when=_when, name=_name)(_fn)
 # GBS searches clips with the weights final and before the lowering turns quantizers into integer ops.
 register_pass("materialize", after="materialize_weights", when=lambda c: c.searches_clips)(search_clips)
+# Diagnostics read the linear inputs with the weights final (quarot-fx outliers).
+register_pass("materialize", after="materialize_weights", when=lambda c: c.observe_inputs)(observe_inputs)
 # SmoothRot reads the float graph before any rewrite and must edit the down-projection before R4.
 register_pass("rotation", before="rotate_residual", when=lambda c: c.smoothrot)(smooth_down_projections)
 

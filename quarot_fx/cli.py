@@ -1,7 +1,7 @@
 """``quarot-fx`` command line.
 
 ``quantize MODEL --preset … [--weights gptq --calib FILE] -o DIR``, ``eval DIR|MODEL --text FILE``,
-``explain MODEL``, ``generate DIR|MODEL --prompt …``, ``demo`` (compile a model and show what the
+``explain MODEL``, ``generate DIR|MODEL --prompt …``, ``outliers MODEL --text FILE -o PNG``, ``demo`` (compile a model and show what the
 backend did), ``hadamard``. MODEL: ``smollm2-135m``, a local Hugging Face directory or a GGUF
 file (nothing is downloaded); DIR: what ``quantize`` saved (``quarot_fx.save``).
 """
@@ -115,6 +115,13 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outliers(args: argparse.Namespace) -> int:
+    from .tools import commands
+
+    _print(commands.outliers(args.model, args.text, args.tokens, args.smoothrot, args.output), args.json)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.model != "tiny":
         from .tools.demo import run_demo
@@ -211,6 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--steps", type=_positive, default=20)
     gen.set_defaults(run=_generate)
+    out = sub.add_parser("outliers", help="picture (PNG): per layer, max |x| at each quantized input, "
+                                          "before and after rotation")
+    out.add_argument("model", type=_model_or_dir, metavar="MODEL")
+    out.add_argument("--text", required=True, type=_existing_file, help="text to run (calibration text)")
+    out.add_argument("--tokens", type=_positive, default=512)
+    out.add_argument("--smoothrot", action="store_true", help="add the curve after SmoothRot too")
+    out.add_argument("-o", "--output", required=True, metavar="PNG")
+    out.add_argument("--json", action="store_true")
+    out.set_defaults(run=_outliers)
     had = sub.add_parser("hadamard", help="show how quarot-fx builds Hadamard matrices of given orders")
     had.add_argument("sizes", type=_positive, nargs="+")
     had.set_defaults(run=_hadamard)

@@ -107,6 +107,8 @@ class QuaRotConfig:
         int_gemm: the CPU's exact integer GEMM: ``"auto"`` (time a real int8 GEMM against float32
             emulation once per shape and keep the faster: it depends on the CPU), ``"int8"`` or
             ``"float"``; both give the same bits. ``"auto"`` defers to ``QUAROT_FX_INT_GEMM``.
+        observe_inputs: diagnostics: record max |x| at every quantized linear's input after the
+            rewrite, on the first calibration window (``report.input_max``; ``quarot-fx outliers``).
         resident_weights: ``"packed"`` (unpack the int4 weights on every call: least memory) or
             ``"unpacked"`` (unpack once and keep the GEMM-ready codes too: 4 bytes per weight
             more, no unpacking per call, which is most of a decode step's linear time on CPU).
@@ -148,6 +150,7 @@ class QuaRotConfig:
     expand: int = 0
     sparsity: float = 0.0
     sparsity_pattern: str = "unstructured"
+    observe_inputs: bool = False
     gbs_objective: str = "loss"
     gbs_windows: int = 4
     gbs_iterations: int = 8
@@ -174,7 +177,7 @@ class QuaRotConfig:
         _choice("resident_weights", self.resident_weights, RESIDENT_WEIGHTS)
         if self.w_group_size is not None:
             _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
-        for name in ("w_clip_search", "quantize_lm_head", "gptq_act_order", "gptq_sequential"):
+        for name in ("w_clip_search", "quantize_lm_head", "gptq_act_order", "gptq_sequential", "observe_inputs"):
             _flag(name, getattr(self, name))
         for name in ("a_clip", "kv_clip"):
             value = getattr(self, name)
@@ -223,6 +226,8 @@ class QuaRotConfig:
         if self.gptq_act_order and self.w_bits < 16 and (self.prunes or self.weights == "obr"):
             raise ValueError("gptq_act_order=True works with dense GPTQ only, not with sparsity or weights='obr' "
                              "(their column order is the mask's)")
+        if self.observe_inputs and self.calibration is None:
+            raise ValueError("observe_inputs=True needs calibration=[token-id tensors]: the text it observes")
         if self.prunes and not self.has_calibration:
             raise ValueError("sparsity needs calibration=[token-id tensors]: the Wanda mask scores |W|·‖x‖ "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
@@ -330,7 +335,7 @@ class QuaRotConfig:
     @property
     def transforms(self) -> bool:
         """Anything to do at all: a rotation, a quantization or SmoothRot's channel scaling."""
-        return self.rotates or self.quantizes or self.smoothrot
+        return self.rotates or self.quantizes or self.smoothrot or self.observe_inputs
 
     @property
     def quantizes(self) -> bool:

@@ -111,6 +111,7 @@ class Report:
     channel_max: list[ChannelMax] = field(default_factory=list)  # SmoothRot, on calibration window 1
     clips: list[ClipRecord] = field(default_factory=list)  # GBS, in graph order
     calibrated: Calibrated = field(default_factory=Calibrated)  # what quarot_fx.save writes
+    input_max: dict[str, float] = field(default_factory=dict)  # observe_inputs: site → max |x| after the rewrite
     gemm: list = field(default_factory=list)  # kernels.int_gemm.Decision per CPU linear shape (rows: compiled, 1)
     graph_module: object = field(default=None, repr=False)  # the rewritten FX graph, before lowering
 

@@ -68,3 +68,25 @@ def test_explain_and_the_errors_that_name_the_argument(model_dir, tmp_path, caps
     with pytest.raises(SystemExit):
         main(["quantize", "nowhere", "-o", str(tmp_path / "x")])
     assert "neither 'tiny', 'smollm2-135m' nor a local model directory" in capsys.readouterr().err
+
+
+def test_outlier_picture_and_its_numbers(model_dir, tmp_path, capsys):
+    from quarot_fx.tools.outliers import by_layer, input_maxima
+
+    status, out, _ = run(capsys, "outliers", model_dir, "--text", model_dir / "calib.txt", "--tokens", 40,
+                         "--smoothrot", "-o", tmp_path / "o.png", "--json")
+    result = json.loads(out)
+    assert status == 0 and (tmp_path / "o.png").stat().st_size > 10_000
+    assert set(result["max"]) == {"before rotation", "rotated", "rotated + SmoothRot"}
+    # "before rotation" is the eager model's own activations: check against hooks
+    model, ids = tiny_model("llama"), torch.arange(3, 43)[None]
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, float(a[0].abs().max())))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    before = input_maxima(model, ids)["before rotation"]  # one entry per input: q/k/v share q_proj's
+    assert set(before) == {k for k in seen if not k.endswith(("k_proj", "v_proj", "up_proj"))}
+    assert all(abs(before[k] - seen[k]) <= 1e-5 * seen[k] for k in before)
+    assert set(by_layer(before)) == {"q_proj", "o_proj", "gate_proj", "down_proj"}

@@ -94,3 +94,14 @@ def explain(target: str, options: dict, tokens: int) -> str:
     model, _ = base_model(target)
     ids = torch.arange(tokens)[None] % model.config.vocab_size
     return str(quarot_fx.explain(model, ids, **options))
+
+
+def outliers(target: str, text: str, tokens: int, smoothrot: bool, out: str) -> dict:
+    from .outliers import input_maxima, plot
+
+    model, tokenizer = base_model(target)
+    ids = tokenize(tokenizer, read_eval_text(text))[:tokens][None]
+    maxima = input_maxima(model, ids, smoothrot=smoothrot)
+    plot(maxima, f"{target}: largest |activation| a quantizer would see ({ids.shape[1]} tokens)", Path(out))
+    return {"model": target, "tokens": ids.shape[1], "picture": out,
+            "max": {stage: round(max(values.values()), 3) for stage, values in maxima.items()}}
