@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import quarot_fx
 from quarot_fx import collect_reports
 from quarot_fx.config import QuaRotConfig
 from quarot_fx.passes.residual import expanded_width
@@ -125,9 +126,10 @@ def expansion_cost(model, options) -> dict | None:
             "weight_elements_ratio": round(params, 3)}
 
 
-def measure(model, name, options, evaluation, lowering, reference, held_out=None) -> dict:
+def measure(model, name, options, evaluation, lowering, reference, held_out=None, save_dir=None) -> dict:
     """One row: compile (+ calibrate), then perplexity on the evaluation windows (if any) and on
-    ``held_out`` calibration windows (a sweep's choice)."""
+    ``held_out`` calibration windows (a sweep's choice); saved under ``save_dir`` if given
+    (``quarot-fx eval DIR`` then re-evaluates it in another process without calibrating)."""
     torch._dynamo.reset()
     start = time.perf_counter()
     runner = model if options is None else torch.compile(model, backend="quarot", options={**options, "lowering": lowering})
@@ -141,6 +143,11 @@ def measure(model, name, options, evaluation, lowering, reference, held_out=None
                 "gap_pct": None if reference is None or ppl is None else round(100 * (ppl / reference - 1), 1),
                 "seconds": round(time.perf_counter() - start, 1), "linear_bytes_packed": packed,
                 "linear_bytes_fp16": fp16})
+    if save_dir is not None and options is not None:
+        try:  # the row's figures matter more than the artifact: report a failed save, keep the row
+            row["saved"] = str(quarot_fx.save(runner, Path(save_dir) / name, source="smollm2-135m"))
+        except ValueError as error:
+            row["saved"] = f"failed: {error}"
     if (cost := expansion_cost(model, options)) is not None:
         row["expansion"] = cost
     if reports:  # where the time went: passes over a second (calibration, GPTQ, clip search)
@@ -188,6 +195,7 @@ def main(argv=None) -> None:
                         help="sweep: test perplexity of every value (default: of the chosen one only)")
     parser.add_argument("--lowering", default="inductor", choices=["inductor", "fx"])
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    parser.add_argument("--save-dir", help="save each quantized row there (quarot_fx.save), one directory per row")
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model(args.model)
@@ -226,7 +234,7 @@ def main(argv=None) -> None:
         return
     rows, reference = [], None
     for name in names:
-        row = measure(model, name, options_of(name), evaluation, args.lowering, reference)
+        row = measure(model, name, options_of(name), evaluation, args.lowering, reference, save_dir=args.save_dir)
         reference = row["ppl"] if name == "float" else reference
         rows.append(row)
         show(row, args.json)
