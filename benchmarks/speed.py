@@ -58,9 +58,18 @@ def decode_seconds(model, prompt, steps: int) -> float:
         return time.perf_counter() - start
 
 
+def plain_tensors(t):
+    """The storage-backed tensors behind ``t``: itself, or a subclass's inner tensors (torchao's
+    quantized weights are wrapper subclasses without a storage of their own)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return [inner for name in names for inner in plain_tensors(getattr(t, name))]
+    return [t]
+
+
 def unique_bytes(tensors) -> int:
     seen, total = set(), 0
-    for t in tensors:
+    for t in (inner for tensor in tensors for inner in plain_tensors(tensor)):
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if key not in seen:
             seen.add(key)
