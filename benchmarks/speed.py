@@ -23,6 +23,7 @@ W4A4KV4 (integer kernels), and W4A4KV4 with ``resident_weights="unpacked"``. Fig
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import subprocess
@@ -164,6 +165,8 @@ def measure(name, model, prefill_ids, prompt_ids, args) -> dict:
         row["graphs"] = len(reports)
         row["int_gemm"] = [f"{d.rows}x{d.in_features}->{d.out_features}: {d.choice} ({d.by})"
                            for d in int_gemm.decisions()]
+        kept = importlib.import_module("quarot_fx.kernels.quantized_linear")._unpacked  # resident_weights="unpacked"
+        row["resident_unpacked_bytes"] = unique_bytes(t for forms in kept.values() for _, t in forms.values())
     row["peak_rss_mb"] = peak_rss_mb()
     return row
 
@@ -241,6 +244,8 @@ def main(argv=None) -> None:
         if "quantized_linear_bytes" in row and row["quantized_linear_fp16_bytes"]:
             print(f"\n{row['model']}: quantized linears {row['quantized_linear_bytes'] / 2**20:.1f} MiB packed int4 + "
                   f"scales = {row['quantized_linear_bytes'] / row['quantized_linear_fp16_bytes']:.3f}× their fp16 bytes")
+        if row.get("resident_unpacked_bytes"):
+            print(f"{row['model']}: unpacked weights kept resident: {row['resident_unpacked_bytes'] / 2**20:.1f} MiB more")
         if "op_share" in row:
             print(f"{row['model']}: share of prefill time: " + ", ".join(
                 f"{k} {v:.1%}" for k, v in sorted(row["op_share"].items(), key=lambda kv: -kv[1])))
