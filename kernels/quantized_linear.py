@@ -139,7 +139,7 @@ def _gemm_ready(weight: torch.Tensor, form: str, make, keep: bool) -> torch.Tens
 
 
 def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, matmul, acc_dtype,
-            gemm="float", keep_unpacked=False, codes=None) -> torch.Tensor:
+                      gemm="float", keep_unpacked=False, codes=None) -> torch.Tensor:
     """Shared body: the weight is unpacked once, then row blocks of x are multiplied by it, each
     GEMM written straight into a float32 output and scaled there while the block is in cache.
     ``gemm`` (integer codes only): the int_gemm policy for the float emulation vs ``_int_mm``;
@@ -184,8 +184,8 @@ def quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], weight: t
                      out_dtype: torch.dtype, gemm: str = "auto", keep_unpacked: bool = False) -> torch.Tensor:
     """x·Wᵀ + b from int8 activation codes (or float x) and packed int4 weights; see the module doc."""
     int_gemm.check_policy("gemm", gemm)
-    return linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul, None, gemm,
-                   keep_unpacked)
+    return linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, integer_matmul, None,
+                             gemm, keep_unpacked)
 
 
 @quantized_linear.register_fake

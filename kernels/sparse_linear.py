@@ -121,8 +121,8 @@ def sparse_quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], va
     """x·Wᵀ + b with W stored compressed (see the module doc); the same bits as ``quantized_linear``
     on the dense packed weight."""
     _check_sparse(values, meta, weight_scale, in_features, format, kept)
-    return linear_from_codes(x, x_scale, values, weight_scale, bias, in_features, out_dtype, integer_matmul, None, gemm,
-                   keep_unpacked, codes=lambda: decompress(values, meta, in_features, format, kept))
+    return linear_from_codes(x, x_scale, values, weight_scale, bias, in_features, out_dtype, integer_matmul, None,
+                             gemm, keep_unpacked, codes=lambda: decompress(values, meta, in_features, format, kept))
 
 
 @sparse_quantized_linear.register_fake

@@ -28,7 +28,7 @@ from quarot_fx.report import QuantRecord, Skip
 from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, value
 from .sparsity import prunes, record_sparsity, storage_format
-from .weights import (INTEGER_LINEARS, QuantizeWeight, integer_linear_shape, drop_unused_constants, packed_weights,
+from .weights import (INTEGER_LINEARS, QuantizeWeight, drop_unused_constants, integer_linear_shape, packed_weights,
                       replace_with_quantized_linear)
 
 QUANTIZE_PER_TOKEN = torch.ops.quarot_fx.quantize_per_token.default
