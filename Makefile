@@ -12,14 +12,14 @@ CONSTRAINTS := constraints.txt
 
 install:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,bench]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,bench,export]"
 
 install-latest:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q --upgrade --upgrade-strategy eager $(TORCH) -e ".[dev,bench]"
+	$(PIP) install -q --upgrade --upgrade-strategy eager $(TORCH) -e ".[dev,bench,export]"
 
 test-latest: install-latest
-	$(PYTHON) -m pip list --format=freeze | grep -iE '^(torch|transformers|triton|hypothesis|pytest|networkx|sympy|numpy|safetensors|tqdm|gguf|accelerate|tokenizers|huggingface.hub)=='
+	$(PYTHON) -m pip list --format=freeze | grep -iE '^(torch|transformers|triton|hypothesis|pytest|networkx|sympy|numpy|safetensors|tqdm|gguf|accelerate|tokenizers|huggingface.hub|compressed.tensors)=='
 	$(PYTHON) -m pytest -q
 
 lock:

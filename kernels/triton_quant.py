@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from quarot_fx.numerics.hadamard import factor_matrix, hadamard_plan
+from quarot_fx.numerics.quant import scale_divisor
 
 from .common import check_hadamard as _check_hadamard
 from .common import kv_code_bytes as code_bytes
@@ -43,17 +44,17 @@ def _unit_where_zero(scale, nan_count):
 
 
 @triton.jit
-def _store_symmetric(y, q_ptrs, mask, s_ptr, clip, QMAX: tl.constexpr):
+def _store_symmetric(y, q_ptrs, mask, s_ptr, divisor, QMAX: tl.constexpr):
     amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
     nans = tl.sum(tl.sum((y != y).to(tl.int32), axis=1), axis=0)
-    scale = _unit_where_zero(tl.math.div_rn(amax * clip, QMAX * 1.0), nans)
+    scale = _unit_where_zero(tl.math.div_rn(amax, divisor), nans)  # divisor = qmax / clip, as symmetric_scale
     q = tl.clamp(_rint(tl.math.div_rn(y, scale)), -QMAX - 1.0, QMAX * 1.0)
     tl.store(q_ptrs, q.to(tl.int8), mask=mask)
     tl.store(s_ptr, scale)
 
 
 @triton.jit
-def _token_quant_kernel(x_ptr, a_ptr, b_ptr, q_ptr, s_ptr, clip, A: tl.constexpr, B: tl.constexpr,
+def _token_quant_kernel(x_ptr, a_ptr, b_ptr, q_ptr, s_ptr, divisor, A: tl.constexpr, B: tl.constexpr,
                         BA: tl.constexpr, BB: tl.constexpr, QMAX: tl.constexpr, ROTATE: tl.constexpr):
     """One token of n = A·B elements viewed as an [A, B] tile; optionally Aᵀ·X·B, then quantize."""
     row = tl.program_id(0)
@@ -67,7 +68,7 @@ def _token_quant_kernel(x_ptr, a_ptr, b_ptr, q_ptr, s_ptr, clip, A: tl.constexpr
         b = tl.load(b_ptr + j[:, None] * B + j[None, :], mask=(j[:, None] < B) & (j[None, :] < B), other=0.0)
         y = tl.dot(y, b, input_precision="ieee")
         y = tl.dot(a_t, y, input_precision="ieee")
-    _store_symmetric(y, q_ptr + offsets, mask, s_ptr + row, clip, QMAX)
+    _store_symmetric(y, q_ptr + offsets, mask, s_ptr + row, divisor, QMAX)
 
 
 def _tile(n: int) -> int:
@@ -122,7 +123,7 @@ def triton_quantize_per_token(x: torch.Tensor, bits: int, clip: float, hadamard_
             return triton_quantize_per_token(triton_hadamard_transform(x, hadamard_inner), bits, clip)
     a, b = split or (1, n)
     a_mat, b_mat = split_matrices(n // hadamard_inner, hadamard_inner, a, x.device) if split else (x, x)
-    _token_quant_kernel[(rows,)](x.contiguous(), a_mat, b_mat, codes, scales, clip, A=a, B=b,
+    _token_quant_kernel[(rows,)](x.contiguous(), a_mat, b_mat, codes, scales, scale_divisor(bits, clip), A=a, B=b,
                                  BA=_tile(a) if split else 1, BB=_tile(b) if split else triton.next_power_of_2(b),
                                  QMAX=2 ** (bits - 1) - 1, ROTATE=split is not None)
     return codes, scales

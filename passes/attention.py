@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from quarot_fx.numerics.rotations import rotation_kind
-from quarot_fx.report import Region, Skip
+from quarot_fx.report import OnlineRotation, Region, Skip
 
 from .graph_utils import Site, as_site, first_arg, is_metadata_use, keeps_last_dim, label, last_dim, op_name, shape
 from .graph_utils import value as node_value
@@ -362,6 +362,7 @@ def rotate_values(ctx) -> None:
             insert_rotation(ctx.gm, plan.output_site.node, plan.output_site.input_node, online)
             out.edits.append(InputRotation(online))
             out.online.append(online.describe())
+            ctx.report.online.append(OnlineRotation("R2", label(plan.output_site.node), online, heads * hd))
         described = f"{name} per head ({hd})" + (f" + online {online.describe()}" if online else "")
         ctx.kv_cache_inputs.update(plan.cache_inputs)
         cache = "; KV cache holds rotated values" if plan.cache_inputs else ""
@@ -404,3 +405,4 @@ def rotate_queries_keys(ctx) -> None:
         ctx.kv_cache_inputs.update(path.cache_inputs)
         cache = "; KV cache holds rotated keys" if path.cache_inputs else ""
         ctx.report.regions.append(Region("R3", plan.head_dim, f"online {name} on query and key", where + cache))
+        ctx.report.online.append(OnlineRotation("R3", where, rotation, plan.head_dim))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from quarot_fx.report import Region, Skip
+from quarot_fx.report import OnlineRotation, Region, Skip
 from quarot_fx.numerics.rotations import padded_order, rotation_kind
 
 from .attention import insert_rotation
@@ -58,7 +58,8 @@ def r4_rotation_for(config, n: int) -> Rotation | str:
     size = padded_order(name, n)
     if size is None:
         return f"{rotation_kind(name).problem(n, None)} (r4_rotation={name!r} cannot be zero-padded to another order)"
-    return Rotation(name, size, config.seed)
+    variant = config.gsr_permutation if name == "gsr" else None  # as for R1: the gsr options apply to every gsr rotation
+    return Rotation(name, size, config.seed, None, variant)
 
 
 def rotate_down_projections(ctx) -> None:
@@ -78,5 +79,6 @@ def rotate_down_projections(ctx) -> None:
             entry.online.append(f"zero-pad {n}→{size}")
         entry.edits.append(InputRotation(rotation))
         entry.online.append(rotation.describe())
+        ctx.report.online.append(OnlineRotation("R4", label(site.node), rotation, n))
         padded = f" (padded from {n})" if size != n else ""
         ctx.report.regions.append(Region("R4", size, f"online {name}" + padded, label(site.node)))

@@ -30,7 +30,8 @@ from .quantize import quantized_sites
 from .residual import find_residual_streams, rotate_residual, skip_reasons
 from .smoothrot import smooth_down_projections
 from .registry import RegisteredPass, ordered_passes, register_pass
-from .weights import drop_unused_constants, quantizes_last, replace_site_weights, transformed_weights, weight_record
+from .weights import (deferred_codes, drop_unused_constants, quantizes_last, record_final_weight,
+                      replace_site_weights, transformed_weights, weight_record)
 
 
 def analyze_invariance(ctx: PassContext) -> None:
@@ -72,6 +73,9 @@ def materialize_weights(ctx: PassContext) -> None:
             entry.site.node.meta[PENDING_WEIGHT] = (entry, record)
             continue
         weight, bias = transformed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+        codes = deferred_codes(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of) if record is not None else None
+        module = label(entry.site.node, default=ctx.fqn_of(entry.original_weight).rpartition(".")[0])
+        record_final_weight(ctx, module, entry, weight, bias, codes)
         if prunes(entry):
             record_sparsity(ctx.report, entry.site.to_logical(weight), entry.edits[-1])
         fqn = ctx.fqn_of(entry.site.weight_node.target)

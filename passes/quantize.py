@@ -28,8 +28,8 @@ from quarot_fx.report import QuantRecord, Skip
 from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, value
 from .sparsity import prunes, record_sparsity, storage_format
-from .weights import (INTEGER_LINEARS, QuantizeWeight, drop_unused_constants, integer_linear_shape, packed_weights,
-                      replace_with_quantized_linear)
+from .weights import (INTEGER_LINEARS, QuantizeWeight, drop_unused_constants, integer_linear_shape,
+                      packed_weights, record_final_weight, replace_with_quantized_linear)
 
 QUANTIZE_PER_TOKEN = torch.ops.quarot_fx.quantize_per_token.default
 KV_QUANTIZE = torch.ops.quarot_fx.kv_quantize.default
@@ -177,7 +177,11 @@ def lower_to_integer_kernels(ctx) -> None:
         fp16_bytes += 2 * packed.shape[0] * in_features
         fqn = ctx.fqn_of(entry.original_weight)
         op = "quantized_linear" if "weight" in weights else "sparse_quantized_linear"
-        report.linear(label(node, default=fqn.rpartition(".")[0]), entry.site.kind, fqn).online.append(
+        module = label(node, default=fqn.rpartition(".")[0])
+        codes = (lambda packed=packed, n=in_features, scales=scales:
+                 (unpack_linear_weight(packed, n, scales.shape[1]), scales))
+        record_final_weight(ctx, module, entry, bias=bias, codes=codes)
+        report.linear(module, entry.site.kind, fqn).online.append(
             f"{op}: {storage} weight + scales, {size / 1024:.1f} KiB")
         replace_with_quantized_linear(ctx.gm, entry, weights, scales, bias, in_features, extra, ctx.config.int_gemm,
                                       ctx.config.resident_weights == "unpacked")

@@ -318,6 +318,7 @@ def rotate_residual(ctx) -> None:
                 edits.edits.append(PadInput(width))
             edits.edits.append(InputRotation(rotation))
         _insert_inverses(ctx, plan, rotation)
+        _record_folded_norms(ctx, plan)
         _strip_norm_scales(plan)
         if width != plan.size:
             _widen(plan, gm, width)
@@ -348,6 +349,27 @@ def _insert_inverses(ctx, plan: ResidualPlan, rotation: Rotation) -> None:
         ctx.report.counters["explicit_inverses"] += 1
         ctx.report.notes.append(f"R1: explicit inverse rotation before {what} reading {value.name}: "
                                 "it does not absorb the rotation")
+
+
+def _record_folded_norms(ctx, plan: ResidualPlan) -> None:
+    """For export: which norm parameters the graph no longer reads (their scale now lives in the
+    readers), and whether setting them to ones says so in the model's own terms."""
+    for node, kind, _src in plan.norm_links:
+        if kind == LINK_LAYER_NORM:
+            why = "a LayerNorm became RMSNorm after mean-centering; the model class cannot say that"
+            for weight in node.args[2:4]:
+                if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                    ctx.report.folded_norms[ctx.fqn_of(weight.target)] = (why, ctx.lifted.originals.get(weight.target))
+            continue
+        scale = node.args[2] if kind == LINK_RMS_NORM and len(node.args) > 2 else \
+            next((a for a in node.args if isinstance(a, fx.Node) and a is not _src), None)
+        while isinstance(scale, fx.Node) and op_name(scale) in ("to", "type_as", "float"):
+            scale = scale.args[0]
+        if isinstance(scale, fx.Node) and scale.op == "get_attr":
+            ctx.report.folded_norms[ctx.fqn_of(scale.target)] = ("ones", ctx.lifted.originals.get(scale.target))
+        elif isinstance(scale, fx.Node):
+            ctx.report.folded_norms[f"<{scale.name}>"] = (f"the norm scale at {label(node)} is an expression "
+                                                          f"({op_name(scale)}), not a parameter", None)
 
 
 def _strip_norm_scales(plan: ResidualPlan) -> None:

@@ -354,6 +354,36 @@ def packed_weights(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of) -> t
     return WEIGHT_CACHE.get(weight, key, compute)
 
 
+def deferred_codes(gm: fx.GraphModule, entry: SiteEdits, originals, fqn_of):
+    """A call that gives (codes, scales) of a site whose last edit quantizes, computed only when
+    asked (export): a solved GPTQ/OBR edit has them; RTN recomputes them from the pre-edit tensors."""
+    last = entry.edits[-1]
+    if getattr(last, "solved", None) is not None:
+        solved = last.solved
+        return lambda: solved
+    weight, bias, key = _site_tensors(gm, entry, originals, fqn_of, extra=("codes",))
+    edits = tuple(entry.edits[:-1])
+
+    def compute():
+        w, _ = _edited(entry, weight, bias, edits)
+        return last.codes(w)
+
+    return lambda: WEIGHT_CACHE.get(weight, key, compute)
+
+
+def record_final_weight(ctx, module: str, entry: SiteEdits, weight=None, bias=None, codes=None) -> None:
+    """Record the site's :class:`FinalWeight` in the report (bits and group from its quantizing
+    edit, if any); a later phase's record of the same op replaces the earlier one."""
+    from quarot_fx.report import FinalWeight
+
+    last = entry.edits[-1] if quantizes_last(entry) else None
+    earlier = ctx.report.final_weights.get(module)
+    param = ctx.lifted.originals.get(entry.original_weight, earlier.param if earlier is not None else None)
+    ctx.report.final_weights[module] = FinalWeight(
+        module, entry.site.kind, ctx.fqn_of(entry.original_weight), param, weight, bias, getattr(last, "bits", None),
+        getattr(last, "group_size", None), codes if last is not None else None)
+
+
 def _constant(gm: fx.GraphModule, before: fx.Node, name: str, tensor: torch.Tensor) -> fx.Node:
     """Register ``tensor`` as a buffer of gm and read it just before ``before``."""
     gm.register_buffer(name, tensor)

@@ -1,7 +1,7 @@
 """``quarot-fx`` command line.
 
-``quantize MODEL --preset … [--weights gptq --calib FILE] -o DIR``, ``eval DIR|MODEL --text FILE``,
-``explain MODEL``, ``generate DIR|MODEL --prompt …``, ``outliers MODEL --text FILE -o PNG``, ``demo`` (compile a model and show what the
+``quantize MODEL --preset … [--weights gptq --calib FILE] -o DIR``, ``eval DIR|OUT|MODEL --text FILE``,
+``export DIR --format compressed-tensors -o OUT``, ``explain MODEL``, ``generate DIR|MODEL --prompt …``, ``outliers MODEL --text FILE -o PNG``, ``demo`` (compile a model and show what the
 backend did), ``hadamard``. MODEL: ``smollm2-135m``, a local Hugging Face directory or a GGUF
 file (nothing is downloaded); DIR: what ``quantize`` saved (``quarot_fx.save``).
 """
@@ -15,6 +15,7 @@ import sys
 import torch
 
 from .config import LOWERINGS, PRESETS
+from .export import APPROXIMATIONS, FORMATS
 from .numerics.rotations import rotation_kinds
 
 
@@ -98,6 +99,13 @@ def _eval(args: argparse.Namespace) -> int:
     from .tools import commands
 
     _print(commands.evaluate(args.target, _options(args), args.text, args.windows, args.window), args.json)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .tools import commands
+
+    _print(commands.export(args.target, args.output, args.format, args.approximate or []), args.json)
     return 0
 
 
@@ -199,14 +207,24 @@ def main(argv: list[str] | None = None) -> int:
     quantize.add_argument("-o", "--output", required=True, metavar="DIR")
     quantize.add_argument("--json", action="store_true")
     quantize.set_defaults(run=_quantize)
-    evaluate = sub.add_parser("eval", help="perplexity of a saved DIR, or of MODEL (float, or with --preset)")
-    evaluate.add_argument("target", type=_model_or_dir, metavar="DIR|MODEL")
+    evaluate = sub.add_parser("eval", help="perplexity of a saved DIR, an exported OUT (run by compressed-tensors), "
+                                           "or MODEL (float, or with --preset)")
+    evaluate.add_argument("target", type=_model_or_dir, metavar="DIR|OUT|MODEL")
     quarot_flags(evaluate, weights=False)
     evaluate.add_argument("--text", required=True, type=_existing_file)
     evaluate.add_argument("--windows", type=_positive, default=None, help="windows to evaluate (default: all)")
     evaluate.add_argument("--window", type=_positive, default=2048, help="tokens per window")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=_eval)
+    export = sub.add_parser("export", help="write a saved DIR as a checkpoint other runtimes load "
+                                           "(compressed-tensors: vLLM, llm-compressor)")
+    export.add_argument("target", metavar="DIR", help="what 'quarot-fx quantize' saved")
+    export.add_argument("--format", default="compressed-tensors", choices=FORMATS)
+    export.add_argument("--approximate", nargs="+", choices=APPROXIMATIONS, metavar="NAME",
+                        help=f"accept what the format cannot express exactly: {', '.join(APPROXIMATIONS)}")
+    export.add_argument("-o", "--output", required=True, metavar="OUT")
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(run=_export)
     explain = sub.add_parser("explain", help="what the compiler finds and does in MODEL (no calibration)")
     explain.add_argument("model", type=_model_or_dir, metavar="MODEL")
     quarot_flags(explain, weights=False)

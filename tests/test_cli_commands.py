@@ -90,3 +90,30 @@ def test_outlier_picture_and_its_numbers(model_dir, tmp_path, capsys):
     assert set(before) == {k for k in seen if not k.endswith(("k_proj", "v_proj", "up_proj"))}
     assert all(abs(before[k] - seen[k]) <= 1e-5 * seen[k] for k in before)
     assert set(by_layer(before)) == {"q_proj", "o_proj", "gate_proj", "down_proj"}
+
+
+def test_quantize_export_and_eval_the_export_through_compressed_tensors(model_dir, tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    torch._dynamo.reset()
+    status, *_ = run(capsys, "quantize", model_dir, "--preset", "w4a16", "--weights", "gptq", "--calib",
+                     model_dir / "calib.txt", "--calib-windows", 4, "--window", 64, "--option", "lowering=\"fx\"",
+                     "--option", "r2=false", "-o", tmp_path / "q")
+    assert status == 0
+    with pytest.raises(SystemExit):  # argparse: not one of kv_cache, activation_scale
+        run(capsys, "export", tmp_path / "q", "--approximate", "everything", "-o", tmp_path / "ct")
+    status, out, _ = run(capsys, "export", tmp_path / "q", "-o", tmp_path / "ct", "--json")
+    assert status == 0 and json.loads(out)["approximations"] == []
+    assert (tmp_path / "ct" / "tokenizer.json").exists()
+    evals = []
+    for target in (tmp_path / "q", tmp_path / "ct"):
+        torch._dynamo.reset()
+        status, out, _ = run(capsys, "eval", target, "--text", model_dir / "eval.txt", "--windows", 2, "--window", 64,
+                             "--json")
+        evals.append(json.loads(out))
+    assert "compressed-tensors" in evals[1]["model"]
+    assert evals[1]["ppl"] == pytest.approx(evals[0]["ppl"], rel=1e-4)  # W4A16: the same model, rounding apart
+
+
+def test_export_of_something_that_is_not_a_saved_directory_names_it(model_dir, tmp_path, capsys):
+    status, _, err = run(capsys, "export", model_dir, "-o", tmp_path / "ct")
+    assert status == 2 and "not a directory written by 'quarot-fx quantize'" in err

@@ -25,6 +25,13 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
 
 
+def scale_divisor(bits: int, clip: float) -> float:
+    """qmax / clip: a scale is max|x| divided by it, one float32 rounding. Dividing once (rather than
+    multiplying by clip, then dividing) makes clip = qmax / (qmax + ½) give exactly the scales of
+    compressed-tensors' dynamic per-token quantization, max|x| / (qmax + ½) (quarot_fx.export)."""
+    return (2 ** (bits - 1) - 1) / clip
+
+
 def symmetric_scale(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
     """clip · max|x| / qmax over the last dim (kept), 1 where the group is all zeros.
 
@@ -32,7 +39,7 @@ def symmetric_scale(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tens
     output computed from the codes and this scale) are non-finite, as in eager.
     """
     # max|x| as the ∞-norm: one pass instead of abs() then amax(); it propagates NaN.
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True) * clip / (2 ** (bits - 1) - 1)
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True) / scale_divisor(bits, clip)
     return unit_where_zero(scale)
 
 

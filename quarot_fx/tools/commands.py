@@ -23,6 +23,15 @@ def is_artifact(target: str) -> bool:
     return os.path.isfile(os.path.join(target, MANIFEST))
 
 
+def is_compressed_tensors(target: str) -> bool:
+    """A directory ``export`` wrote (or any compressed-tensors checkpoint)."""
+    config = os.path.join(target, "config.json")
+    if not os.path.isfile(config):
+        return False
+    method = json.loads(Path(config).read_text()).get("quantization_config", {}).get("quant_method")
+    return method == "compressed-tensors"
+
+
 def base_model(target: str):
     """(model, tokenizer) of MODEL: smollm2-135m, a local directory, or a GGUF file."""
     if target.lower().endswith(".gguf"):
@@ -47,6 +56,14 @@ def model_for(target: str, options: dict | None):
         manifest = json.loads(Path(target, MANIFEST).read_text())
         model, tokenizer = base_model(manifest["source"])
         return quarot_fx.load(target, model), tokenizer, f"{target} (saved {manifest['options'].get('preset')})"
+    if is_compressed_tensors(target):
+        if options:
+            raise ValueError(f"{target} is a compressed-tensors checkpoint; drop --preset / --option")
+        from transformers import AutoTokenizer
+
+        from quarot_fx.export import load_compressed_tensors
+
+        return load_compressed_tensors(target), AutoTokenizer.from_pretrained(target), f"{target} (compressed-tensors)"
     model, tokenizer = base_model(target)
     if not options:
         return model, tokenizer, f"{target} (float)"
@@ -72,6 +89,22 @@ def quantize(target: str, options: dict, calib: str | None, calib_windows: int, 
         compiled(first)
     quarot_fx.save(compiled, out, source=source_of(target))
     return {"model": target, "options": {k: v for k, v in options.items() if k != "calibration"}, "saved": out}
+
+
+def export(target: str, out: str, format: str, approximate: list[str]) -> dict:
+    """Load a saved DIR (no calibration), build its graphs on a short input, write ``format`` to ``out``."""
+    from quarot_fx.export import export as export_model
+
+    if not is_artifact(target):
+        raise ValueError(f"{target} is not a directory written by 'quarot-fx quantize' (no {MANIFEST})")
+    manifest = json.loads(Path(target, MANIFEST).read_text())
+    model, tokenizer = base_model(manifest["source"])
+    compiled = quarot_fx.load(target, model, lowering="fx")  # the weights are the same; fx starts at once
+    with torch.no_grad():
+        compiled(torch.arange(16)[None] % model.config.vocab_size)
+    done = export_model(compiled, out, format, approximate=tuple(approximate), tokenizer=tokenizer)
+    return {"saved": target, "format": format, "exported": str(done.path), "approximations": done.approximations,
+            "notes": done.notes}
 
 
 def evaluate(target: str, options: dict | None, text: str, count: int | None, length: int = WINDOW) -> dict:

@@ -1,0 +1,311 @@
+"""Export a quarot-compiled model as a compressed-tensors checkpoint (the format vLLM and
+llm-compressor share), so it can be served elsewhere.
+
+Field names, the packing and the transform semantics come from the ``compressed-tensors`` 0.20
+source (``compressors/pack_quantized``, ``transform/``, ``quantization/quant_args.py``):
+
+* offline rotations (R1, R2's per-head part) and SmoothRot's scales are already folded into the
+  weights, and the norm scales into the linears that read the norms: the norms become ones and
+  the embedding and head are untied (each carries R1 its own way);
+* each quantized ``nn.Linear`` is written ``pack-quantized``: the symmetric codes plus
+  2^(b-1), packed 32 to ``b`` int32 words without padding bits (``weight_packed``), our float32
+  scales (``weight_scale``, [out, groups]) and ``weight_shape``; strategy ``channel`` or ``group``;
+* activation quantization becomes dynamic per-token symmetric ``input_activations``;
+* the online R4 becomes a ``hadamard`` transform on the down-projection input (location
+  ``input``). That transform builds Sylvester matrices only: of the input width, or blocks of
+  ``head_dim``. An R4 that is neither is refused (``r4_rotation="gsr", gsr_permutation="none"``
+  compiles a block-Sylvester one).
+
+What the format cannot say is refused, naming the option to change, unless the caller accepts the
+approximation by name (``approximate=``): ``"kv_cache"`` (compressed-tensors' ``kv_cache_scheme``
+holds static scales; ours are per token and head, so the exported model keeps a float cache, and
+R3, which only mattered to that quantizer, is left out: it cancels in QKᵀ) and
+``"activation_scale"`` (its per-token scale is max|x| / (2^(b-1) − ½): our clip ratio c equals it
+only at c = (2^(b-1) − 1) / (2^(b-1) − ½)). Pruned weights are written dense (exact; compressed-
+tensors 0.20 has no sparse format for quantized weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMATS = ("compressed-tensors",)
+APPROXIMATIONS = ("kv_cache", "activation_scale")
+WEIGHTS = "model.safetensors"
+RECORD = "quarot_fx_export.json"
+CT_VERSION = "0.20.0"  # the compressed-tensors release whose source these fields follow
+
+
+class ExportError(ValueError):
+    """The compiled model holds something the target format cannot express (the message names it)."""
+
+
+@dataclass
+class Exported:
+    path: Path
+    notes: list[str] = field(default_factory=list)  # what was written differently, and why it is exact
+    approximations: list[str] = field(default_factory=list)  # accepted by name: what differs from the compiled model
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' dense packing: row element i (plus 2^(b-1)) at bits [i·b, (i+1)·b) of the
+    row, least significant first, 32 elements per ``b`` int32 words; the last word may be partial."""
+    rows, cols = codes.shape
+    values = codes.to(torch.int64) + (1 << (bits - 1))
+    if values.min() < 0 or values.max() >= 1 << bits:
+        raise ExportError(f"codes outside the signed {bits}-bit range")
+    padded = math.ceil(cols / 32) * 32
+    values = torch.nn.functional.pad(values, (0, padded - cols)).reshape(rows, padded // 32, 32)
+    start = torch.arange(32, dtype=torch.int64) * bits
+    words = torch.zeros(rows, padded // 32, bits + 1, dtype=torch.int64)
+    words.scatter_add_(2, (start // 32).expand_as(values), (values << (start % 32)) & 0xFFFFFFFF)
+    words.scatter_add_(2, (start // 32 + 1).expand_as(values), values >> (32 - start % 32))  # spill-over bits
+    words = words[..., :bits].reshape(rows, -1)[:, :math.ceil(cols * bits / 32)]
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard_transform_args(matrix: torch.Tensor) -> int | None | str:
+    """compressed-tensors' ``head_dim`` for which its ``hadamard`` transform is exactly ``matrix``
+    (None: the whole width), or "" when no Sylvester block size gives it."""
+    n = matrix.shape[0]
+    block = n & -n  # largest power of two dividing n
+    while block >= 2:
+        sylvester = _sylvester(block) / math.sqrt(block)
+        if torch.allclose(matrix, torch.block_diag(*[sylvester] * (n // block)), atol=1e-12, rtol=0):
+            return None if block == n else block
+        block //= 2
+    return ""
+
+
+def _reports(model) -> tuple:
+    from .artifact import _graphs_of
+
+    graphs = _graphs_of(model)
+    if not graphs:
+        raise ExportError("quarot_fx.export: this model has no quarot-compiled graph yet; compile it with "
+                          "backend='quarot' and call it once (compilation happens on the first call)")
+    if any(g.config != graphs[0].config for g in graphs):
+        raise ExportError("quarot_fx.export: the model was compiled with different options in this process")
+    return graphs[0].config, [b.report for g in graphs for b in g.builds.values()]
+
+
+def _names_by_parameter(model) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _placed(finals, model, problems: list[str]) -> dict:
+    """Final weights by the module of the *exported* model that holds them. The compiled frame
+    may be a submodule (its names lack a prefix), so a weight is found by parameter identity and,
+    for a tied head, by the module path the op was recorded under."""
+    names = _names_by_parameter(model)
+    placed = {}
+    for final in finals:
+        owners = [n.rpartition(".")[0] for n in names.get(id(final.param), []) if n.endswith(".weight")]
+        matches = [m for m in owners if m == final.module or m.endswith("." + final.module)]
+        if len(matches) != 1:
+            problems.append(f"{final.module}: cannot tell which module of the model holds {final.weight_fqn} "
+                            f"(candidates {owners})")
+            continue
+        placed[matches[0]] = final
+    return placed
+
+
+def _placed_norms(reports, model, problems: list[str]) -> list[str]:
+    names = _names_by_parameter(model)
+    placed = []
+    for fqn, (how, param) in sorted({k: v for r in reports for k, v in r.folded_norms.items()}.items()):
+        if how != "ones":
+            problems.append(f"norm {fqn}: {how}")
+        elif len(names.get(id(param), [])) != 1:
+            problems.append(f"norm {fqn}: not a parameter of this model, or shared")
+        else:
+            placed.append(names[id(param)][0])
+    return placed
+
+
+def _transform_groups(online, problems: list[str], notes: list[str], accepted: set) -> dict:
+    from quarot_fx.passes.matrices import build
+
+    groups: dict[tuple, list[str]] = {}
+    for rotation in online:
+        if rotation.region == "R3":  # with kv_bits < 16 the KV refusal (or its accepted approximation) says why
+            notes.append(f"R3 at {rotation.where} left out: with a float KV cache it cancels in QKᵀ (the same "
+                         "function; float rounding differs)")
+            continue
+        if rotation.region == "R2":
+            problems.append(f"R2's online part ({rotation.matrix.describe()} on the input of {rotation.where}) has no "
+                            "compressed-tensors transform (it mixes heads); compile with r2=False")
+            continue
+        matrix = build(rotation.matrix)
+        if matrix.shape[0] != rotation.width:
+            problems.append(f"R4 at {rotation.where} zero-pads {rotation.width}→{matrix.shape[0]}: a transform keeps "
+                            "the width; compile with r4_rotation='gsr', gsr_permutation='none', or r4=False")
+            continue
+        head_dim = hadamard_transform_args(matrix)
+        if head_dim == "":
+            problems.append(f"R4 at {rotation.where} is {rotation.matrix.describe()}, not a Sylvester Hadamard or "
+                            "blocks of one (all compressed-tensors' deterministic 'hadamard' transform builds); "
+                            "compile with r4_rotation='gsr', gsr_permutation='none', or r4=False")
+            continue
+        groups.setdefault((rotation.width, head_dim), []).append(rotation.where)
+    config_groups = {}
+    for i, ((width, head_dim), targets) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        config_groups[f"R4_{width}" if len(groups) > 1 else "R4"] = {
+            "type": "hadamard", "randomize": False, "requires_grad": False, "head_dim": head_dim,
+            "precision": "torch.float32",
+            "apply": [{"targets": sorted(targets), "location": "input", "inverse": False, "ignore": []}],
+        }
+    return config_groups
+
+
+def _check_config(config, reports, accepted: set, problems: list[str]) -> None:
+    counters = sum((r.counters for r in reports), start=type(reports[0].counters)())
+    if config.w_bits >= 16:
+        problems.append("w_bits=16: pack-quantized needs quantized weights (2..8 bits)")
+    if counters["expanded_dims"]:
+        problems.append(f"expand: the residual stream is {counters['expanded_dims']} dimensions wider than the "
+                        "model class; compile with expand=0 (and a width that has a Hadamard order)")
+    if counters["explicit_inverses"]:
+        problems.append("R1 needed explicit inverse rotations at run time (see explain()); the model class has no "
+                        "place for them")
+    if config.kv_bits < 16 and "kv_cache" not in accepted:
+        problems.append(f"kv_bits={config.kv_bits}: compressed-tensors' kv_cache_scheme has static scales, "
+                        "quarot-fx quantizes per token and head; compile with kv_bits=16, or pass "
+                        "approximate=('kv_cache',) to export a float KV cache")
+    if config.a_bits < 16:
+        qmax = 2 ** (config.a_bits - 1) - 1
+        theirs = qmax / (qmax + 0.5)
+        if config.a_clip == "gbs" or abs(config.activation_clip - theirs) > 1e-9:
+            if "activation_scale" not in accepted:
+                clip = "searched per input (gbs)" if config.a_clip == "gbs" else f"{config.activation_clip:g}"
+                problems.append(f"a_clip: compressed-tensors scales a token by max|x| / {qmax + 0.5:g} (clip "
+                                f"{theirs:.6g} in quarot-fx terms), this model used clip {clip}; compile with "
+                                f"a_clip={theirs!r}, or pass approximate=('activation_scale',)")
+
+
+def export(compiled_model, path, format: str = "compressed-tensors", *, approximate=(), tokenizer=None) -> Exported:
+    """Write ``compiled_model`` (quarot-compiled and called once) to the directory ``path`` as a
+    Hugging Face checkpoint in ``format``; see the module doc for what is written and refused."""
+    from safetensors.torch import save_file
+
+    from quarot_fx import __version__
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}; got {format!r}")
+    accepted = set(approximate)
+    if accepted - set(APPROXIMATIONS):
+        raise ValueError(f"approximate must name some of {', '.join(map(repr, APPROXIMATIONS))}; "
+                         f"got {sorted(accepted - set(APPROXIMATIONS))}")
+    model = getattr(compiled_model, "_orig_mod", compiled_model)
+    config, reports = _reports(model)
+    problems: list[str] = []
+    notes: list[str] = []
+    _check_config(config, reports, accepted, problems)
+    modules = dict(model.named_modules())
+    finals = _placed([f for r in reports for f in r.final_weights.values()], model, problems)
+    norms = _placed_norms(reports, model, problems)
+    transforms = _transform_groups([o for r in reports for o in r.online], problems, notes, accepted)
+    for name, final in sorted(finals.items()):
+        if final.codes is not None and not isinstance(modules[name], torch.nn.Linear):
+            problems.append(f"{name} is a {type(modules[name]).__name__}: compressed-tensors quantizes nn.Linear only")
+    if problems:
+        raise ExportError(f"cannot export to {format}:\n  - " + "\n  - ".join(problems))
+
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    quantized, group_sizes, sparse = [], set(), 0
+    for name, final in sorted(finals.items()):
+        if final.bias is not None:
+            state[f"{name}.bias"] = final.bias.detach()
+        if final.codes is None:
+            state[f"{name}.weight"] = final.weight.detach()
+            continue
+        codes, scales = final.codes()
+        sparse += int((codes == 0).sum()) > codes.numel() // 4
+        state.pop(f"{name}.weight", None)
+        state[f"{name}.weight_packed"] = pack_int32(codes, final.bits)
+        state[f"{name}.weight_scale"] = scales.float()
+        state[f"{name}.weight_shape"] = torch.tensor(list(codes.shape))
+        quantized.append(name)
+        group_sizes.add(final.group_size)
+    for fqn in norms:
+        state[fqn] = torch.ones_like(state[fqn])
+    if len(group_sizes) > 1:
+        raise ExportError(f"cannot export to {format}: linears quantized with different groups {sorted(group_sizes)}")
+    if sparse:
+        notes.append("pruned weights are written dense (compressed-tensors 0.20 has no sparse format for "
+                     "quantized weights): the same numbers, 4 bits each")
+
+    group = next(iter(group_sizes), None)
+    weights_args = {"num_bits": config.w_bits, "type": "int", "symmetric": True, "group_size": group,
+                    "strategy": "group" if group else "channel", "dynamic": False}
+    activations = None if config.a_bits >= 16 else {
+        "num_bits": config.a_bits, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+        "dynamic": True}
+    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    quantization_config = {
+        "quant_method": "compressed-tensors", "version": CT_VERSION, "format": "pack-quantized",
+        "quantization_status": "compressed", "global_compression_ratio": None, "kv_cache_scheme": None,
+        "sparsity_config": {}, "moe_sparsity_config": None,
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_args,
+                                      "input_activations": activations, "output_activations": None,
+                                      # per group: the loader would infer int-quantized (int8 storage) for W4A4
+                                      "format": "pack-quantized"}},
+        "ignore": sorted(set(linears) - set(quantized)),
+        "transform_config": {"config_groups": transforms} if transforms else {},
+    }
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = copy.deepcopy(model.config)
+    hf_config.tie_word_embeddings = False  # R1 reaches the embedding and the head differently
+    hf_config.quantization_config = quantization_config
+    hf_config.save_pretrained(out)
+    tensors = {k: v.contiguous().clone() for k, v in state.items()}  # clone: untie shared storage
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    approximations = []
+    if "kv_cache" in accepted and config.kv_bits < 16:
+        approximations.append(f"KV cache in float (compiled: {config.kv_bits}-bit per token and head)")
+    if "activation_scale" in accepted and config.a_bits < 16:
+        approximations.append("per-token activation scales max|x|/(2^(b-1) − ½) (compiled: clip "
+                              f"{'gbs' if config.a_clip == 'gbs' else f'{config.activation_clip:g}'})")
+    record = {"quarot_fx_version": __version__, "format": format, "options": {
+        k: v for k, v in config.to_options().items() if k not in ("calibration", "calibrated")},
+        "approximations": approximations, "notes": notes, "quantized_linears": len(quantized)}
+    (out / RECORD).write_text(json.dumps(record, indent=1, default=str))
+    return Exported(out, notes, approximations)
+
+
+def load_compressed_tensors(path, **kwargs):
+    """The exported checkpoint as compressed-tensors runs it: transformers' loader (weights
+    decompressed on the first call, activations fake-quantized per token), then the transforms
+    of ``transform_config`` (transformers 5.24 does not apply them itself)."""
+    try:
+        from compressed_tensors.transform import TransformConfig, apply_transform_config
+    except ImportError as error:
+        raise ImportError("loading a compressed-tensors checkpoint needs it: pip install "
+                          "'quarot-fx[export]'") from error
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    transforms = json.loads((Path(path) / "config.json").read_text())["quantization_config"].get("transform_config")
+    if transforms:
+        apply_transform_config(model, TransformConfig.model_validate(transforms))
+    return model

@@ -1,0 +1,151 @@
+"""quarot_fx.export: a compressed-tensors checkpoint that compressed-tensors itself loads, and that
+computes what the compiled model computes; what the format cannot say is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import quarot_fx
+from quarot_fx.export import ExportError, export, hadamard_transform_args, load_compressed_tensors, pack_int32
+from quarot_fx.numerics.quant import dequantize_weight
+from tiny_models import tiny_model, token_ids
+
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32  # noqa: E402
+
+EXPORTABLE = {"r2": False, "kv_bits": 16, "lowering": "fx"}  # R2's online part and a 4-bit KV cache are refused
+
+
+@given(bits=st.integers(2, 8), rows=st.integers(1, 4), cols=st.integers(1, 100), seed=st.integers(0, 2**16))
+def test_packing_equals_compressed_tensors_bit_for_bit(bits, rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (rows, cols), generator=g, dtype=torch.int8)
+    packed = pack_int32(codes, bits)
+    assert torch.equal(packed, pack_to_int32(codes, bits))
+    assert torch.equal(unpack_from_int32(packed, bits, torch.Size((rows, cols))), codes)
+
+
+def test_hadamard_transform_args_recognize_sylvester_and_blocks_only():
+    from quarot_fx.numerics.rotations import gsr_rotation, rotation_matrix
+
+    assert hadamard_transform_args(rotation_matrix("hadamard", 64, dtype=torch.float64)) is None
+    assert hadamard_transform_args(gsr_rotation(96, None, torch.float64, "none")) == 32
+    assert hadamard_transform_args(rotation_matrix("hadamard", 96, dtype=torch.float64)) == ""  # 12 ⊗ 8: not Sylvester
+    assert hadamard_transform_args(gsr_rotation(64, 16, torch.float64, "sequency")) == ""  # Walsh order
+
+
+def _compiled(arch="llama", sizes=None, **options):
+    torch._dynamo.reset()
+    model = tiny_model(arch, **(sizes or {}))
+    compiled = quarot_fx.compile(model, **{**EXPORTABLE, **options})
+    ids = token_ids(length=16)
+    with quarot_fx.collect_reports() as reports, torch.no_grad():
+        logits = compiled(ids).logits
+    return compiled, logits, ids, reports
+
+
+def _loaded_logits(path, ids):
+    loaded = load_compressed_tensors(path)
+    with torch.no_grad():
+        return loaded, loaded(ids).logits
+
+
+@pytest.mark.parametrize("arch,options", [
+    ("llama", {"preset": "w4a16"}),
+    ("llama", {"preset": "w4a16", "kernels": "fake", "w_group_size": 32}),
+    ("qwen2", {"preset": "w4a16"}),  # q/k/v biases, rotated
+    ("llama", {"preset": "w4a16", "weights": "gptq", "calibration": [token_ids(length=48, seed=s) for s in range(2)]}),
+])
+def test_weight_only_export_loads_in_compressed_tensors_with_our_weights_and_outputs(tmp_path, arch, options):
+    compiled, logits, ids, reports = _compiled(arch, **options)
+    exported = export(compiled, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["ignore"] == ["lm_head"]
+    assert config["transform_config"]["config_groups"]["R4"]["apply"][0]["location"] == "input"
+    loaded, theirs = _loaded_logits(tmp_path, ids)
+    # compressed-tensors' decompression gives exactly our dequantized weights
+    finals = {f.weight_fqn: f for f in reports[0].final_weights.values() if f.codes is not None}
+    assert len(finals) == 14
+    for fqn, final in finals.items():
+        module = loaded.get_submodule(fqn.removesuffix(".weight"))
+        assert torch.equal(module.weight.float(), dequantize_weight(*final.codes())), fqn
+    torch.testing.assert_close(theirs, logits, atol=1e-5, rtol=1e-5)
+    assert exported.approximations == []
+
+
+def test_activation_quantized_export_matches_bit_for_bit_when_the_scales_agree(tmp_path):
+    # compressed-tensors' per-token scale is max|x| / 7.5 at 4 bits: our clip 7/7.5 is the same number
+    # (one division: numerics.quant.scale_divisor). No online transform, so no float reordering.
+    compiled, logits, ids, _ = _compiled(preset="w4a4kv4", a_clip=7 / 7.5, r3=False, r4=False, kernels="fake")
+    export(compiled, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["input_activations"] == {
+        "num_bits": 4, "type": "int", "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True}
+    _, theirs = _loaded_logits(tmp_path, ids)
+    assert torch.equal(theirs, logits)
+
+
+def test_online_transforms_change_only_float_rounding(tmp_path):
+    # R4 runs as a butterfly here and as a matmul there: a rounding apart, which 4-bit activation
+    # codes downstream sometimes turn into one step; far below what quantizing itself moves
+    compiled, logits, ids, _ = _compiled(preset="w4a4kv4", a_clip=7 / 7.5, kernels="fake")
+    export(compiled, tmp_path)
+    _, theirs = _loaded_logits(tmp_path, ids)
+    with torch.no_grad():
+        float_logits = tiny_model("llama")(ids).logits
+    assert (theirs - logits).abs().mean() < 0.25 * (float_logits - logits).abs().mean()
+
+
+def test_w4a4kv4_is_refused_by_name_then_exported_with_the_approximations_named(tmp_path):
+    compiled, logits, ids, _ = _compiled(preset="w4a4kv4", r2=True, kv_bits=4, kernels="fake")
+    with pytest.raises(ExportError) as refused:
+        export(compiled, tmp_path)
+    for name in ("kv_bits=4", "a_clip", "r2=False"):
+        assert name in str(refused.value)
+    compiled, logits, ids, _ = _compiled(preset="w4a4kv4", kv_bits=4, kernels="fake")
+    exported = export(compiled, tmp_path, approximate=("kv_cache", "activation_scale"))
+    assert len(exported.approximations) == 2 and any("R3" in note for note in exported.notes)
+    record = json.loads((tmp_path / "quarot_fx_export.json").read_text())
+    assert record["approximations"] == exported.approximations
+    _, theirs = _loaded_logits(tmp_path, ids)
+    # another model by the named approximations (on a tiny random model, about as far from the compiled
+    # one as quantizing moved it): it loads and runs, and the record says what differs
+    assert torch.isfinite(theirs).all() and not torch.equal(theirs, logits)
+
+
+def test_r4_without_a_sylvester_form_is_refused_and_block_sylvester_exports(tmp_path):
+    sizes = {"ffn": 96}  # Hadamard order 96 = 12·8 exists, but is not Sylvester
+    compiled, *_ = _compiled(sizes=sizes, preset="w4a16")
+    with pytest.raises(ExportError, match="r4_rotation='gsr', gsr_permutation='none'"):
+        export(compiled, tmp_path)
+    compiled, logits, ids, _ = _compiled(sizes=sizes, preset="w4a16", r4_rotation="gsr", gsr_permutation="none")
+    export(compiled, tmp_path)
+    r4 = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["transform_config"]
+    assert r4["config_groups"]["R4"]["head_dim"] == 32
+    _, theirs = _loaded_logits(tmp_path, ids)
+    torch.testing.assert_close(theirs, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_weights_export_dense_and_exact(tmp_path):
+    options = {"preset": "w4a16", "weights": "rtn", "sparsity_pattern": "2:4",
+               "calibration": [token_ids(length=48, seed=s) for s in range(2)]}
+    compiled, logits, ids, _ = _compiled(**options)
+    exported = export(compiled, tmp_path)
+    assert any("dense" in note for note in exported.notes)
+    _, theirs = _loaded_logits(tmp_path, ids)
+    torch.testing.assert_close(theirs, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_and_uncompiled_models_get_clear_errors(tmp_path):
+    with pytest.raises(ExportError, match="no quarot-compiled graph"):
+        export(tiny_model("llama"), tmp_path)
+    compiled, *_ = _compiled(preset="w4a16")
+    with pytest.raises(ValueError, match="format must be one of 'compressed-tensors'"):
+        export(compiled, tmp_path, format="gguf")
+    with pytest.raises(ValueError, match="approximate must name some of"):
+        export(compiled, tmp_path, approximate=("everything",))
