@@ -12,6 +12,8 @@ frozen prefix's values are cached and a candidate clip costs only what comes aft
 * ``gbs_objective="loss"`` (default): cross-entropy of the rest of the network on the windows;
 * ``"local"``: relative squared error, against the site left in float, of the first linear
   outputs the site reaches (q/k/v for their input, o_proj for K and V): a fraction of the cost.
+  At activation sites that error is a sum over tokens (each linear acts on each token alone), so
+  ``gbs_tokens`` positions per window estimate it; K/V errors pass through attention: all tokens.
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def search_clips(ctx) -> None:
     quantizers = searched_quantizers(gm, config)
     if not quantizers:
         return
-    if config.calibrated is not None:  # a loaded artifact: the clips it was searched to
+    if config.calibrated is not None and (config.calibrated.clips or config.calibration is None):
+        # a loaded artifact: the clips it was searched to (given none, and calibration text, search)
         for q in quantizers:
             site, what = _site_of(q)
             _set_clip(ctx, q, site, what, config.calibrated.get("clips", (site, what)))
@@ -153,10 +156,12 @@ def search_clips(ctx) -> None:
     labels = [chunk[..., 1:].reshape(-1) for chunk in windows.chunks]
     bar = tqdm(total=len(quantizers), desc="GBS clip search", leave=False)
 
-    def evaluate(q, clip, nodes, score) -> float:
+    def evaluate(q, clip, nodes, score, rows=None) -> float:
         total = 0.0
         for w, runner in enumerate(windows.runners):
             env = dict(runner.env)
+            if rows is not None:  # a subset of the token positions (per-token sites only)
+                env[q.args[0]] = env[q.args[0]].index_select(-2, rows[w])
             env[q] = _quantize(q, clip)(env)
             for node in nodes:
                 env[node] = windows.value(w, node, env)
@@ -166,6 +171,17 @@ def search_clips(ctx) -> None:
     def loss(w, env):
         out = env[logits][..., :-1, :].reshape(labels[w].numel(), -1).float()
         return torch.nn.functional.cross_entropy(out, labels[w], reduction="sum").item()
+
+    def token_subset(q, nodes, targets) -> list[torch.Tensor] | None:
+        """Positions the local objective uses per window: all (None), or ``gbs_tokens`` of them at
+        an activation site whose replayed nodes are only the linears it feeds (each token alone)."""
+        x = windows.runners[0].env.get(q.args[0])
+        if (config.gbs_tokens is None or q.target is not quantize_activation or set(nodes) - set(targets)
+                or not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-2] <= config.gbs_tokens):
+            return None
+        g = torch.Generator().manual_seed(len(ctx.report.clips))  # fixed per site: every candidate sees the same
+        return [torch.randperm(x.shape[-2], generator=g)[:config.gbs_tokens].sort().values.to(x.device)
+                for _ in windows.runners]
 
     def search(q):
         if config.gbs_objective == "loss":
@@ -182,13 +198,15 @@ def search_clips(ctx) -> None:
                 reference[w] = {t: env[t] for t in targets}
                 return 0.0
 
-            evaluate(q, None, nodes, record_reference)
+            rows = token_subset(q, nodes, targets)
+            ctx.report.counters["gbs_token_subsets"] += rows is not None
+            evaluate(q, None, nodes, record_reference, rows)
             norm = sum(r[t].float().pow(2).sum().item() for r in reference.values() for t in targets) or 1.0
 
             def error(w, env):
                 return sum((env[t] - reference[w][t]).float().pow(2).sum().item() for t in targets) / norm
 
-            objective = lambda c: evaluate(q, c, nodes, error)  # noqa: E731
+            objective = lambda c: evaluate(q, c, nodes, error, rows)  # noqa: E731
         clip, _ = binary_search(objective, config.gbs_iterations)
         windows.override[q] = _quantize(q, clip)
         _set_clip(ctx, q, *_site_of(q), clip)

@@ -20,6 +20,7 @@ from .explain import Explanation, explain
 from .numerics.hadamard import HadamardOrderError, hadamard_matrix, hadamard_plan, next_hadamard_order
 from .report import QuaRotWarning, Report, collect_reports
 from .artifact import ArtifactError, load, save
+from .exporter import ExportError, export, load_compressed_tensors
 from .numerics.rotations import register_rotation, rotation_kinds, rotation_matrix
 
 __version__ = "0.1.0"
@@ -45,7 +46,7 @@ def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = Fals
 
 
 __all__ = [
-    "PRESETS", "ArtifactError", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotWarning", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
-    "hadamard_matrix", "hadamard_plan", "load", "next_hadamard_order", "quarot_backend", "register_rotation", "rotation_kinds",
+    "PRESETS", "ArtifactError", "ExportError", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotWarning", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
+    "export", "hadamard_matrix", "hadamard_plan", "load", "load_compressed_tensors", "next_hadamard_order", "quarot_backend", "register_rotation", "rotation_kinds",
     "rotation_matrix", "save",
 ]

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .config import LOWERINGS, PRESETS
-from .export import APPROXIMATIONS, FORMATS
+from .exporter import APPROXIMATIONS, FORMATS
 from .numerics.rotations import rotation_kinds
 
 

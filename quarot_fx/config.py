@@ -97,6 +97,10 @@ class QuaRotConfig:
         gbs_objective, gbs_windows, gbs_iterations: the search's objective (``"loss"``: the rest
             of the network's cross-entropy; ``"local"``: error of the first linear outputs the
             site reaches), how many calibration windows it uses, and its halving steps.
+        gbs_tokens: the local objective on this many token positions per window (a fixed random
+            subset) at activation sites, whose first linears act on each token alone, so the error
+            is a sum over tokens and a subset estimates it; None: every token. K/V sites, whose
+            error passes through attention, always use every token.
         quantize_lm_head: quantize the output head too (default: keep it in float).
         smoothrot, smoothrot_alpha: SmoothRot channel scaling of the MLP down-projection input
             before R4 (needs ``calibration``); s_j = max|x_j|^α / max|W_j|^(1-α); α = 0.6 won
@@ -156,6 +160,7 @@ class QuaRotConfig:
     gbs_objective: str = "loss"
     gbs_windows: int = 4
     gbs_iterations: int = 8
+    gbs_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -190,6 +195,8 @@ class QuaRotConfig:
         _choice("gbs_objective", self.gbs_objective, GBS_OBJECTIVES)
         _integer("gbs_windows", self.gbs_windows, "a positive integer", lambda v: v >= 1)
         _integer("gbs_iterations", self.gbs_iterations, "an integer in 1..20", lambda v: 1 <= v <= 20)
+        if self.gbs_tokens is not None:
+            _integer("gbs_tokens", self.gbs_tokens, "None or a positive integer", lambda v: v >= 1)
         if self.searches_clips and not self.has_calibration:
             raise ValueError("a_clip='gbs' / kv_clip='gbs' needs calibration=[token-id tensors] for the search "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")

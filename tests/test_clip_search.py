@@ -66,3 +66,22 @@ def test_gbs_needs_calibration():
         quarot_fx.QuaRotConfig(a_clip="gbs")
     with pytest.raises(ValueError, match=r"a_clip must be None, a number in \(0, 1\] or 'gbs'"):
         quarot_fx.QuaRotConfig(a_clip="search")
+
+
+def test_token_subsets_estimate_the_local_objective_and_leave_kv_sites_whole():
+    torch._dynamo.reset()
+    model, ids = tiny_model("llama", layers=1), token_ids(length=32)
+    options = dict(a_clip="gbs", kv_clip="gbs", gbs_objective="local", gbs_iterations=4)
+    _, full = _compile(model, ids, **options)
+    torch._dynamo.reset()
+    _, everything = _compile(model, ids, **options, gbs_tokens=32)  # as many as there are: the same search
+    torch._dynamo.reset()
+    _, subset = _compile(model, ids, **options, gbs_tokens=16)
+    clips = lambda report: {(r.site, r.what): r.clip for r in report.clips}  # noqa: E731
+    assert clips(everything) == clips(full)
+    assert full.counters["gbs_token_subsets"] == everything.counters["gbs_token_subsets"] == 0
+    assert subset.counters["gbs_token_subsets"] == 4  # qkv, o, gate/up and down inputs
+    kv = {k: v for k, v in clips(full).items() if k[1] in ("key", "value")}
+    assert {k: clips(subset)[k] for k in kv} == kv  # K/V errors pass through attention: never subsampled
+    # half the tokens: an estimate, so a clip may move, by at most a few of the 4 halving steps
+    assert all(abs(clips(subset)[k] - c) <= 0.25 for k, c in clips(full).items())

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import quarot_fx
-from quarot_fx.export import ExportError, export, hadamard_transform_args, load_compressed_tensors, pack_int32
+from quarot_fx.exporter import ExportError, export, hadamard_transform_args, load_compressed_tensors, pack_int32
 from quarot_fx.numerics.quant import dequantize_weight
 from tiny_models import tiny_model, token_ids
 

@@ -61,7 +61,7 @@ def model_for(target: str, options: dict | None):
             raise ValueError(f"{target} is a compressed-tensors checkpoint; drop --preset / --option")
         from transformers import AutoTokenizer
 
-        from quarot_fx.export import load_compressed_tensors
+        from quarot_fx.exporter import load_compressed_tensors
 
         return load_compressed_tensors(target), AutoTokenizer.from_pretrained(target), f"{target} (compressed-tensors)"
     model, tokenizer = base_model(target)
@@ -93,7 +93,7 @@ def quantize(target: str, options: dict, calib: str | None, calib_windows: int, 
 
 def export(target: str, out: str, format: str, approximate: list[str]) -> dict:
     """Load a saved DIR (no calibration), build its graphs on a short input, write ``format`` to ``out``."""
-    from quarot_fx.export import export as export_model
+    from quarot_fx.exporter import export as export_model
 
     if not is_artifact(target):
         raise ValueError(f"{target} is not a directory written by 'quarot-fx quantize' (no {MANIFEST})")
