@@ -85,7 +85,8 @@ def needs_calibration(options) -> bool:
 
 def config_of(options) -> QuaRotConfig:
     """The configuration's shape (bits, groups, width) without what needs calibration."""
-    options = {k: v for k, v in (options or {"preset": "fp"}).items() if k not in ("a_clip", "kv_clip")}
+    calibrated_only = ("a_clip", "kv_clip", "sparsity", "sparsity_pattern")  # the shape is the dense one
+    options = {k: v for k, v in (options or {"preset": "fp"}).items() if k not in calibrated_only}
     return QuaRotConfig.from_options({**options, "calibration": None, "weights": "rtn", "smoothrot": False})
 
 
@@ -130,6 +131,8 @@ def measure(model, name, options, evaluation, lowering, reference, held_out=None
     """One row: compile (+ calibrate), then perplexity on the evaluation windows (if any) and on
     ``held_out`` calibration windows (a sweep's choice); saved under ``save_dir`` if given
     (``quarot-fx eval DIR`` then re-evaluates it in another process without calibrating)."""
+    packed, fp16 = packed_weight_bytes(model, options)  # first: a mistake here must not cost a calibrated row
+    cost = expansion_cost(model, options)
     torch._dynamo.reset()
     start = time.perf_counter()
     runner = model if options is None else torch.compile(model, backend="quarot", options={**options, "lowering": lowering})
@@ -138,7 +141,6 @@ def measure(model, name, options, evaluation, lowering, reference, held_out=None
         if held_out is not None:
             row["calibration_ppl"] = round(perplexity(runner, held_out, desc=f"{name} (held-out calibration)"), 3)
         ppl = perplexity(runner, evaluation, desc=name) if evaluation else None
-    packed, fp16 = packed_weight_bytes(model, options)
     row.update({"windows": len(evaluation), "ppl": None if ppl is None else round(ppl, 3),
                 "gap_pct": None if reference is None or ppl is None else round(100 * (ppl / reference - 1), 1),
                 "seconds": round(time.perf_counter() - start, 1), "linear_bytes_packed": packed,
@@ -148,7 +150,7 @@ def measure(model, name, options, evaluation, lowering, reference, held_out=None
             row["saved"] = str(quarot_fx.save(runner, Path(save_dir) / name, source="smollm2-135m"))
         except ValueError as error:
             row["saved"] = f"failed: {error}"
-    if (cost := expansion_cost(model, options)) is not None:
+    if cost is not None:
         row["expansion"] = cost
     if reports:  # where the time went: passes over a second (calibration, GPTQ, clip search)
         row["pass_seconds"] = {k: round(v, 1) for k, v in reports[0].seconds.items() if v >= 1}

@@ -237,6 +237,8 @@ SIZED = {"view", "reshape", "expand"}  # ops whose arguments spell out the last 
 def expanded_width(config, d: int) -> int:
     """d + ``expand``, rounded up to an order the rotation kind can build (automatic when d has none)."""
     wanted = d + config.expand
+    if config.rotation == "none":  # nothing rotates the residual: nothing to widen it for
+        return d
     return padded_order(config.rotation, wanted, config.gsr_group_size) or wanted  # None: the problem is reported
 
 

@@ -36,3 +36,13 @@ def test_clip_table_reads_layers_and_inputs_in_graph_order():
     layers, kinds, table = plot_clips.clip_table(clips)
     assert layers == [-1, 0, 1] and kinds == ["q_proj input", "key", "lm_head input"]
     assert table[1, "q_proj input"] == 0.7 and table[0, "key"] == 0.8 and (1, "key") not in table
+
+
+@pytest.mark.parametrize("name", sorted(ppl.CONFIGS))
+def test_every_row_can_count_its_bytes_before_it_calibrates(name):
+    # measure() counts bytes first: a row must never lose a calibrated result to this arithmetic
+    options = ppl.CONFIGS[name]
+    model = tiny_model("llama")
+    packed, fp16 = ppl.packed_weight_bytes(model, options)
+    assert 0 < packed <= fp16
+    ppl.expansion_cost(model, options)
