@@ -68,8 +68,7 @@ class QuaRotConfig:
         gsr_permutation: ``"sequency"`` (GSR's Walsh blocks, default) or ``"none"`` (Sylvester
             blocks: plain block Hadamard, GSR's baseline). The Walsh matrix is symmetric, so there
             is no side to choose (see ``numerics.rotations.gsr_rotation``). Applies to every gsr
-            rotation: ``r4_rotation="gsr", gsr_permutation="none"`` is the block-Sylvester R4 that
-            compressed-tensors' ``hadamard`` transform expresses (``quarot_fx.export``).
+            rotation (R1, and R4 with ``r4_rotation="gsr"``).
         r1, r2, r3, r4: switch each rotation site on or off (residual, value→output,
             query/key, down-projection input); ignored when ``rotation="none"``.
         lowering: ``"inductor"`` (compile with Inductor, freezing on) or ``"fx"`` (run the

@@ -11,10 +11,12 @@ source (``compressors/pack_quantized``, ``transform/``, ``quantization/quant_arg
   2^(b-1), packed 32 to ``b`` int32 words without padding bits (``weight_packed``), our float32
   scales (``weight_scale``, [out, groups]) and ``weight_shape``; strategy ``channel`` or ``group``;
 * activation quantization becomes dynamic per-token symmetric ``input_activations``;
-* the online R4 becomes a ``hadamard`` transform on the down-projection input (location
-  ``input``). That transform builds Sylvester matrices only: of the input width, or blocks of
-  ``head_dim``. An R4 that is neither is refused (``r4_rotation="gsr", gsr_permutation="none"``
-  compiles a block-Sylvester one).
+* the online R4 becomes a ``random-hadamard`` transform on the down-projection input (location
+  ``input``; ``head_dim`` for block-diagonal kinds) with its ±1 matrix stored in the checkpoint
+  (``<module>.R4_input.weight``), as checkpoints of randomized rotations ship theirs: loaders that
+  read the matrix apply exactly ours, whatever its order (SmolLM2's 1536 = 12·128 is no Sylvester
+  order). vLLM applies such transforms as a dense GEMM on any device; its ``hadamard`` type needs
+  the CUDA-only hadacore kernel. A rotation that is not ±1/√n (``r4_rotation="random"``) is refused.
 
 What the format cannot say is refused, naming the option to change, unless the caller accepts the
 approximation by name (``approximate=``): ``"kv_cache"`` (compressed-tensors' ``kv_cache_scheme``
@@ -70,24 +72,17 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
 
 
-def _sylvester(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-def hadamard_transform_args(matrix: torch.Tensor) -> int | None | str:
-    """compressed-tensors' ``head_dim`` for which its ``hadamard`` transform is exactly ``matrix``
-    (None: the whole width), or "" when no Sylvester block size gives it."""
+def hadamard_block(matrix: torch.Tensor) -> torch.Tensor | None:
+    """The ±1 block B with ``matrix`` = blockdiag(B, …, B)/√b (a Hadamard matrix of the width, or
+    blocks of one: what a compressed-tensors Hadamard transform applies); None for any other matrix."""
     n = matrix.shape[0]
-    block = n & -n  # largest power of two dividing n
-    while block >= 2:
-        sylvester = _sylvester(block) / math.sqrt(block)
-        if torch.allclose(matrix, torch.block_diag(*[sylvester] * (n // block)), atol=1e-12, rtol=0):
-            return None if block == n else block
-        block //= 2
-    return ""
+    for b in [d for d in range(n, 1, -1) if n % d == 0]:
+        block = matrix[:b, :b] * math.sqrt(b)
+        if not torch.allclose(block.abs(), torch.ones_like(block), atol=1e-9, rtol=0):
+            continue
+        if torch.allclose(matrix, torch.block_diag(*[block / math.sqrt(b)] * (n // b)), atol=1e-12, rtol=0):
+            return block.round()
+    return None
 
 
 def _reports(model) -> tuple:
@@ -139,10 +134,21 @@ def _placed_norms(reports, model, problems: list[str]) -> list[str]:
     return placed
 
 
-def _transform_groups(online, problems: list[str], notes: list[str], accepted: set) -> dict:
+def _module_named(label: str, modules: dict) -> str | None:
+    """The model's module a report label names (labels are relative to the compiled frame)."""
+    found = [name for name in modules if name == label or name.endswith("." + label)]
+    return found[0] if len(found) == 1 else None
+
+
+def _transforms(online, modules: dict, problems: list[str], notes: list[str]) -> tuple[dict, dict]:
+    """(transform_config groups, {module: ±1 matrix}) for the online rotations: R4 as a
+    ``random-hadamard`` transform whose matrix is stored in the checkpoint, so any Hadamard order
+    exports and loaders that read the matrix (vLLM: a dense GEMM on every device) apply exactly ours;
+    R3 left out; R2's cross-head part refused."""
     from quarot_fx.passes.matrices import build
 
     groups: dict[tuple, list[str]] = {}
+    blocks: dict[tuple, torch.Tensor] = {}
     for rotation in online:
         if rotation.region == "R3":  # with kv_bits < 16 the KV refusal (or its accepted approximation) says why
             notes.append(f"R3 at {rotation.where} left out: with a float KV cache it cancels in QKᵀ (the same "
@@ -155,23 +161,33 @@ def _transform_groups(online, problems: list[str], notes: list[str], accepted: s
         matrix = build(rotation.matrix)
         if matrix.shape[0] != rotation.width:
             problems.append(f"R4 at {rotation.where} zero-pads {rotation.width}→{matrix.shape[0]}: a transform keeps "
-                            "the width; compile with r4_rotation='gsr', gsr_permutation='none', or r4=False")
+                            "the width; compile with an r4_rotation of that order, or r4=False")
             continue
-        head_dim = hadamard_transform_args(matrix)
-        if head_dim == "":
-            problems.append(f"R4 at {rotation.where} is {rotation.matrix.describe()}, not a Sylvester Hadamard or "
-                            "blocks of one (all compressed-tensors' deterministic 'hadamard' transform builds); "
-                            "compile with r4_rotation='gsr', gsr_permutation='none', or r4=False")
+        block = hadamard_block(matrix)
+        where = _module_named(rotation.where, modules)
+        if where is None:
+            problems.append(f"R4 at {rotation.where}: no single module of the model has that name")
+        elif block is None:
+            problems.append(f"R4 at {rotation.where} is {rotation.matrix.describe()}, not a Hadamard matrix (or "
+                            "blocks of one): compressed-tensors' Hadamard transforms apply ±1/√n matrices only; "
+                            "compile with r4_rotation='hadamard', or r4=False")
             continue
-        groups.setdefault((rotation.width, head_dim), []).append(rotation.where)
-    config_groups = {}
-    for i, ((width, head_dim), targets) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        config_groups[f"R4_{width}" if len(groups) > 1 else "R4"] = {
-            "type": "hadamard", "randomize": False, "requires_grad": False, "head_dim": head_dim,
+        if where is None or block is None:
+            continue
+        key = (block.shape[0], None if block.shape[0] == matrix.shape[0] else block.shape[0])
+        groups.setdefault(key, []).append(where)
+        blocks[key] = block
+    config_groups, stored = {}, {}
+    for (size, head_dim), targets in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        name = "R4" if len(groups) == 1 else f"R4_{size}"
+        config_groups[name] = {
+            "type": "random-hadamard", "randomize": False, "requires_grad": False, "head_dim": head_dim,
             "precision": "torch.float32",
             "apply": [{"targets": sorted(targets), "location": "input", "inverse": False, "ignore": []}],
         }
-    return config_groups
+        for target in targets:
+            stored[f"{target}.{name}_input.weight"] = blocks[size, head_dim]
+    return config_groups, stored
 
 
 def _check_config(config, reports, accepted: set, problems: list[str]) -> None:
@@ -220,7 +236,7 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
     modules = dict(model.named_modules())
     finals = _placed([f for r in reports for f in r.final_weights.values()], model, problems)
     norms = _placed_norms(reports, model, problems)
-    transforms = _transform_groups([o for r in reports for o in r.online], problems, notes, accepted)
+    transforms, transform_weights = _transforms([o for r in reports for o in r.online], modules, problems, notes)
     for name, final in sorted(finals.items()):
         if final.codes is not None and not isinstance(modules[name], torch.nn.Linear):
             problems.append(f"{name} is a {type(modules[name]).__name__}: compressed-tensors quantizes nn.Linear only")
@@ -245,6 +261,8 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
         group_sizes.add(final.group_size)
     for fqn in norms:
         state[fqn] = torch.ones_like(state[fqn])
+    for key, block in transform_weights.items():  # ±1: exact in float16, half the bytes
+        state[key] = block.to(torch.float16)
     if len(group_sizes) > 1:
         raise ExportError(f"cannot export to {format}: linears quantized with different groups {sorted(group_sizes)}")
     if sparse:
@@ -274,6 +292,8 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
     out.mkdir(parents=True, exist_ok=True)
     hf_config = copy.deepcopy(model.config)
     hf_config.tie_word_embeddings = False  # R1 reaches the embedding and the head differently
+    if not getattr(hf_config, "architectures", None):  # e.g. a config read from GGUF: loaders look for it
+        hf_config.architectures = [type(model).__name__]
     hf_config.quantization_config = quantization_config
     hf_config.save_pretrained(out)
     tensors = {k: v.contiguous().clone() for k, v in state.items()}  # clone: untie shared storage
@@ -304,8 +324,17 @@ def load_compressed_tensors(path, **kwargs):
                           "'quarot-fx[export]'") from error
     from transformers import AutoModelForCausalLM
 
+    from safetensors import safe_open
+
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     transforms = json.loads((Path(path) / "config.json").read_text())["quantization_config"].get("transform_config")
-    if transforms:
-        apply_transform_config(model, TransformConfig.model_validate(transforms))
+    if not transforms:
+        return model
+    apply_transform_config(model, TransformConfig.model_validate(transforms))
+    # the matrices are in the checkpoint (a random-hadamard factory draws its own): load them
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with safe_open(str(Path(path) / WEIGHTS), "pt") as weights, torch.no_grad():
+        for key in weights.keys():
+            if key.endswith("_input.weight") and key in params:
+                params[key].copy_(weights.get_tensor(key))
     return model

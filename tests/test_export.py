@@ -4,6 +4,7 @@ computes what the compiled model computes; what the format cannot say is refused
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import quarot_fx
-from quarot_fx.exporter import ExportError, export, hadamard_transform_args, load_compressed_tensors, pack_int32
+from quarot_fx.exporter import ExportError, export, hadamard_block, load_compressed_tensors, pack_int32
 from quarot_fx.numerics.quant import dequantize_weight
 from tiny_models import tiny_model, token_ids
 
@@ -30,13 +31,13 @@ def test_packing_equals_compressed_tensors_bit_for_bit(bits, rows, cols, seed):
     assert torch.equal(unpack_from_int32(packed, bits, torch.Size((rows, cols))), codes)
 
 
-def test_hadamard_transform_args_recognize_sylvester_and_blocks_only():
+def test_hadamard_blocks_are_recognized_and_other_rotations_are_not():
     from quarot_fx.numerics.rotations import gsr_rotation, rotation_matrix
 
-    assert hadamard_transform_args(rotation_matrix("hadamard", 64, dtype=torch.float64)) is None
-    assert hadamard_transform_args(gsr_rotation(96, None, torch.float64, "none")) == 32
-    assert hadamard_transform_args(rotation_matrix("hadamard", 96, dtype=torch.float64)) == ""  # 12 ⊗ 8: not Sylvester
-    assert hadamard_transform_args(gsr_rotation(64, 16, torch.float64, "sequency")) == ""  # Walsh order
+    full = rotation_matrix("hadamard", 96, dtype=torch.float64)  # 12 ⊗ 8: no Sylvester order
+    assert torch.equal(hadamard_block(full), full * math.sqrt(96))
+    assert hadamard_block(gsr_rotation(64, 16, torch.float64, "sequency")).shape == (16, 16)  # Walsh blocks
+    assert hadamard_block(rotation_matrix("random", 32, dtype=torch.float64)) is None
 
 
 def _compiled(arch="llama", sizes=None, **options):
@@ -66,7 +67,8 @@ def test_weight_only_export_loads_in_compressed_tensors_with_our_weights_and_out
     exported = export(compiled, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["ignore"] == ["lm_head"]
-    assert config["transform_config"]["config_groups"]["R4"]["apply"][0]["location"] == "input"
+    r4 = config["transform_config"]["config_groups"]["R4"]
+    assert r4["type"] == "random-hadamard" and r4["apply"][0]["location"] == "input"
     loaded, theirs = _loaded_logits(tmp_path, ids)
     # compressed-tensors' decompression gives exactly our dequantized weights
     finals = {f.weight_fqn: f for f in reports[0].final_weights.values() if f.codes is not None}
@@ -118,17 +120,21 @@ def test_w4a4kv4_is_refused_by_name_then_exported_with_the_approximations_named(
     assert torch.isfinite(theirs).all() and not torch.equal(theirs, logits)
 
 
-def test_r4_without_a_sylvester_form_is_refused_and_block_sylvester_exports(tmp_path):
-    sizes = {"ffn": 96}  # Hadamard order 96 = 12·8 exists, but is not Sylvester
-    compiled, *_ = _compiled(sizes=sizes, preset="w4a16")
-    with pytest.raises(ExportError, match="r4_rotation='gsr', gsr_permutation='none'"):
-        export(compiled, tmp_path)
-    compiled, logits, ids, _ = _compiled(sizes=sizes, preset="w4a16", r4_rotation="gsr", gsr_permutation="none")
+@pytest.mark.parametrize("options,head_dim", [({}, None), ({"r4_rotation": "gsr"}, 32)])
+def test_r4_of_any_hadamard_order_exports_with_its_matrix(tmp_path, options, head_dim):
+    sizes = {"ffn": 96}  # 12·8: a Hadamard order without a Sylvester matrix (or Walsh blocks of 32)
+    compiled, logits, ids, _ = _compiled(sizes=sizes, preset="w4a16", **options)
     export(compiled, tmp_path)
     r4 = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["transform_config"]
-    assert r4["config_groups"]["R4"]["head_dim"] == 32
-    _, theirs = _loaded_logits(tmp_path, ids)
+    assert r4["config_groups"]["R4"]["head_dim"] == head_dim
+    _, theirs = _loaded_logits(tmp_path, ids)  # compressed-tensors draws its own matrix: ours is loaded over it
     torch.testing.assert_close(theirs, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rotation_that_is_not_hadamard_is_refused(tmp_path):
+    compiled, *_ = _compiled(preset="w4a16", r4_rotation="random")
+    with pytest.raises(ExportError, match="not a Hadamard matrix"):
+        export(compiled, tmp_path)
 
 
 def test_pruned_weights_export_dense_and_exact(tmp_path):
