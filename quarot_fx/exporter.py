@@ -10,6 +10,8 @@ source (``compressors/pack_quantized``, ``transform/``, ``quantization/quant_arg
 * each quantized ``nn.Linear`` is written ``pack-quantized``: the symmetric codes plus
   2^(b-1), packed 32 to ``b`` int32 words without padding bits (``weight_packed``), our float32
   scales (``weight_scale``, [out, groups]) and ``weight_shape``; strategy ``channel`` or ``group``;
+  W8A8 as ``int-quantized`` instead (``weight`` holds the int8 codes), the format vLLM's int8
+  GEMM reads;
 * activation quantization becomes dynamic per-token symmetric ``input_activations``;
 * the online R4 becomes a ``random-hadamard`` transform on the down-projection input (location
   ``input``; ``head_dim`` for block-diagonal kinds) with its ±1 matrix stored in the checkpoint
@@ -134,6 +136,12 @@ def _placed_norms(reports, model, problems: list[str]) -> list[str]:
     return placed
 
 
+def storage_format(config) -> str:
+    """``int-quantized`` (one int8 per weight) for W8A8, what vLLM's int8 GEMM path reads;
+    ``pack-quantized`` otherwise (sub-byte weights packed; vLLM's weight-only and W4A4/W4A8 paths)."""
+    return "int-quantized" if config.w_bits == 8 and config.a_bits < 16 else "pack-quantized"
+
+
 def _module_named(label: str, modules: dict) -> str | None:
     """The model's module a report label names (labels are relative to the compiled frame)."""
     found = [name for name in modules if name == label or name.endswith("." + label)]
@@ -149,10 +157,12 @@ def _transforms(online, modules: dict, problems: list[str], notes: list[str]) ->
 
     groups: dict[tuple, list[str]] = {}
     blocks: dict[tuple, torch.Tensor] = {}
+    r3 = [rotation.where for rotation in online if rotation.region == "R3"]
+    if r3:  # with kv_bits < 16 the KV refusal (or its accepted approximation) says why
+        notes.append(f"R3 left out at {len(r3)} attention(s) ({r3[0]}, …): with a float KV cache it cancels in "
+                     "QKᵀ (the same function; float rounding differs)")
     for rotation in online:
-        if rotation.region == "R3":  # with kv_bits < 16 the KV refusal (or its accepted approximation) says why
-            notes.append(f"R3 at {rotation.where} left out: with a float KV cache it cancels in QKᵀ (the same "
-                         "function; float rounding differs)")
+        if rotation.region == "R3":
             continue
         if rotation.region == "R2":
             problems.append(f"R2's online part ({rotation.matrix.describe()} on the input of {rotation.where}) has no "
@@ -254,9 +264,12 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
         codes, scales = final.codes()
         sparse += int((codes == 0).sum()) > codes.numel() // 4
         state.pop(f"{name}.weight", None)
-        state[f"{name}.weight_packed"] = pack_int32(codes, final.bits)
+        if storage_format(config) == "int-quantized":
+            state[f"{name}.weight"] = codes.to(torch.int8)
+        else:
+            state[f"{name}.weight_packed"] = pack_int32(codes, final.bits)
+            state[f"{name}.weight_shape"] = torch.tensor(list(codes.shape))
         state[f"{name}.weight_scale"] = scales.float()
-        state[f"{name}.weight_shape"] = torch.tensor(list(codes.shape))
         quantized.append(name)
         group_sizes.add(final.group_size)
     for fqn in norms:
@@ -276,14 +289,15 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
         "num_bits": config.a_bits, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
         "dynamic": True}
     linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    fmt = storage_format(config)
     quantization_config = {
-        "quant_method": "compressed-tensors", "version": CT_VERSION, "format": "pack-quantized",
+        "quant_method": "compressed-tensors", "version": CT_VERSION, "format": fmt,
         "quantization_status": "compressed", "global_compression_ratio": None, "kv_cache_scheme": None,
         "sparsity_config": {}, "moe_sparsity_config": None,
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_args,
                                       "input_activations": activations, "output_activations": None,
-                                      # per group: the loader would infer int-quantized (int8 storage) for W4A4
-                                      "format": "pack-quantized"}},
+                                      # per group too: the loader would infer int-quantized for W4A4
+                                      "format": fmt}},
         "ignore": sorted(set(linears) - set(quantized)),
         "transform_config": {"config_groups": transforms} if transforms else {},
     }

@@ -80,14 +80,18 @@ def test_weight_only_export_loads_in_compressed_tensors_with_our_weights_and_out
     assert exported.approximations == []
 
 
-def test_activation_quantized_export_matches_bit_for_bit_when_the_scales_agree(tmp_path):
-    # compressed-tensors' per-token scale is max|x| / 7.5 at 4 bits: our clip 7/7.5 is the same number
-    # (one division: numerics.quant.scale_divisor). No online transform, so no float reordering.
-    compiled, logits, ids, _ = _compiled(preset="w4a4kv4", a_clip=7 / 7.5, r3=False, r4=False, kernels="fake")
+@pytest.mark.parametrize("preset,qmax,fmt", [("w4a4kv4", 7, "pack-quantized"), ("w8a8kv8", 127, "int-quantized")])
+def test_activation_quantized_export_matches_bit_for_bit_when_the_scales_agree(tmp_path, preset, qmax, fmt):
+    # compressed-tensors' per-token scale is max|x| / (qmax + ½): our clip qmax/(qmax + ½) is the same
+    # number (one division: numerics.quant.scale_divisor). No online transform: no float reordering.
+    compiled, logits, ids, _ = _compiled(preset=preset, a_clip=qmax / (qmax + 0.5), r3=False, r4=False,
+                                         kernels="fake")
     export(compiled, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == fmt
     assert config["config_groups"]["group_0"]["input_activations"] == {
-        "num_bits": 4, "type": "int", "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True}
+        "num_bits": 8 if qmax == 127 else 4, "type": "int", "symmetric": True, "group_size": None,
+        "strategy": "token", "dynamic": True}
     _, theirs = _loaded_logits(tmp_path, ids)
     assert torch.equal(theirs, logits)
 
