@@ -214,15 +214,69 @@ def _check_config(config, reports, accepted: set, problems: list[str]) -> None:
         problems.append(f"kv_bits={config.kv_bits}: compressed-tensors' kv_cache_scheme has static scales, "
                         "quarot-fx quantizes per token and head; compile with kv_bits=16, or pass "
                         "approximate=('kv_cache',) to export a float KV cache")
-    if config.a_bits < 16:
+    if _activation_scales_differ(config) and "activation_scale" not in accepted:
         qmax = 2 ** (config.a_bits - 1) - 1
-        theirs = qmax / (qmax + 0.5)
-        if config.a_clip == "gbs" or abs(config.activation_clip - theirs) > 1e-9:
-            if "activation_scale" not in accepted:
-                clip = "searched per input (gbs)" if config.a_clip == "gbs" else f"{config.activation_clip:g}"
-                problems.append(f"a_clip: compressed-tensors scales a token by max|x| / {qmax + 0.5:g} (clip "
-                                f"{theirs:.6g} in quarot-fx terms), this model used clip {clip}; compile with "
-                                f"a_clip={theirs!r}, or pass approximate=('activation_scale',)")
+        clip = "searched per input (gbs)" if config.a_clip == "gbs" else f"{config.activation_clip:g}"
+        problems.append(f"a_clip: compressed-tensors scales a token by max|x| / {qmax + 0.5:g} (clip "
+                        f"{qmax / (qmax + 0.5):.6g} in quarot-fx terms), this model used clip {clip}; compile with "
+                        f"a_clip={qmax / (qmax + 0.5)!r}, or pass approximate=('activation_scale',)")
+
+
+def _activation_scales_differ(config) -> bool:
+    """Our per-token scales are not compressed-tensors' max|x| / (qmax + ½)."""
+    if config.a_bits >= 16:
+        return False
+    qmax = 2 ** (config.a_bits - 1) - 1
+    return config.a_clip == "gbs" or abs(config.activation_clip - qmax / (qmax + 0.5)) > 1e-9
+
+
+def _tensors(model, config, finals: dict, norms: list[str], transform_weights: dict) -> tuple[dict, list, int | None]:
+    """(the checkpoint's tensors, the quantized modules, their group size): the model's state dict
+    with every edited weight replaced by what the compiled graph holds."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    quantized, group_sizes = [], set()
+    for name, final in sorted(finals.items()):
+        if final.bias is not None:
+            state[f"{name}.bias"] = final.bias.detach()
+        if final.codes is None:
+            state[f"{name}.weight"] = final.weight.detach()
+            continue
+        codes, scales = final.codes()
+        state.pop(f"{name}.weight", None)
+        if storage_format(config) == "int-quantized":
+            state[f"{name}.weight"] = codes.to(torch.int8)
+        else:
+            state[f"{name}.weight_packed"] = pack_int32(codes, final.bits)
+            state[f"{name}.weight_shape"] = torch.tensor(list(codes.shape))
+        state[f"{name}.weight_scale"] = scales.float()
+        quantized.append(name)
+        group_sizes.add(final.group_size)
+    for fqn in norms:
+        state[fqn] = torch.ones_like(state[fqn])
+    for key, block in transform_weights.items():  # ±1: exact in float16, half the bytes
+        state[key] = block.to(torch.float16)
+    if len(group_sizes) > 1:
+        raise ExportError(f"cannot export: linears quantized with different groups {sorted(group_sizes)}")
+    return {k: v.contiguous().clone() for k, v in state.items()}, quantized, next(iter(group_sizes), None)
+
+
+def _quantization_config(config, group: int | None, ignore: list[str], transforms: dict) -> dict:
+    """config.json's ``quantization_config``, in compressed-tensors 0.20's field names."""
+    fmt = storage_format(config)
+    weights = {"num_bits": config.w_bits, "type": "int", "symmetric": True, "group_size": group,
+               "strategy": "group" if group else "channel", "dynamic": False}
+    activations = None if config.a_bits >= 16 else {
+        "num_bits": config.a_bits, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+        "dynamic": True}
+    return {
+        "quant_method": "compressed-tensors", "version": CT_VERSION, "format": fmt,
+        "quantization_status": "compressed", "global_compression_ratio": None, "kv_cache_scheme": None,
+        "sparsity_config": {}, "moe_sparsity_config": None,
+        # the format per group too: the loader would infer int-quantized for W4A4
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
+                                      "output_activations": None, "format": fmt}},
+        "ignore": ignore, "transform_config": {"config_groups": transforms} if transforms else {},
+    }
 
 
 def export(compiled_model, path, format: str = "compressed-tensors", *, approximate=(), tokenizer=None) -> Exported:
@@ -253,54 +307,12 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
     if problems:
         raise ExportError(f"cannot export to {format}:\n  - " + "\n  - ".join(problems))
 
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    quantized, group_sizes, sparse = [], set(), 0
-    for name, final in sorted(finals.items()):
-        if final.bias is not None:
-            state[f"{name}.bias"] = final.bias.detach()
-        if final.codes is None:
-            state[f"{name}.weight"] = final.weight.detach()
-            continue
-        codes, scales = final.codes()
-        sparse += int((codes == 0).sum()) > codes.numel() // 4
-        state.pop(f"{name}.weight", None)
-        if storage_format(config) == "int-quantized":
-            state[f"{name}.weight"] = codes.to(torch.int8)
-        else:
-            state[f"{name}.weight_packed"] = pack_int32(codes, final.bits)
-            state[f"{name}.weight_shape"] = torch.tensor(list(codes.shape))
-        state[f"{name}.weight_scale"] = scales.float()
-        quantized.append(name)
-        group_sizes.add(final.group_size)
-    for fqn in norms:
-        state[fqn] = torch.ones_like(state[fqn])
-    for key, block in transform_weights.items():  # ±1: exact in float16, half the bytes
-        state[key] = block.to(torch.float16)
-    if len(group_sizes) > 1:
-        raise ExportError(f"cannot export to {format}: linears quantized with different groups {sorted(group_sizes)}")
-    if sparse:
+    state, quantized, group = _tensors(model, config, finals, norms, transform_weights)
+    if config.prunes:
         notes.append("pruned weights are written dense (compressed-tensors 0.20 has no sparse format for "
                      "quantized weights): the same numbers, 4 bits each")
-
-    group = next(iter(group_sizes), None)
-    weights_args = {"num_bits": config.w_bits, "type": "int", "symmetric": True, "group_size": group,
-                    "strategy": "group" if group else "channel", "dynamic": False}
-    activations = None if config.a_bits >= 16 else {
-        "num_bits": config.a_bits, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
-        "dynamic": True}
-    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
-    fmt = storage_format(config)
-    quantization_config = {
-        "quant_method": "compressed-tensors", "version": CT_VERSION, "format": fmt,
-        "quantization_status": "compressed", "global_compression_ratio": None, "kv_cache_scheme": None,
-        "sparsity_config": {}, "moe_sparsity_config": None,
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_args,
-                                      "input_activations": activations, "output_activations": None,
-                                      # per group too: the loader would infer int-quantized for W4A4
-                                      "format": fmt}},
-        "ignore": sorted(set(linears) - set(quantized)),
-        "transform_config": {"config_groups": transforms} if transforms else {},
-    }
+    ignore = sorted({n for n, m in modules.items() if isinstance(m, torch.nn.Linear)} - set(quantized))
+    quantization_config = _quantization_config(config, group, ignore, transforms)
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,19 +322,19 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
         hf_config.architectures = [type(model).__name__]
     hf_config.quantization_config = quantization_config
     hf_config.save_pretrained(out)
-    tensors = {k: v.contiguous().clone() for k, v in state.items()}  # clone: untie shared storage
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})  # cloned: tied storage untied
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     approximations = []
     if "kv_cache" in accepted and config.kv_bits < 16:
         approximations.append(f"KV cache in float (compiled: {config.kv_bits}-bit per token and head)")
-    if "activation_scale" in accepted and config.a_bits < 16:
+    if "activation_scale" in accepted and _activation_scales_differ(config):
         approximations.append("per-token activation scales max|x|/(2^(b-1) − ½) (compiled: clip "
                               f"{'gbs' if config.a_clip == 'gbs' else f'{config.activation_clip:g}'})")
     record = {"quarot_fx_version": __version__, "format": format, "options": {
         k: v for k, v in config.to_options().items() if k not in ("calibration", "calibrated")},
-        "approximations": approximations, "notes": notes, "quantized_linears": len(quantized)}
+        "approximations": approximations, "notes": notes, "quantized_linears": len(quantized),
+        "format_of_weights": storage_format(config)}
     (out / RECORD).write_text(json.dumps(record, indent=1, default=str))
     return Exported(out, notes, approximations)
 
