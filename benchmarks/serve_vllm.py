@@ -35,6 +35,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 EXPORTABLE = {"r2": False, "kv_bits": 16, "lowering": "fx"}  # R2's online part and a 4-bit cache are refused
 SCHEMES = {  # rotated; every option chosen so that the export is exact (quarot_fx/exporter.py)
     "w8a8": {**EXPORTABLE, "preset": "w8a8kv8", "a_clip": 127 / 127.5},
+    # R1 only (offline): no online transform for vLLM's CPU build to apply (see the README)
+    "w8a8-r1": {**EXPORTABLE, "preset": "w8a8kv8", "a_clip": 127 / 127.5, "r3": False, "r4": False},
+    "w4a16-gptq-r1": {**EXPORTABLE, "preset": "w4a16", "weights": "gptq", "r3": False, "r4": False},
     "w4a16-gptq": {**EXPORTABLE, "preset": "w4a16", "weights": "gptq"},
     "w4a16": {**EXPORTABLE, "preset": "w4a16"},
 }
