@@ -13,8 +13,9 @@ source (``compressors/pack_quantized``, ``transform/``, ``quantization/quant_arg
   W8A8 as ``int-quantized`` instead (``weight`` holds the int8 codes), the format vLLM's int8
   GEMM reads;
 * activation quantization becomes dynamic per-token symmetric ``input_activations``;
-* the online R4 becomes a ``random-hadamard`` transform on the down-projection input (location
-  ``input``; ``head_dim`` for block-diagonal kinds) with its ±1 matrix stored in the checkpoint
+* the online R4 (and R2's online part, when it is a Hadamard matrix of the o_proj input: a head
+  count without a Hadamard order, as SmolLM2's 9) becomes a ``random-hadamard`` transform on the
+  linear's input (location ``input``; ``head_dim`` for block-diagonal kinds) with its ±1 matrix stored in the checkpoint
   (``<module>.R4_input.weight``), as checkpoints of randomized rotations ship theirs: loaders that
   read the matrix apply exactly ours, whatever its order (SmolLM2's 1536 = 12·128 is no Sylvester
   order). vLLM applies such transforms as a dense GEMM on any device; its ``hadamard`` type needs
@@ -149,10 +150,10 @@ def _module_named(label: str, modules: dict) -> str | None:
 
 
 def _transforms(online, modules: dict, problems: list[str], notes: list[str]) -> tuple[dict, dict]:
-    """(transform_config groups, {module: ±1 matrix}) for the online rotations: R4 as a
-    ``random-hadamard`` transform whose matrix is stored in the checkpoint, so any Hadamard order
-    exports and loaders that read the matrix (vLLM: a dense GEMM on every device) apply exactly ours;
-    R3 left out; R2's cross-head part refused."""
+    """(transform_config groups, {key: ±1 matrix}) for the online rotations: R4 and R2's online
+    part as ``random-hadamard`` transforms on their linear's input, matrices stored in the
+    checkpoint, so any Hadamard order exports and loaders that read the matrix (vLLM: a dense GEMM
+    on every device) apply exactly ours; R3 left out; anything not ±1/√n refused."""
     from quarot_fx.passes.matrices import build
 
     groups: dict[tuple, list[str]] = {}
@@ -164,39 +165,35 @@ def _transforms(online, modules: dict, problems: list[str], notes: list[str]) ->
     for rotation in online:
         if rotation.region == "R3":
             continue
-        if rotation.region == "R2":
-            problems.append(f"R2's online part ({rotation.matrix.describe()} on the input of {rotation.where}) has no "
-                            "compressed-tensors transform (it mixes heads); compile with r2=False")
-            continue
+        region, option = rotation.region, rotation.region.lower()
         matrix = build(rotation.matrix)
         if matrix.shape[0] != rotation.width:
-            problems.append(f"R4 at {rotation.where} zero-pads {rotation.width}→{matrix.shape[0]}: a transform keeps "
-                            "the width; compile with an r4_rotation of that order, or r4=False")
+            problems.append(f"{region} at {rotation.where} zero-pads {rotation.width}→{matrix.shape[0]}: a transform "
+                            f"keeps the width; compile with an {option}_rotation of that order, or {option}=False")
             continue
         block = hadamard_block(matrix)
         where = _module_named(rotation.where, modules)
         if where is None:
-            problems.append(f"R4 at {rotation.where}: no single module of the model has that name")
-        elif block is None:
-            problems.append(f"R4 at {rotation.where} is {rotation.matrix.describe()}, not a Hadamard matrix (or "
+            problems.append(f"{region} at {rotation.where}: no single module of the model has that name")
+            continue
+        if block is None:  # e.g. R2's cross-head part H_heads ⊗ I: it mixes heads, entries 0 and ±1/√heads
+            problems.append(f"{region} at {rotation.where} is {rotation.matrix.describe()}, not a Hadamard matrix (or "
                             "blocks of one): compressed-tensors' Hadamard transforms apply ±1/√n matrices only; "
-                            "compile with r4_rotation='hadamard', or r4=False")
+                            f"compile with {option}=False" + ("" if region == "R2" else ", or r4_rotation='hadamard'"))
             continue
-        if where is None or block is None:
-            continue
-        key = (block.shape[0], None if block.shape[0] == matrix.shape[0] else block.shape[0])
+        key = (region, block.shape[0], None if block.shape[0] == matrix.shape[0] else block.shape[0])
         groups.setdefault(key, []).append(where)
         blocks[key] = block
     config_groups, stored = {}, {}
-    for (size, head_dim), targets in sorted(groups.items(), key=lambda kv: kv[0][0]):
-        name = "R4" if len(groups) == 1 else f"R4_{size}"
+    for (region, size, head_dim), targets in sorted(groups.items(), key=lambda kv: kv[0][:2]):
+        name = region if sum(k[0] == region for k in groups) == 1 else f"{region}_{size}"
         config_groups[name] = {
             "type": "random-hadamard", "randomize": False, "requires_grad": False, "head_dim": head_dim,
             "precision": "torch.float32",
             "apply": [{"targets": sorted(targets), "location": "input", "inverse": False, "ignore": []}],
         }
         for target in targets:
-            stored[f"{target}.{name}_input.weight"] = blocks[size, head_dim]
+            stored[f"{target}.{name}_input.weight"] = blocks[region, size, head_dim]
     return config_groups, stored
 
 

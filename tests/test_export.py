@@ -111,7 +111,7 @@ def test_w4a4kv4_is_refused_by_name_then_exported_with_the_approximations_named(
     compiled, logits, ids, _ = _compiled(preset="w4a4kv4", r2=True, kv_bits=4, kernels="fake")
     with pytest.raises(ExportError) as refused:
         export(compiled, tmp_path)
-    for name in ("kv_bits=4", "a_clip", "r2=False"):
+    for name in ("kv_bits=4", "a_clip", "cross-head", "r2=False"):  # 4 heads: R2 online is H₄ ⊗ I, not Hadamard
         assert name in str(refused.value)
     compiled, logits, ids, _ = _compiled(preset="w4a4kv4", kv_bits=4, kernels="fake")
     exported = export(compiled, tmp_path, approximate=("kv_cache", "activation_scale"))
@@ -132,6 +132,16 @@ def test_r4_of_any_hadamard_order_exports_with_its_matrix(tmp_path, options, hea
     r4 = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["transform_config"]
     assert r4["config_groups"]["R4"]["head_dim"] == head_dim
     _, theirs = _loaded_logits(tmp_path, ids)  # compressed-tensors draws its own matrix: ours is loaded over it
+    torch.testing.assert_close(theirs, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_r2_online_as_a_full_hadamard_exports(tmp_path):
+    sizes = {"hidden": 48, "heads": 3, "kv_heads": 3}  # 3 heads: no H₃, so R2's online part is H₄₈
+    compiled, logits, ids, _ = _compiled(sizes=sizes, preset="w4a16", r2=True)
+    export(compiled, tmp_path)
+    groups = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["transform_config"]
+    assert groups["config_groups"]["R2"]["apply"][0]["targets"][0].endswith("self_attn.o_proj")
+    _, theirs = _loaded_logits(tmp_path, ids)
     torch.testing.assert_close(theirs, logits, atol=1e-5, rtol=1e-5)
 
 
