@@ -71,6 +71,17 @@ def test_masked_gptq_without_a_mask_is_gptq():
 
 
 @pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("2:4", 0.0)])
+def test_masked_gptq_compensates_what_it_prunes(pattern, sparsity):
+    # SparseGPT-style: the pruned weights enter the sweep with their values, so later columns absorb
+    # them; GPTQ of the already-zeroed weight has nothing to compensate and does worse
+    w, h = layer(32, 64, seed=2)
+    keep = wanda_mask(w, torch.diag(h).sqrt(), sparsity, pattern)
+    compensated = objective(w, dequantize_weight(*masked_gptq_codes(w, h, keep, 4)), h)
+    codes, scales = gptq_codes(w * keep, h, 4)
+    assert compensated < 0.9 * objective(w, dequantize_weight(codes * keep, scales), h)
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("2:4", 0.0)])
 def test_obr_beats_wanda_gptq_and_rtn_on_the_layer_objective_with_the_exact_pattern(pattern, sparsity):
     w, h = layer(32, 64, seed=1)
     keep = wanda_mask(w, torch.diag(h).sqrt(), sparsity, pattern)

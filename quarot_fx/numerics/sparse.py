@@ -95,10 +95,11 @@ def _prepared(w: torch.Tensor, hessian: torch.Tensor, damp: float):
 
 
 def masked_gptq_codes(w, hessian, keep, bits, group_size=None, clip_search=True, damp=0.01, block_size=128):
-    """Wanda + GPTQ baseline: scales from the masked weight, GPTQ with pruned weights forced to zero
-    (their error compensated by the later columns, SparseGPT-style). int8 codes, scales [out, groups]."""
+    """Wanda + GPTQ baseline: GPTQ on the dense weight (its grid too, as GPTQ sets it up front) with
+    the pruned weights forced to zero, so their whole value is compensated by the later columns
+    (SparseGPT-style). int8 codes, scales [out, groups]. (Zeroing them *before* the sweep would
+    leave nothing to compensate: GPTQ of the kept weights only.)"""
     w, h = _prepared(w, hessian, damp)
-    w = w * keep
     group_scales = weight_scales(w, bits, group_size, clip_search)
     scales = group_scales.expand(-1, -1, group_size or w.shape[1]).reshape(w.shape)
     codes = gptq_columns(w, inverse_cholesky(h), scales, bits, block_size, keep)
