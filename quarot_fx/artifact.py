@@ -74,6 +74,20 @@ def _graphs_of(model: torch.nn.Module) -> list:
     return [g for g in list(_graphs) if any(id(t) in params for _, t, _ in g.current.bound)]
 
 
+def compiled_reports(compiled_model, verb: str, error: type[ValueError]) -> tuple:
+    """(model, config, every build's report) of a quarot-compiled model, for ``save`` and ``export``:
+    refused if it was never called (compilation is lazy) or compiled with different options."""
+    model = getattr(compiled_model, "_orig_mod", compiled_model)
+    graphs = _graphs_of(model)
+    if not graphs:
+        raise error(f"quarot_fx.{verb}: this model has no quarot-compiled graph yet; compile it with "
+                    "backend='quarot' and call it once (compilation happens on the first call)")
+    if any(g.config != graphs[0].config for g in graphs):
+        raise error(f"quarot_fx.{verb}: the model was compiled with different options in this process; "
+                    f"{verb} from a process that compiled it once")
+    return model, graphs[0].config, [b.report for g in graphs for b in g.builds.values()]
+
+
 def model_fingerprint(model: torch.nn.Module) -> dict:
     """Per parameter: shape, dtype and a float64 checksum (Σ w and Σ w·position mod a prime)."""
     result = {}
@@ -93,19 +107,10 @@ def save(compiled_model, path, source: str | None = None) -> Path:
     from quarot_fx import __version__
     from quarot_fx.kernels import pack_int4
 
-    model = getattr(compiled_model, "_orig_mod", compiled_model)
-    graphs = _graphs_of(model)
-    if not graphs:
-        raise ArtifactError("quarot_fx.save: this model has no quarot-compiled graph yet; compile it with "
-                            "backend='quarot' and call it once (compilation happens on the first call)")
-    config = graphs[0].config
+    model, config, reports = compiled_reports(compiled_model, "save", ArtifactError)
     calibrated = Calibrated(config.calibration_id())
-    for graph in graphs:
-        if graph.config != config:
-            raise ArtifactError("quarot_fx.save: the model was compiled with different options in this process; "
-                                "save from a process that compiled it once")
-        for build in graph.builds.values():
-            calibrated.merge(build.report.calibrated)
+    for report in reports:
+        calibrated.merge(report.calibrated)
     tensors = {}
     for fqn, (codes, scales) in calibrated.weights.items():
         tensors[f"weight/{fqn}/codes"] = pack_int4(codes.to(torch.int8).contiguous())

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from .artifact import compiled_reports
+
 FORMATS = ("compressed-tensors",)
 APPROXIMATIONS = ("kv_cache", "activation_scale")
 WEIGHTS = "model.safetensors"
@@ -88,18 +90,6 @@ def hadamard_block(matrix: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _reports(model) -> tuple:
-    from .artifact import _graphs_of
-
-    graphs = _graphs_of(model)
-    if not graphs:
-        raise ExportError("quarot_fx.export: this model has no quarot-compiled graph yet; compile it with "
-                          "backend='quarot' and call it once (compilation happens on the first call)")
-    if any(g.config != graphs[0].config for g in graphs):
-        raise ExportError("quarot_fx.export: the model was compiled with different options in this process")
-    return graphs[0].config, [b.report for g in graphs for b in g.builds.values()]
-
-
 def _names_by_parameter(model) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -107,15 +97,19 @@ def _names_by_parameter(model) -> dict[int, list[str]]:
     return names
 
 
-def _placed(finals, model, problems: list[str]) -> dict:
+def _at(name: str, label: str) -> bool:
+    """A report label (relative to the compiled frame, which may be a submodule) names ``name``."""
+    return name == label or name.endswith("." + label)
+
+
+def _placed(finals, names: dict[int, list[str]], problems: list[str]) -> dict:
     """Final weights by the module of the *exported* model that holds them. The compiled frame
     may be a submodule (its names lack a prefix), so a weight is found by parameter identity and,
     for a tied head, by the module path the op was recorded under."""
-    names = _names_by_parameter(model)
     placed = {}
     for final in finals:
         owners = [n.rpartition(".")[0] for n in names.get(id(final.param), []) if n.endswith(".weight")]
-        matches = [m for m in owners if m == final.module or m.endswith("." + final.module)]
+        matches = [m for m in owners if _at(m, final.module)]
         if len(matches) != 1:
             problems.append(f"{final.module}: cannot tell which module of the model holds {final.weight_fqn} "
                             f"(candidates {owners})")
@@ -124,8 +118,7 @@ def _placed(finals, model, problems: list[str]) -> dict:
     return placed
 
 
-def _placed_norms(reports, model, problems: list[str]) -> list[str]:
-    names = _names_by_parameter(model)
+def _placed_norms(reports, names: dict[int, list[str]], problems: list[str]) -> list[str]:
     placed = []
     for fqn, (how, param) in sorted({k: v for r in reports for k, v in r.folded_norms.items()}.items()):
         if how != "ones":
@@ -145,7 +138,7 @@ def storage_format(config) -> str:
 
 def _module_named(label: str, modules: dict) -> str | None:
     """The model's module a report label names (labels are relative to the compiled frame)."""
-    found = [name for name in modules if name == label or name.endswith("." + label)]
+    found = [name for name in modules if _at(name, label)]
     return found[0] if len(found) == 1 else None
 
 
@@ -289,14 +282,14 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
     if accepted - set(APPROXIMATIONS):
         raise ValueError(f"approximate must name some of {', '.join(map(repr, APPROXIMATIONS))}; "
                          f"got {sorted(accepted - set(APPROXIMATIONS))}")
-    model = getattr(compiled_model, "_orig_mod", compiled_model)
-    config, reports = _reports(model)
+    model, config, reports = compiled_reports(compiled_model, "export", ExportError)
     problems: list[str] = []
     notes: list[str] = []
     _check_config(config, reports, accepted, problems)
     modules = dict(model.named_modules())
-    finals = _placed([f for r in reports for f in r.final_weights.values()], model, problems)
-    norms = _placed_norms(reports, model, problems)
+    names = _names_by_parameter(model)
+    finals = _placed([f for r in reports for f in r.final_weights.values()], names, problems)
+    norms = _placed_norms(reports, names, problems)
     transforms, transform_weights = _transforms([o for r in reports for o in r.online], modules, problems, notes)
     for name, final in sorted(finals.items()):
         if final.codes is not None and not isinstance(modules[name], torch.nn.Linear):
