@@ -197,6 +197,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--only", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--row-timeout", type=float, default=1800,
+                        help="seconds a row may take before it is stopped and reported as such (e.g. torchao's "
+                             "int8 row on a CPU whose int8 GEMM is slow)")
     args = parser.parse_args(argv)
     if args.only:
         try:
@@ -212,11 +215,15 @@ def main(argv=None) -> None:
     for name in args.rows:
         command = [sys.executable, __file__, "--only", name] + [
             f"--{k}={getattr(args, k)}" for k in ("model", "prefill", "prompt", "decode", "repeats")]
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode or not lines:
-            raise SystemExit(f"row {name!r} failed:\n{done.stderr[-3000:]}")
-        row = json.loads(lines[-1])
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.row_timeout)
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "skipped": f"not finished after {args.row_timeout:.0f} s (stopped)"}
+        else:
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode or not lines:
+                raise SystemExit(f"row {name!r} failed:\n{done.stderr[-3000:]}")
+            row = json.loads(lines[-1])
         (skipped if "skipped" in row else rows).append(row)
         if not args.json:
             print(f"  {name}: " + (row.get("skipped") or f"measured in {row['wall_s']:.0f} s"), flush=True)

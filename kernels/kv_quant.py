@@ -4,7 +4,9 @@
 in [0, 2^b - 1] with a float32 scale and zero point ([..., 1] each). At ≤ 4 bits the codes
 are packed two per byte (stored as ``code - 8`` in the ``pack_int4`` layout, so one packing
 routine serves weights and cache); at 5–8 bits one byte holds one code.
-``kv_dequantize(codes, scale, zero, bits, length, dtype)`` gives (code - zero) · scale back.
+``kv_dequantize(codes, scale, zero, bits, length, dtype)`` gives (code - zero) · scale back; the
+zero point may be float32 or uint8 (it is an integer in [0, 2^b - 1], so a packed cache stores
+it in one byte).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def kv_quantize_reference(x: torch.Tensor, bits: int, clip: float):
 def kv_dequantize_reference(codes, scale, zero, bits: int, length: int, dtype: torch.dtype):
     check_bits(bits)
     q = unpack_int4_reference(codes, length).float() + 8 if packs(bits) else codes.float()
-    return ((q - zero) * scale).to(dtype)
+    return ((q - zero.float()) * scale).to(dtype)
 
 
 @torch.library.custom_op("quarot_fx::kv_quantize", mutates_args=())

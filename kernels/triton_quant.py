@@ -169,7 +169,7 @@ def _kv_dequant_kernel(c_ptr, s_ptr, z_ptr, y_ptr, d, n_bytes, BLOCK: tl.constex
         q_even = tl.load(c_ptr + row * d + 2 * k, mask=even_mask, other=0).to(tl.float32)
         q_odd = tl.load(c_ptr + row * d + 2 * k + 1, mask=odd_mask, other=0).to(tl.float32)
     scale = tl.load(s_ptr + row)
-    zero = tl.load(z_ptr + row)
+    zero = tl.load(z_ptr + row).to(tl.float32)  # float32, or uint8 as a packed cache stores it
     out = y_ptr.dtype.element_ty
     tl.store(y_ptr + row * d + 2 * k, ((q_even - zero) * scale).to(out), mask=even_mask)
     tl.store(y_ptr + row * d + 2 * k + 1, ((q_odd - zero) * scale).to(out), mask=odd_mask)

@@ -25,12 +25,14 @@ import torch.fx as fx
 from quarot_fx.numerics.rotations import rotation_kind
 from quarot_fx.report import OnlineRotation, Region, Skip
 
-from .graph_utils import Site, as_site, first_arg, is_metadata_use, keeps_last_dim, label, last_dim, op_name, shape
+from .graph_utils import (CACHE_STORE, Site, as_site, first_arg, is_metadata_use, keeps_last_dim, label, last_dim,
+                          op_name, shape)
 from .graph_utils import value as node_value
 from .matrices import BlockRotation, CrossHead, Rotation, build
 from .weights import InputRotation, OutputTransform
 
 HADAMARD_OP = torch.ops.quarot_fx.hadamard_transform.default
+KV_DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default
 
 
 # Ops between q·kᵀ and the probabilities that multiply V. R3 leaves the scores unchanged, so
@@ -131,10 +133,26 @@ def unmatched_softmaxes(gm: fx.GraphModule, attentions: list[Attention]) -> list
             and n not in matched]
 
 
+def _cache_leaves(node) -> list[fx.Node]:
+    """The stored tensors behind a past-cache operand: itself, or a packed cache's codes, scales and
+    zero points when it is their ``kv_dequantize`` (passes/kv_cache.py)."""
+    return list(node.args[:3]) if node.target is KV_DEQUANTIZE else [node]
+
+
 def _is_cache_operand(node) -> bool:
-    """A past-cache tensor: a graph input, or an empty tensor the first step starts from."""
+    """A past-cache tensor: a graph input, an empty tensor the first step starts from, a static
+    cache's freshly allocated buffer, or a packed cache's dequantized store of those."""
+    if not isinstance(node, fx.Node):
+        return False
     s = shape(node)
-    return isinstance(node, fx.Node) and (node.op == "placeholder" or (s is not None and 0 in s))
+    return all(leaf.op == "placeholder" or (s is not None and 0 in s) or not leaf.all_input_nodes
+               for leaf in _cache_leaves(node))
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    """Users that read the values, not a packed cache's own quantizer (it is moved behind the
+    rotations and quantizers when the chain is closed)."""
+    return [u for u in node.users if not u.meta.get(CACHE_STORE)]
 
 
 @dataclass
@@ -158,9 +176,15 @@ def walk_back(node: fx.Node) -> HeadPath:
             fresh = [t for t in tensors if not _is_cache_operand(t)]
             if dim % ndim == ndim - 1 or len(fresh) != 1:
                 break
-            path.cache_inputs += [t for t in tensors if t is not fresh[0]]
+            path.cache_inputs += [leaf for t in tensors if t is not fresh[0] for leaf in _cache_leaves(t)]
             path.nodes.append(current)
             current = fresh[0]
+            continue
+        if name == "index_copy" and len(current.args) == 4 and _is_cache_operand(current.args[0]) \
+                and current.args[1] % len(shape(current)) != len(shape(current)) - 1:
+            path.cache_inputs += _cache_leaves(current.args[0])  # a static store, out of place
+            path.nodes.append(current)
+            current = current.args[3]
             continue
         src = first_arg(current)
         if current.op in ("call_function", "call_method") and isinstance(src, fx.Node) \
@@ -177,7 +201,7 @@ def only_used_along(path: HeadPath, attention: Attention) -> bool:
     """Nodes on the path feed only the path, the attention, graph outputs (the cache), or ops
     that read their shape alone (``value_states.size()`` in a dynamic-shape graph)."""
     allowed = set(path.nodes) | attention.consumers
-    return all(u in allowed or u.op == "output" or is_metadata_use(u, n) for n in path.nodes for u in n.users)
+    return all(u in allowed or u.op == "output" or is_metadata_use(u, n) for n in path.nodes for u in _users(n))
 
 
 def trace_rows(node: fx.Node) -> tuple[Site, int] | None:
@@ -265,7 +289,7 @@ def analyze_values(attention: Attention) -> ValuePlan:
             or s_out[-1] != plan.head_dim or s_in[-1] != s_out[-2] * s_out[-1]:
         plan.problem = f"no head split found on the value path (stopped at '{op_name(split)}')"
         return plan
-    if not only_used_along(path, attention) or len(split.users) != 1:
+    if not only_used_along(path, attention) or len(_users(split)) != 1:
         plan.problem = "values on the path to attention are also used elsewhere"
         return plan
     plan.kv_heads = s_out[-2]

@@ -40,6 +40,7 @@ class PassContext:
     analysis: Analysis = field(default_factory=Analysis)
     sites: dict[fx.Node, SiteEdits] = field(default_factory=dict)  # weight edits recorded per site
     kv_cache_inputs: set = field(default_factory=set)  # cache tensors read where K/V were rotated or quantized
+    packed_chains: list = field(default_factory=list)  # PackedChain per packed-cache store (passes/kv_cache.py)
 
     def edits(self, site: Site) -> SiteEdits:
         if site.node not in self.sites:

@@ -20,6 +20,7 @@ METADATA_METHODS = {"size", "dim", "new_empty", "new_zeros", "new_ones", "new_fu
 # Ops that keep every element and the last dimension as it is (the whole value moves unchanged).
 CONVERSION_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous", "clone",
                       "detach"}
+CACHE_STORE = "quarot_cache_store"  # node.meta key: a packed KV cache's own quantizer (passes/kv_cache.py)
 CONVERSION_FUNCTIONS = {"_to_copy", "clone", "contiguous", "detach"}
 
 

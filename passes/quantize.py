@@ -119,6 +119,8 @@ def quantize_kv_cache(ctx) -> None:
                                  config.kv_cache_clip)
             quantized.meta[RECORD] = record
             quantized.meta[KV_LIKE] = value(attention.operand(name))  # shape and dtype Dynamo recorded
+            if "example_value" in source.meta:  # same shape and dtype as what it quantizes
+                quantized.meta["example_value"] = source.meta["example_value"]
             consumer.replace_input_with(source, quantized)
             ctx.kv_cache_inputs.update(path.cache_inputs)
             inserted += 1
@@ -127,8 +129,9 @@ def quantize_kv_cache(ctx) -> None:
     if not inserted:
         return
     ctx.report.notes.append(f"KV cache: {inserted} key/value tensors quantized to {config.kv_bits} bits, asymmetric "
-                            f"per head (clip {config.kv_cache_clip}), before the cache; the cache "
-                            "object itself stores the dequantized values (transformers' caches hold float tensors)")
+                            f"per head (clip {config.kv_cache_clip}), before the cache. A PackedKVCache (which the "
+                            "compiled model creates) stores the codes; transformers' own caches hold float tensors, "
+                            "so there the cache keeps the dequantized values")
 
 
 def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str) -> None:

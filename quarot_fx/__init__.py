@@ -21,6 +21,7 @@ from .numerics.hadamard import HadamardOrderError, hadamard_matrix, hadamard_pla
 from .report import QuaRotWarning, Report, collect_reports
 from .artifact import ArtifactError, load, save
 from .exporter import ExportError, export, load_compressed_tensors
+from .kv_cache import PackedKVCache, PackedStaticKVCache
 from .numerics.rotations import register_rotation, rotation_kinds, rotation_matrix
 
 __version__ = "0.1.0"
@@ -47,6 +48,6 @@ def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = Fals
 
 __all__ = [
     "PRESETS", "ArtifactError", "ExportError", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotWarning", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
-    "export", "hadamard_matrix", "hadamard_plan", "load", "load_compressed_tensors", "next_hadamard_order", "quarot_backend", "register_rotation", "rotation_kinds",
+    "export", "hadamard_matrix", "hadamard_plan", "load", "load_compressed_tensors", "next_hadamard_order", "PackedKVCache", "PackedStaticKVCache", "quarot_backend", "register_rotation", "rotation_kinds",
     "rotation_matrix", "save",
 ]

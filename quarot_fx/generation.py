@@ -7,6 +7,10 @@ For modules compiled with ``backend="quarot"`` this module routes ``generate`` t
 shallow copy of the model whose ``forward`` is the compiled call. The copy shares every
 parameter and buffer; the user's model is not modified.
 
+Calls (and generate's steps) with ``use_cache`` and no cache, or an empty ``DynamicCache`` or
+``StaticCache``, get a packed KV cache (:mod:`quarot_fx.kv_cache`) when ``kv_bits < 16``: the cache
+memory really drops instead of holding dequantized floats.
+
 The routing is installed on ``OptimizedModule.__getattr__`` when quarot-fx is imported (which
 ``torch.compile(..., backend="quarot")`` does when it resolves the backend) and changes nothing
 for modules compiled with other backends.
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import weakref
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
@@ -32,16 +38,68 @@ def compiled_with_quarot(module: torch.nn.Module) -> bool:
     return getattr(backend, "compiler_name", None) == "quarot"
 
 
+def compiled_options(module: OptimizedModule):
+    """The QuaRotConfig a quarot-compiled module was compiled with."""
+    from .config import QuaRotConfig
+
+    backend = innermost_backend(module.__dict__["dynamo_ctx"].callback)
+    return QuaRotConfig.from_options(getattr(backend, "kwargs", {}).get("options"))
+
+
+_PACKED_FOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user's empty cache → ours
+
+
+def with_packed_cache(compiled: OptimizedModule, kwargs: dict) -> dict:
+    """``kwargs`` with a packed KV cache (quarot_fx.kv_cache) where the model would otherwise fill
+    a float one: no cache and ``use_cache``, or an empty ``DynamicCache``/``StaticCache`` (the same
+    packed cache each time that object is passed again). Any other cache is left to the
+    foreign-cache check."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    from .kv_cache import PackedKVCache, PackedStaticKVCache
+
+    model = compiled._orig_mod
+    model_config = getattr(model, "config", None)
+    if model_config is None or not callable(getattr(model_config, "get_text_config", None)):
+        return kwargs
+    bits = compiled_options(compiled).kv_bits
+    names = [n for n in ("cache", "past_key_values") if n in inspect.signature(model.forward).parameters]
+    if bits >= 16 or not names:
+        return kwargs
+    name = next((n for n in ("cache", "past_key_values") if kwargs.get(n) is not None), names[0])
+    cache = kwargs.get(name)
+    if cache is None:
+        use_cache = kwargs.get("use_cache")
+        if not (use_cache if use_cache is not None else getattr(model_config, "use_cache", False)):
+            return kwargs
+        packed = PackedKVCache(model_config, bits)
+    elif type(cache) in (DynamicCache, StaticCache) and int(cache.get_seq_length()) == 0:
+        packed = _PACKED_FOR.get(cache)
+        if packed is None:
+            packed = (PackedKVCache(model_config, bits) if type(cache) is DynamicCache else
+                      PackedStaticKVCache(model_config, cache.get_max_length(), bits))
+            _PACKED_FOR[cache] = packed
+    else:
+        return kwargs
+    return {**kwargs, name: packed}
+
+
 def quantized_generate(compiled: OptimizedModule, *args, **kwargs):
     """``compiled._orig_mod.generate(...)`` with every forward step through the compiled model."""
     proxy = copy.copy(compiled._orig_mod)  # shares _parameters, _buffers and _modules
-    proxy.forward = compiled.forward  # the compiled __call__ of the original model
+
+    @functools.wraps(compiled._orig_mod.forward)  # generate() reads the forward's signature
+    def forward(*a, **k):
+        return compiled.forward(*a, **with_packed_cache(compiled, k))
+
+    proxy.forward = forward  # the compiled __call__ of the original model
     return proxy.generate(*args, **kwargs)
 
 
 def install() -> None:
-    """Make ``generate`` on quarot-compiled modules quantized (idempotent)."""
-    original = OptimizedModule.__getattr__
+    """Make ``generate`` on quarot-compiled modules quantized, and their calls use a packed KV
+    cache (idempotent)."""
+    original, call = OptimizedModule.__getattr__, OptimizedModule.__call__
     if getattr(original, "_quarot_fx", False):
         return
 
@@ -51,5 +109,11 @@ def install() -> None:
             return functools.partial(quantized_generate, self)
         return attribute
 
+    def __call__(self, *args, **kwargs):
+        if compiled_with_quarot(self):
+            kwargs = with_packed_cache(self, kwargs)
+        return call(self, *args, **kwargs)
+
     __getattr__._quarot_fx = True
     OptimizedModule.__getattr__ = __getattr__
+    OptimizedModule.__call__ = __call__

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 from tiny_models import tiny_model, token_ids
 
 import quarot_fx
+from quarot_fx.kv_cache import PackedKVCache
 from quarot_fx.numerics.quant import (
     fake_quant_asymmetric, fake_quant_symmetric, quantize_kv, quantize_weight_rtn,
 )
@@ -96,8 +97,10 @@ def test_kv_cache_is_quantized_in_prefill_and_decode():
     with torch.no_grad():
         out = run(ids, use_cache=True)
         step = run(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    assert type(step.past_key_values) is PackedKVCache  # the compiled model made its own packed cache
     for layer in step.past_key_values.layers:
-        for cached in (layer.keys, layer.values):
+        assert layer.key_codes.dtype == torch.uint8 and layer.bits == 2
+        for cached in layer.dequantized():
             assert cached.shape[-2] == ids.shape[1] + 1
             assert max(len(torch.unique(r)) for r in cached.reshape(-1, cached.shape[-1])) <= 4
 

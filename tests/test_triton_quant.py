@@ -109,6 +109,10 @@ def test_kv_kernels_match_cpu_exactly(rows, d, bits, dtype):
     y = triton_quant.triton_kv_dequantize(*got, bits, d, dtype)
     # Integer codes are exact above; the interpreter's float32→bf16 cast may differ by an ulp.
     torch.testing.assert_close(y, kv_dequantize(*expected, bits, d, dtype))
+    codes, scale, zero = got  # a packed cache keeps the zero point as one byte: same values
+    assert torch.equal(triton_quant.triton_kv_dequantize(codes, scale, zero.to(torch.uint8), bits, d, dtype), y)
+    assert torch.equal(kv_dequantize(codes, scale, zero.to(torch.uint8), bits, d, dtype),
+                       kv_dequantize(codes, scale, zero, bits, d, dtype))
 
 
 def test_non_finite_values_propagate_as_on_cpu():
