@@ -1,14 +1,16 @@
 """Speed and memory of quarot-fx's quantized models against float and a peer, on this CPU.
 
     python benchmarks/speed.py [--model smollm2-135m] [--prefill 2048] [--prompt 512]
-                               [--decode 64] [--repeats 5] [--rows ...] [--json]
+                               [--decode 64] [--repeats 5] [--rows ...] [--row-timeout 1800] [--json]
 
 One run, each model measured in its own subprocess on the same inputs (so peak RSS is that
 model's own), median of ≥ 5 after warm-up (BENCHMARK.md), default thread count. Rows:
 float32 eager, float32 ``torch.compile`` (inductor), bfloat16 eager, torchao's
 ``Int8DynamicActivationInt8WeightConfig`` + ``torch.compile`` (the CPU int8 peer users pick;
 skipped with a message if torchao is missing: ``pip install -e '.[peers]'``), quarot W8A8KV8 and
-W4A4KV4 (integer kernels), and W4A4KV4 with ``resident_weights="unpacked"``. Figures:
+W4A4KV4 (integer kernels), and W4A4KV4 with ``resident_weights="unpacked"`` (with the packed KV
+cache, and with ``kv_cache="float"``). A row slower than ``--row-timeout`` is stopped and
+reported. Figures:
 
 * prefill: latency of one 1×``prefill`` forward with a fresh cache (logits of the last
   position only, as generation's first step computes them);
@@ -147,6 +149,8 @@ ROWS = {
     "quarot w8a8kv8": quarot({"preset": "w8a8kv8"}),
     "quarot w4a4kv4": quarot({"preset": "w4a4kv4"}),
     "quarot w4a4kv4 unpacked": quarot({"preset": "w4a4kv4", "resident_weights": "unpacked"}),
+    "quarot w4a4kv4 unpacked float-kv": quarot({"preset": "w4a4kv4", "resident_weights": "unpacked",
+                                                "kv_cache": "float"}),
 }
 
 

@@ -28,7 +28,7 @@ def unpack_int4_reference(packed: torch.Tensor, length: int) -> torch.Tensor:
     if not 2 * packed.shape[-1] - 1 <= length <= 2 * packed.shape[-1]:
         raise ValueError(f"length {length} does not fit {packed.shape[-1]} packed bytes")
     low, high = signed_nibbles(packed)
-    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)[..., :length]
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :length]
 
 
 @torch.library.custom_op("quarot_fx::pack_int4", mutates_args=())

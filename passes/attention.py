@@ -145,7 +145,8 @@ def _is_cache_operand(node) -> bool:
     if not isinstance(node, fx.Node):
         return False
     s = shape(node)
-    return all(leaf.op == "placeholder" or (s is not None and 0 in s) or not leaf.all_input_nodes
+    return all(leaf.op == "placeholder" or (s is not None and 0 in s)
+               or (op_name(leaf) == "zeros" and not leaf.all_input_nodes)  # zeros rotate to zeros
                for leaf in _cache_leaves(node))
 
 

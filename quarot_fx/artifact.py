@@ -177,12 +177,12 @@ def load(path, model: torch.nn.Module | None = None, **overrides):
 
     ``model``: the base model it was saved from (default: load the manifest's ``source``).
     ``overrides``: options that do not change the numbers (``lowering``, ``int_gemm``,
-    ``resident_weights``)."""
+    ``resident_weights``, ``kv_cache``)."""
     import quarot_fx
 
     path = Path(path)
     manifest, tensors = _read(path)
-    allowed = {"lowering", "int_gemm", "resident_weights"}
+    allowed = {"lowering", "int_gemm", "resident_weights", "kv_cache"}
     if set(overrides) - allowed:
         raise ArtifactError(f"quarot_fx.load: {sorted(set(overrides) - allowed)} would change the saved model; "
                             f"only {sorted(allowed)} may be overridden")

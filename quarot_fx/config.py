@@ -31,6 +31,7 @@ WEIGHT_METHODS = ("rtn", "gptq", "obr")
 KERNELS = ("integer", "fake")
 GEMM_POLICIES = ("auto", "int8", "float")  # kernels/int_gemm.py
 RESIDENT_WEIGHTS = ("packed", "unpacked")
+KV_CACHES = ("packed", "float")
 GBS_OBJECTIVES = ("loss", "local")
 
 
@@ -117,6 +118,11 @@ class QuaRotConfig:
         resident_weights: ``"packed"`` (unpack the int4 weights on every call: least memory) or
             ``"unpacked"`` (unpack once and keep the GEMM-ready codes too: 4 bytes per weight
             more, no unpacking per call, which is most of a decode step's linear time on CPU).
+        kv_cache: the cache a call with ``use_cache`` and no (or an empty transformers) cache gets
+            when ``kv_bits < 16``: ``"packed"`` (a :class:`quarot_fx.PackedKVCache` of codes,
+            0.29× an fp16 cache at 4 bits and head_dim 64) or ``"float"`` (transformers' own
+            cache holding the dequantized values: same numbers, no per-step dequantization of the
+            whole cache, fp32 memory).
     """
 
     preset: str | None = None
@@ -150,6 +156,7 @@ class QuaRotConfig:
     kernels: str = "integer"
     int_gemm: str = "auto"
     resident_weights: str = "packed"
+    kv_cache: str = "packed"
     smoothrot: bool = False
     smoothrot_alpha: float = 0.6  # the best of a sweep on held-out calibration text (README)
     expand: int = 0
@@ -181,6 +188,7 @@ class QuaRotConfig:
         _choice("kernels", self.kernels, KERNELS)
         _choice("int_gemm", self.int_gemm, GEMM_POLICIES)
         _choice("resident_weights", self.resident_weights, RESIDENT_WEIGHTS)
+        _choice("kv_cache", self.kv_cache, KV_CACHES)
         if self.w_group_size is not None:
             _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
         for name in ("w_clip_search", "quantize_lm_head", "gptq_act_order", "gptq_sequential", "observe_inputs"):

@@ -62,9 +62,10 @@ def with_packed_cache(compiled: OptimizedModule, kwargs: dict) -> dict:
     model_config = getattr(model, "config", None)
     if model_config is None or not callable(getattr(model_config, "get_text_config", None)):
         return kwargs
-    bits = compiled_options(compiled).kv_bits
+    options = compiled_options(compiled)
+    bits = options.kv_bits
     names = [n for n in ("cache", "past_key_values") if n in inspect.signature(model.forward).parameters]
-    if bits >= 16 or not names:
+    if bits >= 16 or options.kv_cache != "packed" or not names:
         return kwargs
     name = next((n for n in ("cache", "past_key_values") if kwargs.get(n) is not None), names[0])
     cache = kwargs.get(name)

@@ -68,6 +68,15 @@ def test_a_layer_stores_codes_and_returns_their_dequantized_values(bits, head_di
     assert torch.equal(layer.dequantized()[0], expected_k[..., :-1, :])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_an_empty_store_dequantizes_to_an_empty_tensor(bits):
+    """The first step's past (calibration runs it too): zero tokens, any head_dim."""
+    layer = PackedDynamicLayer(bits)
+    layer.lazy_initialization(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
+    keys, values = layer.dequantized()
+    assert keys.shape == values.shape == (1, 2, 0, 16)
+
+
 def test_packed_bytes_of_a_64_dim_head_are_below_0_3_of_fp16():
     layer = PackedDynamicLayer(4)
     layer.update(torch.randn(1, 3, 2048, 64), torch.randn(1, 3, 2048, 64))
@@ -190,3 +199,13 @@ def test_a_packed_cache_of_other_bits_is_refused_by_option_name(kv_bits):
     model, ids = tiny_model("llama"), token_ids()
     with torch.no_grad(), pytest.raises(Exception, match=f"kv_bits={kv_bits}"):
         compile_quarot(model, kv_bits=kv_bits)(ids, cache=PackedKVCache(model.config, bits=4), use_cache=True)
+
+
+def test_kv_cache_float_keeps_transformers_cache_and_bad_values_are_named():
+    model, ids = tiny_model("llama"), token_ids()
+    logits, cache = steps(compile_quarot(model, kv_cache="float"), ids, decode=1)
+    assert type(cache) is DynamicCache
+    packed, _ = steps(compile_quarot(model), ids, decode=1)
+    assert all(torch.equal(a, b) for a, b in zip(logits, packed))
+    with pytest.raises(ValueError, match="kv_cache.*'packed'"):
+        quarot_fx.QuaRotConfig(kv_cache="int4")
