@@ -86,17 +86,16 @@ def _chain(dequantize: fx.Node) -> PackedChain | None:
     parts, bits, length, dtype = dequantize.args[:3], *dequantize.args[3:6]
     graph = dequantize.graph
     appended = [_appended(a) for a in parts]
-    if all(appended):
+    if all(appended):  # grows: the store is the cat, the past its first operand
         sources = [_from_quantizer(new) for _, new, _ in appended]
-        store_of = [a for a in parts]
         pasts = [past for past, _, _ in appended]
         kind, dim, writes = "cat", appended[0][2], list(parts)
-    else:
+    else:  # static: the store is the buffer, written in place before attention reads it
         writes = [_written(a, dequantize) for a in parts]
         if not all(writes):
             return None
         sources = [_from_quantizer(w.args[3]) for w in writes]
-        store_of, pasts, kind, dim = list(parts), list(parts), "index_copy", writes[0].args[1]
+        pasts, kind, dim = list(parts), "index_copy", writes[0].args[1]
     if not all(sources) or len({q for q, _ in sources}) != 1 or [i for _, i in sources] != [0, 1, 2]:
         return None
     quantizer = sources[0][0]
@@ -122,7 +121,7 @@ def _chain(dequantize: fx.Node) -> PackedChain | None:
     dequantize.replace_all_uses_with(float_form)
     graph.erase_node(dequantize)
     quantizer.meta[CACHE_STORE] = True
-    return PackedChain(quantizer, tuple(store_of), store_nodes, float_form, past, bits, length, dtype)
+    return PackedChain(quantizer, tuple(parts), store_nodes, float_form, past, bits, length, dtype)
 
 
 def open_packed_cache(ctx) -> None:
