@@ -101,9 +101,21 @@ def quarot_weight_bytes(reports) -> dict:
             "quantized_linear_fp16_bytes": fp16}
 
 
-def op_shares(model, ids) -> dict:
-    """Share of one prefill's wall time spent in each quarot_fx op (and in the Hadamards)."""
-    run = prefill_fn(model, ids)
+def decode_step_fn(model, prompt):
+    """One decode step after ``prompt`` (each call appends a token to the same cache)."""
+    with torch.no_grad():
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+    state = {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1)}
+
+    def run():
+        with torch.no_grad():
+            return model(state["token"], past_key_values=state["cache"], use_cache=True)
+    return run
+
+
+def op_shares(run) -> dict:
+    """Share of one call's wall time spent in each quarot_fx op (and in the Hadamards)."""
+    run()  # warm (a decode step compiles its graph on first use)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         run()
@@ -165,7 +177,8 @@ def measure(name, model, prefill_ids, prompt_ids, args) -> dict:
         row["kv_cache_bytes"] = cache_bytes(model, prefill_ids)
     if reports:
         row.update(quarot_weight_bytes(reports))
-        row["op_share"] = op_shares(model, prefill_ids)
+        row["op_share"] = op_shares(prefill_fn(model, prefill_ids))
+        row["op_share_decode"] = op_shares(decode_step_fn(model, prompt_ids))
         row["graphs"] = len(reports)
         row["int_gemm"] = [f"{d.rows}x{d.in_features}->{d.out_features}: {d.choice} ({d.by})"
                            for d in int_gemm.decisions()]
@@ -243,23 +256,24 @@ def main(argv=None) -> None:
         return
     print(f"\n{args.model}: prefill 1×{args.prefill}, decode {args.decode} tokens after {args.prompt}, "
           f"median of {args.repeats}, {header['threads']} threads")
-    print(f"{'model':<24} {'prefill s':>9} {'× eager':>8} {'decode tok/s':>12} {'× eager':>8} "
+    print(f"{'model':<33} {'prefill s':>9} {'× eager':>8} {'decode tok/s':>12} {'× eager':>8} "
           f"{'weights MiB':>11} {'KV MiB':>7} {'× fp16':>6} {'peak RSS MiB':>12}")
     for row in rows:
-        print(f"{row['model']:<24} {row['prefill_s']:9.3f} {row['prefill_vs_eager']:8.2f} "
+        print(f"{row['model']:<33} {row['prefill_s']:9.3f} {row['prefill_vs_eager']:8.2f} "
               f"{row['decode_tok_s']:12.1f} {row['decode_vs_eager']:8.2f} {row['weight_bytes'] / 2**20:11.1f} "
               f"{row['kv_cache_bytes'] / 2**20:7.1f} {row['kv_cache_vs_fp16']:6.2f} {row['peak_rss_mb']:12.0f}")
     for row in skipped:
-        print(f"{row['model']:<24} skipped: {row['skipped']}")
+        print(f"{row['model']:<33} skipped: {row['skipped']}")
     for row in rows:
         if "quantized_linear_bytes" in row and row["quantized_linear_fp16_bytes"]:
             print(f"\n{row['model']}: quantized linears {row['quantized_linear_bytes'] / 2**20:.1f} MiB packed int4 + "
                   f"scales = {row['quantized_linear_bytes'] / row['quantized_linear_fp16_bytes']:.3f}× their fp16 bytes")
         if row.get("resident_unpacked_bytes"):
             print(f"{row['model']}: unpacked weights kept resident: {row['resident_unpacked_bytes'] / 2**20:.1f} MiB more")
-        if "op_share" in row:
-            print(f"{row['model']}: share of prefill time: " + ", ".join(
-                f"{k} {v:.1%}" for k, v in sorted(row["op_share"].items(), key=lambda kv: -kv[1])))
+        for key, what in (("op_share", "prefill"), ("op_share_decode", "a decode step")):
+            if key in row:
+                print(f"{row['model']}: share of {what}'s time: " + ", ".join(
+                    f"{k} {v:.1%}" for k, v in sorted(row[key].items(), key=lambda kv: -kv[1])))
         if row.get("int_gemm"):
             print(f"{row['model']}: integer GEMM per shape: " + "; ".join(row["int_gemm"]))
 
