@@ -75,9 +75,8 @@ def _appended(arg):
     return (tensors[0], tensors[1], dim) if len(tensors) == 2 else None
 
 
-def _written(arg, before: fx.Node):
+def _written(arg, before: fx.Node, order: dict):
     """Static store: the ``index_copy_(arg, dim, position, new)`` before ``before``."""
-    order = {n: i for i, n in enumerate(before.graph.nodes)}
     writes = [u for u in arg.users if op_name(u) == "index_copy_" and u.args[0] is arg and order[u] < order[before]]
     return writes[0] if len(writes) == 1 else None
 
@@ -85,13 +84,14 @@ def _written(arg, before: fx.Node):
 def _chain(dequantize: fx.Node) -> PackedChain | None:
     parts, bits, length, dtype = dequantize.args[:3], *dequantize.args[3:6]
     graph = dequantize.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
     appended = [_appended(a) for a in parts]
     if all(appended):  # grows: the store is the cat, the past its first operand
         sources = [_from_quantizer(new) for _, new, _ in appended]
         pasts = [past for past, _, _ in appended]
         kind, dim, writes = "cat", appended[0][2], list(parts)
     else:  # static: the store is the buffer, written in place before attention reads it
-        writes = [_written(a, dequantize) for a in parts]
+        writes = [_written(a, dequantize, order) for a in parts]
         if not all(writes):
             return None
         sources = [_from_quantizer(w.args[3]) for w in writes]
@@ -99,7 +99,6 @@ def _chain(dequantize: fx.Node) -> PackedChain | None:
     if not all(sources) or len({q for q, _ in sources}) != 1 or [i for _, i in sources] != [0, 1, 2]:
         return None
     quantizer = sources[0][0]
-    order = {n: i for i, n in enumerate(graph.nodes)}
     store_nodes, frontier = set(), list(quantizer.users)
     while frontier:  # from the quantizer to the writes (getitems, casts)
         node = frontier.pop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 import weakref
 
 import torch
@@ -73,16 +74,29 @@ def with_packed_cache(compiled: OptimizedModule, kwargs: dict) -> dict:
         use_cache = kwargs.get("use_cache")
         if not (use_cache if use_cache is not None else getattr(model_config, "use_cache", False)):
             return kwargs
-        packed = PackedKVCache(model_config, bits)
+        packed = _packed_or_none(lambda: PackedKVCache(model_config, bits))
     elif type(cache) in (DynamicCache, StaticCache) and int(cache.get_seq_length()) == 0:
         packed = _PACKED_FOR.get(cache)
         if packed is None:
-            packed = (PackedKVCache(model_config, bits) if type(cache) is DynamicCache else
-                      PackedStaticKVCache(model_config, cache.get_max_length(), bits))
-            _PACKED_FOR[cache] = packed
+            packed = _packed_or_none(lambda: PackedKVCache(model_config, bits) if type(cache) is DynamicCache else
+                                     PackedStaticKVCache(model_config, cache.get_max_length(), bits))
+            if packed is not None:
+                _PACKED_FOR[cache] = packed
     else:
         return kwargs
-    return {**kwargs, name: packed}
+    return kwargs if packed is None else {**kwargs, name: packed}
+
+
+def _packed_or_none(make):
+    """A packed cache, or None (with a warning) for models with layers it does not pack, e.g.
+    sliding windows: they keep transformers' float cache, whose numbers are the same."""
+    try:
+        return make()
+    except ValueError as refusal:
+        from .report import QuaRotWarning
+
+        warnings.warn(QuaRotWarning(f"quarot-fx: {refusal}; this call keeps transformers' own KV cache"), stacklevel=3)
+        return None
 
 
 def quantized_generate(compiled: OptimizedModule, *args, **kwargs):

@@ -169,8 +169,8 @@ def _layers_like(template: Cache, make) -> list:
     layers = []
     for i, layer in enumerate(template.layers):
         if type(layer) not in (DynamicLayer, StaticLayer):
-            raise NotImplementedError(f"packed KV cache: layer {i} is a {type(layer).__name__}; only full-attention "
-                                      "layers (DynamicLayer/StaticLayer) can be packed")
+            raise ValueError(f"packed KV cache: layer {i} is a {type(layer).__name__}; only full-attention layers "
+                             "(DynamicLayer/StaticLayer) are packed: use transformers' cache (kv_cache='float')")
         layers.append(make())
     return layers
 

@@ -98,8 +98,16 @@ def test_bad_bits_and_other_layer_kinds_are_refused():
         PackedKVCache(bits=1)
     config = tiny_model("mistral").config
     config.sliding_window, config.layer_types = 4, ["sliding_attention"] * config.num_hidden_layers
-    with pytest.raises(NotImplementedError, match="full-attention"):
+    with pytest.raises(ValueError, match="full-attention"):
         PackedKVCache(config)
+
+
+def test_a_model_with_sliding_windows_keeps_the_float_cache_with_a_warning():
+    model, ids = tiny_model("mistral"), token_ids()
+    model.config.sliding_window, model.config.layer_types = 4, ["sliding_attention"] * model.config.num_hidden_layers
+    with pytest.warns(quarot_fx.QuaRotWarning, match="full-attention"), torch.no_grad():
+        out = compile_quarot(model)(ids, use_cache=True)
+    assert type(out.past_key_values) is DynamicCache
 
 
 # 2. Compiled: the packed cache is the float cache's numbers, in a quarter of the memory -----------
