@@ -1,17 +1,24 @@
-"""Which exact integer GEMM the CPU runs for ``quantized_linear``: a real int8 GEMM or float32 emulation.
+"""Which exact integer GEMM the CPU runs for ``quantized_linear``: a real int8 GEMM, float32
+emulation, or (at 1..16 rows) an int4 × int8 GEMV over the packed weight.
 
 Both compute Σ_k qx·qw exactly: ``torch._int_mm`` accumulates in int32 (exact while K·128·8 < 2³¹),
 the emulation multiplies integer-valued float32 tensors (exact while the sum stays below 2²⁴,
 float64 beyond, see ``accumulator_dtype``). The int32 sums convert to the same floats, so the
-two paths give the same output bit for bit and the choice is purely one of speed.
+two paths give the same output bit for bit and the choice is purely one of speed. At 1..16 rows
+(decode) there is a third exact way, ``native``'s C kernel: it reads the packed int4 bytes, 1/8 of
+the emulation's fp32 weights, and multiplies bytes with AVX2 where the CPU has it.
 
 Which is faster depends on the CPU: with AVX512-VNNI or AMX, oneDNN's int8 GEMM beats an fp32
 matmul several times; with only AVX2 it was measured 15-50× *slower*. So nothing is hard-coded:
-on first use of a shape (rows bucketed to powers of two, capped at ``PROBE_ROWS``) both paths
-are timed once on that shape and the faster one is kept for the rest of the process.
+on first use of a shape (rows bucketed to powers of two, capped at ``PROBE_ROWS``) the paths
+are timed once on that shape and the fastest is kept for the rest of the process. Each is timed
+over enough copies of the weight to exceed the last-level cache, as in a model whose layers each
+read their own weights: at decode, weights stream from memory, and a weight that stays in cache
+would flatter the path that reads more bytes.
 
-Policy, strongest first: the compile option ``int_gemm`` ("int8" | "float"), the environment
-variable ``QUAROT_FX_INT_GEMM`` (same values), else "auto" (the measurement).
+Policy, strongest first: the compile option ``int_gemm`` ("int8" | "float" | "int4"), the
+environment variable ``QUAROT_FX_INT_GEMM`` (same values), else "auto" (the measurement).
+"int4" applies where the GEMV does (``native.applies``); other shapes are measured as under "auto".
 """
 
 from __future__ import annotations
@@ -37,13 +44,14 @@ class Decision:
     in_features: int
     out_features: int
     group: int
-    choice: str  # "int8" | "float"
+    choice: str  # "int8" | "float" | "int4"
     by: str  # "measured" | "option" | "environment" | "range" (int32 could overflow)
     int8_ms: float | None = None
     float_ms: float | None = None
+    int4_ms: float | None = None
 
 
-_decisions: dict[tuple[int, int, int, int, str], Decision] = {}
+_decisions: dict[tuple, Decision] = {}
 
 
 def check_policy(name: str, value: str) -> str:
@@ -82,46 +90,84 @@ def transposed_groups(codes: torch.Tensor, group: int) -> torch.Tensor:
     return codes.reshape(n, -1, group).permute(1, 2, 0).contiguous()
 
 
-def _best_ms(fn, repeats: int = 2) -> float:
-    fn()  # warm-up: first-call allocation and oneDNN primitive creation
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (32 MiB if the system does not say)."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def _streamed_ms(fn, weights: list, repeats: int = 2) -> float:
+    """Milliseconds per call of ``fn(weight)``, cycling through copies of the weight so that each
+    call reads its weight from memory rather than from cache."""
+    fn(weights[0])  # warm-up: first-call allocation, oneDNN primitive creation
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        for weight in weights:
+            fn(weight)
         best = min(best, time.perf_counter() - start)
-    return 1000 * best
+    return 1000 * best / len(weights)
 
 
-def _measure(rows: int, in_features: int, out_features: int, group: int) -> tuple[float, float]:
-    from .quantized_linear import accumulator_dtype, integer_matmul
+def _copies(weight, scale=None, limit: int = 256) -> list:
+    """Enough copies of (weight, scale) to overflow the last-level cache twice over."""
+    count = min(limit, max(1, -(-2 * last_level_cache_bytes() // (weight.numel() * weight.element_size()))))
+    return [(weight.clone(), scale) for _ in range(count)]
+
+
+def _measure(rows: int, in_features: int, out_features: int, group: int, candidates: tuple) -> dict:
+    """Milliseconds per call of each candidate path on this shape."""
+    from . import native
+    from .quantized_linear import accumulator_dtype, integer_matmul, pack_linear_weight
 
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=generator)
     weight = torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8, generator=generator)
     dtype = accumulator_dtype(group)
-    as_float, as_int = weight.to(dtype), transposed_groups(weight, group)
-    int8 = _best_ms(lambda: int8_matmul(codes, as_int, group, dtype=dtype))
-    emulated = _best_ms(lambda: integer_matmul(codes, as_float, group))
-    return int8, emulated
+    ms = {}
+    if "int8" in candidates:
+        ms["int8"] = _streamed_ms(lambda w: int8_matmul(codes, w[0], group, dtype=dtype),
+                                  _copies(transposed_groups(weight, group)))
+    if "float" in candidates:
+        ms["float"] = _streamed_ms(lambda w: integer_matmul(codes, w[0], group), _copies(weight.to(dtype)))
+    if "int4" in candidates:
+        x_scale = torch.ones(rows, 1)
+        ms["int4"] = _streamed_ms(lambda w: native.int4_linear(codes, x_scale, *w, None, in_features),
+                                  _copies(pack_linear_weight(weight), torch.ones(out_features, 1)))
+    return ms
 
 
-def decide(rows: int, in_features: int, out_features: int, group: int, policy: str = "auto") -> Decision:
-    """The GEMM for this shape under ``policy`` (measured once per process per shape bucket)."""
+def decide(rows: int, in_features: int, out_features: int, group: int, policy: str = "auto",
+           int4: bool = True) -> Decision:
+    """The GEMM for this shape under ``policy`` (measured once per process per shape bucket).
+    ``int4``: the weight is in the dense packed layout the int4 GEMV reads (not compressed
+    sparse storage); the GEMV is then a candidate where it applies and was built."""
+    from . import native
+
     bucket = rows_bucket(rows)
-    key = (bucket, in_features, out_features, group, policy)
+    int4 = int4 and native.applies(bucket, in_features, group) and native.library() is not None
+    key = (bucket, in_features, out_features, group, policy, int4)
     if key in _decisions:
         return _decisions[key]
     environment = check_policy(ENVIRONMENT, os.environ.get(ENVIRONMENT, "auto"))
-    if group * 128 * 8 >= INT32_LIMIT:
-        decision = Decision(bucket, in_features, out_features, group, "float", "range")
-    elif policy != "auto":
-        decision = Decision(bucket, in_features, out_features, group, policy, "option")
-    elif environment != "auto":
-        decision = Decision(bucket, in_features, out_features, group, environment, "environment")
+    forced, by = (policy, "option") if policy != "auto" else (environment, "environment")
+    int8_fits = group * 128 * 8 < INT32_LIMIT
+    if forced == "int4" and not int4:
+        forced = "auto"  # not this shape: measured as under "auto"
+    if forced == "int8" and not int8_fits:
+        forced, by = "float", "range"
+    if forced != "auto":
+        decision = Decision(bucket, in_features, out_features, group, forced, by)
     else:
-        int8_ms, float_ms = _measure(bucket, in_features, out_features, group)
-        decision = Decision(bucket, in_features, out_features, group, "int8" if int8_ms < float_ms else "float",
-                            "measured", round(int8_ms, 3), round(float_ms, 3))
+        candidates = ("int8",) * int8_fits + ("float",) + ("int4",) * int4
+        ms = _measure(bucket, in_features, out_features, group, candidates) if len(candidates) > 1 else {}
+        decision = Decision(bucket, in_features, out_features, group, min(ms, key=ms.get) if ms else "float",
+                            "measured" if ms else "range",
+                            *(round(ms[c], 4) if c in ms else None for c in ("int8", "float", "int4")))
     _decisions[key] = decision
     return decision
 

@@ -10,10 +10,11 @@
   or float activations with ``x_scale=None`` (weight-only: dequantize, float matmul).
 
 Integer semantics: acc = Σ_k qx·qw per group is an exact integer; y = Σ_g acc_g·s_w,g·s_x + b.
-CPU: a real int8 GEMM (``torch._int_mm``, int32 accumulation) or a float32 matmul on
-integer-valued tensors (exact while |acc| < 2²⁴, i.e. group · 128 · 8 < 2²⁴; float64 beyond),
-whichever ``int_gemm`` measures faster on this CPU for the shape (``gemm``: "auto" | "int8" |
-"float"); both give the same bits. CUDA: the Triton GEMM in ``triton_linear``.
+CPU: a real int8 GEMM (``torch._int_mm``, int32 accumulation), a float32 matmul on
+integer-valued tensors (exact while |acc| < 2²⁴, i.e. group · 128 · 8 < 2²⁴; float64 beyond) or,
+at 1..16 rows, the C int4 GEMV of ``native`` on the packed bytes, whichever ``int_gemm`` measures
+faster on this CPU for the shape (``gemm``: "auto" | "int8" | "float" | "int4"); all give the
+same bits. CUDA: the Triton GEMM in ``triton_linear``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from quarot_fx.numerics.quant import dequantize_weight
 
-from . import int_gemm
+from . import int_gemm, native
 from .common import row_chunks, signed_nibbles
 
 EXACT_FLOAT32 = 2**24
@@ -146,18 +147,24 @@ def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_d
     ``keep_unpacked``: keep the unpacked weight between calls instead of unpacking each time;
     ``codes``: how to get the int8 codes [out, in] from ``weight`` when it is not the dense
     packed layout (compressed sparse storage, ``sparse_linear``; checked by its caller)."""
-    if codes is None:
+    dense = codes is None  # the packed layout the int4 GEMV reads
+    if dense:
         group = _check(x, x_scale, weight, weight_scale, bias, in_features)
         codes = lambda: unpack_linear_weight(weight, in_features, groups)  # noqa: E731
     else:
         group = check_inputs(x, x_scale, weight_scale, bias, in_features)
     lead, out_features, groups = x.shape[:-1], weight_scale.shape[0], weight_scale.shape[1]
     x2 = x.reshape(-1, in_features)
+    choice = "float" if x_scale is None or gemm == "float" else int_gemm.decide(
+        x2.shape[0], in_features, out_features, group, gemm, int4=dense).choice
+    if choice == "int4":
+        y = native.int4_linear(x2, x_scale.reshape(-1, 1), weight, weight_scale, bias, in_features)
+        return y.to(out_dtype).reshape(*lead, out_features)
     out = torch.empty((x2.shape[0], out_features), dtype=out_dtype, device=x.device)
     acc_dtype = acc_dtype or accumulator_dtype(group)
     if x_scale is None:
         w = _gemm_ready(weight, "dequantized", lambda: dequantize_weight(codes(), weight_scale), keep_unpacked)
-    elif gemm != "float" and int_gemm.decide(x2.shape[0], in_features, out_features, group, gemm).choice == "int8":
+    elif choice == "int8":
         w = _gemm_ready(weight, "int8", lambda: int_gemm.transposed_groups(codes(), group), keep_unpacked)
         x_scale = x_scale.reshape(-1, 1)
         matmul = lambda a, b, g, out=None: int_gemm.int8_matmul(a, b, g, out, acc_dtype)  # noqa: E731

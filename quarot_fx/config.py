@@ -29,7 +29,7 @@ BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
 WEIGHT_METHODS = ("rtn", "gptq", "obr")
 KERNELS = ("integer", "fake")
-GEMM_POLICIES = ("auto", "int8", "float")  # kernels/int_gemm.py
+GEMM_POLICIES = ("auto", "int8", "float", "int4")  # kernels/int_gemm.py
 RESIDENT_WEIGHTS = ("packed", "unpacked")
 KV_CACHES = ("packed", "float")
 GBS_OBJECTIVES = ("loss", "local")
@@ -111,8 +111,10 @@ class QuaRotConfig:
             matmuls). Weights of other widths than 4 bits stay simulated under ``"integer"``;
             the report says so.
         int_gemm: the CPU's exact integer GEMM: ``"auto"`` (time a real int8 GEMM against float32
-            emulation once per shape and keep the faster: it depends on the CPU), ``"int8"`` or
-            ``"float"``; both give the same bits. ``"auto"`` defers to ``QUAROT_FX_INT_GEMM``.
+            emulation once per shape and keep the faster: it depends on the CPU; at 1..16 rows
+            the C int4 GEMV over the packed weight competes too), ``"int8"``, ``"float"`` or
+            ``"int4"`` (where it applies); all give the same bits.
+            ``"auto"`` defers to ``QUAROT_FX_INT_GEMM``.
         observe_inputs: diagnostics: record max |x| at every quantized linear's input after the
             rewrite, on the first calibration window (``report.input_max``; ``quarot-fx outliers``).
         resident_weights: ``"packed"`` (unpack the int4 weights on every call: least memory) or

@@ -208,7 +208,9 @@ class Report:
 
             lines.append(f"  integer GEMM on this CPU ({', '.join(cpu_flags()) or 'flags unknown'}), per shape:")
             for d in self.gemm:
-                timing = f" (int8 {d.int8_ms:.3g} ms vs float {d.float_ms:.3g} ms)" if d.by == "measured" else ""
+                timed = [f"{name} {ms:.3g} ms" for name, ms in
+                         (("int8", d.int8_ms), ("float", d.float_ms), ("int4", d.int4_ms)) if ms is not None]
+                timing = f" ({' vs '.join(timed)})" if d.by == "measured" else ""
                 lines.append(f"    rows≤{d.rows:<4} {d.in_features}→{d.out_features} group {d.group}: "
                              f"{d.choice}, by {d.by}{timing}")
         if self.pipeline:

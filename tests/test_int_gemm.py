@@ -45,19 +45,95 @@ def test_each_policy_runs_its_own_gemm(monkeypatch):
     assert calls == [(6, 16), (6, 16)]  # one int8 GEMM per weight group
 
 
+def fake_timings(measured, verdict):
+    """A ``_measure`` stand-in: records the shapes and candidates asked, times ``verdict`` fastest."""
+    return lambda *shape: measured.append(shape) or {c: 1.0 if c == verdict[0] else 2.0 for c in shape[-1]}
+
+
 def test_auto_keeps_the_measured_winner_once_per_shape(monkeypatch):
-    measured = []
-    timings = {"int8 wins": (1.0, 2.0), "float wins": (2.0, 1.0)}
-    verdict = "int8 wins"
-    monkeypatch.setattr(int_gemm, "_measure", lambda *shape: measured.append(shape) or timings[verdict])
+    measured, verdict = [], ["int8"]
+    monkeypatch.setattr(int_gemm, "_measure", fake_timings(measured, verdict))
     first = int_gemm.decide(100, 64, 32, 64)
     assert (first.choice, first.by, first.rows) == ("int8", "measured", 128)
-    verdict = "float wins"
+    verdict[0] = "float"
     assert int_gemm.decide(120, 64, 32, 64) is first  # same bucket: no new measurement
-    assert measured == [(128, 64, 32, 64)]
+    assert measured == [(128, 64, 32, 64, ("int8", "float"))]
     assert int_gemm.decide(1, 64, 32, 64).choice == "float"  # decode rows: measured on their own
     assert int_gemm.decide(1, 64, 32, 64, "int8").by == "option"
     assert len(measured) == 2
+
+
+@given(m=st.integers(1, 16), half=st.integers(1, 150), n=st.integers(1, 24), bias=st.booleans(),
+       out_dtype=st.sampled_from(DTYPES), bits=st.sampled_from([4, 8]), seed=st.integers(0, 50))
+def test_int4_gemv_and_float_emulation_agree_bit_for_bit(m, half, n, bias, out_dtype, bits, seed):
+    k = 2 * half  # widths below, at and past the kernel's 64-input SIMD step (its scalar tail too)
+    codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, 1, seed, bias)
+    if bits == 8:  # activation codes over the whole int8 range
+        codes = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+    args = (codes, x_scale, pack_linear_weight(w, 1), w_scale, b, k, out_dtype)
+    assert torch.equal(quantized_linear(*args, "int4"), quantized_linear(*args, "float"))
+
+
+def test_int4_gemv_runs_and_is_a_candidate_only_where_it_applies(monkeypatch):
+    from quarot_fx.kernels import native
+
+    assert native.library() is not None, native.unavailable_reason()
+    calls = []
+    real = native.int4_linear
+    monkeypatch.setattr(native, "int4_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    codes, x_scale, w, w_scale, b = linear_inputs(3, 64, 5, 1)
+    quantized_linear(codes, x_scale, pack_linear_weight(w, 1), w_scale, b, 64, torch.float32, "int4")
+    assert calls == [(3, 64)]
+
+    measured = []
+    monkeypatch.setattr(int_gemm, "_measure", fake_timings(measured, ["int4"]))
+    assert int_gemm.decide(16, 64, 32, 64).choice == "int4"
+    assert int_gemm.decide(17, 64, 32, 64).choice == "int8"  # 32 rows: past the GEMV
+    assert int_gemm.decide(1, 64, 32, 32).choice == "int8"  # two weight groups
+    assert int_gemm.decide(1, 63, 32, 63).choice == "int8"  # odd width
+    assert int_gemm.decide(1, 64, 32, 64, int4=False).choice == "int8"  # compressed sparse storage
+    assert [shape[-1] for shape in measured] == [("int8", "float", "int4")] + [("int8", "float")] * 4
+    forced = int_gemm.decide(64, 64, 32, 64, "int4")  # where it does not apply, measured as under auto
+    assert (forced.choice, forced.by) == ("int8", "measured")
+
+
+def test_without_a_compiler_the_int4_gemv_is_never_chosen(monkeypatch, tmp_path):
+    from quarot_fx.kernels import native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("QUAROT_FX_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and "no-such-compiler" in native.unavailable_reason()
+        monkeypatch.setattr(int_gemm, "_measure", fake_timings([], ["int4"]))
+        decision = int_gemm.decide(1, 64, 32, 64, "int4")
+        assert decision.choice != "int4" and decision.int4_ms is None
+    finally:
+        native.library.cache_clear()
+
+
+def test_compiled_decode_with_the_int4_gemv_gives_the_float_emulations_logits(monkeypatch):
+    from quarot_fx.kernels import native
+
+    calls = []
+    real = native.int4_linear
+    monkeypatch.setattr(native, "int4_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    model, x = tiny_model("llama"), token_ids()
+    steps = {}
+    for policy in ("int4", "float"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="quarot", options={"preset": "w4a4kv4", "int_gemm": policy})
+        with torch.no_grad(), quarot_fx.collect_reports() as reports:
+            out = compiled(x, use_cache=True)
+            logits = [out.logits]
+            for _ in range(2):
+                out = compiled(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits)
+        steps[policy] = logits
+        decode = [d for report in reports for d in report.gemm if d.rows == 1]
+        assert decode and all(d.choice == policy for d in decode)
+    assert set(calls) == {x.numel(), 1}  # the prefill's rows (≤ 16 here) and each decode step's one
+    assert all(torch.equal(a, b) for a, b in zip(steps["int4"], steps["float"]))
 
 
 def test_environment_overrides_auto_and_bad_values_name_the_variable(monkeypatch):
@@ -67,7 +143,7 @@ def test_environment_overrides_auto_and_bad_values_name_the_variable(monkeypatch
     assert int_gemm.decide(4, 64, 32, 64, "float").by == "option"  # the option is stronger
     int_gemm.forget()
     monkeypatch.setenv(int_gemm.ENVIRONMENT, "fast")
-    with pytest.raises(ValueError, match="QUAROT_FX_INT_GEMM='fast'.*auto, int8, float"):
+    with pytest.raises(ValueError, match="QUAROT_FX_INT_GEMM='fast'.*auto, int8, float, int4"):
         int_gemm.decide(4, 64, 32, 64)
 
 
@@ -77,7 +153,7 @@ def test_groups_too_long_for_int32_stay_on_the_float_path():
 
 
 def test_option_is_checked_and_compiled_models_report_and_agree_across_policies():
-    with pytest.raises(ValueError, match="int_gemm must be one of 'auto', 'int8', 'float'; got 'vnni'"):
+    with pytest.raises(ValueError, match="int_gemm must be one of 'auto', 'int8', 'float', 'int4'; got 'vnni'"):
         quarot_fx.QuaRotConfig.from_options({"preset": "w4a4kv4", "int_gemm": "vnni"})
     model, x = tiny_model("llama"), token_ids()
     logits = {}
@@ -104,7 +180,8 @@ def test_resident_unpacked_weights_are_kept_once_per_linear_and_change_nothing()
     logits = {}
     for resident in ("packed", "unpacked"):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="quarot", options={"preset": "w4a4kv4", "resident_weights": resident})
+        compiled = torch.compile(model, backend="quarot", options={"preset": "w4a4kv4", "resident_weights": resident,
+                                                                   "int_gemm": "float"})  # the path that unpacks
         before = len(kernel._unpacked)
         logits[resident] = [compiled(x).logits for _ in range(2)]
         kept = len(kernel._unpacked) - before
