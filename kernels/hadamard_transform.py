@@ -21,6 +21,14 @@ from quarot_fx.numerics.hadamard import hadamard_matrix, hadamard_plan
 from .common import check_hadamard as _check
 from .common import compute_dtype, row_chunks, stage_matrix
 
+MAX_STAGE_ORDER = 256  # native.hadamard_rows' limit
+
+
+def native_built() -> bool:
+    from . import native
+
+    return native.library() is not None
+
 
 def hadamard_transform_reference(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     """Plain dense reference: x @ kron(H_m, I_inner) / √m (in float64)."""
@@ -42,6 +50,22 @@ def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype) -> torc
     return y.reshape(rows, inner, m).transpose(1, 2).reshape(rows, m * inner) if inner > 1 else y
 
 
+FEW_ROWS = 16  # a decode step's tokens: below this the stage GEMMs cost more in calls than in arithmetic
+
+
+def _few_rows(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
+    """The same stages in one C call (``native.hadamard_rows``), for a few float32 rows."""
+    from . import native
+
+    rows = flat.shape[0]
+    y = flat.float().reshape(rows, m, inner).transpose(1, 2).reshape(rows * inner, m) if inner > 1 else flat.float()
+    orders = tuple(reversed(factors))
+    matrices = tuple(stage_matrix(order, 1.0 / math.sqrt(m) if i == 0 else 1.0, "cpu", torch.float32)
+                     for i, order in enumerate(orders))
+    y = native.hadamard_rows(y, orders, matrices)
+    return y.reshape(rows, inner, m).transpose(1, 2).reshape(rows, m * inner) if inner > 1 else y
+
+
 def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     m = _check(x, inner)
     factors = hadamard_plan(m).factors
@@ -50,6 +74,9 @@ def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     ctype = compute_dtype(x.dtype)
     n = x.shape[-1]
     flat = x.reshape(-1, n)
+    if (flat.shape[0] <= FEW_ROWS and ctype == torch.float32 and x.device.type == "cpu"
+            and max(factors) <= MAX_STAGE_ORDER and native_built()):
+        return _few_rows(flat, m, inner, factors).to(x.dtype).reshape(x.shape)
     out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
     for rows in row_chunks(flat.shape[0], n * 4):
         out[rows] = _transform_rows(flat[rows].to(ctype), m, inner, factors, ctype)

@@ -11,10 +11,10 @@ the emulation's fp32 weights, and multiplies bytes with AVX2 where the CPU has i
 Which is faster depends on the CPU: with AVX512-VNNI or AMX, oneDNN's int8 GEMM beats an fp32
 matmul several times; with only AVX2 it was measured 15-50× *slower*. So nothing is hard-coded:
 on first use of a shape (rows bucketed to powers of two, capped at ``PROBE_ROWS``) the paths
-are timed once on that shape and the fastest is kept for the rest of the process. Each is timed
-over enough copies of the weight to exceed the last-level cache, as in a model whose layers each
-read their own weights: at decode, weights stream from memory, and a weight that stays in cache
-would flatter the path that reads more bytes.
+are timed once on that shape and the fastest is kept for the rest of the process. At ≤ 16 rows
+each is timed over enough copies of the weight to exceed the last-level cache, as in a model whose
+layers each read their own weights: at decode, weights stream from memory, and a weight that
+stays in cache would flatter the path that reads more bytes.
 
 Policy, strongest first: the compile option ``int_gemm`` ("int8" | "float" | "int4"), the
 environment variable ``QUAROT_FX_INT_GEMM`` (same values), else "auto" (the measurement).
@@ -100,7 +100,7 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
-def _streamed_ms(fn, weights: list, repeats: int = 2) -> float:
+def streamed_ms(fn, weights: list, repeats: int = 2) -> float:
     """Milliseconds per call of ``fn(weight)``, cycling through copies of the weight so that each
     call reads its weight from memory rather than from cache."""
     fn(weights[0])  # warm-up: first-call allocation, oneDNN primitive creation
@@ -113,10 +113,12 @@ def _streamed_ms(fn, weights: list, repeats: int = 2) -> float:
     return 1000 * best / len(weights)
 
 
-def _copies(weight, scale=None, limit: int = 256) -> list:
-    """Enough copies of (weight, scale) to overflow the last-level cache twice over."""
+def weight_copies(weight, scale=None, stream: bool = True, limit: int = 256) -> list:
+    """Enough copies of (weight, scale) to overflow the last-level cache twice over (``stream``),
+    else the one: a GEMM of many rows reuses each weight enough that where it comes from hardly
+    matters, and timing copies of a slow path there would take seconds."""
     count = min(limit, max(1, -(-2 * last_level_cache_bytes() // (weight.numel() * weight.element_size()))))
-    return [(weight.clone(), scale) for _ in range(count)]
+    return [(weight.clone(), scale) for _ in range(count if stream else 1)]
 
 
 def _measure(rows: int, in_features: int, out_features: int, group: int, candidates: tuple) -> dict:
@@ -127,17 +129,18 @@ def _measure(rows: int, in_features: int, out_features: int, group: int, candida
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=generator)
     weight = torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8, generator=generator)
-    dtype = accumulator_dtype(group)
+    dtype, stream = accumulator_dtype(group), rows <= native.MAX_ROWS
     ms = {}
     if "int8" in candidates:
-        ms["int8"] = _streamed_ms(lambda w: int8_matmul(codes, w[0], group, dtype=dtype),
-                                  _copies(transposed_groups(weight, group)))
+        ms["int8"] = streamed_ms(lambda w: int8_matmul(codes, w[0], group, dtype=dtype),
+                                 weight_copies(transposed_groups(weight, group), stream=stream))
     if "float" in candidates:
-        ms["float"] = _streamed_ms(lambda w: integer_matmul(codes, w[0], group), _copies(weight.to(dtype)))
+        ms["float"] = streamed_ms(lambda w: integer_matmul(codes, w[0], group),
+                                  weight_copies(weight.to(dtype), stream=stream))
     if "int4" in candidates:
         x_scale = torch.ones(rows, 1)
-        ms["int4"] = _streamed_ms(lambda w: native.int4_linear(codes, x_scale, *w, None, in_features),
-                                  _copies(pack_linear_weight(weight), torch.ones(out_features, 1)))
+        ms["int4"] = streamed_ms(lambda w: native.int4_linear(codes, x_scale, *w, None, in_features),
+                                 weight_copies(pack_linear_weight(weight), torch.ones(out_features, 1)))
     return ms
 
 

@@ -28,16 +28,41 @@ def kv_quantize_reference(x: torch.Tensor, bits: int, clip: float):
     return codes, scale, zero
 
 
+def _quantize_cpu(x: torch.Tensor, bits: int, clip: float):
+    """The C kernel where it was built and every value is finite, else the reference; the same
+    bits either way."""
+    from . import native
+
+    check_inputs(x, bits, clip, "kv_quantize")
+    if x.device.type == "cpu" and x.numel() and native.library() is not None:
+        found = native.kv_quantize(x, bits, clip, code_bytes(x.shape[-1], bits), packs(bits))
+        if found is not None:
+            return found
+    return kv_quantize_reference(x.contiguous(), bits, clip)
+
+
 def kv_dequantize_reference(codes, scale, zero, bits: int, length: int, dtype: torch.dtype):
     check_bits(bits)
     q = unpack_int4_reference(codes, length).float() + 8 if packs(bits) else codes.float()
     return ((q - zero.float()) * scale).to(dtype)
 
 
+def _dequantize_cpu(codes, scale, zero, bits: int, length: int, dtype: torch.dtype):
+    """The C kernel where it was built and the scales are one per vector (the packed cache's
+    layout), else the reference; the same bits either way."""
+    from . import native
+
+    check_bits(bits)
+    if (codes.device.type != "cpu" or native.library() is None or scale.shape != (*codes.shape[:-1], 1)
+            or zero.shape != scale.shape):
+        return kv_dequantize_reference(codes, scale, zero, bits, length, dtype)
+    return native.kv_dequantize(codes, scale, zero, length, packs(bits)).to(dtype)
+
+
 @torch.library.custom_op("quarot_fx::kv_quantize", mutates_args=())
 def kv_quantize(x: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes, float32 scale, float32 zero) of each last-dim vector of x."""
-    return kv_quantize_reference(x.contiguous(), bits, clip)
+    return _quantize_cpu(x, bits, clip)
 
 
 @kv_quantize.register_fake
@@ -60,7 +85,7 @@ def _(x, bits, clip):
 def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, length: int,
                   dtype: torch.dtype) -> torch.Tensor:
     """(code - zero) · scale as ``dtype``, [..., length]."""
-    return kv_dequantize_reference(codes.contiguous(), scale, zero, bits, length, dtype)
+    return _dequantize_cpu(codes, scale, zero, bits, length, dtype)
 
 
 @kv_dequantize.register_fake

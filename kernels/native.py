@@ -1,9 +1,13 @@
-"""quarot-fx's C kernel (``int4_gemv.c``), built with the system C compiler once per machine.
+"""quarot-fx's C kernels (``native.c``), built with the system C compiler once per machine.
 
 Why C: at decode a linear is a GEMV that reads each weight once, so its speed is the bytes it
 reads. No torch op runs an exact int4 × int8 GEMV fast on an AVX2 CPU (``_int_mm``,
 ``_weight_int8pack_mm`` and Inductor's generated loop over the packed bytes all measured slower
-than the fp32 matmul), while AVX2's byte multiply-add reads the packed weight directly.
+than the fp32 matmul), while AVX2's byte multiply-add reads the packed weight directly. The KV
+cache's dequantization, run over the whole cache every decode step, is one pass in C instead of
+the reference's several, and quantizing one decode token per head is one call instead of a
+dozen small torch ops; so is a decode token's online Hadamard, whose stage GEMMs are too small to
+pay for their calls.
 
 The library is compiled with ``-march=native`` (so it is tied to this CPU: the cache key holds
 the CPU's model and flags, the compiler and the source) into ``$QUAROT_FX_CACHE`` or
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("int4_gemv.c")
+SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 MAX_ROWS = 16  # the kernel's row limit (decode and small batches)
 _reason: list[str] = []
@@ -51,7 +55,7 @@ def library():
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
         key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_identity()])
                              .encode()).hexdigest()[:16]
-        target = _cache_dir() / f"int4_gemv-{key}.so"
+        target = _cache_dir() / f"native-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
@@ -64,10 +68,14 @@ def library():
         detail = getattr(error, "stderr", "") or str(error)
         _reason.append(f"the C kernel did not build with {compiler!r}: {detail.strip()[:300]}")
         return None
-    fn = lib.int4_gemv
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
-    return fn
+    lib.int4_gemv.restype = lib.kv_dequantize.restype = None
+    lib.kv_quantize.restype = ctypes.c_int
+    lib.int4_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
+    lib.kv_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+    lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
+    lib.hadamard_rows.restype = None
+    lib.hadamard_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    return lib
 
 
 def unavailable_reason() -> str | None:
@@ -89,7 +97,54 @@ def int4_linear(x2: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     weight, weight_scale = weight.contiguous(), weight_scale.reshape(out_features).float().contiguous()
     bias = bias.float().contiguous() if bias is not None else None
     y = torch.empty((rows, out_features), dtype=torch.float32)
-    library()(x2.data_ptr(), x_scale.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(),
+    library().int4_gemv(x2.data_ptr(), x_scale.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(),
               bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, in_features, 0, out_features,
               out_features)
     return y
+
+
+def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, length: int, packed: bool):
+    """float32 (code - zero) · scale [..., length] from KV codes [..., bytes] and per-vector
+    scale and zero ([..., 1]; the zero point float32 or uint8)."""
+    row_bytes = codes.shape[-1]
+    rows = codes.numel() // row_bytes if row_bytes else 0
+    out = torch.empty((*codes.shape[:-1], length), dtype=torch.float32)
+    if rows and length:
+        codes, scale, zero = codes.contiguous(), scale.float().contiguous(), zero.float().contiguous()
+        library().kv_dequantize(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), rows, length,
+                                row_bytes, int(packed))
+    return out
+
+
+def kv_quantize(x: torch.Tensor, bits: int, clip: float, row_bytes: int, packed: bool):
+    """(codes, scale, zero) as ``kv_quantize_reference`` gives them, or None where a vector holds
+    a non-finite value (the reference then decides what those become)."""
+    length = x.shape[-1]
+    x = x.float().contiguous()
+    rows = x.numel() // length if length else 0
+    codes = torch.empty((*x.shape[:-1], row_bytes), dtype=torch.uint8)
+    scale, zero = (torch.empty((*x.shape[:-1], 1), dtype=torch.float32) for _ in range(2))
+    if rows and length and library().kv_quantize(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                                 rows, length, row_bytes, bits, clip, int(packed)):
+        return None
+    return codes, scale, zero
+
+
+MAX_STAGE_ORDER = 256  # hadamard_rows keeps one stage's outputs for a row in registers / stack
+
+
+@lru_cache(maxsize=None)
+def _stages(orders: tuple, matrices: tuple) -> tuple:
+    """ctypes arrays of the stage orders and matrix pointers (the matrices are cached tensors)."""
+    return ((ctypes.c_int64 * len(orders))(*orders),
+            (ctypes.c_void_p * len(matrices))(*(h.data_ptr() for h in matrices)), matrices)
+
+
+def hadamard_rows(y: torch.Tensor, orders: tuple, matrices: tuple) -> torch.Tensor:
+    """y [batch, m] float32 through the stages (``orders[i]`` × ``orders[i]`` float32 matrices)."""
+    y = y.contiguous()
+    out, scratch = torch.empty_like(y), torch.empty_like(y)
+    order_array, pointer_array, _ = _stages(orders, matrices)
+    library().hadamard_rows(y.data_ptr(), out.data_ptr(), scratch.data_ptr(), y.shape[0], y.shape[1], len(orders),
+                            order_array, pointer_array)
+    return out

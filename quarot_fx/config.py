@@ -119,7 +119,8 @@ class QuaRotConfig:
             rewrite, on the first calibration window (``report.input_max``; ``quarot-fx outliers``).
         resident_weights: ``"packed"`` (unpack the int4 weights on every call: least memory) or
             ``"unpacked"`` (unpack once and keep the GEMM-ready codes too: 4 bytes per weight
-            more, no unpacking per call, which is most of a decode step's linear time on CPU).
+            more, no unpacking per call of the float emulation; shapes that take the int4 GEMV,
+            decode, read the packed bytes and keep nothing).
         kv_cache: the cache a call with ``use_cache`` and no (or an empty transformers) cache gets
             when ``kv_bits < 16``: ``"packed"`` (a :class:`quarot_fx.PackedKVCache` of codes,
             0.29× an fp16 cache at 4 bits and head_dim 64) or ``"float"`` (transformers' own

@@ -27,6 +27,27 @@ def test_cpu_transform_large_sizes_float32(n):
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
 
 
+@given(n=st.sampled_from([n for n in ORDERS if n >= 8]), inner=st.sampled_from([1, 4]), rows=st.integers(1, 16),
+       seed=st.integers(0, 100))  # orders with a Paley factor above the C limit stay on the GEMMs
+def test_few_rows_take_the_c_stages_and_agree_with_the_gemm_stages(n, inner, rows, seed):
+    from quarot_fx.kernels import native
+    from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu
+
+    assert native.library() is not None, native.unavailable_reason()
+    calls = []
+    real = native.hadamard_rows
+    x = torch.randn(rows + 17, n * inner, generator=torch.Generator().manual_seed(seed))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "hadamard_rows", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
+        few = hadamard_transform_cpu(x[:rows], inner)  # ≤ 16 rows: one C call
+        many = hadamard_transform_cpu(x, inner)[:rows]  # more rows: a GEMM per stage
+    from quarot_fx.kernels.hadamard_transform import MAX_STAGE_ORDER
+    from quarot_fx.numerics.hadamard import hadamard_plan
+
+    assert calls == ([(rows * inner, n)] if max(hadamard_plan(n).factors) <= MAX_STAGE_ORDER else [])
+    torch.testing.assert_close(few, many, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_half_types_accumulate_in_float32(dtype):
     x = torch.randn(4, 2, 96).to(dtype)

@@ -144,6 +144,27 @@ def test_kv_round_trip_is_the_fake_quantizer(rows, d, bits, dtype, seed):
     y = kv_dequantize(codes, scale, zero, bits, d, dtype)
     assert y.dtype == dtype and torch.equal(y, fake_quant_asymmetric(x, bits, 0.95))
     assert torch.equal(y, kv_dequantize_reference(codes, scale, zero, bits, d, dtype))
+    assert torch.equal(kv_dequantize(codes, scale, zero.to(torch.uint8), bits, d, dtype), y)  # the packed cache's zeros
+
+
+def test_kv_ops_run_the_c_kernels_where_built_and_leave_non_finite_values_to_the_reference(monkeypatch):
+    from quarot_fx.kernels import native
+
+    assert native.library() is not None, native.unavailable_reason()
+    calls = []
+    for name in ("kv_quantize", "kv_dequantize"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, real=real, name=name: calls.append((name, a[-1])) or real(*a))
+    x = activations(4, 33)
+    for bits in (4, 8):
+        assert torch.equal(kv_dequantize(*kv_quantize(x, bits, 1.0), bits, 33, torch.float32),
+                           fake_quant_asymmetric(x, bits, 1.0))
+    # packed nibbles at 4 bits, one byte per code at 8
+    assert calls == [("kv_quantize", True), ("kv_dequantize", True), ("kv_quantize", False), ("kv_dequantize", False)]
+    x[1, 5], x[2, 7] = float("nan"), float("inf")
+    found = kv_quantize(x, 4, 0.9)  # the C kernel declines; the reference decides
+    assert all(torch.equal(a, b) for a, b in zip(found, kv_quantize_reference(x, 4, 0.9)) if not b.isnan().any())
+    assert found[1][1].isnan().all() and torch.equal(found[0][0], kv_quantize_reference(x, 4, 0.9)[0][0])
 
 
 def test_ops_refuse_bad_arguments():
