@@ -21,14 +21,6 @@ from quarot_fx.numerics.hadamard import hadamard_matrix, hadamard_plan
 from .common import check_hadamard as _check
 from .common import compute_dtype, row_chunks, stage_matrix
 
-MAX_STAGE_ORDER = 256  # native.hadamard_rows' limit
-
-
-def native_built() -> bool:
-    from . import native
-
-    return native.library() is not None
-
 
 def hadamard_transform_reference(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     """Plain dense reference: x @ kron(H_m, I_inner) / √m (in float64)."""
@@ -53,6 +45,13 @@ def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype) -> torc
 FEW_ROWS = 16  # a decode step's tokens: below this the stage GEMMs cost more in calls than in arithmetic
 
 
+def _takes_c_stages(flat: torch.Tensor, factors, ctype) -> bool:
+    from . import native
+
+    return (flat.shape[0] <= FEW_ROWS and ctype == torch.float32 and flat.device.type == "cpu"
+            and max(factors) <= native.MAX_STAGE_ORDER and native.library() is not None)
+
+
 def _few_rows(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
     """The same stages in one C call (``native.hadamard_rows``), for a few float32 rows."""
     from . import native
@@ -74,8 +73,7 @@ def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     ctype = compute_dtype(x.dtype)
     n = x.shape[-1]
     flat = x.reshape(-1, n)
-    if (flat.shape[0] <= FEW_ROWS and ctype == torch.float32 and x.device.type == "cpu"
-            and max(factors) <= MAX_STAGE_ORDER and native_built()):
+    if _takes_c_stages(flat, factors, ctype):
         return _few_rows(flat, m, inner, factors).to(x.dtype).reshape(x.shape)
     out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
     for rows in row_chunks(flat.shape[0], n * 4):

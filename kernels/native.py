@@ -44,7 +44,15 @@ def _cpu_identity() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("QUAROT_FX_CACHE", Path.home() / ".cache" / "quarot_fx"))
+    """``$QUAROT_FX_CACHE``, else ``~/.cache/quarot_fx``, else (not writable) the temp directory."""
+    if "QUAROT_FX_CACHE" in os.environ:
+        return Path(os.environ["QUAROT_FX_CACHE"])
+    home = Path.home() / ".cache" / "quarot_fx"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home if os.access(home, os.W_OK) else Path(tempfile.gettempdir()) / "quarot_fx"
+    except OSError:
+        return Path(tempfile.gettempdir()) / "quarot_fx"
 
 
 @lru_cache(maxsize=None)
@@ -60,13 +68,13 @@ def library():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
                 built = Path(scratch) / target.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
-                               check=True)
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                               text=True, check=True)
                 built.replace(target)  # atomic: concurrent builders all end with a whole file
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
-        _reason.append(f"the C kernel did not build with {compiler!r}: {detail.strip()[:300]}")
+        _reason.append(f"the C kernels did not build with {compiler!r}: {detail.strip()[:300]}")
         return None
     lib.int4_gemv.restype = lib.kv_dequantize.restype = None
     lib.kv_quantize.restype = ctypes.c_int
@@ -130,7 +138,7 @@ def kv_quantize(x: torch.Tensor, bits: int, clip: float, row_bytes: int, packed:
     return codes, scale, zero
 
 
-MAX_STAGE_ORDER = 256  # hadamard_rows keeps one stage's outputs for a row in registers / stack
+MAX_STAGE_ORDER = 256  # hadamard_rows keeps one stage's outputs for a row on the stack (native.c: acc[256])
 
 
 @lru_cache(maxsize=None)

@@ -41,10 +41,9 @@ def test_few_rows_take_the_c_stages_and_agree_with_the_gemm_stages(n, inner, row
         patch.setattr(native, "hadamard_rows", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
         few = hadamard_transform_cpu(x[:rows], inner)  # ≤ 16 rows: one C call
         many = hadamard_transform_cpu(x, inner)[:rows]  # more rows: a GEMM per stage
-    from quarot_fx.kernels.hadamard_transform import MAX_STAGE_ORDER
     from quarot_fx.numerics.hadamard import hadamard_plan
 
-    assert calls == ([(rows * inner, n)] if max(hadamard_plan(n).factors) <= MAX_STAGE_ORDER else [])
+    assert calls == ([(rows * inner, n)] if max(hadamard_plan(n).factors) <= native.MAX_STAGE_ORDER else [])
     torch.testing.assert_close(few, many, rtol=1e-4, atol=1e-5)
 
 
