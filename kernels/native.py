@@ -12,8 +12,8 @@ pay for their calls.
 The library is compiled with ``-march=native`` (so it is tied to this CPU: the cache key holds
 the CPU's model and flags, the compiler and the source) into ``$QUAROT_FX_CACHE`` or
 ``~/.cache/quarot_fx``, and loaded with ctypes, which releases the GIL during the call. Without a
-compiler the kernel is simply unavailable (``unavailable_reason()``) and ``int_gemm`` never picks
-it.
+compiler the kernels are simply unavailable (``unavailable_reason()``): ``int_gemm`` never picks
+the GEMV, and the KV ops and Hadamards run their torch code.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def int4_linear(x2: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     bias = bias.float().contiguous() if bias is not None else None
     y = torch.empty((rows, out_features), dtype=torch.float32)
     library().int4_gemv(x2.data_ptr(), x_scale.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(),
-              bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, in_features, 0, out_features,
-              out_features)
+                        bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, in_features, 0,
+                        out_features, out_features)
     return y
 
 
