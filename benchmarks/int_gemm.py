@@ -5,9 +5,10 @@ the float32 emulation and, at decode, the C int4 GEMV.
 
 All compute the same exact integer sums (checked here too); which is fastest depends on the CPU
 (AVX512-VNNI / AMX vs AVX2 only), so ``quantized_linear`` times them once per shape and keeps the
-winner (``kernels/int_gemm.py``). Each is timed as that decision times it: at decode, cycling
-through copies of the weight that together exceed the last-level cache, as a model's layers each
-read their own weights. This prints the times at full prefill and decode shapes and what the decision picks.
+winner (``kernels/int_gemm.py``). The timings are that decision's own (``int_gemm.measure``: at
+decode, cycling through copies of the weight that together exceed the last-level cache, as a
+model's layers each read their own weights). This prints them at full prefill and decode shapes
+and what the decision picks.
 """
 
 from __future__ import annotations
@@ -37,19 +38,14 @@ def main(argv=None) -> None:
     for rows, k, n in SHAPES:
         codes = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=g)
         weight = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
-        as_int, as_float, packed = int_gemm.transposed_groups(weight, k), weight.float(), pack_linear_weight(weight)
-        exact = integer_matmul(codes, as_float, k)
-        assert torch.equal(int_gemm.int8_matmul(codes, as_int, k), exact)
-        stream = rows <= native.MAX_ROWS
-        ms = {"int8": int_gemm.streamed_ms(lambda w: int_gemm.int8_matmul(codes, w[0], k),
-                                           int_gemm.weight_copies(as_int, stream=stream), args.repeats),
-              "float": int_gemm.streamed_ms(lambda w: integer_matmul(codes, w[0], k),
-                                            int_gemm.weight_copies(as_float, stream=stream), args.repeats)}
-        if native.applies(rows, k, k) and native.library() is not None:
+        exact = integer_matmul(codes, weight.float(), k)
+        assert torch.equal(int_gemm.int8_matmul(codes, int_gemm.transposed_groups(weight, k), k), exact)
+        int4 = native.applies(rows, k, k) and native.library() is not None
+        if int4:
             ones = torch.ones(rows, 1)
-            assert torch.equal(native.int4_linear(codes, ones, packed, torch.ones(n, 1), None, k), exact)
-            ms["int4"] = int_gemm.streamed_ms(lambda w: native.int4_linear(codes, ones, *w, None, k),
-                                              int_gemm.weight_copies(packed, torch.ones(n, 1)), args.repeats)
+            assert torch.equal(native.int4_linear(codes, ones, pack_linear_weight(weight), torch.ones(n, 1), None, k),
+                               exact)
+        ms = int_gemm.measure(rows, k, n, k, ("int8", "float") + ("int4",) * int4, args.repeats)
         row = {"shape": f"{rows}x{k}->{n}", **{f"{c}_ms": round(v, 4) for c, v in ms.items()},
                **{f"{c}_vs_float": round(ms["float"] / v, 2) for c, v in ms.items() if c != "float"},
                "auto_picks": int_gemm.decide(rows, k, n, k).choice}

@@ -121,8 +121,10 @@ def weight_copies(weight, scale=None, stream: bool = True, limit: int = 256) -> 
     return [(weight.clone(), scale) for _ in range(count if stream else 1)]
 
 
-def _measure(rows: int, in_features: int, out_features: int, group: int, candidates: tuple) -> dict:
-    """Milliseconds per call of each candidate path on this shape."""
+def measure(rows: int, in_features: int, out_features: int, group: int, candidates: tuple,
+            repeats: int = 2) -> dict:
+    """Milliseconds per call of each candidate path ("int8", "float", "int4") on this shape, on
+    random codes (``benchmarks/int_gemm.py`` prints the same timings)."""
     from . import native
     from .quantized_linear import accumulator_dtype, integer_matmul, pack_linear_weight
 
@@ -133,14 +135,14 @@ def _measure(rows: int, in_features: int, out_features: int, group: int, candida
     ms = {}
     if "int8" in candidates:
         ms["int8"] = streamed_ms(lambda w: int8_matmul(codes, w[0], group, dtype=dtype),
-                                 weight_copies(transposed_groups(weight, group), stream=stream))
+                                 weight_copies(transposed_groups(weight, group), stream=stream), repeats)
     if "float" in candidates:
         ms["float"] = streamed_ms(lambda w: integer_matmul(codes, w[0], group),
-                                  weight_copies(weight.to(dtype), stream=stream))
+                                  weight_copies(weight.to(dtype), stream=stream), repeats)
     if "int4" in candidates:
         x_scale = torch.ones(rows, 1)
         ms["int4"] = streamed_ms(lambda w: native.int4_linear(codes, x_scale, *w, None, in_features),
-                                 weight_copies(pack_linear_weight(weight), torch.ones(out_features, 1)))
+                                 weight_copies(pack_linear_weight(weight), torch.ones(out_features, 1)), repeats)
     return ms
 
 
@@ -167,7 +169,7 @@ def decide(rows: int, in_features: int, out_features: int, group: int, policy: s
         decision = Decision(bucket, in_features, out_features, group, forced, by)
     else:
         candidates = ("int8",) * int8_fits + ("float",) + ("int4",) * int4
-        ms = _measure(bucket, in_features, out_features, group, candidates) if len(candidates) > 1 else {}
+        ms = measure(bucket, in_features, out_features, group, candidates) if len(candidates) > 1 else {}
         decision = Decision(bucket, in_features, out_features, group, min(ms, key=ms.get) if ms else "float",
                             "measured" if ms else "range",
                             *(round(ms[c], 4) if c in ms else None for c in ("int8", "float", "int4")))

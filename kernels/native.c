@@ -21,7 +21,7 @@
 #define MAX_ROWS 16
 
 void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *ws, const float *b, float *y,
-               int64_t rows, int64_t k, int64_t n_begin, int64_t n_end, int64_t n_total) {
+               int64_t rows, int64_t k, int64_t n_out) {
     const int64_t half = k / 2;
     int32_t x_sum[MAX_ROWS];
     for (int64_t m = 0; m < rows; m++) {
@@ -29,7 +29,7 @@ void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *
         for (int64_t j = 0; j < k; j++) s += x[m * k + j];
         x_sum[m] = s;
     }
-    for (int64_t n = n_begin; n < n_end; n++) {
+    for (int64_t n = 0; n < n_out; n++) {
         const uint8_t *row = w + n * half;
         int32_t acc[MAX_ROWS] = {0};
         int64_t j = 0;
@@ -63,7 +63,7 @@ void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *
             v = v * ws[n];
             v = v * xs[m];
             if (b) v = v + b[n];
-            y[m * n_total + n] = v;
+            y[m * n_out + n] = v;
         }
     }
 }

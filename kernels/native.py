@@ -78,7 +78,7 @@ def library():
         return None
     lib.int4_gemv.restype = lib.kv_dequantize.restype = None
     lib.kv_quantize.restype = ctypes.c_int
-    lib.int4_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
+    lib.int4_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
     lib.kv_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
     lib.hadamard_rows.restype = None
@@ -106,8 +106,7 @@ def int4_linear(x2: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     bias = bias.float().contiguous() if bias is not None else None
     y = torch.empty((rows, out_features), dtype=torch.float32)
     library().int4_gemv(x2.data_ptr(), x_scale.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(),
-                        bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, in_features, 0,
-                        out_features, out_features)
+                        bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, in_features, out_features)
     return y
 
 

@@ -46,13 +46,13 @@ def test_each_policy_runs_its_own_gemm(monkeypatch):
 
 
 def fake_timings(measured, verdict):
-    """A ``_measure`` stand-in: records the shapes and candidates asked, times ``verdict`` fastest."""
+    """A ``measure`` stand-in: records the shapes and candidates asked, times ``verdict`` fastest."""
     return lambda *shape: measured.append(shape) or {c: 1.0 if c == verdict[0] else 2.0 for c in shape[-1]}
 
 
 def test_auto_keeps_the_measured_winner_once_per_shape(monkeypatch):
     measured, verdict = [], ["int8"]
-    monkeypatch.setattr(int_gemm, "_measure", fake_timings(measured, verdict))
+    monkeypatch.setattr(int_gemm, "measure", fake_timings(measured, verdict))
     first = int_gemm.decide(100, 64, 32, 64)
     assert (first.choice, first.by, first.rows) == ("int8", "measured", 128)
     verdict[0] = "float"
@@ -86,7 +86,7 @@ def test_int4_gemv_runs_and_is_a_candidate_only_where_it_applies(monkeypatch):
     assert calls == [(3, 64)]
 
     measured = []
-    monkeypatch.setattr(int_gemm, "_measure", fake_timings(measured, ["int4"]))
+    monkeypatch.setattr(int_gemm, "measure", fake_timings(measured, ["int4"]))
     assert int_gemm.decide(16, 64, 32, 64).choice == "int4"
     assert int_gemm.decide(17, 64, 32, 64).choice == "int8"  # 32 rows: past the GEMV
     assert int_gemm.decide(1, 64, 32, 32).choice == "int8"  # two weight groups
@@ -105,7 +105,7 @@ def test_without_a_compiler_the_int4_gemv_is_never_chosen(monkeypatch, tmp_path)
     native.library.cache_clear()
     try:
         assert native.library() is None and "no-such-compiler" in native.unavailable_reason()
-        monkeypatch.setattr(int_gemm, "_measure", fake_timings([], ["int4"]))
+        monkeypatch.setattr(int_gemm, "measure", fake_timings([], ["int4"]))
         decision = int_gemm.decide(1, 64, 32, 64, "int4")
         assert decision.choice != "int4" and decision.int4_ms is None
     finally:
@@ -137,7 +137,7 @@ def test_compiled_decode_with_the_int4_gemv_gives_the_float_emulations_logits(mo
 
 
 def test_environment_overrides_auto_and_bad_values_name_the_variable(monkeypatch):
-    monkeypatch.setattr(int_gemm, "_measure", lambda *shape: pytest.fail("the environment decides"))
+    monkeypatch.setattr(int_gemm, "measure", lambda *shape: pytest.fail("the environment decides"))
     monkeypatch.setenv(int_gemm.ENVIRONMENT, "int8")
     assert int_gemm.decide(4, 64, 32, 64).choice == "int8"
     assert int_gemm.decide(4, 64, 32, 64, "float").by == "option"  # the option is stronger
