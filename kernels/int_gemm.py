@@ -1,12 +1,14 @@
 """Which exact integer GEMM the CPU runs for ``quantized_linear``: a real int8 GEMM, float32
-emulation, or (at 1..16 rows) an int4 × int8 GEMV over the packed weight.
+emulation, or ``native``'s C kernels over the packed int4 weight (a GEMV at 1..16 rows, a blocked
+GEMM beyond).
 
 Both compute Σ_k qx·qw exactly: ``torch._int_mm`` accumulates in int32 (exact while K·128·8 < 2³¹),
 the emulation multiplies integer-valued float32 tensors (exact while the sum stays below 2²⁴,
 float64 beyond, see ``accumulator_dtype``). The int32 sums convert to the same floats, so the
-two paths give the same output bit for bit and the choice is purely one of speed. At 1..16 rows
-(decode) there is a third exact way, ``native``'s C kernel: it reads the packed int4 bytes, 1/8 of
-the emulation's fp32 weights, and multiplies bytes with AVX2 where the CPU has it.
+two paths give the same output bit for bit and the choice is purely one of speed. The third exact
+way is ``native``'s C kernels: at 1..16 rows (decode) a GEMV that reads the packed int4 bytes, 1/8
+of the emulation's fp32 weights; beyond, a GEMM that multiplies bytes with AVX2's vpmaddubsw (32
+multiply-adds per instruction pair against 8 per fp32 FMA) where ``_int_mm`` has no fast kernel.
 
 Which is faster depends on the CPU: with AVX512-VNNI or AMX, oneDNN's int8 GEMM beats an fp32
 matmul several times; with only AVX2 it was measured 15-50× *slower*. So nothing is hard-coded:
@@ -18,7 +20,7 @@ stays in cache would flatter the path that reads more bytes.
 
 Policy, strongest first: the compile option ``int_gemm`` ("int8" | "float" | "int4"), the
 environment variable ``QUAROT_FX_INT_GEMM`` (same values), else "auto" (the measurement).
-"int4" applies where the GEMV does (``native.applies``); other shapes are measured as under "auto".
+"int4" applies where the C kernels do (``native.applies``); other shapes are measured as under "auto".
 """
 
 from __future__ import annotations
@@ -142,15 +144,15 @@ def measure(rows: int, in_features: int, out_features: int, group: int, candidat
     if "int4" in candidates:
         x_scale = torch.ones(rows, 1)
         ms["int4"] = streamed_ms(lambda w: native.int4_linear(codes, x_scale, *w, None, in_features),
-                                 weight_copies(pack_linear_weight(weight), torch.ones(out_features, 1)), repeats)
+                                 weight_copies(pack_linear_weight(weight), torch.ones(out_features, 1), stream), repeats)
     return ms
 
 
 def decide(rows: int, in_features: int, out_features: int, group: int, policy: str = "auto",
            int4: bool = True) -> Decision:
     """The GEMM for this shape under ``policy`` (measured once per process per shape bucket).
-    ``int4``: the weight is in the dense packed layout the int4 GEMV reads (not compressed
-    sparse storage); the GEMV is then a candidate where it applies and was built."""
+    ``int4``: the weight is in the dense packed layout the C kernels read (not compressed sparse
+    storage); they are then a candidate where they apply and were built."""
     from . import native
 
     bucket = rows_bucket(rows)

@@ -7,13 +7,15 @@ than the fp32 matmul), while AVX2's byte multiply-add reads the packed weight di
 cache's dequantization, run over the whole cache every decode step, is one pass in C instead of
 the reference's several, and quantizing one decode token per head is one call instead of a
 dozen small torch ops; so is a decode token's online Hadamard, whose stage GEMMs are too small to
-pay for their calls.
+pay for their calls. At prefill, the same byte multiply-add in a register- and cache-blocked GEMM
+(``int4_gemm``) does twice the fp32 FMA's work per instruction, exactly, where ``_int_mm`` has no
+fast kernel for this CPU.
 
 The library is compiled with ``-march=native`` (so it is tied to this CPU: the cache key holds
 the CPU's model and flags, the compiler and the source) into ``$QUAROT_FX_CACHE`` or
 ``~/.cache/quarot_fx``, and loaded with ctypes, which releases the GIL during the call. Without a
 compiler the kernels are simply unavailable (``unavailable_reason()``): ``int_gemm`` never picks
-the GEMV, and the KV ops and Hadamards run their torch code.
+them, and the KV ops and Hadamards run their torch code.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
 MAX_ROWS = 16  # the kernel's row limit (decode and small batches)
 _reason: list[str] = []
 
@@ -79,6 +81,8 @@ def library():
     lib.int4_gemv.restype = lib.kv_dequantize.restype = None
     lib.kv_quantize.restype = ctypes.c_int
     lib.int4_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
+    lib.int4_gemm.restype = lib.gemm_available.restype = ctypes.c_int
+    lib.int4_gemm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
     lib.kv_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
     lib.hadamard_rows.restype = None
@@ -91,22 +95,30 @@ def unavailable_reason() -> str | None:
 
 
 def applies(rows: int, in_features: int, group: int) -> bool:
-    """Shapes the kernel covers: at most ``MAX_ROWS`` rows, one scale per output channel, an even
-    width, and sums the float emulation holds exactly in float32 (so both give the same bits)."""
-    return 1 <= rows <= MAX_ROWS and group == in_features and in_features % 2 == 0 and in_features * 128 * 8 < 2**24
+    """Shapes the int4 kernels cover: one scale per output channel and sums the float emulation
+    holds exactly in float32 (so both give the same bits); the GEMV (≤ ``MAX_ROWS`` rows) needs an
+    even width, the GEMM (more rows) a width divisible by 4 and AVX2. Needs the library built."""
+    if rows < 1 or group != in_features or in_features % 2 or in_features * 128 * 8 >= 2**24:
+        return False
+    return rows <= MAX_ROWS or (in_features % 4 == 0 and library() is not None and bool(library().gemm_available()))
 
 
 def int4_linear(x2: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
     """float32 y [rows, out] from int8 codes x2 [rows, in], scales [rows, 1] and the packed
-    weight [out, in/2] with channel scales [out, 1]."""
+    weight [out, in/2] with channel scales [out, 1]: the GEMV up to ``MAX_ROWS`` rows, the
+    blocked GEMM (on torch's thread count) beyond."""
     rows, out_features = x2.shape[0], weight.shape[0]
     x2, x_scale = x2.contiguous(), x_scale.reshape(rows).float().contiguous()
     weight, weight_scale = weight.contiguous(), weight_scale.reshape(out_features).float().contiguous()
     bias = bias.float().contiguous() if bias is not None else None
     y = torch.empty((rows, out_features), dtype=torch.float32)
-    library().int4_gemv(x2.data_ptr(), x_scale.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(),
-                        bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, in_features, out_features)
+    pointers = (x2.data_ptr(), x_scale.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(),
+                bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, in_features, out_features)
+    if rows <= MAX_ROWS:
+        library().int4_gemv(*pointers)
+    elif library().int4_gemm(*pointers, torch.get_num_threads()):
+        raise MemoryError(f"int4_gemm: no memory or thread for a {rows}x{in_features}->{out_features} GEMM")
     return y
 
 

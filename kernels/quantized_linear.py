@@ -11,8 +11,8 @@
 
 Integer semantics: acc = Σ_k qx·qw per group is an exact integer; y = Σ_g acc_g·s_w,g·s_x + b.
 CPU: a real int8 GEMM (``torch._int_mm``, int32 accumulation), a float32 matmul on
-integer-valued tensors (exact while |acc| < 2²⁴, i.e. group · 128 · 8 < 2²⁴; float64 beyond) or,
-at 1..16 rows, the C int4 GEMV of ``native`` on the packed bytes, whichever ``int_gemm`` measures
+integer-valued tensors (exact while |acc| < 2²⁴, i.e. group · 128 · 8 < 2²⁴; float64 beyond) or
+``native``'s C kernels on the packed bytes (a GEMV at 1..16 rows, a GEMM beyond), whichever ``int_gemm`` measures
 faster on this CPU for the shape (``gemm``: "auto" | "int8" | "float" | "int4"); all give the
 same bits. CUDA: the Triton GEMM in ``triton_linear``.
 """
@@ -147,7 +147,7 @@ def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_d
     ``keep_unpacked``: keep the unpacked weight between calls instead of unpacking each time;
     ``codes``: how to get the int8 codes [out, in] from ``weight`` when it is not the dense
     packed layout (compressed sparse storage, ``sparse_linear``; checked by its caller)."""
-    dense = codes is None  # the packed layout the int4 GEMV reads
+    dense = codes is None  # the packed layout the C int4 kernels read
     if dense:
         group = _check(x, x_scale, weight, weight_scale, bias, in_features)
         codes = lambda: unpack_linear_weight(weight, in_features, groups)  # noqa: E731

@@ -111,16 +111,16 @@ class QuaRotConfig:
             matmuls). Weights of other widths than 4 bits stay simulated under ``"integer"``;
             the report says so.
         int_gemm: the CPU's exact integer GEMM: ``"auto"`` (time a real int8 GEMM against float32
-            emulation once per shape and keep the faster: it depends on the CPU; at 1..16 rows
-            the C int4 GEMV over the packed weight competes too), ``"int8"``, ``"float"`` or
+            emulation once per shape and keep the faster: it depends on the CPU; the C int4
+            kernels over the packed weight, a GEMV at 1..16 rows and a GEMM beyond, compete too), ``"int8"``, ``"float"`` or
             ``"int4"`` (where it applies); all give the same bits.
             ``"auto"`` defers to ``QUAROT_FX_INT_GEMM``.
         observe_inputs: diagnostics: record max |x| at every quantized linear's input after the
             rewrite, on the first calibration window (``report.input_max``; ``quarot-fx outliers``).
         resident_weights: ``"packed"`` (unpack the int4 weights on every call: least memory) or
             ``"unpacked"`` (unpack once and keep the GEMM-ready codes too: 4 bytes per weight
-            more, no unpacking per call of the float emulation; shapes that take the int4 GEMV,
-            decode, read the packed bytes and keep nothing).
+            more, no unpacking per call of the float emulation; shapes that take the C int4
+            kernels read the packed bytes and keep nothing).
         kv_cache: the cache a call with ``use_cache`` and no (or an empty transformers) cache gets
             when ``kv_bits < 16``: ``"packed"`` (a :class:`quarot_fx.PackedKVCache` of codes,
             0.29× an fp16 cache at 4 bits and head_dim 64) or ``"float"`` (transformers' own

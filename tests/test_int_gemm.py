@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import quarot_fx
-from quarot_fx.kernels import int_gemm
+from quarot_fx.kernels import int_gemm, native
 from quarot_fx.kernels.quantized_linear import pack_linear_weight, quantized_linear
 from test_quant_kernels import DTYPES, linear_inputs
 from tiny_models import tiny_model, token_ids
@@ -57,7 +57,8 @@ def test_auto_keeps_the_measured_winner_once_per_shape(monkeypatch):
     assert (first.choice, first.by, first.rows) == ("int8", "measured", 128)
     verdict[0] = "float"
     assert int_gemm.decide(120, 64, 32, 64) is first  # same bucket: no new measurement
-    assert measured == [(128, 64, 32, 64, ("int8", "float"))]
+    c_kernels = ("int4",) * native.applies(128, 64, 64)  # where the C library built
+    assert measured == [(128, 64, 32, 64, ("int8", "float") + c_kernels)]
     assert int_gemm.decide(1, 64, 32, 64).choice == "float"  # decode rows: measured on their own
     assert int_gemm.decide(1, 64, 32, 64, "int8").by == "option"
     assert len(measured) == 2
@@ -74,6 +75,33 @@ def test_int4_gemv_and_float_emulation_agree_bit_for_bit(m, half, n, bias, out_d
     assert torch.equal(quantized_linear(*args, "int4"), quantized_linear(*args, "float"))
 
 
+@given(m=st.integers(17, 70), quads=st.integers(1, 110), n=st.integers(1, 40), bias=st.booleans(),
+       out_dtype=st.sampled_from(DTYPES), bits=st.sampled_from([4, 8]), seed=st.integers(0, 50))
+def test_int4_gemm_and_float_emulation_agree_bit_for_bit(m, quads, n, bias, out_dtype, bits, seed):
+    k = 4 * quads  # k % 8 == 4 takes the kernel's byte-wise weight unpacking, k % 8 == 0 the word-wise
+    codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, 1, seed, bias)  # rows, columns past whole tiles
+    if bits == 8:  # int16 partial sums then widen every 8 steps instead of every 136
+        codes = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+    args = (codes, x_scale, pack_linear_weight(w, 1), w_scale, b, k, out_dtype)
+    assert torch.equal(quantized_linear(*args, "int4"), quantized_linear(*args, "float"))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("x_code, w_code", [(-128, 7), (127, 7), (-8, 7), (-128, -8)])
+def test_int4_gemm_extreme_codes_on_any_thread_count(x_code, w_code, threads):
+    """The largest |sum| the int16 partial sums can meet, over every k step, split over threads."""
+    m, k, n = 37, 1536, 50
+    codes, w = torch.full((m, k), x_code, dtype=torch.int8), torch.full((n, k), w_code, dtype=torch.int8)
+    args = (codes, torch.ones(m, 1), pack_linear_weight(w, 1), torch.ones(n, 1), None, k, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = quantized_linear(*args, "int4")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y, torch.full((m, n), float(x_code * w_code * k)))
+
+
 def test_int4_gemv_runs_and_is_a_candidate_only_where_it_applies(monkeypatch):
     from quarot_fx.kernels import native
 
@@ -88,13 +116,18 @@ def test_int4_gemv_runs_and_is_a_candidate_only_where_it_applies(monkeypatch):
     measured = []
     monkeypatch.setattr(int_gemm, "measure", fake_timings(measured, ["int4"]))
     assert int_gemm.decide(16, 64, 32, 64).choice == "int4"
-    assert int_gemm.decide(17, 64, 32, 64).choice == "int8"  # 32 rows: past the GEMV
+    assert int_gemm.decide(17, 64, 32, 64).choice == "int4"  # 32 rows: the GEMM
+    assert int_gemm.decide(17, 66, 32, 66).choice == "int8"  # past the GEMV, and the GEMM needs k % 4 == 0
     assert int_gemm.decide(1, 64, 32, 32).choice == "int8"  # two weight groups
     assert int_gemm.decide(1, 63, 32, 63).choice == "int8"  # odd width
     assert int_gemm.decide(1, 64, 32, 64, int4=False).choice == "int8"  # compressed sparse storage
-    assert [shape[-1] for shape in measured] == [("int8", "float", "int4")] + [("int8", "float")] * 4
-    forced = int_gemm.decide(64, 64, 32, 64, "int4")  # where it does not apply, measured as under auto
+    assert [shape[-1] for shape in measured] == [("int8", "float", "int4")] * 2 + [("int8", "float")] * 4
+    forced = int_gemm.decide(64, 66, 32, 66, "int4")  # where it does not apply, measured as under auto
     assert (forced.choice, forced.by) == ("int8", "measured")
+    calls.clear()
+    codes, x_scale, w, w_scale, b = linear_inputs(40, 64, 5, 1)
+    quantized_linear(codes, x_scale, pack_linear_weight(w, 1), w_scale, b, 64, torch.float32, "int4")
+    assert calls == [(40, 64)]
 
 
 def test_without_a_compiler_the_int4_gemv_is_never_chosen(monkeypatch, tmp_path):
@@ -112,7 +145,7 @@ def test_without_a_compiler_the_int4_gemv_is_never_chosen(monkeypatch, tmp_path)
         native.library.cache_clear()
 
 
-def test_compiled_decode_with_the_int4_gemv_gives_the_float_emulations_logits(monkeypatch):
+def test_compiled_decode_with_the_int4_kernels_gives_the_float_emulations_logits(monkeypatch):
     from quarot_fx.kernels import native
 
     calls = []
