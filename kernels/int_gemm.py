@@ -102,17 +102,25 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
+MIN_REPEAT_S = 0.02  # a timed repeat lasts at least this long, so sub-millisecond calls are not one clock tick
+
+
 def streamed_ms(fn, weights: list, repeats: int = 2) -> float:
     """Milliseconds per call of ``fn(weight)``, cycling through copies of the weight so that each
-    call reads its weight from memory rather than from cache."""
+    call reads its weight from memory rather than from cache; the best of ``repeats`` passes,
+    each of enough passes over the copies to last ``MIN_REPEAT_S`` (one for a slow path)."""
+    start = time.perf_counter()
     fn(weights[0])  # warm-up: first-call allocation, oneDNN primitive creation
+    fn(weights[-1])
+    passes = max(1, int(MIN_REPEAT_S / max(time.perf_counter() - start, 1e-9) * 2 / len(weights)))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        for weight in weights:
-            fn(weight)
+        for _ in range(passes):
+            for weight in weights:
+                fn(weight)
         best = min(best, time.perf_counter() - start)
-    return 1000 * best / len(weights)
+    return 1000 * best / (passes * len(weights))
 
 
 def weight_copies(weight, scale=None, stream: bool = True, limit: int = 256) -> list:

@@ -88,6 +88,9 @@ void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *
 #define GEMM_NR 16
 #define GEMM_MR 4
 #define GEMM_BLOCK_BYTES (256 * 1024)
+/* Starting and joining a thread costs tens of microseconds, about the time of this many
+ * multiply-adds: smaller products run on fewer threads. */
+#define GEMM_WORK_PER_THREAD (1LL << 24)
 
 int gemm_available(void) {
 #ifdef __AVX2__
@@ -228,7 +231,9 @@ int int4_gemm(const int8_t *x, const float *xs, const uint8_t *w, const float *w
         largest = largest > top ? largest : top;
     }
     const int64_t panels = (n + GEMM_NR - 1) / GEMM_NR;
+    const int64_t worth = 1 + m * k * n / GEMM_WORK_PER_THREAD;
     if (threads > panels) threads = panels;
+    if (threads > worth) threads = worth;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     gemm_job jobs[64];

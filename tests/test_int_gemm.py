@@ -89,8 +89,9 @@ def test_int4_gemm_and_float_emulation_agree_bit_for_bit(m, quads, n, bias, out_
 @pytest.mark.parametrize("threads", [1, 2, 5])
 @pytest.mark.parametrize("x_code, w_code", [(-128, 7), (127, 7), (-8, 7), (-128, -8)])
 def test_int4_gemm_extreme_codes_on_any_thread_count(x_code, w_code, threads):
-    """The largest |sum| the int16 partial sums can meet, over every k step, split over threads."""
-    m, k, n = 37, 1536, 50
+    """The largest |sum| the int16 partial sums can meet, over every k step, split over threads
+    (37·1536·600 multiply-adds: work enough for 3 of the kernel's threads)."""
+    m, k, n = 37, 1536, 600
     codes, w = torch.full((m, k), x_code, dtype=torch.int8), torch.full((n, k), w_code, dtype=torch.int8)
     args = (codes, torch.ones(m, 1), pack_linear_weight(w, 1), torch.ones(n, 1), None, k, torch.float32)
     before = torch.get_num_threads()
