@@ -266,23 +266,101 @@ int int4_gemm(const int8_t *x, const float *xs, const uint8_t *w, const float *w
  * most 4 bits are packed two per byte (element 2i low, 2i + 1 high), each stored as code - 8 in
  * two's complement, so code = nibble XOR 8; wider codes take one byte each. The float32 subtract
  * is exact (small integers) and the multiply is the reference's, so the bits are the same. */
+static void dequantize_row(const uint8_t *in, float s, float z, float *o, int64_t length, int64_t packed) {
+    if (packed) {
+        const int64_t pairs = length / 2;
+        for (int64_t j = 0; j < pairs; j++) {  /* two outputs per byte: a loop the compiler vectorizes */
+            o[2 * j] = ((float)((in[j] & 15) ^ 8) - z) * s;
+            o[2 * j + 1] = ((float)((in[j] >> 4) ^ 8) - z) * s;
+        }
+        if (length & 1) o[length - 1] = ((float)((in[pairs] & 15) ^ 8) - z) * s;
+    } else {
+        for (int64_t i = 0; i < length; i++) o[i] = ((float)in[i] - z) * s;
+    }
+}
+
 void kv_dequantize(const uint8_t *codes, const float *scale, const float *zero, float *out, int64_t rows,
                    int64_t length, int64_t row_bytes, int64_t packed) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *in = codes + r * row_bytes;
-        float *o = out + r * length;
-        const float s = scale[r], z = zero[r];
-        if (packed) {
-            const int64_t pairs = length / 2;
-            for (int64_t j = 0; j < pairs; j++) {  /* two outputs per byte: a loop the compiler vectorizes */
-                o[2 * j] = ((float)((in[j] & 15) ^ 8) - z) * s;
-                o[2 * j + 1] = ((float)((in[j] >> 4) ^ 8) - z) * s;
+    for (int64_t r = 0; r < rows; r++) dequantize_row(codes + r * row_bytes, scale[r], zero[r], out + r * length, length, packed);
+}
+
+/* packed_attention: softmax(q k^T * scale) v for a few query rows (a decode step) straight from the
+ * packed cache, which is dequantized one block of ATTENTION_BLOCK tokens at a time (as kv_dequantize
+ * would, the same values) and consumed with an online softmax, so the layer's whole cache never
+ * exists in float. q [batch, q_heads, rows, d]; codes [batch, kv_heads, tokens, row_bytes] with one
+ * scale and zero per vector; query head h reads kv head h / (q_heads / kv_heads), as SDPA's
+ * enable_gqa. causal: query row r sees keys 0..r (SDPA's is_causal, top-left). Sums run in another
+ * order than SDPA's, so results agree to float rounding. Returns 1 on no memory. */
+#define ATTENTION_BLOCK 64
+
+static float dot(const float *a, const float *b, int64_t d) {
+    int64_t i = 0;
+    float total = 0.0f;
+#ifdef __AVX2__
+    __m256 sum = _mm256_setzero_ps();
+    for (; i + 8 <= d; i += 8) sum = _mm256_add_ps(sum, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, sum);
+    for (int j = 0; j < 8; j++) total += lanes[j];
+#endif
+    for (; i < d; i++) total += a[i] * b[i];
+    return total;
+}
+
+int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scale, const float *k_zero,
+                     const uint8_t *v_codes, const float *v_scale, const float *v_zero, float *out, int64_t batch,
+                     int64_t q_heads, int64_t kv_heads, int64_t rows, int64_t tokens, int64_t d, int64_t row_bytes,
+                     int64_t packed, float scale, int64_t causal) {
+    const int64_t groups = q_heads / kv_heads, states = groups * rows;
+    float *keys = malloc(sizeof(float) * ATTENTION_BLOCK * d), *values = malloc(sizeof(float) * ATTENTION_BLOCK * d);
+    float *acc = malloc(sizeof(float) * states * d), *top = malloc(sizeof(float) * states * 2);
+    if (!keys || !values || !acc || !top) { free(keys); free(values); free(acc); free(top); return 1; }
+    float *total = top + states, score[ATTENTION_BLOCK];
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t kv = (b * kv_heads + h) * tokens;
+            for (int64_t s = 0; s < states; s++) { top[s] = -INFINITY; total[s] = 0.0f; }
+            memset(acc, 0, sizeof(float) * states * d);
+            for (int64_t t0 = 0; t0 < tokens; t0 += ATTENTION_BLOCK) {
+                const int64_t count = tokens - t0 < ATTENTION_BLOCK ? tokens - t0 : ATTENTION_BLOCK;
+                for (int64_t j = 0; j < count; j++) {
+                    dequantize_row(k_codes + (kv + t0 + j) * row_bytes, k_scale[kv + t0 + j], k_zero[kv + t0 + j], keys + j * d, d, packed);
+                    dequantize_row(v_codes + (kv + t0 + j) * row_bytes, v_scale[kv + t0 + j], v_zero[kv + t0 + j], values + j * d, d, packed);
+                }
+                for (int64_t s = 0; s < states; s++) {
+                    const int64_t g = s / rows, r = s % rows;
+                    const float *query = q + ((b * q_heads + h * groups + g) * rows + r) * d;
+                    const int64_t seen = causal ? (r + 1 - t0 < count ? r + 1 - t0 : count) : count;
+                    if (seen <= 0) continue;
+                    float block_top = -INFINITY;
+                    for (int64_t j = 0; j < seen; j++) {
+                        score[j] = dot(query, keys + j * d, d) * scale;
+                        block_top = score[j] > block_top ? score[j] : block_top;
+                    }
+                    const float new_top = block_top > top[s] ? block_top : top[s];
+                    float *a = acc + s * d;
+                    if (top[s] != -INFINITY && new_top != top[s]) {
+                        const float shrink = expf(top[s] - new_top);
+                        total[s] *= shrink;
+                        for (int64_t i = 0; i < d; i++) a[i] *= shrink;
+                    }
+                    top[s] = new_top;
+                    for (int64_t j = 0; j < seen; j++) {
+                        const float weight = expf(score[j] - new_top);
+                        total[s] += weight;
+                        const float *v = values + j * d;
+                        for (int64_t i = 0; i < d; i++) a[i] += weight * v[i];
+                    }
+                }
             }
-            if (length & 1) o[length - 1] = ((float)((in[pairs] & 15) ^ 8) - z) * s;
-        } else {
-            for (int64_t i = 0; i < length; i++) o[i] = ((float)in[i] - z) * s;
+            for (int64_t s = 0; s < states; s++) {
+                const int64_t g = s / rows, r = s % rows;
+                float *o = out + ((b * q_heads + h * groups + g) * rows + r) * d;
+                for (int64_t i = 0; i < d; i++) o[i] = acc[s * d + i] / total[s];
+            }
         }
-    }
+    free(keys); free(values); free(acc); free(top);
+    return 0;
 }
 
 /* kv_quantize: asymmetric codes of each [length] vector of x, as numerics.quant.asymmetric_codes

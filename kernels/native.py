@@ -85,6 +85,8 @@ def library():
     lib.int4_gemm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
     lib.kv_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
+    lib.packed_attention.restype = ctypes.c_int
+    lib.packed_attention.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64]
     lib.hadamard_rows.restype = None
     lib.hadamard_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
     return lib
@@ -147,6 +149,21 @@ def kv_quantize(x: torch.Tensor, bits: int, clip: float, row_bytes: int, packed:
                                                  rows, length, row_bytes, bits, clip, int(packed)):
         return None
     return codes, scale, zero
+
+
+def packed_attention(q: torch.Tensor, keys: tuple, values: tuple, length: int, packed: bool, scale: float,
+                     causal: bool) -> torch.Tensor:
+    """float32 attention output [batch, q_heads, rows, length] of float32 q over the packed cache's
+    (codes, scale, zero) for keys and values, [batch, kv_heads, tokens, ...] each."""
+    q = q.contiguous()
+    keys, values = ([t.contiguous() if i == 0 else t.float().contiguous() for i, t in enumerate(p)] for p in (keys, values))
+    batch, q_heads, rows, _ = q.shape
+    kv_heads, tokens, row_bytes = keys[0].shape[1:]
+    out = torch.empty_like(q)
+    if library().packed_attention(q.data_ptr(), *(t.data_ptr() for t in (*keys, *values)), out.data_ptr(), batch,
+                                  q_heads, kv_heads, rows, tokens, length, row_bytes, int(packed), scale, int(causal)):
+        raise MemoryError("packed_attention: no memory for its blocks")
+    return out
 
 
 MAX_STAGE_ORDER = 256  # hadamard_rows keeps one stage's outputs for a row on the stack (native.c: acc[256])

@@ -26,6 +26,7 @@ from .down_projection import attention_output_sites, find_down_projections, rota
 from .context import Analysis, PassContext  # noqa: F401  (re-exported: the context passes take)
 from .graph_utils import label
 from .kv_cache import close_packed_cache, open_packed_cache
+from .packed_attention import fuse_packed_attention
 from .quantize import PENDING_WEIGHT, lower_to_integer_kernels, quantize_activations, quantize_kv_cache, quantize_weights
 from .quantize import quantized_sites
 from .residual import find_residual_streams, rotate_residual, skip_reasons
@@ -122,6 +123,7 @@ register_pass("materialize", after="materialize_weights", when=lambda c: c.obser
 # A packed KV cache: the passes see a float cache, and the lowering stores codes again.
 register_pass("analysis", before="analyze_invariance")(open_packed_cache)
 register_pass("lower", before="lower_to_integer_kernels")(close_packed_cache)
+register_pass("lower", after="close_packed_cache")(fuse_packed_attention)
 # SmoothRot reads the float graph before any rewrite and must edit the down-projection before R4.
 register_pass("rotation", before="rotate_residual", when=lambda c: c.smoothrot)(smooth_down_projections)
 

@@ -122,7 +122,9 @@ def test_compiled_model_creates_a_packed_cache_with_the_float_caches_logits(monk
     kv_heads, layers = model.config.num_key_value_heads, model.config.num_hidden_layers
     assert cache.nbytes() == layers * 2 * kv_heads * (ids.shape[1] + 4) * (kv_code_bytes(head_dim, 4) + 5)
     for got, expected in zip(packed, float_cache_steps(monkeypatch, compiled, ids)):
-        assert torch.equal(got, expected)
+        # the same codes; attention reads them block by block (packed_attention), its sums in
+        # another order than SDPA's over the float cache
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_cache_through_inductor_and_with_a_searched_style_clip(monkeypatch):
@@ -214,6 +216,7 @@ def test_kv_cache_float_keeps_transformers_cache_and_bad_values_are_named():
     logits, cache = steps(compile_quarot(model, kv_cache="float"), ids, decode=1)
     assert type(cache) is DynamicCache
     packed, _ = steps(compile_quarot(model), ids, decode=1)
-    assert all(torch.equal(a, b) for a, b in zip(logits, packed))
+    for a, b in zip(logits, packed):  # the same codes, read block by block by packed_attention
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="kv_cache.*'packed'"):
         quarot_fx.QuaRotConfig(kv_cache="int4")

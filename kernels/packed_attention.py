@@ -1,0 +1,74 @@
+"""``quarot_fx::packed_attention``: scaled dot-product attention that reads the packed KV cache.
+
+``packed_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype,
+attn_mask, scale, is_causal, enable_gqa)`` is ``scaled_dot_product_attention(q,
+kv_dequantize(k…), kv_dequantize(v…), …)``: ``passes/packed_attention.py`` puts it where the graph
+dequantizes a layer's whole cache only for attention to read it. For a decode step (≤
+``MAX_ROWS`` query rows, float32, no mask tensor) the C kernel dequantizes one block of tokens at
+a time into a small buffer and folds it into an online softmax, so the cache never exists in
+float and is read once; elsewhere (prefill, masks, other dtypes, CUDA) it dequantizes and calls
+SDPA, as the graph did before. The two agree to float rounding (their sums run in other orders).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .common import check_bits
+from .common import kv_packs as packs
+
+MAX_ROWS = 16  # query rows the C kernel takes (a decode step, or a few speculative tokens)
+
+
+def packed_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype,
+                               attn_mask=None, scale=None, is_causal=False, enable_gqa=False):
+    """Dequantize the whole cache, then SDPA: what the graph computed before the fusion."""
+    dequantize = torch.ops.quarot_fx.kv_dequantize
+    keys = dequantize(k_codes, k_scale, k_zero, bits, length, dtype)
+    values = dequantize(v_codes, v_scale, v_zero, bits, length, dtype)
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale,
+                                                            is_causal=is_causal, enable_gqa=enable_gqa)
+
+
+def takes_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, dtype, attn_mask, enable_gqa) -> bool:
+    """Whether the C kernel covers this call (else the reference runs)."""
+    from . import native
+
+    if q.device.type != "cpu" or q.dim() != 4 or k_codes.dim() != 4 or attn_mask is not None:
+        return False
+    if q.dtype != torch.float32 or dtype != torch.float32 or not 1 <= q.shape[2] <= MAX_ROWS or q.shape[3] != length:
+        return False
+    batch, q_heads = q.shape[:2]
+    kv_heads, tokens = k_codes.shape[1:3]
+    same = all(t.shape[:3] == k_codes.shape[:3] for t in (k_scale, k_zero, v_codes, v_scale, v_zero))
+    vectors = all(t.shape[3] == 1 for t in (k_scale, k_zero, v_scale, v_zero)) and v_codes.shape == k_codes.shape
+    heads = q_heads == kv_heads or (enable_gqa and kv_heads and q_heads % kv_heads == 0)
+    return (same and vectors and bool(heads) and k_codes.shape[0] == batch and tokens > 0
+            and native.library() is not None)
+
+
+@torch.library.custom_op("quarot_fx::packed_attention", mutates_args=())
+def packed_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, bits: int, length: int,
+                     dtype: torch.dtype, attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                     is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+    """SDPA over the dequantized cache; see the module doc."""
+    from . import native
+
+    check_bits(bits)
+    if not takes_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, dtype, attn_mask, enable_gqa):
+        return packed_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype,
+                                          attn_mask, scale, is_causal, enable_gqa)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return native.packed_attention(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), length, packs(bits),
+                                   scale, is_causal)
+
+
+@packed_attention.register_fake
+def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype, attn_mask=None, scale=None,
+      is_causal=False, enable_gqa=False):
+    check_bits(bits)
+    return q.new_empty((*q.shape[:-1], length))
