@@ -1,5 +1,5 @@
 """The CPU's exact integer GEMMs at SmolLM2-135M's shapes: a real int8 GEMM (``torch._int_mm``),
-the float32 emulation and, at decode, the C int4 GEMV.
+the float32 emulation and the C int4 kernels (the blocked GEMM at prefill, the GEMV at decode).
 
     python benchmarks/int_gemm.py [--repeats 3] [--json]
 
@@ -32,8 +32,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     print(json.dumps({"cpu": cpu_summary(), "threads": torch.get_num_threads(),
-                      "int4_gemv": native.unavailable_reason() or "built"}) if args.json else
-          f"{cpu_summary()}, {torch.get_num_threads()} threads; int4 GEMV: {native.unavailable_reason() or 'built'}")
+                      "int4_kernels": native.unavailable_reason() or "built"}) if args.json else
+          f"{cpu_summary()}, {torch.get_num_threads()} threads; int4 kernels: {native.unavailable_reason() or 'built'}")
     g = torch.Generator().manual_seed(0)
     for rows, k, n in SHAPES:
         codes = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=g)

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from quarot_fx.report import Skip
 
-from .graph_utils import label
+from .graph_utils import label, op_name
 
 DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default
 PACKED_ATTENTION = torch.ops.quarot_fx.packed_attention.default
@@ -49,18 +49,21 @@ def _why_not(args: dict) -> str | None:
 def fuse_packed_attention(ctx) -> None:
     """Pass: attention over a packed cache reads its codes (see the module docstring)."""
     graph = ctx.gm.graph
+    explained = set()
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in SDPA:
             continue
         args = _sdpa_arguments(node)
-        reads = [args.get(name) for name in ("key", "value")] if args else []
+        reads = [args.get(name) for name in ("key", "value")] if args else list(node.args[1:3])
+        explained.update(reads)
         if not any(isinstance(r, fx.Node) and r.target is DEQUANTIZE for r in reads):
             continue
         why = "SDPA called with arguments this pass does not know" if args is None else (
             "only one of keys and values comes from the packed cache"
             if not all(isinstance(r, fx.Node) and r.target is DEQUANTIZE for r in reads) else _why_not(args))
         if why:
-            ctx.report.skipped.append(Skip(f"packed attention at {label(node)}",
+            where = label(next(iter(node.users)), default=node.name)  # the attention module reading it
+            ctx.report.skipped.append(Skip(f"packed attention at {where}",
                                            f"{why}: attention reads the whole dequantized cache"))
             continue
         key, value = reads
@@ -73,6 +76,13 @@ def fuse_packed_attention(ctx) -> None:
         for dead in (node, key, value):
             graph.erase_node(dead)
         ctx.report.counters["packed_attention"] += 1
+    for node in graph.nodes:  # a packed cache read some other way (e.g. repeat_kv before SDPA)
+        if node.op == "call_function" and node.target is DEQUANTIZE and node not in explained:
+            readers = ", ".join(sorted({op_name(u) for u in node.users}))
+            where = label(next(iter(node.users)), default=node.name)  # the attention module reading it
+            ctx.report.skipped.append(Skip(f"packed attention at {where}",
+                                           f"the dequantized cache is read by {readers}, not directly by SDPA: "
+                                           "attention reads the whole dequantized cache"))
     if ctx.report.counters["packed_attention"]:
         ctx.report.notes.append(
             f"KV cache: {ctx.report.counters['packed_attention']} attention calls read the packed cache block by "

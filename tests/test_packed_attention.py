@@ -84,25 +84,29 @@ class _Attention(torch.nn.Module):
         dequantize = torch.ops.quarot_fx.kv_dequantize.default  # as Dynamo records it
         keys = dequantize(k_codes, k_scale, k_zero, 4, 16, torch.float32)
         values = dequantize(v_codes, v_scale, v_zero, 4, 16, torch.float32)
+        if self.repeated:  # transformers' repeat_kv, as with a mask and grouped heads
+            keys = keys[:, :, None].expand(-1, -1, 2, -1, -1).flatten(1, 2)
+            values = values[:, :, None].expand(-1, -1, 2, -1, -1).flatten(1, 2)
         out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, dropout_p=self.dropout)
         return out + keys.sum() if self.keys_elsewhere else out
 
 
-@pytest.mark.parametrize("dropout, keys_elsewhere, why", [
-    (0.0, False, None),
-    (0.1, False, "attention dropout 0.1"),
-    (0.0, True, "the dequantized cache has other readers than attention"),
+@pytest.mark.parametrize("dropout, keys_elsewhere, repeated, why", [
+    (0.0, False, False, None),
+    (0.1, False, False, "attention dropout 0.1"),
+    (0.0, True, False, "the dequantized cache has other readers than attention"),
+    (0.0, False, True, "the dequantized cache is read by getitem, not directly by SDPA"),
 ])
-def test_the_pass_fuses_only_what_it_can_and_says_why_not(dropout, keys_elsewhere, why):
+def test_the_pass_fuses_only_what_it_can_and_says_why_not(dropout, keys_elsewhere, repeated, why):
     module = _Attention()
-    module.dropout, module.keys_elsewhere = dropout, keys_elsewhere
+    module.dropout, module.keys_elsewhere, module.repeated = dropout, keys_elsewhere, repeated
     gm = fx.symbolic_trace(module)
     ctx = type("Context", (), {"gm": gm, "report": Report(graph="test", options={})})()
     fuse_packed_attention(ctx)
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     fused = torch.ops.quarot_fx.packed_attention.default in targets
     assert fused == (why is None) and ctx.report.counters["packed_attention"] == int(fused)
-    assert [s.why.split(":")[0] for s in ctx.report.skipped] == ([why] if why else [])
+    assert {s.why.split(":")[0] for s in ctx.report.skipped} == ({why} if why else set())
     if fused:
         inputs = attention_inputs(1, 2, 1, 3, 40, 16, 4, 5)
         torch.testing.assert_close(gm(*inputs), module(*inputs), rtol=1e-5, atol=1e-5)
