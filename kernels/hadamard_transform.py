@@ -42,13 +42,11 @@ def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype) -> torc
     return y.reshape(rows, inner, m).transpose(1, 2).reshape(rows, m * inner) if inner > 1 else y
 
 
-FEW_ROWS = 16  # a decode step's tokens: below this the stage GEMMs cost more in calls than in arithmetic
-
-
 def _takes_c_stages(flat: torch.Tensor, factors, ctype) -> bool:
     from . import native
 
-    return (flat.shape[0] <= FEW_ROWS and ctype == torch.float32 and flat.device.type == "cpu"
+    # a decode step's few rows: there each stage GEMM costs more in its call than in arithmetic
+    return (flat.shape[0] <= native.FEW_ROWS and ctype == torch.float32 and flat.device.type == "cpu"
             and max(factors) <= native.MAX_STAGE_ORDER and native.library() is not None)
 
 

@@ -141,7 +141,7 @@ def measure(rows: int, in_features: int, out_features: int, group: int, candidat
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=generator)
     weight = torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8, generator=generator)
-    dtype, stream = accumulator_dtype(group), rows <= native.MAX_ROWS
+    dtype, stream = accumulator_dtype(group), rows <= native.FEW_ROWS
     ms = {}
     if "int8" in candidates:
         ms["int8"] = streamed_ms(lambda w: int8_matmul(codes, w[0], group, dtype=dtype),

@@ -131,8 +131,8 @@ static void pack_panel(const uint8_t *w, uint8_t *panel, int64_t k, int64_t n, i
 }
 
 /* The epilogue for a whole panel row, 8 lanes at a time, the same operations as epilogue() (no
- * fused multiply-add); returns how many columns it wrote. */
-static int64_t epilogue_8(const int32_t *acc, int32_t x_sum, const float *ws, float xs, const float *b, float *out) {
+ * fused multiply-add). */
+static void epilogue_8(const int32_t *acc, int32_t x_sum, const float *ws, float xs, const float *b, float *out) {
     const __m256i offset = _mm256_set1_epi32(8 * x_sum);
     const __m256 row_scale = _mm256_set1_ps(xs);
     for (int64_t c = 0; c < GEMM_NR; c += 8) {
@@ -141,7 +141,6 @@ static int64_t epilogue_8(const int32_t *acc, int32_t x_sum, const float *ws, fl
         if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c));
         _mm256_storeu_ps(out + c, v);
     }
-    return GEMM_NR;
 }
 
 /* One GEMM_MR x GEMM_NR tile over all of k; x holds GEMM_MR rows of stride k. */
@@ -198,10 +197,12 @@ static void *gemm_run(void *arg) {
                 gemm_tile(x, k, packed + p * k * GEMM_NR, job->steps, acc);
                 for (int64_t i = 0; i < rows; i++) {
                     float *out = job->y + (r + i) * n + first;
-                    int64_t c = 0;
-                    if (cols == GEMM_NR) c = epilogue_8(acc[i], job->x_sum[r + i], job->ws + first, job->xs[r + i],
-                                                        job->b ? job->b + first : NULL, out);
-                    for (; c < cols; c++)
+                    if (cols == GEMM_NR) {
+                        epilogue_8(acc[i], job->x_sum[r + i], job->ws + first, job->xs[r + i],
+                                   job->b ? job->b + first : NULL, out);
+                        continue;
+                    }
+                    for (int64_t c = 0; c < cols; c++)
                         out[c] = epilogue(acc[i][c] - 8 * job->x_sum[r + i], job->ws[first + c], job->xs[r + i], job->b, first + c);
                 }
             }

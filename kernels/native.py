@@ -32,7 +32,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
-MAX_ROWS = 16  # the kernel's row limit (decode and small batches)
+FEW_ROWS = 16  # a decode step's rows (or a small batch): where the C kernels take over from torch's calls;
+# the GEMV's limit (native.c MAX_ROWS), the Hadamard stages' and packed attention's too
 _reason: list[str] = []
 
 
@@ -98,17 +99,17 @@ def unavailable_reason() -> str | None:
 
 def applies(rows: int, in_features: int, group: int) -> bool:
     """Shapes the int4 kernels cover: one scale per output channel and sums the float emulation
-    holds exactly in float32 (so both give the same bits); the GEMV (≤ ``MAX_ROWS`` rows) needs an
+    holds exactly in float32 (so both give the same bits); the GEMV (≤ ``FEW_ROWS`` rows) needs an
     even width, the GEMM (more rows) a width divisible by 4 and AVX2. Needs the library built."""
     if rows < 1 or group != in_features or in_features % 2 or in_features * 128 * 8 >= 2**24:
         return False
-    return rows <= MAX_ROWS or (in_features % 4 == 0 and library() is not None and bool(library().gemm_available()))
+    return rows <= FEW_ROWS or (in_features % 4 == 0 and library() is not None and bool(library().gemm_available()))
 
 
 def int4_linear(x2: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
     """float32 y [rows, out] from int8 codes x2 [rows, in], scales [rows, 1] and the packed
-    weight [out, in/2] with channel scales [out, 1]: the GEMV up to ``MAX_ROWS`` rows, the
+    weight [out, in/2] with channel scales [out, 1]: the GEMV up to ``FEW_ROWS`` rows, the
     blocked GEMM (on torch's thread count) beyond."""
     rows, out_features = x2.shape[0], weight.shape[0]
     x2, x_scale = x2.contiguous(), x_scale.reshape(rows).float().contiguous()
@@ -117,11 +118,16 @@ def int4_linear(x2: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     y = torch.empty((rows, out_features), dtype=torch.float32)
     pointers = (x2.data_ptr(), x_scale.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(),
                 bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, in_features, out_features)
-    if rows <= MAX_ROWS:
+    if rows <= FEW_ROWS:
         library().int4_gemv(*pointers)
     elif library().int4_gemm(*pointers, torch.get_num_threads()):
         raise MemoryError(f"int4_gemm: no memory or thread for a {rows}x{in_features}->{out_features} GEMM")
     return y
+
+
+def _cache_parts(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple:
+    """KV codes, scales and zero points (float32 or uint8) as the C kernels read them."""
+    return codes.contiguous(), scale.float().contiguous(), zero.float().contiguous()
 
 
 def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, length: int, packed: bool):
@@ -131,7 +137,7 @@ def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     rows = codes.numel() // row_bytes if row_bytes else 0
     out = torch.empty((*codes.shape[:-1], length), dtype=torch.float32)
     if rows and length:
-        codes, scale, zero = codes.contiguous(), scale.float().contiguous(), zero.float().contiguous()
+        codes, scale, zero = _cache_parts(codes, scale, zero)
         library().kv_dequantize(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), rows, length,
                                 row_bytes, int(packed))
     return out
@@ -156,7 +162,7 @@ def packed_attention(q: torch.Tensor, keys: tuple, values: tuple, length: int, p
     """float32 attention output [batch, q_heads, rows, length] of float32 q over the packed cache's
     (codes, scale, zero) for keys and values, [batch, kv_heads, tokens, ...] each."""
     q = q.contiguous()
-    keys, values = ([t.contiguous() if i == 0 else t.float().contiguous() for i, t in enumerate(p)] for p in (keys, values))
+    keys, values = _cache_parts(*keys), _cache_parts(*values)
     batch, q_heads, rows, _ = q.shape
     kv_heads, tokens, row_bytes = keys[0].shape[1:]
     out = torch.empty_like(q)

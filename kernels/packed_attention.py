@@ -4,7 +4,7 @@
 attn_mask, scale, is_causal, enable_gqa)`` is ``scaled_dot_product_attention(q,
 kv_dequantize(k…), kv_dequantize(v…), …)``: ``passes/packed_attention.py`` puts it where the graph
 dequantizes a layer's whole cache only for attention to read it. For a decode step (≤
-``MAX_ROWS`` query rows, float32, no mask tensor) the C kernel dequantizes one block of tokens at
+``native.FEW_ROWS`` query rows, float32, no mask tensor) the C kernel dequantizes one block of tokens at
 a time into a small buffer and folds it into an online softmax, so the cache never exists in
 float and is read once; elsewhere (prefill, masks, other dtypes, CUDA) it dequantizes and calls
 SDPA, as the graph did before. The two agree to float rounding (their sums run in other orders).
@@ -19,9 +19,6 @@ import torch
 
 from .common import check_bits
 from .common import kv_packs as packs
-
-MAX_ROWS = 16  # query rows the C kernel takes (a decode step, or a few speculative tokens)
-
 
 def packed_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype,
                                attn_mask=None, scale=None, is_causal=False, enable_gqa=False):
@@ -39,7 +36,7 @@ def takes_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, 
 
     if q.device.type != "cpu" or q.dim() != 4 or k_codes.dim() != 4 or attn_mask is not None:
         return False
-    if q.dtype != torch.float32 or dtype != torch.float32 or not 1 <= q.shape[2] <= MAX_ROWS or q.shape[3] != length:
+    if q.dtype != torch.float32 or dtype != torch.float32 or not 1 <= q.shape[2] <= native.FEW_ROWS or q.shape[3] != length:
         return False
     batch, q_heads = q.shape[:2]
     kv_heads, tokens = k_codes.shape[1:3]
