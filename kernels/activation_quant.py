@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from quarot_fx.numerics.quant import symmetric_codes, symmetric_scale
+from quarot_fx.numerics.quant import activation_codes
 
 from .common import check_inputs, row_chunks
 from .hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
@@ -25,9 +25,8 @@ def _rotate_and_quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner
     ranges or in-place ops here)."""
     if hadamard_inner:
         x = hadamard(x, hadamard_inner)
-    x = x.float()
-    scale = symmetric_scale(x, bits, clip)
-    return symmetric_codes(x, scale, bits).to(torch.int8), scale
+    codes, scale = activation_codes(x, bits, clip)
+    return codes.to(torch.int8), scale
 
 
 def _profiled_hadamard(x: torch.Tensor, inner: int) -> torch.Tensor:

@@ -110,6 +110,16 @@ def _int64_matmul(codes, weight_codes, group, out=None):
 LINEAR_CHUNK_BYTES = 1 << 22  # accumulator block: large enough for an efficient GEMM, small enough for cache
 
 
+def _sum_groups(acc: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Σ_g acc_g·s_g over acc [G, M, N], group after group: a fixed order that Inductor keeps too
+    (it may reorder a ``sum`` reduction), so the simulated path (``simulated_linear``) and the
+    kernels round alike."""
+    y = acc[0] * weight_scale[:, 0]
+    for g in range(1, acc.shape[0]):
+        y = y + acc[g] * weight_scale[:, g]
+    return y
+
+
 def _block(x2, x_scale, w, weight_scale, bias, group, matmul, out=None):
     """y for a block of rows of x; ``w`` is the prepared weight (dequantized floats when x is
     float, integer codes in the accumulator dtype otherwise)."""
@@ -117,7 +127,7 @@ def _block(x2, x_scale, w, weight_scale, bias, group, matmul, out=None):
         y = torch.mm(x2.to(w.dtype), w.T, out=out)
     else:
         acc = matmul(x2, w, group, out)
-        y = acc.mul_(weight_scale[:, 0]) if acc.dim() == 2 else (acc * weight_scale.T[:, None, :]).sum(0)
+        y = acc.mul_(weight_scale[:, 0]) if acc.dim() == 2 else _sum_groups(acc, weight_scale)
         y.mul_(x_scale)
     return y.add_(bias) if bias is not None else y
 
@@ -183,6 +193,20 @@ def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_d
 def quantized_linear_reference(x, x_scale, weight, weight_scale, bias, in_features, out_dtype) -> torch.Tensor:
     """Plain torch with int64 accumulation (slow, obviously exact)."""
     return linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, _int64_matmul, torch.int64)
+
+
+def simulated_linear(codes: torch.Tensor, x_scale: torch.Tensor, weight_codes: torch.Tensor,
+                     weight_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """``kernels="fake"``: the integer kernels' arithmetic in plain torch ops, for any device and
+    lowering. Integer-valued float codes [..., in] times weight codes [out, in] (float, in the
+    accumulator dtype) sum exactly in any order, then the scales follow in the emulation's order
+    (``_block``), so the simulated path gives the integer path's bits; multiplying dequantized
+    floats would round differently and flip codes downstream."""
+    in_features = weight_codes.shape[1]
+    group = in_features // weight_scale.shape[1]
+    y = _block(codes.reshape(-1, in_features), x_scale.reshape(-1, 1), weight_codes, weight_scale, bias, group,
+               integer_matmul)
+    return y.to(out_dtype).reshape(*codes.shape[:-1], weight_codes.shape[0])
 
 
 @torch.library.custom_op("quarot_fx::quantized_linear", mutates_args=())

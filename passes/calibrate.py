@@ -219,7 +219,7 @@ def gptq_weights(ctx) -> None:
 
     missing = [site for site in sites
                if not is_cached(gm, ctx.edits(site), ctx.lifted.originals, ctx.fqn_of, extra=(edit,),
-                                packed=config.packs_weights)]
+                                packed=config.keeps_weight_codes)]
     if not missing:
         for site in sites:  # the Hessian is not part of the cache key: cached sites need none
             record(site, edit)

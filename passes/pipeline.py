@@ -28,7 +28,7 @@ from .graph_utils import label
 from .kv_cache import close_packed_cache, open_packed_cache
 from .packed_attention import fuse_packed_attention
 from .quantize import PENDING_WEIGHT, lower_to_integer_kernels, quantize_activations, quantize_kv_cache, quantize_weights
-from .quantize import quantized_sites
+from .quantize import keeps_codes, lower_to_simulated_linears, quantized_sites
 from .residual import find_residual_streams, rotate_residual, skip_reasons
 from .smoothrot import smooth_down_projections
 from .registry import RegisteredPass, ordered_passes, register_pass
@@ -60,8 +60,9 @@ def analyze_invariance(ctx: PassContext) -> None:
 def materialize_weights(ctx: PassContext) -> None:
     """Compute every edited weight once (cached by parameter) and point its site at it.
 
-    A 4-bit weight quantization that the integer kernels will store packed stays pending: the
-    site's node records it (``node.meta``) and ``lower_to_integer_kernels`` packs it, so the
+    A 4-bit weight quantization that the lowering keeps as codes stays pending: the site's node
+    records it (``node.meta``) and ``lower_to_integer_kernels`` packs it (or
+    ``lower_to_simulated_linears`` hands the codes to the fake path's simulated linear), so the
     float form of that weight is never computed.
     """
     for entry in ctx.sites.values():
@@ -71,7 +72,7 @@ def materialize_weights(ctx: PassContext) -> None:
         if quantizes_last(entry):
             record = weight_record(ctx.fqn_of(entry.original_weight), entry.edits[-1])
             ctx.report.quantized.append(record)
-        if record is not None and ctx.config.packs_weights and entry.site.kind != "embedding":
+        if record is not None and keeps_codes(ctx, entry):
             entry.site.node.meta[PENDING_WEIGHT] = (entry, record)
             continue
         weight, bias = transformed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
@@ -114,6 +115,7 @@ for _stage, _fn, _when, _name in (
     ("activations", gptq_weights, lambda c: _gptq(c) and c.gptq_sequential, "gptq_sequential"),
     ("materialize", materialize_weights, lambda c: c.transforms, None),
     ("lower", lower_to_integer_kernels, lambda c: c.kernels == "integer" and c.quantizes, None),
+    ("lower", lower_to_simulated_linears, lambda c: c.kernels == "fake" and c.keeps_weight_codes, None),
 ):
     register_pass(_stage, when=_when, name=_name)(_fn)
 # GBS searches clips with the weights final and before the lowering turns quantizers into integer ops.

@@ -20,16 +20,17 @@ import torch
 import torch.fx as fx
 
 from quarot_fx.kernels import int_gemm
-from quarot_fx.kernels.quantized_linear import unpack_linear_weight
+from quarot_fx.kernels.quantized_linear import accumulator_dtype, simulated_linear, unpack_linear_weight
 from quarot_fx.kernels.sparse_linear import compress
-from quarot_fx.numerics.quant import quantize_activation, quantize_kv
+from quarot_fx.numerics.quant import activation_codes, quantize_activation, quantize_kv
 from quarot_fx.report import QuantRecord, Skip
 
 from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, value
 from .sparsity import prunes, record_sparsity, storage_format
 from .weights import (INTEGER_LINEARS, QuantizeWeight, drop_unused_constants, integer_linear_shape,
-                      packed_weights, record_final_weight, replace_with_quantized_linear)
+                      packed_weights, record_final_weight, replace_with_quantized_linear,
+                      replace_with_simulated_linear)
 
 QUANTIZE_PER_TOKEN = torch.ops.quarot_fx.quantize_per_token.default
 KV_QUANTIZE = torch.ops.quarot_fx.kv_quantize.default
@@ -52,6 +53,15 @@ def feeds_output(node: fx.Node) -> bool:
                     nxt.append(user)
         frontier = nxt
     return False
+
+
+def keeps_codes(ctx, entry) -> bool:
+    """The site's 4-bit weight stays codes and scales until the lowering: packed for the integer
+    kernels; for the fake path's simulated linear only where its input is quantized."""
+    if not ctx.config.keeps_weight_codes or entry.site.kind == "embedding":
+        return False
+    source = entry.site.input_node
+    return ctx.config.kernels == "integer" or (source.op == "call_function" and source.target is quantize_activation)
 
 
 def quantized_sites(ctx) -> list:
@@ -152,6 +162,56 @@ def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str) -> None:
             report.gemm.append(decision)
 
 
+def _fake_quantizers_feeding(graph: fx.Graph, targets: tuple):
+    """(fake activation quantizer, the ``targets`` calls that read it as their float input)."""
+    for fake in [n for n in graph.nodes if n.op == "call_function" and n.target is quantize_activation]:
+        linears = [u for u in fake.users if u.target in targets and u.args[0] is fake and u.args[1] is None]
+        if linears:
+            yield fake, linears
+
+
+def _feed_codes(graph: fx.Graph, fake: fx.Node, linears: list, quantizer, args: tuple, storage: str) -> bool:
+    """Hand ``linears`` the (codes, scales) of ``quantizer(*args)`` in place of the fake
+    quantizer's output; the fake quantizer goes when nothing else reads it (returns whether)."""
+    with graph.inserting_before(fake):
+        quantized = graph.call_function(quantizer, args)
+        codes, scales = (graph.call_function(operator.getitem, (quantized, i)) for i in range(2))
+    for linear in linears:
+        linear.args = (codes, scales, *linear.args[2:])
+    if RECORD in fake.meta:
+        fake.meta[RECORD].storage = storage
+    if fake.users:
+        return False
+    graph.erase_node(fake)
+    return True
+
+
+def lower_to_simulated_linears(ctx) -> None:
+    """Pass (``kernels="fake"``): a 4-bit linear with quantized inputs (``keeps_codes``) becomes
+    ``simulated_linear``, the integer kernels' arithmetic in plain torch ops (exact products of
+    float codes, then the scales), fed by ``activation_codes``; so the simulated path gives the
+    integer path's bits on any device and through any lowering."""
+    graph = ctx.gm.graph
+    for node in list(graph.nodes):
+        if PENDING_WEIGHT not in node.meta:
+            continue
+        entry, record = node.meta.pop(PENDING_WEIGHT)
+        fqn = ctx.fqn_of(entry.original_weight)
+        module = label(node, default=fqn.rpartition(".")[0])
+        packed, scales, bias, in_features = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+        codes = unpack_linear_weight(packed, in_features, scales.shape[1])
+        record_final_weight(ctx, module, entry, bias=bias, codes=lambda codes=codes, scales=scales: (codes, scales))
+        if prunes(entry):
+            record_sparsity(ctx.report, codes, entry.edits[-1])
+        ctx.report.linear(module, entry.site.kind, fqn).online.append("simulated_linear: float codes + scales")
+        group = in_features // scales.shape[1]
+        replace_with_simulated_linear(ctx.gm, entry, codes.to(accumulator_dtype(group)), scales, bias)
+        record.storage = "float codes"
+    for fake, linears in _fake_quantizers_feeding(graph, (simulated_linear,)):
+        _feed_codes(graph, fake, linears, activation_codes, fake.args, "float codes")
+    drop_unused_constants(ctx.gm)
+
+
 def lower_to_integer_kernels(ctx) -> None:
     """Pass: the quantization decisions recorded on the graph become integer custom ops.
 
@@ -200,29 +260,19 @@ def lower_to_integer_kernels(ctx) -> None:
                             "simulated (dequantized float weights)")
 
     fused = 0
-    for fake in [n for n in graph.nodes if n.op == "call_function" and n.target is quantize_activation]:
-        linears = [u for u in fake.users if u.target in INTEGER_LINEARS and u.args[0] is fake and u.args[1] is None]
-        if not linears:
-            continue
+    for fake, linears in _fake_quantizers_feeding(graph, INTEGER_LINEARS):
         source, bits, clip = fake.args
         inner = 0
         if (len(linears) == len(fake.users) and source.op == "call_function" and source.target is HADAMARD_OP
                 and len(source.users) == 1):
             source, inner = source.args  # fuse the online Hadamard into the quantizer
-        with graph.inserting_before(fake):
-            quantized = graph.call_function(QUANTIZE_PER_TOKEN, (source, bits, clip, inner))
-            codes, scales = (graph.call_function(operator.getitem, (quantized, i)) for i in range(2))
-        for linear in linears:
-            linear.args = (codes, scales, *linear.args[2:])
-            _decide_gemm(report, linear, source, ctx.config.int_gemm)
-        if RECORD in fake.meta:
-            fake.meta[RECORD].storage = "integer op"
-        if not fake.users:
-            rotation = fake.args[0]
-            graph.erase_node(fake)
+        rotation = fake.args[0]
+        if _feed_codes(graph, fake, linears, QUANTIZE_PER_TOKEN, (source, bits, clip, inner), "integer op"):
             if inner:
                 graph.erase_node(rotation)
                 fused += 1
+        for linear in linears:
+            _decide_gemm(report, linear, source, ctx.config.int_gemm)
     report.counters["fused_hadamards"] += fused
     if fused:
         report.notes.append(f"integer kernels: {fused} online Hadamards fused into activation quantization")

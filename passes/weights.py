@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from quarot_fx.kernels import pack_linear_weight  # also registers torch.ops.quarot_fx
+from quarot_fx.kernels.quantized_linear import simulated_linear
 
 from .graph_utils import Site
 from .matrices import Matrix, multiply_right
@@ -427,26 +428,39 @@ def integer_linear_shape(node: fx.Node) -> tuple[int, int, int]:
     return in_features, out_features, groups
 
 
+def _swap_site(gm: fx.GraphModule, entry: SiteEdits, prefix: str, tensors: dict, target, args) -> fx.Node:
+    """Replace a linear/addmm site by ``target(input, None, *constants, out_dtype, *args)``, the
+    constants being ``tensors`` (None stays None); the None is the activation scale the lowering
+    fills in when it hands the call integer codes."""
+    node = entry.site.node
+    constants = [_constant(gm, node, f"{prefix}__{node.name}__{name}", t) if t is not None else None
+                 for name, t in tensors.items()]
+    out = node.meta.get("example_value")
+    dtype = out.dtype if isinstance(out, torch.Tensor) else entry.site.weight_node.meta["example_value"].dtype
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, (entry.site.input_node, None, *constants, *args(dtype)))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 def replace_with_quantized_linear(gm: fx.GraphModule, entry: SiteEdits, weights: dict, scales, bias,
                                   in_features: int, extra: tuple = (), gemm: str = "auto",
                                   keep_unpacked: bool = False) -> fx.Node:
     """Swap a linear/addmm site for ``quantized_linear`` (``weights`` = {"weight": packed}) or
     ``sparse_quantized_linear`` ({"values": …, "meta": …}, ``extra`` = (format, kept)) on
     constants (float input for now: the lowering then hands it integer codes)."""
-    node = entry.site.node
-    prefix = f"qfx_packed__{node.name}"
-    tensors = {**weights, "scale": scales, "bias": bias}
-    constants = [_constant(gm, node, f"{prefix}__{name}", t) if t is not None else None for name, t in tensors.items()]
-    out = node.meta.get("example_value")
-    dtype = out.dtype if isinstance(out, torch.Tensor) else entry.site.weight_node.meta["example_value"].dtype
     target = QUANTIZED_LINEAR if "weight" in weights else SPARSE_QUANTIZED_LINEAR
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(target, (entry.site.input_node, None, *constants, in_features, dtype, *extra,
-                                              gemm, keep_unpacked))
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    return new
+    return _swap_site(gm, entry, "qfx_packed", {**weights, "scale": scales, "bias": bias}, target,
+                      lambda dtype: (in_features, dtype, *extra, gemm, keep_unpacked))
+
+
+def replace_with_simulated_linear(gm: fx.GraphModule, entry: SiteEdits, codes, scales, bias) -> fx.Node:
+    """Swap a linear/addmm site for ``simulated_linear`` on float weight codes and scales (float
+    input for now: the fake lowering then hands it the activation codes)."""
+    return _swap_site(gm, entry, "qfx_codes", {"weight": codes, "scale": scales, "bias": bias}, simulated_linear,
+                      lambda dtype: (dtype,))
 
 
 def side_effects(node: fx.Node) -> bool:

@@ -48,7 +48,7 @@ def _lower(gm: fx.GraphModule, inputs: list, config: QuaRotConfig):
     # Freezing treats the lifted weights as constants (folding what depends only on them);
     # it applies to inference graphs, hence no_grad.
     with torch.no_grad():
-        return compile_fx(gm, inputs, config_patches={"freezing": True})
+        return compile_fx(gm, inputs, config_patches={"freezing": True, "emulate_precision_casts": True})
 
 
 def private_copy(gm: fx.GraphModule) -> fx.GraphModule:

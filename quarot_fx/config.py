@@ -107,9 +107,11 @@ class QuaRotConfig:
             the sweep on held-out calibration text (SmolLM2-135M, W4A4KV4).
         kernels: ``"integer"`` (4-bit weights stored packed two per byte with their scales,
             activations and KV quantized to integer codes by ``quarot_fx::`` custom ops; CUDA
-            runs Triton) or ``"fake"`` (quantize, then dequantize in float and use float
-            matmuls). Weights of other widths than 4 bits stay simulated under ``"integer"``;
-            the report says so.
+            runs Triton) or ``"fake"`` (plain torch ops on any device: a W4 linear with
+            quantized inputs multiplies integer-valued float codes, exactly, then applies the
+            scales in the integer kernels' order, so both paths give the same bits; elsewhere
+            quantize, dequantize and use float matmuls). Weights of other widths than 4 bits
+            stay simulated under ``"integer"``; the report says so.
         int_gemm: the CPU's exact integer GEMM: ``"auto"`` (time a real int8 GEMM against float32
             emulation once per shape and keep the faster: it depends on the CPU; the C int4
             kernels over the packed weight, a GEMV at 1..16 rows and a GEMM beyond, compete too), ``"int8"``, ``"float"`` or
@@ -347,9 +349,11 @@ class QuaRotConfig:
         return self.kv_clip if fixed else (0.95 if self.kv_bits <= 4 else 1.0)
 
     @property
-    def packs_weights(self) -> bool:
-        """Quantized linears become ``quantized_linear`` on packed int4 weights."""
-        return self.kernels == "integer" and self.w_bits == 4
+    def keeps_weight_codes(self) -> bool:
+        """4-bit weights stay codes and scales until the lowering: packed for ``quantized_linear``,
+        or, with ``kernels="fake"`` and quantized activations, float codes for the simulated
+        linear, which then computes what the integer kernels compute."""
+        return self.w_bits == 4 and (self.kernels == "integer" or self.a_bits < 16)
 
     @property
     def transforms(self) -> bool:

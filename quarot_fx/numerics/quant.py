@@ -54,6 +54,14 @@ def symmetric_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     return torch.clamp(torch.round(x / scale), -qmax - 1, qmax)  # out of place: also an Inductor decomposition
 
 
+def activation_codes(x: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token codes (integer-valued float32) and float32 scales [..., 1]: what the integer
+    op ``quantize_per_token`` returns, in plain float ops (the simulated linear's input)."""
+    x = x.float()
+    scale = symmetric_scale(x, bits, clip)
+    return symmetric_codes(x, scale, bits), scale
+
+
 def round_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     return symmetric_codes(x, scale, bits) * scale
 
