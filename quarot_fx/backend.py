@@ -46,7 +46,9 @@ def _lower(gm: fx.GraphModule, inputs: list, config: QuaRotConfig):
 
     register_inductor_decompositions()
     # Freezing treats the lifted weights as constants (folding what depends only on them);
-    # it applies to inference graphs, hence no_grad.
+    # it applies to inference graphs, hence no_grad. emulate_precision_casts: a bf16/fp16 value
+    # is rounded where eager rounds it (Inductor otherwise keeps fused intermediates in float32),
+    # so the simulated and the integer paths, and eager, round alike.
     with torch.no_grad():
         return compile_fx(gm, inputs, config_patches={"freezing": True, "emulate_precision_casts": True})
 

@@ -9,7 +9,8 @@ from quarot_fx.kernels import (hadamard_transform, kv_dequantize, kv_dequantize_
                                kv_quantize_reference, pack_linear_weight, quantize_per_token,
                                unpack_linear_weight,
                                quantize_per_token_reference, quantized_linear, quantized_linear_reference)
-from quarot_fx.numerics.quant import fake_quant_asymmetric, fake_quant_symmetric
+from quarot_fx.kernels.quantized_linear import simulated_linear
+from quarot_fx.numerics.quant import activation_codes, fake_quant_asymmetric, fake_quant_symmetric
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -78,6 +79,32 @@ def test_quantized_linear_matches_int64_reference(m, k, n, bias, out_dtype, seed
     # Unit scales expose the integer accumulator: it must be exact.
     ones = (codes, torch.ones_like(x_scale), pack_linear_weight(w, w_scale.shape[1]), torch.ones_like(w_scale), None, k, torch.float32)
     assert torch.equal(quantized_linear(*ones), (codes.long() @ w.long().T).float())
+
+
+@given(m=st.integers(1, 40), k=st.sampled_from([8, 16, 24, 64, 96]), n=st.integers(1, 24),
+       groups=st.sampled_from([1, 2, 4]), bias=st.booleans(), dtype=st.sampled_from(DTYPES),
+       gemm=st.sampled_from(["auto", "float", "int8", "int4"]), seed=st.integers(0, 50))
+def test_simulated_linear_gives_the_integer_kernels_bits(m, k, n, groups, bias, dtype, gemm, seed):
+    """kernels="fake": float codes times float codes, then the scales, is what every CPU GEMM computes."""
+    x = activations(m, k, seed, dtype)
+    codes, scale = activation_codes(x, 4, 0.9)
+    int_codes, int_scale = quantize_per_token(x, 4, 0.9)
+    assert torch.equal(codes, int_codes.float()) and torch.equal(scale, int_scale)
+    w = weights(n, k, seed + 1)
+    w_scale = torch.rand(n, groups, generator=torch.Generator().manual_seed(seed)) + 0.01
+    b = torch.randn(n).to(dtype) if bias else None
+    simulated = simulated_linear(codes, scale, w.float(), w_scale, b, dtype)
+    integer = quantized_linear(int_codes, int_scale, pack_linear_weight(w, groups), w_scale, b, k, dtype, gemm)
+    assert simulated.dtype == dtype and torch.equal(simulated, integer)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_inductor_compiles_the_simulated_linear_to_the_same_bits(groups):
+    """Inductor may reorder a sum: the groups are added one after the other, an order it keeps."""
+    codes, x_scale, w, w_scale, b = linear_inputs(7, 32 * groups, 48, groups)
+    args = (codes.float(), x_scale, w.float(), w_scale, b, torch.float32)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(simulated_linear, fullgraph=True)(*args), simulated_linear(*args))
 
 
 @pytest.mark.parametrize("groups", [2, 4])
