@@ -429,7 +429,7 @@ def integer_linear_shape(node: fx.Node) -> tuple[int, int, int]:
 
 
 def _swap_site(gm: fx.GraphModule, entry: SiteEdits, prefix: str, tensors: dict, target, args) -> fx.Node:
-    """Replace a linear/addmm site by ``target(input, None, *constants, out_dtype, *args)``, the
+    """Replace a linear/addmm site by ``target(input, None, *constants, *args(out_dtype))``, the
     constants being ``tensors`` (None stays None); the None is the activation scale the lowering
     fills in when it hands the call integer codes."""
     node = entry.site.node
