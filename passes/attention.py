@@ -285,6 +285,8 @@ def analyze_values(attention: Attention) -> ValuePlan:
     path = walk_back(value)
     plan.cache_inputs = path.cache_inputs
     split = path.source
+    if op_name(split) not in ("view", "reshape") and path.nodes and op_name(path.nodes[-1]) in ("view", "reshape"):
+        split = path.nodes[-1]  # one KV head: [.., d] → [.., 1, d] keeps the last dim, so the walk went past it
     s_in, s_out = shape(first_arg(split)) if isinstance(first_arg(split), fx.Node) else None, shape(split)
     if op_name(split) not in ("view", "reshape") or not s_in or not s_out or len(s_out) < 2 \
             or s_out[-1] != plan.head_dim or s_in[-1] != s_out[-2] * s_out[-1]:

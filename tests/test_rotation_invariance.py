@@ -120,8 +120,20 @@ def test_invariance_property(arch_sizes, layers, ffn, outliers, dtype, rotation,
     assert rel_err(out.logits, ref) <= (1e-4 if dtype == torch.float32 else 1e-6)  # norms run in fp32
     counts = reports[0].region_counts()
     assert counts.get("R1") == 1 and counts.get("R4") == layers, str(reports[0])
+    assert counts.get("R2") == layers, str(reports[0])  # one KV head (qwen2, gemma here) included
     if ffn == 92:
         assert "padded from 92" in str(reports[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_one_kv_head_gets_r2(arch):
+    """With one KV head the head split [.., d] → [.., 1, d] keeps the last dim: still found."""
+    model, ids = tiny_model(arch, heads=4, kv_heads=1), token_ids()
+    out, reports = run(model, ids, FX, use_cache=False)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    assert rel_err(out.logits, ref) <= 1e-4
+    assert reports[0].region_counts().get("R2") == 2 and not reports[0].skipped, str(reports[0])
 
 
 def test_bfloat16_model_stays_close():
