@@ -47,6 +47,12 @@ def main() -> None:
     parser.add_argument("--gbs-windows", type=int, default=None)
     parser.add_argument("--windows", type=int, default=16, help="test windows for the perplexity")
     parser.add_argument("--calibration-windows", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="search only the first N decoder layers (to profile the search: "
+                             "python -m cProfile -s tottime benchmarks/gbs_budget.py DIR --layers 2 --windows 1)")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="compute GPTQ and SmoothRot again instead of restoring them (with --layers: how far "
+                             "the search's clips move when the weights differ by float noise)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -57,10 +63,13 @@ def main() -> None:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     model, tokenizer = load_model("smollm2-135m")
+    if args.layers is not None:  # a truncated model: its perplexity means nothing, its search time does
+        model.model.layers = model.model.layers[:args.layers]
+        model.config.num_hidden_layers = args.layers
     calibration = calibration_windows(tokenize(tokenizer, read_eval_text(DEFAULT_CALIBRATION)),
                                       args.calibration_windows)
     compiled = quarot_fx.compile(model, **options, calibration=calibration,
-                                 calibrated=restored(manifest, tensors))
+                                 calibrated=None if args.recalibrate else restored(manifest, tensors))
     test = windows(tokenize(tokenizer, read_eval_text(DEFAULT_TEXT)), args.windows)
     start = time.perf_counter()
     with quarot_fx.collect_reports() as reports, torch.no_grad():
