@@ -46,6 +46,11 @@ def _why_not(args: dict) -> str | None:
     return None
 
 
+def _module_reading(node: fx.Node) -> str:
+    """The attention module that reads ``node``'s value, for the report."""
+    return label(next(iter(node.users)), default=node.name)
+
+
 def fuse_packed_attention(ctx) -> None:
     """Pass: attention over a packed cache reads its codes (see the module docstring)."""
     graph = ctx.gm.graph
@@ -62,8 +67,7 @@ def fuse_packed_attention(ctx) -> None:
             "only one of keys and values comes from the packed cache"
             if not all(isinstance(r, fx.Node) and r.target is DEQUANTIZE for r in reads) else _why_not(args))
         if why:
-            where = label(next(iter(node.users)), default=node.name)  # the attention module reading it
-            ctx.report.skipped.append(Skip(f"packed attention at {where}",
+            ctx.report.skipped.append(Skip(f"packed attention at {_module_reading(node)}",
                                            f"{why}: attention reads the whole dequantized cache"))
             continue
         key, value = reads
@@ -79,8 +83,7 @@ def fuse_packed_attention(ctx) -> None:
     for node in graph.nodes:  # a packed cache read some other way (e.g. repeat_kv before SDPA)
         if node.op == "call_function" and node.target is DEQUANTIZE and node not in explained:
             readers = ", ".join(sorted({op_name(u) for u in node.users}))
-            where = label(next(iter(node.users)), default=node.name)  # the attention module reading it
-            ctx.report.skipped.append(Skip(f"packed attention at {where}",
+            ctx.report.skipped.append(Skip(f"packed attention at {_module_reading(node)}",
                                            f"the dequantized cache is read by {readers}, not directly by SDPA: "
                                            "attention reads the whole dequantized cache"))
     if ctx.report.counters["packed_attention"]:

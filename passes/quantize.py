@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -28,7 +29,7 @@ from quarot_fx.report import QuantRecord, Skip
 from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, value
 from .sparsity import prunes, record_sparsity, storage_format
-from .weights import (INTEGER_LINEARS, QuantizeWeight, drop_unused_constants, integer_linear_shape,
+from .weights import (INTEGER_LINEARS, QuantizeWeight, SiteEdits, drop_unused_constants, integer_linear_shape,
                       packed_weights, record_final_weight, replace_with_quantized_linear,
                       replace_with_simulated_linear)
 
@@ -186,27 +187,52 @@ def _feed_codes(graph: fx.Graph, fake: fx.Node, linears: list, quantizer, args: 
     return True
 
 
+@dataclass
+class _PendingWeight:
+    """A weight the lowering receives as codes (``PENDING_WEIGHT``): packed int4 and scales."""
+
+    entry: SiteEdits
+    record: QuantRecord
+    module: str
+    fqn: str
+    packed: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+    in_features: int
+
+    def codes(self) -> torch.Tensor:
+        return unpack_linear_weight(self.packed, self.in_features, self.scales.shape[1])
+
+
+def _pending_weights(ctx):
+    """Each weight kept as codes, taken off its node and recorded in the report (its final codes,
+    unpacked when asked; its sparsity, counted from what is stored)."""
+    for node in list(ctx.gm.graph.nodes):
+        if PENDING_WEIGHT not in node.meta:
+            continue
+        entry, record = node.meta.pop(PENDING_WEIGHT)
+        fqn = ctx.fqn_of(entry.original_weight)
+        weight = _PendingWeight(entry, record, label(node, default=fqn.rpartition(".")[0]), fqn,
+                                *packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of))
+        record_final_weight(ctx, weight.module, entry, bias=weight.bias, codes=lambda w=weight: (w.codes(), w.scales))
+        if prunes(entry):
+            record_sparsity(ctx.report, weight.codes(), entry.edits[-1])
+        yield weight
+
+
 def lower_to_simulated_linears(ctx) -> None:
     """Pass (``kernels="fake"``): a 4-bit linear with quantized inputs (``keeps_codes``) becomes
     ``simulated_linear``, the integer kernels' arithmetic in plain torch ops (exact products of
     float codes, then the scales), fed by ``activation_codes``; so the simulated path gives the
     integer path's bits on any device and through any lowering."""
     graph = ctx.gm.graph
-    for node in list(graph.nodes):
-        if PENDING_WEIGHT not in node.meta:
-            continue
-        entry, record = node.meta.pop(PENDING_WEIGHT)
-        fqn = ctx.fqn_of(entry.original_weight)
-        module = label(node, default=fqn.rpartition(".")[0])
-        packed, scales, bias, in_features = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
-        codes = unpack_linear_weight(packed, in_features, scales.shape[1])
-        record_final_weight(ctx, module, entry, bias=bias, codes=lambda codes=codes, scales=scales: (codes, scales))
-        if prunes(entry):
-            record_sparsity(ctx.report, codes, entry.edits[-1])
-        ctx.report.linear(module, entry.site.kind, fqn).online.append("simulated_linear: float codes + scales")
-        group = in_features // scales.shape[1]
-        replace_with_simulated_linear(ctx.gm, entry, codes.to(accumulator_dtype(group)), scales, bias)
-        record.storage = "float codes"
+    for weight in _pending_weights(ctx):
+        ctx.report.linear(weight.module, weight.entry.site.kind, weight.fqn).online.append(
+            "simulated_linear: float codes + scales")
+        group = weight.in_features // weight.scales.shape[1]
+        replace_with_simulated_linear(ctx.gm, weight.entry, weight.codes().to(accumulator_dtype(group)), weight.scales,
+                                      weight.bias)
+        weight.record.storage = "float codes"
     for fake, linears in _fake_quantizers_feeding(graph, (simulated_linear,)):
         _feed_codes(graph, fake, linears, activation_codes, fake.args, "float codes")
     drop_unused_constants(ctx.gm)
@@ -223,32 +249,22 @@ def lower_to_integer_kernels(ctx) -> None:
     """
     graph, report = ctx.gm.graph, ctx.report
     packed_bytes = fp16_bytes = 0
-    for node in list(graph.nodes):
-        if PENDING_WEIGHT not in node.meta:
-            continue
-        entry, record = node.meta.pop(PENDING_WEIGHT)
-        packed, scales, bias, in_features = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
+    for weight in _pending_weights(ctx):
+        entry, packed, scales, in_features = weight.entry, weight.packed, weight.scales, weight.in_features
         weights, extra, storage = {"weight": packed}, (), "packed int4"
         if prunes(entry):
-            codes = unpack_linear_weight(packed, in_features, scales.shape[1])
-            record_sparsity(report, codes, entry.edits[-1])  # counted from what is stored
             fmt, kept = storage_format(entry.edits[-1], in_features)
-            values, meta = compress(codes, fmt, kept)
+            values, meta = compress(weight.codes(), fmt, kept)
             weights, extra, storage = {"values": values, "meta": meta}, (fmt, kept), f"sparse int4 ({fmt})"
         size = sum(t.numel() for t in weights.values()) + scales.numel() * scales.element_size()
         packed_bytes += size
         fp16_bytes += 2 * packed.shape[0] * in_features
-        fqn = ctx.fqn_of(entry.original_weight)
         op = "quantized_linear" if "weight" in weights else "sparse_quantized_linear"
-        module = label(node, default=fqn.rpartition(".")[0])
-        codes = (lambda packed=packed, n=in_features, scales=scales:
-                 (unpack_linear_weight(packed, n, scales.shape[1]), scales))
-        record_final_weight(ctx, module, entry, bias=bias, codes=codes)
-        report.linear(module, entry.site.kind, fqn).online.append(
+        report.linear(weight.module, entry.site.kind, weight.fqn).online.append(
             f"{op}: {storage} weight + scales, {size / 1024:.1f} KiB")
-        replace_with_quantized_linear(ctx.gm, entry, weights, scales, bias, in_features, extra, ctx.config.int_gemm,
-                                      ctx.config.resident_weights == "unpacked")
-        record.storage = storage
+        replace_with_quantized_linear(ctx.gm, entry, weights, scales, weight.bias, in_features, extra,
+                                      ctx.config.int_gemm, ctx.config.resident_weights == "unpacked")
+        weight.record.storage = storage
     report.counters["packed_bytes"] += packed_bytes
     report.counters["packed_fp16_bytes"] += fp16_bytes
     if packed_bytes:
