@@ -42,6 +42,7 @@ def restored(manifest: dict, tensors: dict) -> Calibrated:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
+    parser.add_argument("--gbs-objective", choices=quarot_fx.config.GBS_OBJECTIVES, default=None)
     parser.add_argument("--gbs-tokens", type=int, default=None)
     parser.add_argument("--gbs-iterations", type=int, default=None)
     parser.add_argument("--gbs-windows", type=int, default=None)
@@ -59,7 +60,7 @@ def main() -> None:
     manifest, tensors = _read(Path(args.artifact))
     saved_clips = {(site, what): clip for site, what, clip in manifest["clips"]}
     options = dict(manifest["options"])
-    for key in ("gbs_tokens", "gbs_iterations", "gbs_windows"):
+    for key in ("gbs_objective", "gbs_tokens", "gbs_iterations", "gbs_windows"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     model, tokenizer = load_model("smollm2-135m")

@@ -29,8 +29,9 @@ def hadamard_transform_reference(x: torch.Tensor, inner: int = 1) -> torch.Tenso
     return (x.to(torch.float64) @ h.to(x.device) / math.sqrt(m)).to(x.dtype)
 
 
-def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype) -> torch.Tensor:
-    """One block [rows, m·inner] (compute dtype) → its transform, same layout."""
+def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype, transpose: bool = False) -> torch.Tensor:
+    """One block [rows, m·inner] (compute dtype) → its transform, same layout. ``transpose``:
+    by (F_1 ⊗ … ⊗ F_c)ᵀ = F_1ᵀ ⊗ … ⊗ F_cᵀ, every stage with its factor transposed."""
     rows = y.shape[0]
     # Put the Hadamard axis last; the inner (per-head) axis rides along as batch.
     y = y.reshape(rows, m, inner).transpose(1, 2).reshape(rows * inner, m) if inner > 1 else y
@@ -38,6 +39,7 @@ def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype) -> torc
     for stage, order in enumerate(reversed(factors)):
         scale = 1.0 / math.sqrt(m) if stage == 0 else 1.0
         h = stage_matrix(order, scale, str(y.device), ctype)
+        h = h.T if transpose else h
         y = (y.reshape(-1, order) @ h).reshape(batch, m // order, order).transpose(1, 2).reshape(batch, m)
     return y.reshape(rows, inner, m).transpose(1, 2).reshape(rows, m * inner) if inner > 1 else y
 
@@ -63,7 +65,8 @@ def _few_rows(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
     return y.reshape(rows, inner, m).transpose(1, 2).reshape(rows, m * inner) if inner > 1 else y
 
 
-def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
+def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = False) -> torch.Tensor:
+    """The transform (``transpose``: by the transposed matrix, the inverse: what autograd needs)."""
     m = _check(x, inner)
     factors = hadamard_plan(m).factors
     if not factors:  # m == 1: H_1 = [1]
@@ -71,11 +74,11 @@ def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     ctype = compute_dtype(x.dtype)
     n = x.shape[-1]
     flat = x.reshape(-1, n)
-    if _takes_c_stages(flat, factors, ctype):
+    if not transpose and _takes_c_stages(flat, factors, ctype):
         return _few_rows(flat, m, inner, factors).to(x.dtype).reshape(x.shape)
     out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
     for rows in row_chunks(flat.shape[0], n * 4):
-        out[rows] = _transform_rows(flat[rows].to(ctype), m, inner, factors, ctype)
+        out[rows] = _transform_rows(flat[rows].to(ctype), m, inner, factors, ctype, transpose)
     return out.reshape(x.shape)
 
 
@@ -89,6 +92,19 @@ def hadamard_transform(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
 def _(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     _check(x, inner)
     return x.new_empty(x.shape)  # contiguous, like every real kernel's output
+
+
+def _save_inner(ctx, inputs, output) -> None:
+    ctx.inner = inputs[1] if len(inputs) > 1 else 1
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """The map is x ↦ x·M, M orthogonal: the input's gradient is grad·Mᵀ (GBS's Fisher objective
+    takes loss gradients through the online rotations)."""
+    return hadamard_transform_cpu(grad, ctx.inner, transpose=True), None
+
+
+hadamard_transform.register_autograd(_backward, setup_context=_save_inner)
 
 
 @hadamard_transform.register_kernel("cuda")

@@ -13,7 +13,11 @@ frozen prefix's values are cached and a candidate clip costs only what comes aft
 * ``"local"``: relative squared error, against the site left in float, of the first linear
   outputs the site reaches (q/k/v for their input, o_proj for K and V): a fraction of the cost.
   At activation sites that error is a sum over tokens (each linear acts on each token alone), so
-  ``gbs_tokens`` positions per window estimate it; K/V errors pass through attention: all tokens.
+  ``gbs_tokens`` positions per window estimate it; K/V errors pass through attention: all tokens;
+* ``"fisher"``: the loss change to second order, Σ g²·(Q(x) − x)² over the site's values, with g
+  the gradient of the calibration loss at the site (diagonal empirical Fisher, as BRECQ weighs
+  its reconstruction error). One forward and backward with every searched site in float gives
+  every g; a candidate then costs one quantization of the site's input and nothing after it.
 """
 
 from __future__ import annotations
@@ -84,6 +88,12 @@ def _logits(gm: fx.GraphModule) -> fx.Node | None:
     return None if best is None else best[0]
 
 
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of one window (``labels``: its tokens after the first)."""
+    return torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(labels.numel(), -1).float(), labels,
+                                             reduction="sum")
+
+
 def _first_linears(node: fx.Node) -> list[fx.Node]:
     """The first linear/addmm sites reached from ``node`` going forward."""
     found, frontier, seen = [], list(node.users), set()
@@ -111,6 +121,38 @@ def _quantized_weights(ctx, windows: Windows) -> None:
             packed, scales, bias, n = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
             weight = dequantize_weight(unpack_int4_reference(packed, n), scales)
             windows.override[node] = linear_override(entry.site, weight, bias)
+
+
+def _squared_loss_gradients(windows: Windows, quantizers, nodes, logits, labels) -> list[dict]:
+    """Per window, g² at each quantizer's value: the gradient of the calibration cross-entropy
+    with every searched quantizer in float (a zero probe added at each one collects its g) and
+    the others quantized, passing gradients straight through their rounding."""
+    searched, last_use = set(quantizers), {}
+    for i, node in enumerate(nodes):
+        for used in node.all_input_nodes:
+            last_use[used] = i
+    squares = []
+    for w in tqdm(range(len(windows.runners)), desc="GBS loss gradients", leave=False):
+        env, probes = {}, {}
+        with torch.enable_grad():
+            for i, node in enumerate(nodes):
+                if node in searched:
+                    x = env[node.args[0]]
+                    probes[node] = torch.zeros_like(x, requires_grad=True)
+                    env[node] = x + probes[node]
+                elif node.op == "call_function" and node.target in QUANTIZERS:  # rounding: straight through
+                    x = env[node.args[0]]
+                    env[node] = x + (windows.value(w, node, env) - x).detach()
+                else:
+                    env[node] = windows.value(w, node, env)
+                for used in node.all_input_nodes:
+                    if last_use[used] == i and used is not logits:
+                        env.pop(used, None)
+            grads = torch.autograd.grad(_cross_entropy(env[logits], labels[w]), list(probes.values()),
+                                        allow_unused=True)
+        squares.append({q: torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float().square()
+                        for (q, p), g in zip(probes.items(), grads)})
+    return squares
 
 
 def _site_of(q: fx.Node) -> tuple[str, str]:
@@ -169,8 +211,7 @@ def search_clips(ctx) -> None:
         return total
 
     def loss(w, env):
-        out = env[logits][..., :-1, :].reshape(labels[w].numel(), -1).float()
-        return torch.nn.functional.cross_entropy(out, labels[w], reduction="sum").item()
+        return _cross_entropy(env[logits], labels[w]).item()
 
     def token_subset(q, nodes, targets) -> list[torch.Tensor] | None:
         """Positions the local objective uses per window: all (None), or ``gbs_tokens`` of them at
@@ -183,10 +224,22 @@ def search_clips(ctx) -> None:
         return [torch.randperm(x.shape[-2], generator=g)[:config.gbs_tokens].sort().values.to(x.device)
                 for _ in windows.runners]
 
+    if config.gbs_objective == "fisher":
+        fisher = _squared_loss_gradients(windows, quantizers, [n for n in order if n in needed], logits, labels)
+
+    def fisher_error(q, clip) -> float:
+        total = 0.0
+        for w, runner in enumerate(windows.runners):
+            x = runner.env[q.args[0]]
+            total += (_quantize(q, clip)(runner.env) - x).float().square().mul_(fisher[w][q]).sum().item()
+        return total
+
     def search(q):
         if config.gbs_objective == "loss":
             nodes = [n for n in order[position[q] + 1:] if n in needed]
             objective = lambda c: evaluate(q, c, nodes, loss)  # noqa: E731
+        elif config.gbs_objective == "fisher":
+            objective = lambda c: fisher_error(q, c)  # noqa: E731
         else:
             targets = _first_linears(q)
             last = max(position[t] for t in targets)

@@ -32,7 +32,7 @@ KERNELS = ("integer", "fake")
 GEMM_POLICIES = ("auto", "int8", "float", "int4")  # kernels/int_gemm.py
 RESIDENT_WEIGHTS = ("packed", "unpacked")
 KV_CACHES = ("packed", "float")
-GBS_OBJECTIVES = ("loss", "local")
+GBS_OBJECTIVES = ("loss", "local", "fisher")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -96,7 +96,9 @@ class QuaRotConfig:
             automatically. Zero-padded writers and readers, norms still divide by d: exact.
         gbs_objective, gbs_windows, gbs_iterations: the search's objective (``"loss"``: the rest
             of the network's cross-entropy; ``"local"``: error of the first linear outputs the
-            site reaches), how many calibration windows it uses, and its halving steps.
+            site reaches; ``"fisher"``: the quantization error weighted by the squared gradient of
+            the loss at the site, from one backward pass), how many calibration windows it uses,
+            and its halving steps.
         gbs_tokens: the local objective on this many token positions per window (a fixed random
             subset) at activation sites, whose first linears act on each token alone, so the error
             is a sum over tokens and a subset estimates it; None: every token. K/V sites, whose
