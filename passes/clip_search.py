@@ -113,13 +113,13 @@ def _first_linears(node: fx.Node) -> list[fx.Node]:
 def _quantized_weights(ctx, windows: Windows) -> None:
     """Sites whose 4-bit weights the lowering will pack still read float weights in the graph:
     compute them from the packed codes (cached: the lowering reuses them)."""
-    from quarot_fx.kernels.int4 import unpack_int4_reference
+    from quarot_fx.kernels.quantized_linear import unpack_linear_weight
 
     for node in ctx.gm.graph.nodes:
         if PENDING_WEIGHT in node.meta:
             entry, _ = node.meta[PENDING_WEIGHT]
             packed, scales, bias, n = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
-            weight = dequantize_weight(unpack_int4_reference(packed, n), scales)
+            weight = dequantize_weight(unpack_linear_weight(packed, n, scales.shape[1]), scales)
             windows.override[node] = linear_override(entry.site, weight, bias)
 
 
