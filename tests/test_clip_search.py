@@ -35,7 +35,7 @@ def _compile(model, ids, **options):
     return out, reports[0]
 
 
-@pytest.mark.parametrize("objective", ["local", "loss"])
+@pytest.mark.parametrize("objective", ["local", "loss", "fisher"])
 def test_searched_clips_are_what_the_compiled_model_uses(objective):
     torch._dynamo.reset()
     model, ids = tiny_model("llama", layers=1), token_ids(length=32)
@@ -59,6 +59,67 @@ def test_loss_search_does_not_lose_to_the_default_clips_on_its_own_windows():
         return torch.nn.functional.cross_entropy(out[0, :-1], window[0, 1:]).item()
 
     assert calibration_loss(a_clip="gbs", kv_clip="gbs") <= calibration_loss() + 1e-6
+
+
+@pytest.mark.parametrize("group", [None, 16])
+def test_the_loss_objective_scores_the_model_it_compiles(monkeypatch, group):
+    """The last site's loss at its chosen clip is the compiled model's loss on the search window:
+    the search scores the 4-bit weights the lowering runs (packed and unpacked as it does)."""
+    from quarot_fx.passes import clip_search
+
+    torch._dynamo.reset()
+    searches = []
+    real = clip_search.binary_search
+
+    def record(objective, iterations, tolerance=1e-3):
+        searches.append(real(objective, iterations, tolerance))
+        return searches[-1]
+
+    monkeypatch.setattr(clip_search, "binary_search", record)
+    window = CALIBRATION[0]
+    out, _ = _compile(tiny_model("llama", layers=2), window, kernels="fake", calibration=[window], gbs_windows=1,
+                      a_clip="gbs", kv_clip="gbs", gbs_iterations=3, w_group_size=group)
+    clip, seen = searches[-1]
+    compiled = torch.nn.functional.cross_entropy(out[0, :-1], window[0, 1:], reduction="sum").item()
+    assert seen[clip] == pytest.approx(compiled, rel=1e-4)
+
+
+def test_fisher_weights_are_the_loss_gradients_of_the_original_model(monkeypatch):
+    """Rotation-only with every activation searched: the gradient the Fisher objective weighs a
+    site's error by is the original model's loss gradient at that linear's input, rotated by an
+    orthogonal R2/R4, so each token's squared norm matches."""
+    from quarot_fx.passes import clip_search
+
+    torch._dynamo.reset()
+    model = tiny_model("llama", layers=2)
+    captured = []
+
+    def capture(*args):
+        captured.append(real(*args))
+        return captured[-1]
+
+    real = clip_search._squared_loss_gradients
+    monkeypatch.setattr(clip_search, "_squared_loss_gradients", capture)
+    window = CALIBRATION[0]
+    _compile(model, window, w_bits=16, kv_bits=16, a_clip="gbs", gbs_objective="fisher", gbs_windows=1,
+             calibration=[window], gbs_iterations=2)
+    by_site = {clip_search._site_of(q)[0]: g2 for q, g2 in captured[0][0].items()}
+
+    inputs = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+             for name, module in model.named_modules() if name.endswith(("o_proj", "down_proj"))]
+    # the model is frozen: gradients are tracked from its embedding output on
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, args, out: out.requires_grad_()))
+    with torch.enable_grad():
+        logits = model(window, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
+        grads = torch.autograd.grad(loss, list(inputs.values()))
+    for hook in hooks:
+        hook.remove()
+    assert len(grads) == 4
+    for name, grad in zip(inputs, grads):
+        torch.testing.assert_close(by_site[name].sum(-1).reshape(-1), grad.square().sum(-1).reshape(-1),
+                                   rtol=1e-3, atol=1e-9)
 
 
 def test_gbs_needs_calibration():

@@ -17,6 +17,17 @@ def test_cpu_transform_equals_dense_matmul(n, rows, seed):
     torch.testing.assert_close(hadamard_transform(x), hadamard_transform_reference(x), rtol=0, atol=1e-10)
 
 
+@given(n=st.sampled_from(ORDERS), inner=st.sampled_from([1, 3]), seed=st.integers(0, 100))
+def test_gradient_equals_the_dense_references(n, inner, seed):
+    """Paley factors are not symmetric: the backward must use the transposed matrix."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, n * inner, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, n * inner, generator=g, dtype=torch.float64)
+    fast, = torch.autograd.grad((hadamard_transform(x, inner) * weights).sum(), x)
+    dense, = torch.autograd.grad((hadamard_transform_reference(x, inner) * weights).sum(), x)
+    torch.testing.assert_close(fast, dense, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("n", [576, 1536, 4096, 11008])
 def test_cpu_transform_large_sizes_float32(n):
     x = torch.randn(3, n)
