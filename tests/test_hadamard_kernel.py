@@ -18,7 +18,7 @@ def test_cpu_transform_equals_dense_matmul(n, rows, seed):
 
 
 @given(n=st.sampled_from(ORDERS), inner=st.sampled_from([1, 3]), seed=st.integers(0, 100))
-def test_gradient_equals_the_dense_references(n, inner, seed):
+def test_gradient_equals_the_dense_reference(n, inner, seed):
     """Paley factors are not symmetric: the backward must use the transposed matrix."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4, n * inner, generator=g, dtype=torch.float64, requires_grad=True)
