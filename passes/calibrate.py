@@ -80,6 +80,15 @@ def _needed(graph: fx.Graph, sites) -> set[fx.Node]:
     return ancestors([s.input_node for s in sites] + [n for n in order[:last] if side_effects(n)])
 
 
+def last_uses(nodes: list[fx.Node]) -> dict[fx.Node, int]:
+    """Where in ``nodes`` each value is used for the last time (it can be freed after that)."""
+    last = {}
+    for i, node in enumerate(nodes):
+        for used in node.all_input_nodes:
+            last[used] = i
+    return last
+
+
 def linear_override(site, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[dict], torch.Tensor]:
     """A site's value computed from a logical [out, in] weight (and bias: by default the one the
     graph reads), whatever the site's kind: for :attr:`Windows.override`."""
@@ -138,10 +147,7 @@ class Windows:
             skip: frozenset = frozenset()) -> None:
         """Execute ``nodes`` in order for every window, calling ``at(node)`` before each (nodes in
         ``skip`` get the call but are not computed)."""
-        last_use = {}
-        for i, node in enumerate(nodes):
-            for used in node.all_input_nodes:
-                last_use[used] = i
+        last_use = last_uses(nodes)
         with torch.no_grad():
             for i, node in enumerate(nodes):
                 at(node)

@@ -26,13 +26,12 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from quarot_fx.numerics.quant import dequantize_weight, quantize_activation, quantize_kv
+from quarot_fx.numerics.quant import quantize_activation, quantize_kv
 from quarot_fx.report import ClipRecord, Skip
 
-from .calibrate import Windows, ancestors, linear_override
+from .calibrate import Windows, ancestors, last_uses, linear_override
 from .graph_utils import as_site, label
-from .quantize import PENDING_WEIGHT, RECORD
-from .weights import packed_weights
+from .quantize import PENDING_WEIGHT, RECORD, PendingWeight
 
 QUANTIZERS = (quantize_activation, quantize_kv)
 
@@ -112,25 +111,18 @@ def _first_linears(node: fx.Node) -> list[fx.Node]:
 
 def _quantized_weights(ctx, windows: Windows) -> None:
     """Sites whose 4-bit weights the lowering will pack still read float weights in the graph:
-    compute them from the packed codes (cached: the lowering reuses them)."""
-    from quarot_fx.kernels.quantized_linear import unpack_linear_weight
-
+    compute them from the packed codes, read as the lowering reads them (cached: it reuses them)."""
     for node in ctx.gm.graph.nodes:
         if PENDING_WEIGHT in node.meta:
-            entry, _ = node.meta[PENDING_WEIGHT]
-            packed, scales, bias, n = packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of)
-            weight = dequantize_weight(unpack_linear_weight(packed, n, scales.shape[1]), scales)
-            windows.override[node] = linear_override(entry.site, weight, bias)
+            weight = PendingWeight.of(ctx, node)
+            windows.override[node] = linear_override(weight.entry.site, weight.dequantized(), weight.bias)
 
 
 def _squared_loss_gradients(windows: Windows, quantizers, nodes, logits, labels) -> list[dict]:
     """Per window, g² at each quantizer's value: the gradient of the calibration cross-entropy
     with every searched quantizer in float (a zero probe added at each one collects its g) and
     the others quantized, passing gradients straight through their rounding."""
-    searched, last_use = set(quantizers), {}
-    for i, node in enumerate(nodes):
-        for used in node.all_input_nodes:
-            last_use[used] = i
+    searched, last_use = set(quantizers), last_uses(nodes)
     squares = []
     for w in tqdm(range(len(windows.runners)), desc="GBS loss gradients", leave=False):
         env, probes = {}, {}

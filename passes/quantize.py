@@ -23,7 +23,7 @@ import torch.fx as fx
 from quarot_fx.kernels import int_gemm
 from quarot_fx.kernels.quantized_linear import accumulator_dtype, simulated_linear, unpack_linear_weight
 from quarot_fx.kernels.sparse_linear import compress
-from quarot_fx.numerics.quant import activation_codes, quantize_activation, quantize_kv
+from quarot_fx.numerics.quant import activation_codes, dequantize_weight, quantize_activation, quantize_kv
 from quarot_fx.report import QuantRecord, Skip
 
 from .attention import HADAMARD_OP, only_used_along, walk_back
@@ -188,8 +188,9 @@ def _feed_codes(graph: fx.Graph, fake: fx.Node, linears: list, quantizer, args: 
 
 
 @dataclass
-class _PendingWeight:
-    """A weight the lowering receives as codes (``PENDING_WEIGHT``): packed int4 and scales."""
+class PendingWeight:
+    """A weight the lowering receives as codes (``PENDING_WEIGHT``): packed int4 and scales.
+    The one reader of that packing: the lowerings and GBS's search see the same weight."""
 
     entry: SiteEdits
     record: QuantRecord
@@ -200,8 +201,18 @@ class _PendingWeight:
     bias: torch.Tensor | None
     in_features: int
 
+    @classmethod
+    def of(cls, ctx, node: fx.Node) -> PendingWeight:
+        entry, record = node.meta[PENDING_WEIGHT]
+        fqn = ctx.fqn_of(entry.original_weight)
+        return cls(entry, record, label(node, default=fqn.rpartition(".")[0]), fqn,
+                   *packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of))
+
     def codes(self) -> torch.Tensor:
         return unpack_linear_weight(self.packed, self.in_features, self.scales.shape[1])
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.scales)
 
 
 def _pending_weights(ctx):
@@ -210,13 +221,12 @@ def _pending_weights(ctx):
     for node in list(ctx.gm.graph.nodes):
         if PENDING_WEIGHT not in node.meta:
             continue
-        entry, record = node.meta.pop(PENDING_WEIGHT)
-        fqn = ctx.fqn_of(entry.original_weight)
-        weight = _PendingWeight(entry, record, label(node, default=fqn.rpartition(".")[0]), fqn,
-                                *packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of))
-        record_final_weight(ctx, weight.module, entry, bias=weight.bias, codes=lambda w=weight: (w.codes(), w.scales))
-        if prunes(entry):
-            record_sparsity(ctx.report, weight.codes(), entry.edits[-1])
+        weight = PendingWeight.of(ctx, node)
+        del node.meta[PENDING_WEIGHT]
+        record_final_weight(ctx, weight.module, weight.entry, bias=weight.bias,
+                            codes=lambda w=weight: (w.codes(), w.scales))
+        if prunes(weight.entry):
+            record_sparsity(ctx.report, weight.codes(), weight.entry.edits[-1])
         yield weight
 
 
