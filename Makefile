@@ -30,9 +30,10 @@ lock:
 test: install
 	$(PYTHON) -m pytest -q
 
-# The graph fuzzer at length (CI runs 12 fixed examples): new random modules on every run.
+# The graph and generation fuzzers at length (CI runs a few fixed examples): new random modules and
+# generation settings on every run.
 fuzz: install
-	QUAROT_FUZZ_EXAMPLES=$${QUAROT_FUZZ_EXAMPLES:-400} $(PYTHON) -m pytest -q tests/test_fuzz.py --hypothesis-profile=fuzz
+	QUAROT_FUZZ_EXAMPLES=$${QUAROT_FUZZ_EXAMPLES:-400} $(PYTHON) -m pytest -q tests/test_fuzz.py tests/test_generation_fuzz.py --hypothesis-profile=fuzz
 
 WIKITEXT := $(wildcard ../shared/data/wikitext-2/wiki.test.raw)
 

@@ -25,15 +25,15 @@ environment variable ``QUAROT_FX_INT_GEMM`` (same values), else "auto" (the meas
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from quarot_fx.config import GEMM_ENVIRONMENT as ENVIRONMENT
 from quarot_fx.config import GEMM_POLICIES as POLICIES
-ENVIRONMENT = "QUAROT_FX_INT_GEMM"
+from quarot_fx.config import gemm_environment
 PROBE_ROWS = 128  # beyond this many rows the relative speed of the two GEMMs no longer moves much
 INT32_LIMIT = 2**31
 
@@ -168,7 +168,7 @@ def decide(rows: int, in_features: int, out_features: int, group: int, policy: s
     key = (bucket, in_features, out_features, group, policy, int4)
     if key in _decisions:
         return _decisions[key]
-    environment = check_policy(ENVIRONMENT, os.environ.get(ENVIRONMENT, "auto"))
+    environment = gemm_environment()
     forced, by = (policy, "option") if policy != "auto" else (environment, "environment")
     int8_fits = group * 128 * 8 < INT32_LIMIT
     if forced == "int4" and not int4:

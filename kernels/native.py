@@ -12,8 +12,9 @@ pay for their calls. At prefill, the same byte multiply-add in a register- and c
 fast kernel for this CPU.
 
 The library is compiled with ``-march=native`` (so it is tied to this CPU: the cache key holds
-the CPU's model and flags, the compiler and the source) into ``$QUAROT_FX_CACHE`` or
-``~/.cache/quarot_fx``, and loaded with ctypes, which releases the GIL during the call. Without a
+the CPU's model and flags, the compiler and the source) into a directory only this user can write
+(``$QUAROT_FX_CACHE`` or ``~/.cache/quarot_fx``, see ``_cache_dir``; a library file another user
+could have written is rebuilt, never loaded), and loaded with ctypes, which releases the GIL during the call. Without a
 compiler the kernels are simply unavailable (``unavailable_reason()``): ``int_gemm`` never picks
 them, and the KV ops and Hadamards run their torch code.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import stat
 import subprocess
 import tempfile
 from functools import lru_cache
@@ -46,16 +48,44 @@ def _cpu_identity() -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
-def _cache_dir() -> Path:
-    """``$QUAROT_FX_CACHE``, else ``~/.cache/quarot_fx``, else (not writable) the temp directory."""
-    if "QUAROT_FX_CACHE" in os.environ:
-        return Path(os.environ["QUAROT_FX_CACHE"])
-    home = Path.home() / ".cache" / "quarot_fx"
+def _private(path: Path, kind: int) -> bool:
+    """``path`` (not followed if a link) is a ``kind`` (stat.S_IFDIR/S_IFREG) this user owns and
+    nobody else may write: only then is a library in it safe to load."""
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        return home if os.access(home, os.W_OK) else Path(tempfile.gettempdir()) / "quarot_fx"
+        info = path.lstat()
     except OSError:
-        return Path(tempfile.gettempdir()) / "quarot_fx"
+        return False
+    uid = os.getuid() if hasattr(os, "getuid") else info.st_uid
+    return stat.S_IFMT(info.st_mode) == kind and info.st_uid == uid and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _cache_dir() -> Path:
+    """A directory for the built library that only this user can write: ``$QUAROT_FX_CACHE``, else
+    ``~/.cache/quarot_fx``, else ``<tmp>/quarot_fx-<uid>`` (each created 0700, then checked: owner
+    and no group/other write); else a fresh private temporary directory (rebuilt per process).
+    Never a shared, predictable path another local user could plant a library in."""
+    if "QUAROT_FX_CACHE" in os.environ:
+        candidates = [Path(os.environ["QUAROT_FX_CACHE"])]
+    else:
+        uid = os.getuid() if hasattr(os, "getuid") else "user"
+        candidates = [Path.home() / ".cache" / "quarot_fx", Path(tempfile.gettempdir()) / f"quarot_fx-{uid}"]
+    for directory in candidates:
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if _private(directory, stat.S_IFDIR) and os.access(directory, os.W_OK):
+            return directory
+    return Path(tempfile.mkdtemp(prefix="quarot_fx-"))
+
+
+def _build(compiler: str, target: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                       text=True, check=True)
+        os.chmod(built, 0o700)
+        built.replace(target)  # atomic: concurrent builders all end with a whole file
 
 
 @lru_cache(maxsize=None)
@@ -67,13 +97,8 @@ def library():
         key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_identity()])
                              .encode()).hexdigest()[:16]
         target = _cache_dir() / f"native-{key}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                built = Path(scratch) / target.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                               text=True, check=True)
-                built.replace(target)  # atomic: concurrent builders all end with a whole file
+        if not _private(target, stat.S_IFREG):  # absent, or writable by others (or not ours): never loaded
+            _build(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)

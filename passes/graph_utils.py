@@ -38,6 +38,14 @@ def value(node: Any):
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
+def size_hint(size):
+    """A size as a plain int: a symbolic size's value in the call being compiled, read without
+    adding a guard (``int()`` on a SymInt would specialize the graph to it)."""
+    if isinstance(size, torch.SymInt):
+        return int(size.node.hint) if size.node.hint is not None else None
+    return size
+
+
 def shape(node: Any) -> tuple[int, ...] | None:
     v = value(node)
     if isinstance(v, torch.Tensor):

@@ -27,7 +27,7 @@ from quarot_fx.numerics.quant import activation_codes, dequantize_weight, quanti
 from quarot_fx.report import QuantRecord, Skip
 
 from .attention import HADAMARD_OP, only_used_along, walk_back
-from .graph_utils import as_site, keeps_last_dim, label, value
+from .graph_utils import as_site, keeps_last_dim, label, size_hint, value
 from .sparsity import prunes, record_sparsity, storage_format
 from .weights import (INTEGER_LINEARS, QuantizeWeight, SiteEdits, drop_unused_constants, integer_linear_shape,
                       packed_weights, record_final_weight, replace_with_quantized_linear,
@@ -147,14 +147,14 @@ def quantize_kv_cache(ctx) -> None:
 
 def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str) -> None:
     """Choose (or read the option for) the CPU's integer GEMM for this linear at the compiled
-    number of rows and at one row (decode), so the report says what will run; the kernel
-    makes the same cached decision at run time for any other row count."""
+    number of rows (this call's, when the graph serves any) and at one row (decode), so the
+    report says what will run; the kernel makes the same cached decision at run time for any
+    other row count."""
     like = source.meta.get("example_value")
     if not isinstance(like, torch.Tensor) or like.device.type != "cpu":
         return
-    try:
-        rows = int(like.numel() // like.shape[-1])
-    except (TypeError, RuntimeError):  # symbolic sizes: the kernel decides at run time
+    rows = size_hint(like.numel() // like.shape[-1])  # symbolic: this call's rows, without a guard
+    if rows is None:
         return
     in_features, out_features, groups = integer_linear_shape(linear)
     for m in dict.fromkeys((rows, 1)):

@@ -270,11 +270,21 @@ def _widen(plan: ResidualPlan, gm: fx.GraphModule, width: int) -> None:
         elif op_name(node) in SIZED and len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
                 and node.args[1] and node.args[1][-1] == d:
             node.args = (node.args[0], type(node.args[1])((*node.args[1][:-1], width)))
+        elif op_name(node) in SIZED and len(node.args) == 2 and _size_call_ending_in(node.args[1], d):
+            size = node.args[1]  # torch.Size([b, s, d]) with symbolic b or s (dynamic shapes)
+            with gm.graph.inserting_before(node):
+                widened = gm.graph.call_function(torch.Size, ([*size.args[0][:-1], width],))
+            node.replace_input_with(size, widened)
         for user in list(node.users):
             if plan.states.get(node, State()).plain and _is_rms_statistic(user, node):
                 for reduction in list(user.users):
                     if op_name(reduction) == "mean":
                         _mean_over(gm, reduction, d)
+
+
+def _size_call_ending_in(arg, d: int) -> bool:
+    return (isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target is torch.Size and len(arg.args) == 1
+            and isinstance(arg.args[0], (list, tuple)) and len(arg.args[0]) > 0 and arg.args[0][-1] == d)
 
 
 def _mean_over(gm: fx.GraphModule, reduction: fx.Node, d: int) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from . import kernels  # noqa: F401  (registers the quarot_fx:: custom ops)
 from . import generation
+from .generation import RecompileLimitError
 from .backend import ForeignCacheError, quarot_backend
 from .config import PRESETS, QuaRotConfig
 from .explain import Explanation, explain
@@ -47,7 +48,7 @@ def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = Fals
 
 
 __all__ = [
-    "PRESETS", "ArtifactError", "ExportError", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotWarning", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
+    "PRESETS", "ArtifactError", "ExportError", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotWarning", "RecompileLimitError", "explain", "QuaRotConfig", "Report", "collect_reports", "compile",
     "export", "hadamard_matrix", "hadamard_plan", "load", "load_compressed_tensors", "next_hadamard_order", "PackedKVCache", "PackedStaticKVCache", "quarot_backend", "register_rotation", "rotation_kinds",
     "rotation_matrix", "save",
 ]

@@ -12,9 +12,16 @@ Layout of a saved directory:
 
 * ``manifest.json``: ``format``, ``format_version``, quarot-fx version, options, the calibration
   fingerprint, the base model (source, and per parameter shape, dtype and a float64 checksum),
-  the clips and what each weight is;
-* ``calibrated.safetensors``: ``weight/<fqn>/codes`` (int4 codes packed two per byte, the
-  ``pack_int4`` layout), ``weight/<fqn>/scales``, ``channel_max/<fqn>``.
+  the clips, what each weight is, and the sha256 of every other file (``files``);
+* ``calibrated.safetensors``: ``weight/<fqn>/codes`` (codes of ≤ 4 bits packed two per byte, the
+  ``pack_int4`` layout; int8 beyond), ``weight/<fqn>/scales``, ``channel_max/<fqn>``; its metadata
+  repeats the options and the clips.
+
+An artifact cannot lie: ``save`` writes a temporary directory and renames it into place (an
+interrupted save leaves the old artifact or nothing); ``load`` refuses a file whose sha256 differs
+from the manifest's, manifest options or clips that differ from the copy inside the hashed
+tensors file, and codes that do not fit the options (their bits, groups and sparsity are read
+from the codes themselves), naming the field.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 import torch
 
 FORMAT = "quarot-fx calibrated artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sha256 of the files, options and clips repeated in the tensors' metadata
 MANIFEST = "manifest.json"
 TENSORS = "calibrated.safetensors"
 
@@ -69,23 +76,27 @@ class Calibrated:
 _graphs: weakref.WeakSet = weakref.WeakSet()  # every BoundGraph of this process (backend.py adds them)
 
 
-def _graphs_of(model: torch.nn.Module) -> list:
-    params = {id(p) for p in model.parameters()}
-    return [g for g in list(_graphs) if any(id(t) in params for _, t, _ in g.current.bound)]
+def _builds_of(model: torch.nn.Module) -> list:
+    """(graph, build) of every build made for this model's parameters. One Dynamo graph serves
+    models of the same class (dynamic shapes make that common), with a build per model."""
+    params = {id(t) for t in (*model.parameters(), *model.buffers())}
+    return [(g, b) for g in list(_graphs) for b in list(g.builds.values())
+            if b.bound and all(id(t) in params for _, t, _ in b.bound)]
 
 
 def compiled_reports(compiled_model, verb: str, error: type[ValueError]) -> tuple:
     """(model, config, every build's report) of a quarot-compiled model, for ``save`` and ``export``:
     refused if it was never called (compilation is lazy) or compiled with different options."""
     model = getattr(compiled_model, "_orig_mod", compiled_model)
-    graphs = _graphs_of(model)
-    if not graphs:
+    builds = _builds_of(model)
+    if not builds:
         raise error(f"quarot_fx.{verb}: this model has no quarot-compiled graph yet; compile it with "
                     "backend='quarot' and call it once (compilation happens on the first call)")
-    if any(g.config != graphs[0].config for g in graphs):
+    configs = [g.config for g, _ in builds]
+    if any(c != configs[0] for c in configs):
         raise error(f"quarot_fx.{verb}: the model was compiled with different options in this process; "
                     f"{verb} from a process that compiled it once")
-    return model, graphs[0].config, [b.report for g in graphs for b in g.builds.values()]
+    return model, configs[0], [b.report for _, b in builds]
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:
@@ -98,61 +109,159 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
     return result
 
 
+def _codes_storage(w_bits: int) -> str:
+    return "int4" if w_bits <= 4 else "int8"
+
+
 def save(compiled_model, path, source: str | None = None) -> Path:
     """Write what calibration produced for ``compiled_model`` (already called at least once:
-    compilation is lazy) to the directory ``path``; see the module doc. ``source``: how ``load``
-    finds the base model again (default: the model config's ``_name_or_path``)."""
+    compilation is lazy) to the directory ``path``, atomically; see the module doc. ``path`` may
+    be empty, absent or an earlier artifact (replaced); any other directory is refused.
+    ``source``: how ``load`` finds the base model again (default: the model config's ``_name_or_path``)."""
     from safetensors.torch import save_file
 
     from quarot_fx import __version__
     from quarot_fx.kernels import pack_int4
 
+    from .directories import replaced_atomically, sha256
+
     model, config, reports = compiled_reports(compiled_model, "save", ArtifactError)
     calibrated = Calibrated(config.calibration_id())
     for report in reports:
         calibrated.merge(report.calibrated)
+    storage = _codes_storage(config.w_bits)
     tensors = {}
     for fqn, (codes, scales) in calibrated.weights.items():
-        tensors[f"weight/{fqn}/codes"] = pack_int4(codes.to(torch.int8).contiguous())
+        codes = codes.to(torch.int8).contiguous()
+        tensors[f"weight/{fqn}/codes"] = pack_int4(codes) if storage == "int4" else codes
         tensors[f"weight/{fqn}/scales"] = scales.float().contiguous()
     for fqn, maxima in calibrated.channel_max.items():
         tensors[f"channel_max/{fqn}"] = maxima.double().contiguous()
     options = {k: v for k, v in config.to_options().items() if k not in ("calibration", "calibrated")}
+    clips = [[site, what, clip] for (site, what), clip in calibrated.clips.items()]
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "quarot_fx_version": __version__,
         "options": options, "calibration_fingerprint": calibrated.fingerprint,
         "source": source or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "codes": storage,
         "weights": {fqn: list(codes.shape) for fqn, (codes, _) in calibrated.weights.items()},
-        "clips": [[site, what, clip] for (site, what), clip in calibrated.clips.items()],
+        "clips": clips,
         "model": model_fingerprint(model),
     }
+    metadata = {"options": json.dumps(options, sort_keys=True), "clips": json.dumps(clips), "codes": storage}
+
+    def replaceable(existing: Path):
+        if (existing / MANIFEST).is_file():
+            return None
+        return (f"quarot_fx.save: {existing} is a non-empty directory that holds no quarot-fx artifact; "
+                "save to a new or empty directory (an earlier artifact there is replaced)")
+
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / TENSORS))
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    with replaced_atomically(path, replaceable) as scratch:
+        save_file(tensors, str(scratch / TENSORS), metadata=metadata)
+        manifest["files"] = {TENSORS: sha256(scratch / TENSORS)}
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return path
 
 
-def _read(path: Path) -> tuple[dict, dict]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# The manifest's keys and the types load relies on (a hand-edited manifest fails here, by name).
+MANIFEST_FIELDS = {"format": str, "format_version": int, "options": dict, "weights": dict, "clips": list,
+                   "model": dict, "files": dict, "codes": str}
 
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError as error:
-        raise ArtifactError(f"{path} is not a quarot-fx artifact: no {MANIFEST}") from error
-    except json.JSONDecodeError as error:
-        raise ArtifactError(f"{path / MANIFEST} is not valid JSON (truncated?): {error}") from error
+
+def _check_manifest(path: Path, manifest) -> None:
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path / MANIFEST} holds a {type(manifest).__name__}, not a JSON object")
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path / MANIFEST} is not a {FORMAT} (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path} has format version {manifest.get('format_version')!r}; this quarot-fx reads "
                             f"version {FORMAT_VERSION} only: re-save it with this version")
+    for key, kind in MANIFEST_FIELDS.items():
+        if key not in manifest:
+            raise ArtifactError(f"{path / MANIFEST} has no {key!r} field (edited or truncated?)")
+        if not isinstance(manifest[key], kind):
+            raise ArtifactError(f"{path / MANIFEST}: {key!r} must be a {kind.__name__}, not "
+                                f"{type(manifest[key]).__name__}")
+    if TENSORS not in manifest["files"]:
+        raise ArtifactError(f"{path / MANIFEST}: 'files' has no sha256 of {TENSORS}")
+
+
+def read_manifest(path) -> dict:
+    """The manifest of the artifact at ``path``, its fields and their types checked."""
+    path = Path(path)
     try:
-        tensors = load_file(str(path / TENSORS))
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError as error:
+        raise ArtifactError(f"{path} is not a quarot-fx artifact: no {MANIFEST}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path / MANIFEST} is not valid JSON (truncated?): {error}") from error
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _read(path: Path) -> tuple[dict, dict, dict]:
+    """(manifest, tensors, the tensors file's metadata), each file checked against its sha256."""
+    from safetensors import SafetensorError, safe_open
+
+    from .directories import sha256
+
+    manifest = read_manifest(path)
+    for name, digest in manifest["files"].items():
+        try:
+            found = sha256(path / name)
+        except OSError as error:
+            raise ArtifactError(f"{path / name} cannot be read: {error}") from error
+        if found != digest:
+            raise ArtifactError(f"{path / name} is not the file this artifact was saved with (sha256 {found[:12]}…, "
+                                f"the manifest says {str(digest)[:12]}…): replaced, edited or truncated")
+    try:
+        with safe_open(str(path / TENSORS), "pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError, RuntimeError) as error:
         raise ArtifactError(f"{path / TENSORS} cannot be read (truncated or corrupt?): {error}") from error
-    return manifest, tensors
+    return manifest, tensors, metadata
+
+
+def _check_against_tensors(path: Path, manifest: dict, metadata: dict) -> None:
+    """The manifest's options, clips and code storage against the copy inside the hashed tensors
+    file: an edited manifest names the field that differs."""
+    try:
+        options, clips = json.loads(metadata["options"]), json.loads(metadata["clips"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path / TENSORS} lacks the options it was saved with") from error
+    for key in sorted(set(options) | set(manifest["options"])):
+        if options.get(key) != manifest["options"].get(key):
+            raise ArtifactError(f"{path / MANIFEST}: option {key!r} is {manifest['options'].get(key)!r}, but the "
+                                f"saved codes were made with {options.get(key)!r} (the manifest was edited)")
+    if clips != manifest["clips"]:
+        raise ArtifactError(f"{path / MANIFEST}: 'clips' differ from those saved with the codes (the manifest was edited)")
+    if metadata.get("codes") != manifest["codes"]:
+        raise ArtifactError(f"{path / MANIFEST}: 'codes' is {manifest['codes']!r}, the tensors hold {metadata.get('codes')!r}")
+
+
+def _check_codes(fqn: str, codes: torch.Tensor, scales: torch.Tensor, config) -> None:
+    """The options that shaped a weight's codes, read from the codes: their bit width (the codes
+    fit it and need it), their groups (columns of scales) and their sparsity (at least the zeros
+    it asks for; dense codes can be mostly zero too, so the other way is left to the hashed
+    options)."""
+    bits, (rows, columns) = config.w_bits, codes.shape
+    top = 1 << (bits - 1)
+    low, high = int(codes.min()), int(codes.max())
+    if low < -top or high > top - 1:
+        raise ArtifactError(f"option 'w_bits' = {bits} does not fit the codes of {fqn} (they span {low}..{high})")
+    if bits > 2 and max(-low, high) <= top // 2:
+        raise ArtifactError(f"option 'w_bits' = {bits} does not fit the codes of {fqn}: they span {low}..{high}, "
+                            f"{bits - 1} bits' range")
+    groups = 1 if config.w_group_size is None else -(-columns // config.w_group_size)
+    if scales.shape != (rows, groups):
+        raise ArtifactError(f"option 'w_group_size' = {config.w_group_size} does not fit {fqn}: its scales are "
+                            f"{tuple(scales.shape)} for {columns} input columns")
+    zeros = float((codes == 0).float().mean())
+    if config.prunes and zeros < config.pruned_fraction - 1e-3:
+        raise ArtifactError(f"option 'sparsity' ({config.sparsity_pattern}, {config.pruned_fraction:.0%}) does not fit "
+                            f"{fqn}: only {zeros:.0%} of its codes are zero")
 
 
 def _check_model(model: torch.nn.Module, expected: dict) -> None:
@@ -180,8 +289,15 @@ def load(path, model: torch.nn.Module | None = None, **overrides):
     ``resident_weights``, ``kv_cache``)."""
     import quarot_fx
 
+    from .config import QuaRotConfig
+
     path = Path(path)
-    manifest, tensors = _read(path)
+    manifest, tensors, metadata = _read(path)
+    _check_against_tensors(path, manifest, metadata)
+    try:
+        saved = QuaRotConfig.from_options({**manifest["options"], "calibrated": Calibrated()})
+    except (TypeError, ValueError) as error:
+        raise ArtifactError(f"{path / MANIFEST}: its options are not valid: {error}") from error
     allowed = {"lowering", "int_gemm", "resident_weights", "kv_cache"}
     if set(overrides) - allowed:
         raise ArtifactError(f"quarot_fx.load: {sorted(set(overrides) - allowed)} would change the saved model; "
@@ -197,10 +313,12 @@ def load(path, model: torch.nn.Module | None = None, **overrides):
     calibrated = Calibrated(manifest.get("calibration_fingerprint"))
     for fqn, shape in manifest["weights"].items():
         try:
-            codes = quarot_fx.kernels.unpack_int4(tensors[f"weight/{fqn}/codes"], shape[-1])
-            calibrated.weights[fqn] = (codes, tensors[f"weight/{fqn}/scales"])
+            stored, scales = tensors[f"weight/{fqn}/codes"], tensors[f"weight/{fqn}/scales"]
         except KeyError as error:
-            raise ArtifactError(f"{path / TENSORS} lacks the tensors of {fqn} (truncated?)") from error
+            raise ArtifactError(f"{path / TENSORS} lacks the tensors of {fqn}") from error
+        codes = quarot_fx.kernels.unpack_int4(stored, shape[-1]) if manifest["codes"] == "int4" else stored
+        _check_codes(fqn, codes, scales, saved)
+        calibrated.weights[fqn] = (codes, scales)
     for key, tensor in tensors.items():
         if key.startswith("channel_max/"):
             calibrated.channel_max[key.removeprefix("channel_max/")] = tensor

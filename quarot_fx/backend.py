@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from .artifact import _graphs
 from .config import QuaRotConfig
+from .passes.graph_utils import size_hint
 from .passes.lift_params import lift_parameters
 from .passes.pipeline import PassContext, passes_for, run_passes
 from .report import QuaRotWarning, Report, Skip, publish
@@ -104,20 +105,6 @@ def _report_non_finite(lifted, report: Report) -> None:
             warnings.warn(QuaRotWarning(message), stacklevel=2)
 
 
-def _warn_near_recompile_limit() -> None:
-    """Past Dynamo's recompile limit a frame runs *eagerly*, i.e. the float model, without calling
-    us again: say so while we still can, at the last compile the limit allows."""
-    compile_id = torch._guards.CompileContext.current_compile_id()
-    count = getattr(compile_id, "frame_compile_id", None)
-    limit = torch._dynamo.config.recompile_limit
-    if count is not None and count + 1 >= limit:
-        warnings.warn(QuaRotWarning(
-            f"quarot-fx: this graph has now been compiled {count + 1} times (torch._dynamo.config."
-            f"recompile_limit = {limit}); from the next new input shape on, Dynamo runs the original FLOAT "
-            "model for it, not the quantized one. Compile with dynamic=None or dynamic=True (one graph for "
-            "all sequence lengths), or raise torch._dynamo.config.recompile_limit."), stacklevel=2)
-
-
 def _build(gm: fx.GraphModule, example_inputs: list, config: QuaRotConfig) -> Build:
     gm = private_copy(gm)
     report = Report(graph=f"graph with {len(gm.graph.nodes)} nodes", options=config.summary())
@@ -129,7 +116,8 @@ def _build(gm: fx.GraphModule, example_inputs: list, config: QuaRotConfig) -> Bu
     _report_non_finite(lifted, report)
     report.seconds["lift_parameters"] = time.perf_counter() - start
 
-    ctx = PassContext(gm, config, report, lifted, list(example_inputs))
+    # symbolic sizes as this call's values: the calibration passes run the graph on real tensors
+    ctx = PassContext(gm, config, report, lifted, [size_hint(x) for x in example_inputs])
     run_passes(ctx, passes_for(config))
     report.warn_skips()
 
@@ -193,5 +181,4 @@ class BoundGraph:
 def quarot_backend(gm: fx.GraphModule, example_inputs: list, options=None):
     """Compile one Dynamo graph with quarot-fx. ``options``: see :class:`QuaRotConfig`."""
     config = QuaRotConfig.from_options(options)
-    _warn_near_recompile_limit()
     return BoundGraph(gm, example_inputs, config)

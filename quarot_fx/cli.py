@@ -105,7 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .tools import commands
 
-    _print(commands.export(args.target, args.output, args.format, args.approximate or []), args.json)
+    _print(commands.export(args.target, args.output, args.format, args.approximate or [], args.overwrite), args.json)
     return 0
 
 
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--approximate", nargs="+", choices=APPROXIMATIONS, metavar="NAME",
                         help=f"accept what the format cannot express exactly: {', '.join(APPROXIMATIONS)}")
     export.add_argument("-o", "--output", required=True, metavar="OUT")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it is not empty (never the base model's directory or DIR)")
     export.add_argument("--json", action="store_true")
     export.set_defaults(run=_export)
     explain = sub.add_parser("explain", help="what the compiler finds and does in MODEL (no calibration)")

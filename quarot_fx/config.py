@@ -8,6 +8,8 @@ widths; keys given next to it override the preset's values.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -30,6 +32,16 @@ LOWERINGS = ("inductor", "fx")
 WEIGHT_METHODS = ("rtn", "gptq", "obr")
 KERNELS = ("integer", "fake")
 GEMM_POLICIES = ("auto", "int8", "float", "int4")  # kernels/int_gemm.py
+GEMM_ENVIRONMENT = "QUAROT_FX_INT_GEMM"  # the policy when the option is "auto"
+
+
+def gemm_environment() -> str:
+    """``$QUAROT_FX_INT_GEMM`` ("auto" when unset), refused by name when it is no policy."""
+    value = os.environ.get(GEMM_ENVIRONMENT, "auto")
+    if value not in GEMM_POLICIES:
+        raise ValueError(f"the environment variable {GEMM_ENVIRONMENT}={value!r} is not a GEMM policy; set it to one "
+                         f"of {', '.join(GEMM_POLICIES)} or unset it")
+    return value
 RESIDENT_WEIGHTS = ("packed", "unpacked")
 KV_CACHES = ("packed", "float")
 GBS_OBJECTIVES = ("loss", "local", "fisher")
@@ -194,6 +206,8 @@ class QuaRotConfig:
         _choice("weights", self.weights, WEIGHT_METHODS)
         _choice("kernels", self.kernels, KERNELS)
         _choice("int_gemm", self.int_gemm, GEMM_POLICIES)
+        if self.int_gemm == "auto":
+            gemm_environment()
         _choice("resident_weights", self.resident_weights, RESIDENT_WEIGHTS)
         _choice("kv_cache", self.kv_cache, KV_CACHES)
         if self.w_group_size is not None:

@@ -35,12 +35,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .artifact import compiled_reports
+from .directories import replaced_atomically, same_directory
 
 FORMATS = ("compressed-tensors",)
 APPROXIMATIONS = ("kv_cache", "activation_scale")
@@ -269,9 +271,28 @@ def _quantization_config(config, group: int | None, ignore: list[str], transform
     }
 
 
-def export(compiled_model, path, format: str = "compressed-tensors", *, approximate=(), tokenizer=None) -> Exported:
+def _refuse_to_overwrite(model, out: Path, overwrite: bool):
+    """What ``replaced_atomically`` asks before replacing a non-empty ``out``: never the base
+    model's own directory; anything else only with ``overwrite``."""
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if base and os.path.isdir(base) and same_directory(base, out):
+        raise FileExistsError(f"export: {out} is the directory of the base model itself; exporting there would "
+                              "overwrite its config.json and model.safetensors. Choose another directory")
+
+    def may_replace(existing: Path):
+        if overwrite:
+            return None
+        return (f"export: {existing} is not empty; choose a new or empty directory, or pass overwrite=True "
+                "(CLI: --overwrite) to replace it")
+    return may_replace
+
+
+def export(compiled_model, path, format: str = "compressed-tensors", *, approximate=(), tokenizer=None,
+           overwrite: bool = False) -> Exported:
     """Write ``compiled_model`` (quarot-compiled and called once) to the directory ``path`` as a
-    Hugging Face checkpoint in ``format``; see the module doc for what is written and refused."""
+    Hugging Face checkpoint in ``format``; see the module doc for what is written and refused.
+    The directory is written atomically; a non-empty one is replaced only with ``overwrite``, and
+    the base model's own directory never."""
     from safetensors.torch import save_file
 
     from quarot_fx import __version__
@@ -283,6 +304,7 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
         raise ValueError(f"approximate must name some of {', '.join(map(repr, APPROXIMATIONS))}; "
                          f"got {sorted(accepted - set(APPROXIMATIONS))}")
     model, config, reports = compiled_reports(compiled_model, "export", ExportError)
+    may_replace = _refuse_to_overwrite(model, Path(path), overwrite)
     problems: list[str] = []
     notes: list[str] = []
     _check_config(config, reports, accepted, problems)
@@ -304,17 +326,6 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
     ignore = sorted({n for n, m in modules.items() if isinstance(m, torch.nn.Linear)} - set(quantized))
     quantization_config = _quantization_config(config, group, ignore, transforms)
 
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_config = copy.deepcopy(model.config)
-    hf_config.tie_word_embeddings = False  # R1 reaches the embedding and the head differently
-    if not getattr(hf_config, "architectures", None):  # e.g. a config read from GGUF: loaders look for it
-        hf_config.architectures = [type(model).__name__]
-    hf_config.quantization_config = quantization_config
-    hf_config.save_pretrained(out)
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})  # cloned: tied storage untied
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     approximations = []
     if "kv_cache" in accepted and config.kv_bits < 16:
         approximations.append(f"KV cache in float (compiled: {config.kv_bits}-bit per token and head)")
@@ -325,7 +336,18 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
         k: v for k, v in config.to_options().items() if k not in ("calibration", "calibrated")},
         "approximations": approximations, "notes": notes, "quantized_linears": len(quantized),
         "format_of_weights": storage_format(config)}
-    (out / RECORD).write_text(json.dumps(record, indent=1, default=str))
+    hf_config = copy.deepcopy(model.config)
+    hf_config.tie_word_embeddings = False  # R1 reaches the embedding and the head differently
+    if not getattr(hf_config, "architectures", None):  # e.g. a config read from GGUF: loaders look for it
+        hf_config.architectures = [type(model).__name__]
+    hf_config.quantization_config = quantization_config
+    out = Path(path)
+    with replaced_atomically(out, may_replace) as scratch:
+        hf_config.save_pretrained(scratch)
+        save_file(state, str(scratch / WEIGHTS), metadata={"format": "pt"})  # cloned: tied storage untied
+        if tokenizer is not None:
+            tokenizer.save_pretrained(scratch)
+        (scratch / RECORD).write_text(json.dumps(record, indent=1, default=str))
     return Exported(out, notes, approximations)
 
 

@@ -11,6 +11,24 @@ Calls (and generate's steps) with ``use_cache`` and no cache, or an empty ``Dyna
 ``StaticCache``, get a packed KV cache (:mod:`quarot_fx.kv_cache`) when ``kv_bits < 16``: the cache
 memory really drops instead of holding dequantized floats.
 
+Every call of a quarot-compiled module (and every step of its ``generate``) goes through
+:func:`quarot_call`, which keeps three promises:
+
+* **quantized on every call, or an error**: past Dynamo's recompile limit a frame would run the
+  original float model; for our calls ``fail_on_recompile_limit_hit`` is on, and the hit becomes a
+  :class:`RecompileLimitError` that says what to do;
+* **a bounded number of graphs**: the batch and sequence dimensions of the inputs and of the cache
+  are marked dynamic from the first call, so prompts of any batch size and length share a handful
+  of graphs: prefill and decode, each with batch 1 and batch > 1 (Dynamo specializes sizes 0 and
+  1), with and without an attention mask, prompts of one token. That can pass Dynamo's default
+  limit of 8, so while the limit is 8 our calls get ``RECOMPILE_LIMIT`` (64); any other limit
+  the user set is kept;
+* **the cache stays the model's own** through transformers' cache operations (beam search's
+  ``reorder_cache``, ``crop``, ``batch_repeat_interleave``, ``batch_select_indices``): they replace
+  the cache's tensors by new ones, which the compiled graph would refuse as foreign
+  (``ForeignCacheError``). A cache object a compiled call filled is marked with its owner and its
+  length; before the next call its tensors are marked again, unless something else appended to it.
+
 The routing is installed on ``OptimizedModule.__getattr__`` when quarot-fx is imported (which
 ``torch.compile(..., backend="quarot")`` does when it resolves the backend) and changes nothing
 for modules compiled with other backends.
@@ -26,6 +44,17 @@ import weakref
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
+from torch._dynamo.exc import FailOnRecompileLimitHit
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5 names its cache argument either way
+DYNAMIC_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position")
+RECOMPILE_LIMIT = 64  # graphs per forward code (all models of a class) while Dynamo's limit is its default
+DYNAMO_DEFAULT_LIMIT = torch._dynamo.config._config["recompile_limit"].default  # 8
+OWNED = "_quarot_fx_owned"  # on a cache object: (owner signature, sequence length after our call)
+
+
+class RecompileLimitError(RuntimeError):
+    """Dynamo would run the float model for this call: its recompile limit is reached."""
 
 
 def compiled_with_quarot(module: torch.nn.Module) -> bool:
@@ -40,11 +69,37 @@ def compiled_with_quarot(module: torch.nn.Module) -> bool:
 
 
 def compiled_options(module: OptimizedModule):
-    """The QuaRotConfig a quarot-compiled module was compiled with."""
-    from .config import QuaRotConfig
+    """The QuaRotConfig a quarot-compiled module was compiled with (read once per module)."""
+    config = _CONFIGS.get(module)
+    if config is None:
+        from .config import QuaRotConfig
 
-    backend = innermost_backend(module.__dict__["dynamo_ctx"].callback)
-    return QuaRotConfig.from_options(getattr(backend, "kwargs", {}).get("options"))
+        backend = innermost_backend(module.__dict__["dynamo_ctx"].callback)
+        config = QuaRotConfig.from_options(getattr(backend, "kwargs", {}).get("options"))
+        _CONFIGS[module] = config
+    return config
+
+
+_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compiled module → its QuaRotConfig
+_CHECKED: weakref.WeakSet = weakref.WeakSet()  # compiled modules whose model passed check_model
+
+
+def check_model(model: torch.nn.Module, config) -> None:
+    """What would otherwise fail deep inside the compiler with a message about something else:
+    weights never loaded (the meta device), calibration token ids the model has no embedding for."""
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(f"quarot-fx: {meta[0]} (and {len(meta) - 1} more parameters) is on the meta device: its "
+                         "weights were never loaded (e.g. device_map='meta' or init_empty_weights). Load the "
+                         "weights before compiling.")
+    embedding = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    vocab = getattr(embedding, "num_embeddings", None)
+    for i, ids in enumerate(config.calibration or ()):
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise ValueError(f"calibration[{i}] holds token id {low if low < 0 else high}, outside the model's "
+                             f"vocabulary (0..{vocab - 1 if vocab else '?'}): tokenize calibration text with this "
+                             "model's own tokenizer")
 
 
 _PACKED_FOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user's empty cache → ours
@@ -65,10 +120,10 @@ def with_packed_cache(compiled: OptimizedModule, kwargs: dict) -> dict:
         return kwargs
     options = compiled_options(compiled)
     bits = options.kv_bits
-    names = [n for n in ("cache", "past_key_values") if n in inspect.signature(model.forward).parameters]
+    names = [n for n in CACHE_ARGUMENTS if n in inspect.signature(model.forward).parameters]
     if bits >= 16 or options.kv_cache != "packed" or not names:
         return kwargs
-    name = next((n for n in ("cache", "past_key_values") if kwargs.get(n) is not None), names[0])
+    name = next((n for n in CACHE_ARGUMENTS if kwargs.get(n) is not None), names[0])
     cache = kwargs.get(name)
     if cache is None:
         use_cache = kwargs.get("use_cache")
@@ -99,13 +154,95 @@ def _packed_or_none(make):
         return None
 
 
+def _mark_dynamic(args, kwargs, cache) -> None:
+    """Batch and sequence dimensions of the model's inputs and cache dynamic from the first call
+    (sizes 0 and 1 stay specialized: Dynamo's rule), so new prompt shapes reuse the graphs."""
+    inputs = [kwargs.get(name) for name in DYNAMIC_INPUTS] + list(args[:1])
+    for tensor in inputs:
+        if isinstance(tensor, torch.Tensor):
+            for dim in range(min(tensor.dim(), 2)):
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    for tensor in _cache_tensors(cache):
+        if tensor.dim() >= 3:  # [batch, heads, tokens, ...]
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            torch._dynamo.maybe_mark_dynamic(tensor, 2)
+
+
+def _recompile_patches() -> dict:
+    patches = {"fail_on_recompile_limit_hit": True}
+    config = torch._dynamo.config
+    if config.recompile_limit == DYNAMO_DEFAULT_LIMIT:
+        patches["recompile_limit"] = RECOMPILE_LIMIT
+    return patches
+
+
+def _cache_in(kwargs):
+    return next((kwargs[n] for n in CACHE_ARGUMENTS if kwargs.get(n) is not None), None)
+
+
+def _cache_tensors(cache):
+    for layer in getattr(cache, "layers", ()):
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def _claim(cache, owner: str) -> None:
+    """Mark again the tensors of a cache a compiled call of ``owner`` filled: transformers'
+    cache operations (reorder, crop, repeat, select) replace them by new, unmarked tensors. Not
+    when it has grown since (something else appended to it): the graph then refuses it."""
+    from .backend import KV_OWNER
+
+    owned = getattr(cache, OWNED, None)
+    if owned is None or owned[0] != owner or int(cache.get_seq_length()) > owned[1]:
+        return
+    for tensor in _cache_tensors(cache):
+        setattr(tensor, KV_OWNER, owner)
+
+
+def _mark_owned(cache, owner: str) -> None:
+    if cache is not None and callable(getattr(cache, "get_seq_length", None)):
+        setattr(cache, OWNED, (owner, int(cache.get_seq_length())))
+
+
+def quarot_call(compiled: OptimizedModule, fn, args: tuple, kwargs: dict):
+    """``fn(*args, **kwargs)`` (the compiled module's call or forward) with the promises of the
+    module doc: packed cache, dynamic batch and sequence, the cache kept ours, and an error
+    instead of the float model past the recompile limit."""
+    config = compiled_options(compiled)
+    if compiled not in _CHECKED:
+        check_model(compiled._orig_mod, config)
+        _CHECKED.add(compiled)
+    kwargs = with_packed_cache(compiled, kwargs)
+    owner = config.kv_signature()
+    cache = _cache_in(kwargs)
+    if cache is not None:
+        _claim(cache, owner)
+    _mark_dynamic(args, kwargs, cache)
+    patches = _recompile_patches()
+    try:
+        with torch._dynamo.config.patch(**patches):
+            outputs = fn(*args, **kwargs)
+    except FailOnRecompileLimitHit as error:
+        limit = patches.get("recompile_limit", torch._dynamo.config.recompile_limit)
+        raise RecompileLimitError(
+            f"quarot-fx: {type(compiled._orig_mod).__name__}'s forward has been compiled {limit} times "
+            f"(torch._dynamo.config.recompile_limit = {limit}); past it Dynamo would run the original FLOAT model "
+            "for this call, so quarot-fx stops instead. Raise torch._dynamo.config.recompile_limit (each graph "
+            "of a quarot model is one compile), or call with fewer distinct input kinds (e.g. the same "
+            "generation settings); TORCH_LOGS=recompiles shows why each graph was compiled.") from error
+    _mark_owned(cache, owner)
+    _mark_owned(getattr(outputs, "past_key_values", None), owner)
+    return outputs
+
+
 def quantized_generate(compiled: OptimizedModule, *args, **kwargs):
     """``compiled._orig_mod.generate(...)`` with every forward step through the compiled model."""
     proxy = copy.copy(compiled._orig_mod)  # shares _parameters, _buffers and _modules
 
     @functools.wraps(compiled._orig_mod.forward)  # generate() reads the forward's signature
     def forward(*a, **k):
-        return compiled.forward(*a, **with_packed_cache(compiled, k))
+        return quarot_call(compiled, compiled.forward, a, k)
 
     proxy.forward = forward  # the compiled __call__ of the original model
     return proxy.generate(*args, **kwargs)
@@ -126,7 +263,7 @@ def install() -> None:
 
     def __call__(self, *args, **kwargs):
         if compiled_with_quarot(self):
-            kwargs = with_packed_cache(self, kwargs)
+            return quarot_call(self, functools.partial(call, self), args, kwargs)
         return call(self, *args, **kwargs)
 
     __getattr__._quarot_fx = True

@@ -117,3 +117,60 @@ def test_quantize_export_and_eval_the_export_through_compressed_tensors(model_di
 def test_export_of_something_that_is_not_a_saved_directory_names_it(model_dir, tmp_path, capsys):
     status, _, err = run(capsys, "export", model_dir, "-o", tmp_path / "ct")
     assert status == 2 and "not a directory written by 'quarot-fx quantize'" in err
+
+
+# Issue 29, rows 4-6: export never destroys data; clear errors, exit 2, no traceback ---------------
+
+def test_export_never_overwrites_the_base_model_and_asks_before_replacing(model_dir, tmp_path, capsys):
+    from quarot_fx.directories import sha256
+
+    torch._dynamo.reset()
+    assert run(capsys, "quantize", model_dir, "--preset", "w4a16", "--option", "lowering=\"fx\"",
+               "--option", "r2=false", "-o", tmp_path / "q")[0] == 0
+    before = {p.name: sha256(p) for p in model_dir.iterdir() if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        status, _, err = run(capsys, "export", tmp_path / "q", "-o", model_dir, *extra)
+        assert status == 2 and "directory of the base model itself" in err and "Traceback" not in err
+    assert {p.name: sha256(p) for p in model_dir.iterdir() if p.is_file()} == before
+    status, _, err = run(capsys, "export", tmp_path / "q", "-o", tmp_path / "q", "--overwrite")
+    assert status == 2 and "saved DIR itself" in err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    status, _, err = run(capsys, "export", tmp_path / "q", "-o", tmp_path / "busy")
+    assert status == 2 and "--overwrite" in err and (tmp_path / "busy" / "keep.txt").exists()
+    assert run(capsys, "export", tmp_path / "q", "-o", tmp_path / "busy", "--overwrite")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) >= ["config.json", "model.safetensors"]
+    assert not (tmp_path / "busy" / "keep.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch directories left
+
+
+def test_bad_inputs_exit_2_with_a_message(model_dir, tmp_path, capsys, monkeypatch):
+    torch._dynamo.reset()
+    status, _, err = run(capsys, "generate", model_dir, "--prompt", "", "--steps", 2)
+    assert status == 2 and "--prompt is empty" in err
+    assert run(capsys, "quantize", model_dir, "--preset", "w4a16", "--option", "lowering=\"fx\"",
+               "-o", tmp_path / "q")[0] == 0
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    for broken, message in (({k: v for k, v in manifest.items() if k != "model"}, "no 'model' field"),
+                            ({**manifest, "options": 4}, "'options' must be a dict"),
+                            ({k: v for k, v in manifest.items() if k != "source"}, "does not record its base model")):
+        (tmp_path / "q" / "manifest.json").write_text(json.dumps(broken))
+        status, _, err = run(capsys, "eval", tmp_path / "q", "--text", model_dir / "eval.txt", "--window", 64)
+        assert status == 2 and message in err and "Traceback" not in err, err
+    monkeypatch.setenv("QUAROT_FX_INT_GEMM", "bogus")
+    status, _, err = run(capsys, "eval", model_dir, "--preset", "w4a4kv4", "--text", model_dir / "eval.txt")
+    assert status == 2 and "QUAROT_FX_INT_GEMM='bogus'" in err and "auto, int8, float, int4" in err
+
+
+def test_the_python_api_names_what_is_wrong_before_compiling():
+    import quarot_fx
+
+    model = tiny_model("llama")
+    compiled = quarot_fx.compile(model, preset="w4a4kv4", weights="gptq", lowering="fx",
+                                 calibration=[torch.tensor([[5, 9, 300, 7]])])
+    with pytest.raises(ValueError, match=r"calibration\[0\] holds token id 300, outside the model's vocabulary \(0..127\)"):
+        compiled(torch.tensor([[1, 2, 3]]))
+    with torch.device("meta"):
+        empty = tiny_model("llama")
+    with pytest.raises(ValueError, match="meta device: its weights were never loaded"):
+        quarot_fx.compile(empty, preset="w4a4kv4")(torch.tensor([[1, 2, 3]], device="meta"))

@@ -102,17 +102,7 @@ def test_output_attentions_with_sdpa_is_exact():
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
 
 
-# 3. The recompile limit --------------------------------------------------------------------------
-
-def test_recompile_limit_is_announced_before_dynamo_falls_back_to_float():
-    # torch's own patch: pytest's monkeypatch would delete the key from torch's config module on undo
-    model = tiny_model("llama", layers=1)
-    compiled = torch.compile(model, backend="quarot", options=W4, dynamic=False)
-    with torch._dynamo.config.patch(recompile_limit=3), torch.no_grad(), \
-            pytest.warns(quarot_fx.QuaRotWarning, match="FLOAT model"):
-        for length in (4, 5, 6):
-            compiled(token_ids(length=length), use_cache=False)
-
+# 3. The recompile limit: an error instead of the float model (tests/test_generation.py) -------------
 
 # 4. generate() -----------------------------------------------------------------------------------
 

@@ -160,8 +160,8 @@ def test_transformed_weights_are_computed_once_across_recompiles():
     compiled = torch.compile(model, backend="quarot", options=FX)
     misses_before = WEIGHT_CACHE.misses
     with torch.no_grad(), quarot_fx.collect_reports() as reports:
-        for length in (8, 11, 13):
-            ids = token_ids(length=length)
+        for batch in (1, 2, 3):  # batch 1 is a graph of its own (Dynamo specializes size 1)
+            ids = token_ids(length=8, batch=batch)
             assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) <= 1e-4
         first_compile = len(reports[0].linears)
         misses_after_first = WEIGHT_CACHE.misses

@@ -156,3 +156,34 @@ def test_layernorm_without_affine_parameters_is_rotated():
     report = compile_and_compare(LayerNormToy(), IDS)
     assert report.region_counts()["R1"] == 1
     assert "mean-centered" in str(report) and not report.skipped
+
+
+# Issue 29, row 7: the C kernels' library is loaded only from a directory only this user can write --
+
+def test_the_kernel_cache_is_private_and_a_writable_library_is_rebuilt(tmp_path, monkeypatch):
+    import os
+
+    from quarot_fx.kernels import native
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # anyone may plant a file here
+    monkeypatch.setenv("QUAROT_FX_CACHE", str(shared))
+    private = native._cache_dir()
+    assert private != shared and (private.stat().st_mode & 0o077) == 0
+    owned_by_other = tmp_path / "other"
+    owned_by_other.mkdir(mode=0o700)
+    os.chown(owned_by_other, 65534, 65534) if os.getuid() == 0 else pytest.skip("chown needs root")
+    monkeypatch.setenv("QUAROT_FX_CACHE", str(owned_by_other))
+    assert native._cache_dir() != owned_by_other
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("QUAROT_FX_CACHE", str(mine))
+    assert native._cache_dir() == mine and (mine.stat().st_mode & 0o777) == 0o700
+    planted = mine / "native-x.so"
+    planted.write_bytes(b"not a library")
+    os.chmod(planted, 0o666)  # group/other may write it: it is not loaded
+    assert not native._private(planted, __import__("stat").S_IFREG)
+    if native.library() is None:
+        pytest.skip(native.unavailable_reason())
+    native._build(os.environ.get("CC", "cc"), planted)
+    assert native._private(planted, __import__("stat").S_IFREG) and planted.read_bytes()[:4] == b"\x7fELF"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import quarot_fx
-from quarot_fx.artifact import MANIFEST
+from quarot_fx.artifact import MANIFEST, ArtifactError, read_manifest
 
 from .evaluate import WINDOW, calibration_windows, perplexity, read_eval_text, tokenize, windows
 from .models import load_model
@@ -48,13 +48,21 @@ def source_of(target: str) -> str:
     return target if target.lower() in ("smollm2-135m", "smollm2") else os.path.abspath(target)
 
 
+def source_in(target: str, manifest: dict) -> str:
+    source = manifest.get("source")
+    if not isinstance(source, str) or not source:
+        raise ArtifactError(f"{target}/{MANIFEST} does not record its base model ('source'); load it from Python "
+                            "with quarot_fx.load(DIR, model=...)")
+    return source
+
+
 def model_for(target: str, options: dict | None):
     """(runnable model, tokenizer, what it is): a saved DIR loaded, or MODEL float or compiled."""
     if is_artifact(target):
         if options:
             raise ValueError(f"{target} is already quantized; drop --preset / --option")
-        manifest = json.loads(Path(target, MANIFEST).read_text())
-        model, tokenizer = base_model(manifest["source"])
+        manifest = read_manifest(target)
+        model, tokenizer = base_model(source_in(target, manifest))
         return quarot_fx.load(target, model), tokenizer, f"{target} (saved {manifest['options'].get('preset')})"
     if is_compressed_tensors(target):
         if options:
@@ -91,18 +99,21 @@ def quantize(target: str, options: dict, calib: str | None, calib_windows: int, 
     return {"model": target, "options": {k: v for k, v in options.items() if k != "calibration"}, "saved": out}
 
 
-def export(target: str, out: str, format: str, approximate: list[str]) -> dict:
-    """Load a saved DIR (no calibration), build its graphs on a short input, write ``format`` to ``out``."""
+def export(target: str, out: str, format: str, approximate: list[str], overwrite: bool = False) -> dict:
+    """Load a saved DIR (no calibration), build its graphs on a short input, write ``format`` to ``out``
+    (never over DIR itself; over a non-empty ``out`` only with ``overwrite``)."""
+    from quarot_fx.directories import same_directory
     from quarot_fx.exporter import export as export_model
 
     if not is_artifact(target):
         raise ValueError(f"{target} is not a directory written by 'quarot-fx quantize' (no {MANIFEST})")
-    manifest = json.loads(Path(target, MANIFEST).read_text())
-    model, tokenizer = base_model(manifest["source"])
+    if same_directory(target, out):
+        raise ValueError(f"-o {out} is the saved DIR itself: export to another directory")
+    model, tokenizer = base_model(source_in(target, read_manifest(target)))
     compiled = quarot_fx.load(target, model, lowering="fx")  # the weights are the same; fx starts at once
     with torch.no_grad():
         compiled(torch.arange(16)[None] % model.config.vocab_size)
-    done = export_model(compiled, out, format, approximate=tuple(approximate), tokenizer=tokenizer)
+    done = export_model(compiled, out, format, approximate=tuple(approximate), tokenizer=tokenizer, overwrite=overwrite)
     return {"saved": target, "format": format, "exported": str(done.path), "approximations": done.approximations,
             "notes": done.notes}
 
@@ -116,8 +127,12 @@ def evaluate(target: str, options: dict | None, text: str, count: int | None, le
 
 
 def generate(target: str, options: dict | None, prompt: str, steps: int) -> str:
+    if not prompt.strip():
+        raise ValueError("--prompt is empty: give some text to continue")
     model, tokenizer, _ = model_for(target, options)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise ValueError(f"--prompt {prompt!r} gives no tokens: give some text to continue")
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=steps, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
