@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from pathlib import Path
 
 import torch
 
 import quarot_fx
-from quarot_fx.artifact import _read
+from quarot_fx.artifact import read_calibrated
 from quarot_fx.tools.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
 from quarot_fx.tools.models import load_model
 
-from gbs_budget import restored
 from ppl import DEFAULT_CALIBRATION, DEFAULT_TEXT
 
 VARIANTS = {
@@ -42,14 +40,13 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    manifest, tensors = _read(Path(args.artifact))
+    manifest, _ = read_calibrated(args.artifact)
     model, tokenizer = load_model("smollm2-135m")
     calibration = calibration_windows(tokenize(tokenizer, read_eval_text(DEFAULT_CALIBRATION)),
                                       args.calibration_windows)
     test = windows(tokenize(tokenizer, read_eval_text(DEFAULT_TEXT)), args.windows)
     for name in args.variants:
-        calibrated = restored(manifest, tensors)
-        calibrated.clips = {(site, what): clip for site, what, clip in manifest["clips"]}
+        calibrated = read_calibrated(args.artifact)[1]  # a fresh copy per variant
         options = {**manifest["options"], **VARIANTS[name]}
         torch._dynamo.reset()
         compiled = quarot_fx.compile(model, **options, calibration=calibration, calibrated=calibrated)

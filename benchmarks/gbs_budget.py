@@ -15,28 +15,15 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
 import quarot_fx
-from quarot_fx.artifact import Calibrated, _read
-from quarot_fx.kernels import unpack_int4
+from quarot_fx.artifact import read_calibrated
 from quarot_fx.tools.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
 from quarot_fx.tools.models import load_model
 
 from ppl import DEFAULT_CALIBRATION, DEFAULT_TEXT
-
-
-def restored(manifest: dict, tensors: dict) -> Calibrated:
-    """The saved GPTQ codes and SmoothRot maxima, without the clips."""
-    calibrated = Calibrated(manifest["calibration_fingerprint"])
-    for fqn, shape in manifest["weights"].items():
-        calibrated.weights[fqn] = (unpack_int4(tensors[f"weight/{fqn}/codes"], shape[-1]),
-                                   tensors[f"weight/{fqn}/scales"])
-    calibrated.channel_max = {k.removeprefix("channel_max/"): v for k, v in tensors.items()
-                              if k.startswith("channel_max/")}
-    return calibrated
 
 
 def main() -> None:
@@ -57,7 +44,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    manifest, tensors = _read(Path(args.artifact))
+    manifest, calibrated = read_calibrated(args.artifact)
+    calibrated.clips = {}  # searched again
     saved_clips = {(site, what): clip for site, what, clip in manifest["clips"]}
     options = dict(manifest["options"])
     for key in ("gbs_objective", "gbs_tokens", "gbs_iterations", "gbs_windows"):
@@ -70,7 +58,7 @@ def main() -> None:
     calibration = calibration_windows(tokenize(tokenizer, read_eval_text(DEFAULT_CALIBRATION)),
                                       args.calibration_windows)
     compiled = quarot_fx.compile(model, **options, calibration=calibration,
-                                 calibrated=None if args.recalibrate else restored(manifest, tensors))
+                                 calibrated=None if args.recalibrate else calibrated)
     test = windows(tokenize(tokenizer, read_eval_text(DEFAULT_TEXT)), args.windows)
     start = time.perf_counter()
     with quarot_fx.collect_reports() as reports, torch.no_grad():

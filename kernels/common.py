@@ -79,3 +79,15 @@ def kv_packs(bits: int) -> bool:
 
 def kv_code_bytes(length: int, bits: int) -> int:
     return (length + 1) // 2 if kv_packs(bits) else length
+
+
+@lru_cache(maxsize=1)
+def cpu_description() -> tuple[str, ...]:
+    """The distinct "model name" and "flags" lines of /proc/cpuinfo (empty off Linux): what the
+    C kernels' cache key and the GEMM report name the CPU by. Read once per process."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ()
+    return tuple(dict.fromkeys(line for line in lines if line.startswith(("model name", "flags"))))

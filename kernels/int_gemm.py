@@ -34,6 +34,9 @@ import torch
 from quarot_fx.config import GEMM_ENVIRONMENT as ENVIRONMENT
 from quarot_fx.config import GEMM_POLICIES as POLICIES
 from quarot_fx.config import gemm_environment
+
+from .common import cpu_description
+from .gemm import accumulator_dtype, int8_matmul, integer_matmul, pack_linear_weight, transposed_groups  # noqa: F401
 PROBE_ROWS = 128  # beyond this many rows the relative speed of the two GEMMs no longer moves much
 INT32_LIMIT = 2**31
 
@@ -64,32 +67,12 @@ def check_policy(name: str, value: str) -> str:
 
 def cpu_flags() -> list[str]:
     """The CPU features that decide integer GEMM speed (empty off Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted({flag for flag in ("avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "avx_vnni")
-                   if f" {flag}" in text})
+    flags = {flag for line in cpu_description() if line.startswith("flags") for flag in line.split()}
+    return sorted(flags & {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "avx_vnni"})
 
 
 def rows_bucket(rows: int) -> int:
     return min(1 << max(rows - 1, 0).bit_length(), PROBE_ROWS)
-
-
-def int8_matmul(codes: torch.Tensor, weight_t: torch.Tensor, group: int, out=None, dtype=torch.float32):
-    """Exact Σ_k codes·w by ``torch._int_mm`` per group: [M, N] for one group (into ``out`` if given),
-    else [groups, M, N], as ``dtype`` floats. ``weight_t``: int8 [groups, group, N]."""
-    if weight_t.shape[0] == 1:
-        acc = torch._int_mm(codes.contiguous(), weight_t[0])
-        return out.copy_(acc) if out is not None else acc.to(dtype)
-    return torch.stack([torch._int_mm(codes[:, g * group:(g + 1) * group].contiguous(), weight_t[g])
-                        for g in range(weight_t.shape[0])]).to(dtype)
-
-
-def transposed_groups(codes: torch.Tensor, group: int) -> torch.Tensor:
-    """int8 weight codes [N, K] → [K / group, group, N], the layout ``_int_mm`` reads."""
-    n = codes.shape[0]
-    return codes.reshape(n, -1, group).permute(1, 2, 0).contiguous()
 
 
 def last_level_cache_bytes() -> int:
@@ -136,7 +119,6 @@ def measure(rows: int, in_features: int, out_features: int, group: int, candidat
     """Milliseconds per call of each candidate path ("int8", "float", "int4") on this shape, on
     random codes (``benchmarks/int_gemm.py`` prints the same timings)."""
     from . import native
-    from .quantized_linear import accumulator_dtype, integer_matmul, pack_linear_weight
 
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=generator)

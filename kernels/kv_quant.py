@@ -101,3 +101,8 @@ def _(codes, scale, zero, bits, length, dtype):
     from .triton_quant import triton_kv_dequantize
 
     return triton_kv_dequantize(codes, scale, zero, bits, length, dtype)
+
+
+# The op handles graph passes match and the packed cache calls: defined here, with the ops.
+KV_QUANTIZE = torch.ops.quarot_fx.kv_quantize.default
+KV_DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .common import cpu_description
+
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
 FEW_ROWS = 16  # a decode step's rows (or a small batch): where the C kernels take over from torch's calls;
@@ -40,12 +42,7 @@ _reason: list[str] = []
 
 
 def _cpu_identity() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown cpu"
-    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(dict.fromkeys(lines))
+    return "\n".join(cpu_description()) or "unknown cpu"
 
 
 def _private(path: Path, kind: int) -> bool:

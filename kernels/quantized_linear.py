@@ -27,18 +27,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from quarot_fx.numerics.quant import dequantize_weight
 
 from . import int_gemm, native
-from .common import row_chunks, signed_nibbles
-
-EXACT_FLOAT32 = 2**24
-MAX_PRODUCT = 128 * 8  # |int8 activation code| · |int4 weight code|
-
-
-def group_size(in_features: int, groups: int) -> int:
-    """Inputs per weight group; groups must be even-sized so a byte never spans two groups."""
-    if in_features % groups or (groups > 1 and (in_features // groups) % 2):
-        raise ValueError(f"quantized_linear: {groups} groups must split {in_features} inputs into even groups")
-    return in_features // groups
-
+from .common import row_chunks
+from .gemm import (EXACT_FLOAT32, MAX_PRODUCT, accumulator_dtype, group_size, int8_matmul, int64_matmul,  # noqa: F401
+                   integer_matmul, pack_linear_weight, transposed_groups, unpack_linear_weight)
 
 def _check(x, x_scale, weight, weight_scale, bias, in_features) -> int:
     """Validate shapes and dtypes; returns the group size."""
@@ -63,48 +54,6 @@ def check_inputs(x, x_scale, weight_scale, bias, in_features) -> int:
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"quantized_linear: bias {tuple(bias.shape)} does not match {out_features} outputs")
     return group
-
-
-def pack_linear_weight(codes: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """int8 codes [out, in] in [-8, 7] → uint8 [out, ceil(in/2)] in the half-split layout."""
-    if codes.dtype != torch.int8:
-        raise TypeError(f"pack_linear_weight takes int8 codes in [-8, 7], got {codes.dtype}")
-    out, in_features = codes.shape
-    group = group_size(in_features, groups)
-    half = (group + 1) // 2
-    c = torch.nn.functional.pad(codes.reshape(out, groups, group), (0, 2 * half - group)).to(torch.int16)
-    return ((c[..., :half] & 0xF) | ((c[..., half:] & 0xF) << 4)).to(torch.uint8).reshape(out, groups * half)
-
-
-def unpack_linear_weight(packed: torch.Tensor, in_features: int, groups: int = 1) -> torch.Tensor:
-    """Inverse of :func:`pack_linear_weight`: int8 codes [out, in]."""
-    out = packed.shape[0]
-    group = in_features // groups
-    p = packed.reshape(out, groups, -1)
-    low, high = signed_nibbles(p)
-    return torch.cat([low, high], dim=-1)[..., :group].reshape(out, in_features)
-
-
-def accumulator_dtype(group: int) -> torch.dtype:
-    """float32 holds every partial sum exactly while group · 128 · 8 < 2²⁴; float64 beyond."""
-    return torch.float32 if group * MAX_PRODUCT < EXACT_FLOAT32 else torch.float64
-
-
-def integer_matmul(codes: torch.Tensor, weight_codes: torch.Tensor, group: int, out=None) -> torch.Tensor:
-    """Exact Σ_k codes·weight_codes: [M, N] for one group (written to ``out`` if given), else
-    [groups, M, N]; integer-valued floats. ``weight_codes`` is already in the accumulator dtype."""
-    a = codes.to(weight_codes.dtype)
-    if weight_codes.shape[1] == group:
-        return torch.mm(a, weight_codes.T, out=out)
-    rows, n = a.shape[0], weight_codes.shape[0]
-    a = a.reshape(rows, -1, group).transpose(0, 1)  # [G, M, group]
-    return torch.bmm(a, weight_codes.reshape(n, -1, group).permute(1, 2, 0))  # [G, group, N]
-
-
-def _int64_matmul(codes, weight_codes, group, out=None):
-    a = codes.long().reshape(codes.shape[0], -1, group)
-    b = weight_codes.long().reshape(weight_codes.shape[0], -1, group)
-    return torch.einsum("mgk,ngk->gmn", a, b).double()
 
 
 LINEAR_CHUNK_BYTES = 1 << 22  # accumulator block: large enough for an efficient GEMM, small enough for cache
@@ -175,9 +124,9 @@ def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_d
     if x_scale is None:
         w = _gemm_ready(weight, "dequantized", lambda: dequantize_weight(codes(), weight_scale), keep_unpacked)
     elif choice == "int8":
-        w = _gemm_ready(weight, "int8", lambda: int_gemm.transposed_groups(codes(), group), keep_unpacked)
+        w = _gemm_ready(weight, "int8", lambda: transposed_groups(codes(), group), keep_unpacked)
         x_scale = x_scale.reshape(-1, 1)
-        matmul = lambda a, b, g, out=None: int_gemm.int8_matmul(a, b, g, out, acc_dtype)  # noqa: E731
+        matmul = lambda a, b, g, out=None: int8_matmul(a, b, g, out, acc_dtype)  # noqa: E731
     else:
         w = _gemm_ready(weight, str(acc_dtype), lambda: codes().to(acc_dtype), keep_unpacked)
         x_scale = x_scale.reshape(-1, 1)
@@ -192,7 +141,7 @@ def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_d
 
 def quantized_linear_reference(x, x_scale, weight, weight_scale, bias, in_features, out_dtype) -> torch.Tensor:
     """Plain torch with int64 accumulation (slow, obviously exact)."""
-    return linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, _int64_matmul, torch.int64)
+    return linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_dtype, int64_matmul, torch.int64)
 
 
 def simulated_linear(codes: torch.Tensor, x_scale: torch.Tensor, weight_codes: torch.Tensor,

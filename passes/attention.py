@@ -22,17 +22,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from quarot_fx.kernels.kv_quant import KV_DEQUANTIZE
 from quarot_fx.numerics.rotations import rotation_kind
 from quarot_fx.report import OnlineRotation, Region, Skip
 
-from .graph_utils import (CACHE_STORE, Site, as_site, first_arg, is_metadata_use, keeps_last_dim, label, last_dim,
+from .graph_utils import (CACHE_STORE, Site, arg, as_site, first_arg, is_metadata_use, keeps_last_dim, label, last_dim,
                           op_name, shape)
 from .graph_utils import value as node_value
 from .matrices import BlockRotation, CrossHead, Rotation, build
 from .weights import InputRotation, OutputTransform
 
 HADAMARD_OP = torch.ops.quarot_fx.hadamard_transform.default
-KV_DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default
 
 
 # Ops between q·kᵀ and the probabilities that multiply V. R3 leaves the scores unchanged, so
@@ -172,7 +172,7 @@ def walk_back(node: fx.Node) -> HeadPath:
         name = op_name(current)
         if name == "cat":
             tensors = current.args[0]
-            dim = current.args[1] if len(current.args) > 1 else current.kwargs.get("dim", 0)
+            dim = arg(current, 1, "dim", 0)
             ndim = len(shape(current))
             fresh = [t for t in tensors if not _is_cache_operand(t)]
             if dim % ndim == ndim - 1 or len(fresh) != 1:
@@ -238,16 +238,16 @@ def trace_rows(node: fx.Node) -> tuple[Site, int] | None:
 def _split_sizes(node: fx.Node) -> list[int] | None:
     src = first_arg(node)
     full = last_dim(src)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = arg(node, 2, "dim", 0)
     if full is None or dim % len(shape(src)) != len(shape(src)) - 1:
         return None
-    arg = node.args[1]
+    sizes = node.args[1]
     if op_name(node) == "chunk":
-        step = -(-full // arg)
+        step = -(-full // sizes)
         return [min(step, full - i) for i in range(0, full, step)]
-    if isinstance(arg, int):
-        return [min(arg, full - i) for i in range(0, full, arg)]
-    return list(arg)
+    if isinstance(sizes, int):
+        return [min(sizes, full - i) for i in range(0, full, sizes)]
+    return list(sizes)
 
 
 def _last_dim_slice_start(node: fx.Node) -> int | None:

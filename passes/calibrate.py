@@ -21,7 +21,6 @@ recompile runs no calibration.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 
 import torch
@@ -37,13 +36,6 @@ from .weights import (WEIGHT_CACHE, GPTQWeight, QuantizeWeight, edited_logical_w
 # visit(site, inputs) sees the site's input for every window; it may return a replacement
 # weight (logical [out, in]) that the site and everything after it then compute with.
 Visit = Callable[[object, list], torch.Tensor | None]
-
-
-def fingerprint(calibration) -> str:
-    digest = hashlib.sha1()
-    for tokens in calibration:
-        digest.update(tokens.detach().cpu().to(torch.int64).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def token_input(residual_plans) -> fx.Node | None:

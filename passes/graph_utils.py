@@ -24,6 +24,11 @@ CACHE_STORE = "quarot_cache_store"  # node.meta key: a packed KV cache's own qua
 CONVERSION_FUNCTIONS = {"_to_copy", "clone", "contiguous", "detach"}
 
 
+def arg(node: fx.Node, position: int, name: str, default=None):
+    """An argument given by position or by keyword (``default`` when absent)."""
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
 def op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return node.target
@@ -87,7 +92,7 @@ def keeps_last_dim(node: fx.Node, source: fx.Node) -> bool:
     if name in CONVERSION_METHODS or name in CONVERSION_FUNCTIONS:
         return first_arg(node) is source
     if name == "dropout":
-        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+        training = arg(node, 2, "training", True)
         return training is False
     if name in ("transpose",):
         dims = [d % len(inp) for d in node.args[1:3]]
@@ -196,7 +201,7 @@ class Site:
     @property
     def bias_node(self) -> fx.Node | None:
         if self.kind == "linear":
-            return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
+            return arg(self.node, 2, "bias")
         if self.kind == "addmm":
             return self.node.args[0]
         return None
@@ -237,7 +242,7 @@ def as_site(node: fx.Node) -> Site | None:
     bias = site.bias_node
     if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"):
         return None
-    max_norm = node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")
+    max_norm = arg(node, 3, "max_norm")
     if kind == "embedding" and max_norm is not None:
         return None  # max_norm renormalizes rows: not linear in the table
     return site

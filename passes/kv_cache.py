@@ -25,14 +25,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from quarot_fx.kernels.kv_quant import KV_DEQUANTIZE, KV_QUANTIZE
 from quarot_fx.numerics.quant import quantize_kv
 from quarot_fx.report import Skip
 
 from .graph_utils import CACHE_STORE, first_arg, keeps_last_dim, label, op_name
+from .graph_utils import arg as argument
 from .quantize import RECORD
 
-QUANTIZE = torch.ops.quarot_fx.kv_quantize.default
-DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default
 DTYPE_CHANGES = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "_to_copy"}
 
 
@@ -61,7 +61,7 @@ def _from_quantizer(node) -> tuple[fx.Node, int] | None:
     if isinstance(node, fx.Node) and op_name(node) in DTYPE_CHANGES:
         node = first_arg(node)
     if isinstance(node, fx.Node) and op_name(node) == "getitem" and isinstance(node.args[0], fx.Node) \
-            and node.args[0].target is QUANTIZE:
+            and node.args[0].target is KV_QUANTIZE:
         return node.args[0], node.args[1]
     return None
 
@@ -71,7 +71,7 @@ def _appended(arg):
     if op_name(arg) != "cat":
         return None
     tensors = arg.args[0]
-    dim = arg.args[1] if len(arg.args) > 1 else arg.kwargs.get("dim", 0)
+    dim = argument(arg, 1, "dim", 0)
     return (tensors[0], tensors[1], dim) if len(tensors) == 2 else None
 
 
@@ -108,7 +108,7 @@ def _chain(dequantize: fx.Node) -> PackedChain | None:
     store_nodes = sorted(store_nodes, key=order.__getitem__)
     first_write = min(writes, key=order.__getitem__)
     with graph.inserting_before(first_write if kind == "index_copy" else dequantize):
-        past = graph.call_function(DEQUANTIZE, (*pasts, bits, length, dtype))
+        past = graph.call_function(KV_DEQUANTIZE, (*pasts, bits, length, dtype))
     x = quantizer.args[0]
     with graph.inserting_before(dequantize):
         if kind == "cat":
@@ -126,7 +126,7 @@ def _chain(dequantize: fx.Node) -> PackedChain | None:
 def open_packed_cache(ctx) -> None:
     """Pass: give attention a float-cache view of every packed cache (see the module docstring)."""
     config = ctx.config
-    for node in [n for n in ctx.gm.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE]:
+    for node in [n for n in ctx.gm.graph.nodes if n.op == "call_function" and n.target is KV_DEQUANTIZE]:
         chain = _chain(node)
         if chain is None:
             continue
@@ -179,7 +179,7 @@ def close_packed_cache(ctx) -> None:
             form.prepend(node)
         quantizer.args = (fresh, chain.bits, clip)
         with graph.inserting_before(form):
-            read = graph.call_function(DEQUANTIZE, (*chain.stored, chain.bits, chain.length, chain.dtype))
+            read = graph.call_function(KV_DEQUANTIZE, (*chain.stored, chain.bits, chain.length, chain.dtype))
         read.meta["example_value"] = form.meta["example_value"]
         form.replace_all_uses_with(read)
         graph.erase_node(form)

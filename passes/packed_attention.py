@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from quarot_fx.kernels.kv_quant import KV_DEQUANTIZE
 from quarot_fx.report import Skip
 
 from .graph_utils import label, op_name
 
-DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default
 PACKED_ATTENTION = torch.ops.quarot_fx.packed_attention.default
 SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -61,11 +61,11 @@ def fuse_packed_attention(ctx) -> None:
         args = _sdpa_arguments(node)
         reads = [args.get(name) for name in ("key", "value")] if args else list(node.args[1:3])
         explained.update(reads)
-        if not any(isinstance(r, fx.Node) and r.target is DEQUANTIZE for r in reads):
+        if not any(isinstance(r, fx.Node) and r.target is KV_DEQUANTIZE for r in reads):
             continue
         why = "SDPA called with arguments this pass does not know" if args is None else (
             "only one of keys and values comes from the packed cache"
-            if not all(isinstance(r, fx.Node) and r.target is DEQUANTIZE for r in reads) else _why_not(args))
+            if not all(isinstance(r, fx.Node) and r.target is KV_DEQUANTIZE for r in reads) else _why_not(args))
         if why:
             ctx.report.skipped.append(Skip(f"packed attention at {_module_reading(node)}",
                                            f"{why}: attention reads the whole dequantized cache"))
@@ -81,7 +81,7 @@ def fuse_packed_attention(ctx) -> None:
             graph.erase_node(dead)
         ctx.report.counters["packed_attention"] += 1
     for node in graph.nodes:  # a packed cache read some other way (e.g. repeat_kv before SDPA)
-        if node.op == "call_function" and node.target is DEQUANTIZE and node not in explained:
+        if node.op == "call_function" and node.target is KV_DEQUANTIZE and node not in explained:
             readers = ", ".join(sorted({op_name(u) for u in node.users}))
             ctx.report.skipped.append(Skip(f"packed attention at {_module_reading(node)}",
                                            f"the dequantized cache is read by {readers}, not directly by SDPA: "

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from quarot_fx.kernels import int_gemm
+from quarot_fx.kernels.kv_quant import KV_DEQUANTIZE, KV_QUANTIZE
 from quarot_fx.kernels.quantized_linear import accumulator_dtype, simulated_linear, unpack_linear_weight
 from quarot_fx.kernels.sparse_linear import compress
 from quarot_fx.numerics.quant import activation_codes, dequantize_weight, quantize_activation, quantize_kv
@@ -34,8 +35,6 @@ from .weights import (INTEGER_LINEARS, QuantizeWeight, SiteEdits, drop_unused_co
                       replace_with_simulated_linear)
 
 QUANTIZE_PER_TOKEN = torch.ops.quarot_fx.quantize_per_token.default
-KV_QUANTIZE = torch.ops.quarot_fx.kv_quantize.default
-KV_DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default
 RECORD = "quarot_quant"  # node.meta key: the QuantRecord of a quantizer node
 PENDING_WEIGHT = "quarot_pending_weight"  # node.meta key: (SiteEdits, QuantRecord) of a weight to pack
 KV_LIKE = "quarot_kv_like"  # node.meta key: the tensor (shape, dtype) a KV quantizer's output stands for

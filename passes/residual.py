@@ -29,7 +29,7 @@ from quarot_fx.report import Region, Skip
 from quarot_fx.numerics.rotations import padded_order, rotation_kind
 
 from .graph_utils import (
-    Site, as_site, constant_signature, evaluate_constant, first_arg, is_constant, is_metadata_use,
+    Site, arg, as_site, constant_signature, evaluate_constant, first_arg, is_constant, is_metadata_use,
     keeps_last_dim, label, last_dim, op_name, scalar_like, shape,
 )
 from .matrices import Center, Rotation, build
@@ -119,7 +119,7 @@ def _is_rms_statistic(user: fx.Node, value: fx.Node) -> bool:
         return False
     ndim = len(shape(value))
     for reduction in user.users:
-        dims = reduction.args[1] if len(reduction.args) > 1 else reduction.kwargs.get("dim")
+        dims = arg(reduction, 1, "dim")
         dims = dims if isinstance(dims, (list, tuple)) else [dims]
         if op_name(reduction) not in REDUCTIONS or [d % ndim for d in dims if d is not None] != [ndim - 1]:
             return False
@@ -186,10 +186,10 @@ def _state_after(node: fx.Node, incoming, plan: ResidualPlan) -> State:
     if kind == LINK_SCALE:
         return State(scale=data["scale"], normalized=sources[0].normalized)
     if kind == LINK_LAYER_NORM:
-        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-        bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        weight = arg(node, 2, "weight")
+        bias = arg(node, 3, "bias")
         return State(scale=weight, shift=bias, normalized=True)
-    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    weight = arg(node, 2, "weight")
     return State(scale=weight, normalized=True)
 
 
@@ -290,8 +290,8 @@ def _size_call_ending_in(arg, d: int) -> bool:
 def _mean_over(gm: fx.GraphModule, reduction: fx.Node, d: int) -> None:
     """mean(x, dim, keepdim) → sum(x, dim, keepdim) / d."""
     x = reduction.args[0]
-    dim = reduction.args[1] if len(reduction.args) > 1 else reduction.kwargs.get("dim")
-    keepdim = reduction.args[2] if len(reduction.args) > 2 else reduction.kwargs.get("keepdim", False)
+    dim = arg(reduction, 1, "dim")
+    keepdim = arg(reduction, 2, "keepdim", False)
     with gm.graph.inserting_before(reduction):
         total = gm.graph.call_function(torch.sum, (x, dim), {"keepdim": keepdim})
         mean = gm.graph.call_function(torch.div, (total, d))

@@ -27,11 +27,12 @@ from the codes themselves), naming the field.
 from __future__ import annotations
 
 import json
-import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .calibrated import ArtifactError, Calibrated
+from .version import __version__
 
 FORMAT = "quarot-fx calibrated artifact"
 FORMAT_VERSION = 2  # 2: sha256 of the files, options and clips repeated in the tensors' metadata
@@ -39,48 +40,13 @@ MANIFEST = "manifest.json"
 TENSORS = "calibrated.safetensors"
 
 
-class ArtifactError(ValueError):
-    """A saved artifact that cannot be loaded as it is (never a silently different model)."""
-
-
-@dataclass
-class Calibrated:
-    """What calibration produced, keyed by parameter name (stable across processes)."""
-
-    fingerprint: str | None = None  # of the calibration tokens
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # fqn → (codes, scales)
-    channel_max: dict[str, torch.Tensor] = field(default_factory=dict)  # down-projection weight fqn → max |x_j|
-    clips: dict[tuple[str, str], float] = field(default_factory=dict)  # (site, what) → clip
-
-    def __str__(self) -> str:
-        return (f"{len(self.weights)} calibrated weights, {len(self.channel_max)} SmoothRot sites, "
-                f"{len(self.clips)} clips")
-
-    def merge(self, other: Calibrated) -> None:
-        if other.fingerprint is not None:
-            if self.fingerprint not in (None, other.fingerprint):
-                raise ArtifactError("the compiled graphs were calibrated on different data")
-            self.fingerprint = other.fingerprint
-        self.weights.update(other.weights)
-        self.channel_max.update(other.channel_max)
-        self.clips.update(other.clips)
-
-    def get(self, table: str, key):
-        found = getattr(self, table).get(key)
-        if found is None:
-            raise ArtifactError(f"the loaded artifact has no {table.replace('_', ' ')} for {key!r}: it was saved "
-                                "from another model or with other options")
-        return found
-
-
-_graphs: weakref.WeakSet = weakref.WeakSet()  # every BoundGraph of this process (backend.py adds them)
-
-
 def _builds_of(model: torch.nn.Module) -> list:
     """(graph, build) of every build made for this model's parameters. One Dynamo graph serves
     models of the same class (dynamic shapes make that common), with a build per model."""
+    from .backend import live_graphs
+
     params = {id(t) for t in (*model.parameters(), *model.buffers())}
-    return [(g, b) for g in list(_graphs) for b in list(g.builds.values())
+    return [(g, b) for g in live_graphs() for b in list(g.builds.values())
             if b.bound and all(id(t) in params for _, t, _ in b.bound)]
 
 
@@ -120,8 +86,7 @@ def save(compiled_model, path, source: str | None = None) -> Path:
     ``source``: how ``load`` finds the base model again (default: the model config's ``_name_or_path``)."""
     from safetensors.torch import save_file
 
-    from quarot_fx import __version__
-    from quarot_fx.kernels import pack_int4
+    from .kernels import pack_int4
 
     from .directories import replaced_atomically, sha256
 
@@ -281,15 +246,11 @@ def _check_model(model: torch.nn.Module, expected: dict) -> None:
                                 "model it was saved from (another checkpoint or fine-tune?)")
 
 
-def load(path, model: torch.nn.Module | None = None, **overrides):
-    """A quarot-compiled model from a directory written by :func:`save`, with no calibration.
-
-    ``model``: the base model it was saved from (default: load the manifest's ``source``).
-    ``overrides``: options that do not change the numbers (``lowering``, ``int_gemm``,
-    ``resident_weights``, ``kv_cache``)."""
-    import quarot_fx
-
+def read_calibrated(path) -> tuple[dict, Calibrated]:
+    """(manifest, what calibration produced) of the artifact at ``path``, every check of the
+    module doc passed: the one reader of saved codes (``load`` and the benchmarks use it)."""
     from .config import QuaRotConfig
+    from .kernels import unpack_int4
 
     path = Path(path)
     manifest, tensors, metadata = _read(path)
@@ -298,6 +259,32 @@ def load(path, model: torch.nn.Module | None = None, **overrides):
         saved = QuaRotConfig.from_options({**manifest["options"], "calibrated": Calibrated()})
     except (TypeError, ValueError) as error:
         raise ArtifactError(f"{path / MANIFEST}: its options are not valid: {error}") from error
+    calibrated = Calibrated(manifest.get("calibration_fingerprint"))
+    for fqn, shape in manifest["weights"].items():
+        try:
+            stored, scales = tensors[f"weight/{fqn}/codes"], tensors[f"weight/{fqn}/scales"]
+        except KeyError as error:
+            raise ArtifactError(f"{path / TENSORS} lacks the tensors of {fqn}") from error
+        codes = unpack_int4(stored, shape[-1]) if manifest["codes"] == "int4" else stored
+        _check_codes(fqn, codes, scales, saved)
+        calibrated.weights[fqn] = (codes, scales)
+    for key, tensor in tensors.items():
+        if key.startswith("channel_max/"):
+            calibrated.channel_max[key.removeprefix("channel_max/")] = tensor
+    calibrated.clips = {(site, what): clip for site, what, clip in manifest["clips"]}
+    return manifest, calibrated
+
+
+def load(path, model: torch.nn.Module | None = None, **overrides):
+    """A quarot-compiled model from a directory written by :func:`save`, with no calibration.
+
+    ``model``: the base model it was saved from (default: load the manifest's ``source``).
+    ``overrides``: options that do not change the numbers (``lowering``, ``int_gemm``,
+    ``resident_weights``, ``kv_cache``)."""
+    from .backend import compile
+
+    path = Path(path)
+    manifest, calibrated = read_calibrated(path)
     allowed = {"lowering", "int_gemm", "resident_weights", "kv_cache"}
     if set(overrides) - allowed:
         raise ArtifactError(f"quarot_fx.load: {sorted(set(overrides) - allowed)} would change the saved model; "
@@ -306,22 +293,8 @@ def load(path, model: torch.nn.Module | None = None, **overrides):
         source = manifest.get("source")
         if not source:
             raise ArtifactError(f"{path} does not record where its base model came from; pass model=")
-        from quarot_fx.tools.models import load_model
+        from quarot_fx.tools.models import load_model  # only here: importing quarot_fx imports no tools
 
         model = load_model(source)[0]
     _check_model(model, manifest["model"])
-    calibrated = Calibrated(manifest.get("calibration_fingerprint"))
-    for fqn, shape in manifest["weights"].items():
-        try:
-            stored, scales = tensors[f"weight/{fqn}/codes"], tensors[f"weight/{fqn}/scales"]
-        except KeyError as error:
-            raise ArtifactError(f"{path / TENSORS} lacks the tensors of {fqn}") from error
-        codes = quarot_fx.kernels.unpack_int4(stored, shape[-1]) if manifest["codes"] == "int4" else stored
-        _check_codes(fqn, codes, scales, saved)
-        calibrated.weights[fqn] = (codes, scales)
-    for key, tensor in tensors.items():
-        if key.startswith("channel_max/"):
-            calibrated.channel_max[key.removeprefix("channel_max/")] = tensor
-    calibrated.clips = {(site, what): clip for site, what, clip in manifest["clips"]}
-    options = {**manifest["options"], **overrides, "calibrated": calibrated}
-    return quarot_fx.compile(model, **options)
+    return compile(model, **{**manifest["options"], **overrides, "calibrated": calibrated})

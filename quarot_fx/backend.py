@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from .artifact import _graphs
 from .config import QuaRotConfig
 from .passes.graph_utils import size_hint
 from .passes.lift_params import lift_parameters
 from .passes.pipeline import PassContext, passes_for, run_passes
 from .report import QuaRotWarning, Report, Skip, publish
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every BoundGraph of this process: save and export find them
+
+
+def live_graphs() -> list:
+    """Every quarot-compiled graph alive in this process (``save`` and ``export`` pick a model's)."""
+    return list(_LIVE)
 
 
 class ForeignCacheError(RuntimeError):
@@ -138,7 +146,7 @@ class BoundGraph:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, config: QuaRotConfig):
         self.template = private_copy(gm)  # untouched, for builds with other parameters
-        _graphs.add(self)  # quarot_fx.save finds a model's graphs here
+        _LIVE.add(self)  # quarot_fx.save finds a model's graphs here
         self.config = config
         self.owner = config.kv_signature()
         self.current = _build(self.template, list(example_inputs), config)
@@ -182,3 +190,13 @@ def quarot_backend(gm: fx.GraphModule, example_inputs: list, options=None):
     """Compile one Dynamo graph with quarot-fx. ``options``: see :class:`QuaRotConfig`."""
     config = QuaRotConfig.from_options(options)
     return BoundGraph(gm, example_inputs, config)
+
+
+def compile(model, config: QuaRotConfig | None = None, *, fullgraph: bool = False, dynamic=None, **options):
+    """``torch.compile(model, backend="quarot", options=...)`` with options checked up front.
+
+    The result's ``generate()`` runs the compiled (quantized) forward at every step."""
+    if config is not None and options:
+        raise ValueError("pass either a QuaRotConfig or option keywords, not both")
+    config = config or QuaRotConfig.from_options(options)
+    return torch.compile(model, backend="quarot", options=config.to_options(), fullgraph=fullgraph, dynamic=dynamic)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .calibrated import Calibrated, fingerprint
 from .numerics.rotations import GSR_PERMUTATIONS, ROTATION_KINDS, rotation_kinds
 from .numerics.sparse import parse_pattern, pattern_sparsity
 
@@ -167,7 +168,7 @@ class QuaRotConfig:
     kv_clip: float | None = None
     quantize_lm_head: bool = False
     calibration: tuple | list | None = field(default=None, compare=False, repr=False)
-    calibrated: Any = field(default=None, compare=False, repr=False)  # quarot_fx.artifact.Calibrated (load)
+    calibrated: Any = field(default=None, compare=False, repr=False)  # quarot_fx.calibrated.Calibrated (load)
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = False
@@ -232,8 +233,6 @@ class QuaRotConfig:
             raise ValueError(f"gptq_damp must be a number in (0, 1); got {self.gptq_damp!r}")
         _integer("gptq_block_size", self.gptq_block_size, "a positive integer", lambda v: v >= 1)
         if self.calibrated is not None:
-            from .artifact import Calibrated
-
             if not isinstance(self.calibrated, Calibrated):
                 raise ValueError("calibrated must be a quarot_fx.artifact.Calibrated (what quarot_fx.load passes); "
                                  f"got {type(self.calibrated).__name__}")
@@ -331,8 +330,6 @@ class QuaRotConfig:
             return self.calibrated.fingerprint
         if self.calibration is None:
             return None
-        from quarot_fx.passes.calibrate import fingerprint
-
         return fingerprint(self.calibration)
 
     @property

@@ -43,6 +43,7 @@ import torch
 
 from .artifact import compiled_reports
 from .directories import replaced_atomically, same_directory
+from .version import __version__
 
 FORMATS = ("compressed-tensors",)
 APPROXIMATIONS = ("kv_cache", "activation_scale")
@@ -294,8 +295,6 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
     The directory is written atomically; a non-empty one is replaced only with ``overwrite``, and
     the base model's own directory never."""
     from safetensors.torch import save_file
-
-    from quarot_fx import __version__
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}; got {format!r}")

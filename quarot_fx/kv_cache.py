@@ -20,9 +20,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from .kernels.common import check_bits, kv_code_bytes
+from .kernels.kv_quant import KV_DEQUANTIZE, KV_QUANTIZE
 
-QUANTIZE = torch.ops.quarot_fx.kv_quantize.default
-DEQUANTIZE = torch.ops.quarot_fx.kv_dequantize.default
 PARTS = ("codes", "scale", "zero")
 ZERO_DTYPE = torch.uint8  # zero points are integers in [0, 2^b - 1]
 
@@ -34,7 +33,7 @@ def _empty_parts(lead, length: int, bits: int, rows: int, device) -> tuple[torch
 
 
 def _encode(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    codes, scale, zero = QUANTIZE(x, bits, 1.0)
+    codes, scale, zero = KV_QUANTIZE(x, bits, 1.0)
     return codes, scale, zero.to(ZERO_DTYPE)
 
 
@@ -52,7 +51,7 @@ class _PackedLayer:
 
     def _dequantize(self, kind: str) -> torch.Tensor:
         length = self.head_dims[0 if kind == "key" else 1]
-        return DEQUANTIZE(*self._parts(kind), self.bits, length, self.dtype)
+        return KV_DEQUANTIZE(*self._parts(kind), self.bits, length, self.dtype)
 
     def _map(self, fn) -> None:
         if self.is_initialized:

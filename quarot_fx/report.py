@@ -14,7 +14,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .artifact import Calibrated
+from .calibrated import Calibrated
 
 log = logging.getLogger("quarot_fx")
 
