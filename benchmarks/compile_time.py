@@ -18,7 +18,7 @@ import torch
 import transformers as tf
 
 import quarot_fx
-from quarot_fx.passes.weights import WEIGHT_CACHE
+from quarot_fx.passes.weight_store import WEIGHT_CACHE
 
 LOWER_PREFIX = "lower"
 

@@ -30,7 +30,7 @@ from .graph_utils import (CACHE_STORE, Site, arg, as_site, first_arg, is_metadat
                           op_name, shape)
 from .graph_utils import value as node_value
 from .matrices import BlockRotation, CrossHead, Rotation, build
-from .weights import InputRotation, OutputTransform
+from .edits import InputRotation, OutputTransform
 
 HADAMARD_OP = torch.ops.quarot_fx.hadamard_transform.default
 

@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from quarot_fx.numerics.quant import quantize_activation, quantize_kv
 from quarot_fx.report import ClipRecord, Skip
 
-from .calibrate import Windows, ancestors, last_uses, linear_override
+from .windows import Windows, ancestors, last_uses, linear_override
 from .graph_utils import as_site, label
-from .quantize import PENDING_WEIGHT, RECORD, PendingWeight
+from .quantize import RECORD, PendingWeight
 
 QUANTIZERS = (quantize_activation, quantize_kv)
 
@@ -112,10 +112,9 @@ def _first_linears(node: fx.Node) -> list[fx.Node]:
 def _quantized_weights(ctx, windows: Windows) -> None:
     """Sites whose 4-bit weights the lowering will pack still read float weights in the graph:
     compute them from the packed codes, read as the lowering reads them (cached: it reuses them)."""
-    for node in ctx.gm.graph.nodes:
-        if PENDING_WEIGHT in node.meta:
-            weight = PendingWeight.of(ctx, node)
-            windows.override[node] = linear_override(weight.entry.site, weight.dequantized(), weight.bias)
+    for node in ctx.lowering:
+        weight = PendingWeight.of(ctx, node)
+        windows.override[node] = linear_override(weight.entry.site, weight.dequantized(), weight.bias)
 
 
 def _squared_loss_gradients(windows: Windows, quantizers, nodes, logits, labels) -> list[dict]:

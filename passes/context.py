@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 
 from quarot_fx.config import QuaRotConfig
@@ -16,7 +15,8 @@ from quarot_fx.report import Report
 
 from .graph_utils import Site
 from .lift_params import LiftedConstants
-from .weights import SiteEdits
+from .edits import Pending, SiteEdits
+from .weight_store import WeightStore
 
 
 @dataclass
@@ -41,6 +41,11 @@ class PassContext:
     sites: dict[fx.Node, SiteEdits] = field(default_factory=dict)  # weight edits recorded per site
     kv_cache_inputs: set = field(default_factory=set)  # cache tensors read where K/V were rotated or quantized
     packed_chains: list = field(default_factory=list)  # PackedChain per packed-cache store (passes/kv_cache.py)
+    lowering: dict[fx.Node, Pending] = field(default_factory=dict)  # 4-bit weights the lowering packs
+    weights: WeightStore = field(init=False)  # the one way a pass reads or produces a weight
+
+    def __post_init__(self) -> None:
+        self.weights = WeightStore(self.gm, self.lifted.originals, self.fqn_of)
 
     def edits(self, site: Site) -> SiteEdits:
         if site.node not in self.sites:

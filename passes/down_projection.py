@@ -17,7 +17,7 @@ from quarot_fx.numerics.rotations import padded_order, rotation_kind
 from .attention import insert_rotation
 from .graph_utils import Site, as_site, keeps_last_dim, label, op_name, origin
 from .matrices import Rotation
-from .weights import InputRotation, PadInput
+from .edits import InputRotation, PadInput
 
 
 def attention_output_sites(gm: fx.GraphModule, attentions: list) -> set[fx.Node]:

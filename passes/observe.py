@@ -7,7 +7,7 @@ two side by side are the outlier picture (``quarot-fx outliers``).
 
 from __future__ import annotations
 
-from .calibrate import run_calibration
+from .windows import run_calibration
 from .graph_utils import label
 
 

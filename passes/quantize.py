@@ -30,13 +30,13 @@ from quarot_fx.report import QuantRecord, Skip
 from .attention import HADAMARD_OP, only_used_along, walk_back
 from .graph_utils import as_site, keeps_last_dim, label, size_hint, value
 from .sparsity import prunes, record_sparsity, storage_format
-from .weights import (INTEGER_LINEARS, QuantizeWeight, SiteEdits, drop_unused_constants, integer_linear_shape,
-                      packed_weights, record_final_weight, replace_with_quantized_linear,
+from .edits import QuantizeWeight, SiteEdits
+from .materialize import record_final_weight
+from .surgery import (INTEGER_LINEARS, drop_unused_constants, integer_linear_shape, replace_with_quantized_linear,
                       replace_with_simulated_linear)
 
 QUANTIZE_PER_TOKEN = torch.ops.quarot_fx.quantize_per_token.default
 RECORD = "quarot_quant"  # node.meta key: the QuantRecord of a quantizer node
-PENDING_WEIGHT = "quarot_pending_weight"  # node.meta key: (SiteEdits, QuantRecord) of a weight to pack
 KV_LIKE = "quarot_kv_like"  # node.meta key: the tensor (shape, dtype) a KV quantizer's output stands for
 
 
@@ -53,15 +53,6 @@ def feeds_output(node: fx.Node) -> bool:
                     nxt.append(user)
         frontier = nxt
     return False
-
-
-def keeps_codes(ctx, entry) -> bool:
-    """The site's 4-bit weight stays codes and scales until the lowering: packed for the integer
-    kernels; for the fake path's simulated linear only where its input is quantized."""
-    if not ctx.config.keeps_weight_codes or entry.site.kind == "embedding":
-        return False
-    source = entry.site.input_node
-    return ctx.config.kernels == "integer" or (source.op == "call_function" and source.target is quantize_activation)
 
 
 def quantized_sites(ctx) -> list:
@@ -188,7 +179,7 @@ def _feed_codes(graph: fx.Graph, fake: fx.Node, linears: list, quantizer, args: 
 
 @dataclass
 class PendingWeight:
-    """A weight the lowering receives as codes (``PENDING_WEIGHT``): packed int4 and scales.
+    """A weight the lowering receives as codes (``ctx.lowering``): packed int4 and scales.
     The one reader of that packing: the lowerings and GBS's search see the same weight."""
 
     entry: SiteEdits
@@ -202,10 +193,9 @@ class PendingWeight:
 
     @classmethod
     def of(cls, ctx, node: fx.Node) -> PendingWeight:
-        entry, record = node.meta[PENDING_WEIGHT]
+        entry, record = ctx.lowering[node]
         fqn = ctx.fqn_of(entry.original_weight)
-        return cls(entry, record, label(node, default=fqn.rpartition(".")[0]), fqn,
-                   *packed_weights(ctx.gm, entry, ctx.lifted.originals, ctx.fqn_of))
+        return cls(entry, record, label(node, default=fqn.rpartition(".")[0]), fqn, *ctx.weights.packed(entry))
 
     def codes(self) -> torch.Tensor:
         return unpack_linear_weight(self.packed, self.in_features, self.scales.shape[1])
@@ -217,11 +207,9 @@ class PendingWeight:
 def _pending_weights(ctx):
     """Each weight kept as codes, taken off its node and recorded in the report (its final codes,
     unpacked when asked; its sparsity, counted from what is stored)."""
-    for node in list(ctx.gm.graph.nodes):
-        if PENDING_WEIGHT not in node.meta:
-            continue
+    for node in [n for n in ctx.gm.graph.nodes if n in ctx.lowering]:
         weight = PendingWeight.of(ctx, node)
-        del node.meta[PENDING_WEIGHT]
+        del ctx.lowering[node]
         record_final_weight(ctx, weight.module, weight.entry, bias=weight.bias,
                             codes=lambda w=weight: (w.codes(), w.scales))
         if prunes(weight.entry):

@@ -33,7 +33,7 @@ from .graph_utils import (
     keeps_last_dim, label, last_dim, op_name, scalar_like, shape,
 )
 from .matrices import Center, Rotation, build
-from .weights import InputAffine, InputRotation, OutputTransform, PadInput, PadOutput
+from .edits import InputAffine, InputRotation, OutputTransform, PadInput, PadOutput
 
 LINK_SAME, LINK_SCALE, LINK_LAYER_NORM, LINK_RMS_NORM = "same", "scale", "layer_norm", "rms_norm"
 REDUCTIONS = {"mean", "sum"}

@@ -24,11 +24,12 @@ import torch.fx as fx
 from quarot_fx.report import ChannelMax, Region, Skip
 
 from .attention import trace_rows
-from .calibrate import run_calibration
+from .windows import run_calibration
 from .down_projection import r4_rotation_for
 from .matrices import multiply_right
 from .graph_utils import Site, label, last_dim, op_name, origin
-from .weights import WEIGHT_CACHE, ScaleInputColumns, ScaleOutputRows
+from .edits import ScaleInputColumns, ScaleOutputRows
+from .weight_store import CHANNEL_MAX
 
 
 @dataclass
@@ -70,11 +71,10 @@ def _cached_channel_maxima(ctx, sites) -> dict | None:
         return {s.down.node: ctx.config.calibrated.get("channel_max", ctx.fqn_of(s.down.weight_node.target))
                 for s in sites}
     state = tuple(sorted((ctx.fqn_of(attr), id(t), t._version) for attr, t in originals.items()))
-    key = ("smoothrot channel max", ctx.config.calibration_id(), hash(state))
-    params = {s.down.node: originals.get(s.down.weight_node.target, getattr(ctx.gm, s.down.weight_node.target))
-              for s in sites}
-    if all(WEIGHT_CACHE.has(p, key) for p in params.values()):
-        return {node: WEIGHT_CACHE.get(p, key, None) for node, p in params.items()}
+    key = (CHANNEL_MAX, ctx.config.calibration_id(), hash(state))
+    params = {s.down.node: ctx.weights.tensor(s.down.weight_node.target) for s in sites}
+    if all(ctx.weights.has_memo(p, key) for p in params.values()):
+        return {node: ctx.weights.memo(p, key, None) for node, p in params.items()}
     maxima: dict[fx.Node, torch.Tensor] = {}
     chunks = run_calibration(ctx, [s.down for s in sites],
                              lambda site, inputs: maxima.__setitem__(site.node, channel_max(inputs)),
@@ -83,7 +83,7 @@ def _cached_channel_maxima(ctx, sites) -> dict | None:
         return None
     ctx.report.counters["smoothrot_calibration_chunks"] += chunks
     for node, p in params.items():
-        WEIGHT_CACHE.get(p, key, lambda node=node: maxima[node])
+        ctx.weights.memo(p, key, lambda node=node: maxima[node])
     return maxima
 
 

@@ -7,7 +7,7 @@ import torch
 
 from quarot_fx.numerics.sparse import parse_pattern
 
-from .weights import GPTQWeight
+from .edits import GPTQWeight
 
 
 def prunes(entry) -> bool:

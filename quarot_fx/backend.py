@@ -27,7 +27,8 @@ import torch.fx as fx
 from .config import QuaRotConfig
 from .passes.graph_utils import size_hint
 from .passes.lift_params import lift_parameters
-from .passes.pipeline import PassContext, passes_for, run_passes
+from .passes.context import PassContext
+from .passes.pipeline import passes_for, run_passes
 from .report import QuaRotWarning, Report, Skip, publish
 
 

@@ -12,7 +12,7 @@ import torch
 
 import quarot_fx
 from quarot_fx.artifact import ArtifactError
-from quarot_fx.passes.weights import WEIGHT_CACHE
+from quarot_fx.passes.weight_store import WEIGHT_CACHE
 from tiny_models import tiny_model, token_ids
 
 CALIBRATED = {"preset": "w4a4kv4", "weights": "gptq", "smoothrot": True, "a_clip": "gbs", "kv_clip": "gbs",

@@ -10,9 +10,9 @@ import torch
 from tiny_models import tiny_model
 
 import quarot_fx
-from quarot_fx.passes.calibrate import run_calibration
+import quarot_fx.passes.weight_store
+from quarot_fx.passes.windows import run_calibration
 from quarot_fx.passes.registry import register_pass, unregister_pass
-from quarot_fx.passes.weights import edited_logical_weight
 
 WINDOW = 16
 
@@ -89,13 +89,12 @@ def test_sequential_gptq_matches_one_pass_at_the_first_site_only(capture):
     @register_pass("materialize", before="materialize_weights", when=lambda config: True)
     def capture_gptq_codes(ctx):
         for entry in ctx.sites.values():
-            logical, _ = edited_logical_weight(ctx.gm, type(entry)(entry.site, edits=entry.edits[:-1]),
-                                               ctx.lifted.originals)
+            logical, _ = ctx.weights.edited(type(entry)(entry.site, edits=entry.edits[:-1]))
             codes[(ctx.config.gptq_sequential, ctx.fqn_of(entry.original_weight))] = entry.edits[-1].codes(logical)[0]
 
     model = tiny_model("llama")
     calibration = _calibration(4)
-    quarot_fx.passes.weights.WEIGHT_CACHE.clear()
+    quarot_fx.passes.weight_store.WEIGHT_CACHE.clear()
     with torch.no_grad(), quarot_fx.collect_reports() as reports:
         for sequential in (False, True):
             torch._dynamo.reset()

@@ -10,7 +10,7 @@ from tiny_models import ARCHITECTURES, tiny_model, token_ids
 import quarot_fx
 from quarot_fx.kernels.quantized_linear import simulated_linear
 from quarot_fx.numerics.quant import quantize_activation
-from quarot_fx.passes.weights import WEIGHT_CACHE
+from quarot_fx.passes.weight_store import WEIGHT_CACHE
 
 W4A4KV4 = {"preset": "w4a4kv4"}
 

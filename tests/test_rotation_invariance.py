@@ -10,7 +10,7 @@ from tiny_models import ARCHITECTURES, tiny_model, token_ids
 
 import quarot_fx
 from quarot_fx.numerics.hadamard import hadamard_matrix
-from quarot_fx.passes.weights import WEIGHT_CACHE
+from quarot_fx.passes.weight_store import WEIGHT_CACHE
 
 ROTATE = {"preset": "fp"}  # rotations on (Hadamard R1), nothing quantized
 FX = {**ROTATE, "lowering": "fx"}
