@@ -31,7 +31,8 @@ from quarot_fx.report import ClipRecord, Skip
 
 from .windows import Windows, ancestors, last_uses, linear_override
 from .graph_utils import as_site, label
-from .quantize import RECORD, PendingWeight
+from .lowering import PendingWeight
+from .quantize import RECORD
 
 QUANTIZERS = (quantize_activation, quantize_kv)
 

@@ -25,8 +25,8 @@ from .kv_cache import close_packed_cache, open_packed_cache
 from .materialize import materialize_weights
 from .observe import observe_inputs
 from .packed_attention import fuse_packed_attention
-from .quantize import lower_to_integer_kernels, lower_to_simulated_linears, quantize_activations, quantize_kv_cache
-from .quantize import quantize_weights
+from .lowering import lower_to_integer_kernels, lower_to_simulated_linears
+from .quantize import quantize_activations, quantize_kv_cache, quantize_weights
 from .registry import RegisteredPass, ordered_passes, register_pass
 from .residual import rotate_residual
 from .smoothrot import smooth_down_projections

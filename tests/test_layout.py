@@ -63,7 +63,7 @@ def import_graph(prefix: str = "quarot_fx") -> nx.DiGraph:
 def test_the_import_graph_sees_every_import_form():
     graph = import_graph()
     assert graph.has_edge("quarot_fx.kernels.quantized_linear", "quarot_fx.kernels.int_gemm")  # from . import x
-    assert graph.has_edge("quarot_fx.passes.quantize", "quarot_fx.kernels.quantized_linear")  # from a.b import name
+    assert graph.has_edge("quarot_fx.passes.lowering", "quarot_fx.kernels.quantized_linear")  # from a.b import name
     assert graph.has_edge("quarot_fx.kernels.int_gemm", "quarot_fx.kernels.native")  # lazy, inside a function
     assert graph.has_edge("quarot_fx.artifact", "quarot_fx.backend")  # lazy relative
 
