@@ -1,38 +1,28 @@
-"""R2 (value → output, per head) and R3 (query/key after the position embedding).
+"""Attention, found from the dataflow: where R2 (value → output, per head) and R3 (query/key after
+the position embedding) can live. The rewrites are in ``attention_rotations.py``.
 
-Both start at an attention (a ``scaled_dot_product_attention`` call, or eager attention's
-``matmul(softmax(matmul(q, kᵀ)), v)``, see :class:`Attention`) and walk the dataflow through ops
-that leave the head dimension (the last one) alone: transposes of other dims, reshapes
-that keep it, GQA's expand/reshape, and the KV cache's ``cat`` along the sequence.
+An attention is a ``scaled_dot_product_attention`` call, or eager attention's
+``matmul(softmax(matmul(q, kᵀ)), v)`` (see :class:`Attention`). From it the walks go through ops
+that leave the head dimension (the last one) alone: transposes of other dims, reshapes that keep
+it, GQA's expand/reshape, and the KV cache's ``cat`` along the sequence.
 
-* R2: attention mixes value rows over the sequence only, so a per-head rotation of V's
-  head dimension comes out on the output unchanged. Folded into the rows of the value
-  projection (``v_proj``, a slice of a fused ``qkv``, or a ``split`` of GPT2's ``c_attn``)
-  and the columns of the output projection; an online cross-head Hadamard on the output
-  projection's input completes QuaRot's full rotation there.
-* R3: q·kᵀ is unchanged when q and k are both rotated by the same H. Queries are rotated
-  at the attention input; keys right after the last op that mixes their head dimension
-  (RoPE), so the KV cache stores rotated keys.
+* R2: attention mixes value rows over the sequence only, so a per-head rotation of V's head
+  dimension comes out on the output unchanged (``analyze_values`` finds the value projection's
+  rows: ``v_proj``, a slice of a fused ``qkv``, or a ``split`` of GPT2's ``c_attn``).
+* R3: q·kᵀ is unchanged when q and k are both rotated by the same H (``analyze_queries_keys``
+  finds the last op that mixes the keys' head dimension, RoPE).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 
 from quarot_fx.kernels.kv_quant import KV_DEQUANTIZE
-from quarot_fx.numerics.rotations import rotation_kind
-from quarot_fx.report import OnlineRotation, Region, Skip
 
-from .graph_utils import (CACHE_STORE, Site, arg, as_site, first_arg, is_metadata_use, keeps_last_dim, label, last_dim,
-                          op_name, shape)
-from .graph_utils import value as node_value
-from .matrices import BlockRotation, CrossHead, Rotation, build
-from .edits import InputRotation, OutputTransform
-
-HADAMARD_OP = torch.ops.quarot_fx.hadamard_transform.default
+from .graph_utils import (CACHE_STORE, Site, arg, as_site, first_arg, is_metadata_use, keeps_last_dim, last_dim, op_name,
+                          shape)
 
 
 # Ops between q·kᵀ and the probabilities that multiply V. R3 leaves the scores unchanged, so
@@ -325,77 +315,6 @@ def analyze_values(attention: Attention) -> ValuePlan:
     return plan
 
 
-def online_rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x·Q at run time for a rotation kind without a fast online op (a dense matmul)."""
-    return x @ q
-
-
-def insert_rotation(gm: fx.GraphModule, consumer: fx.Node, value: fx.Node, matrix,
-                    pad_to: int | None = None) -> fx.Node:
-    """Insert the online transform x·M (zero-padding first if asked) on one input of ``consumer``:
-    ``quarot_fx::hadamard_transform`` for Hadamard kinds (fusable with quantization), else x @ M."""
-    graph = gm.graph
-    kind = rotation_kind(matrix.kind)
-    with graph.inserting_before(consumer):
-        x = value
-        if pad_to is not None and pad_to != last_dim(value):
-            x = graph.call_function(torch.nn.functional.pad, (x, (0, pad_to - last_dim(value))))
-        if kind.hadamard_op and isinstance(matrix, (Rotation, CrossHead)):
-            rotated = graph.call_function(HADAMARD_OP, (x, matrix.size if isinstance(matrix, CrossHead) else 1))
-        else:
-            dtype = node_value(value).dtype if isinstance(node_value(value), torch.Tensor) else torch.float32
-            name = f"qfx_online_{len([n for n in graph.nodes if n.op == 'get_attr' and 'qfx_online_' in n.target])}"
-            gm.register_buffer(name, build(matrix).to(dtype))
-            rotated = graph.call_function(online_rotate, (x, graph.get_attr(name)))
-    consumer.replace_input_with(value, rotated)
-    return rotated
-
-
-def _applicable(ctx, plans, region: str, option: str):
-    """(plan, where) for the plans the option's rotation kind can apply at head_dim; the rest
-    become skips with their reason."""
-    name = getattr(ctx.config, option)
-    kind = rotation_kind(name)
-    for plan in plans:
-        where = label(plan.attention.output)
-        if plan.problem is None and kind.problem(plan.head_dim, None):
-            plan.problem = f"{kind.problem(plan.head_dim, None)} (head_dim={plan.head_dim}, {option}={name!r})"
-        if plan.problem is not None:
-            ctx.report.skipped.append(Skip(f"{region} at {where}", plan.problem))
-            continue
-        yield plan, where
-
-
-def rotate_values(ctx) -> None:
-    """Pass R2: per-head rotation folded into value/output projections, online cross-head part."""
-    name, seed = ctx.config.r2_rotation, ctx.config.seed
-    kind = rotation_kind(name)
-    for plan, where in _applicable(ctx, ctx.analysis.values, "R2", "r2_rotation"):
-        hd, heads = plan.head_dim, plan.heads
-        rows = plan.kv_heads * hd
-        ctx.edits(plan.value_site).edits.append(
-            OutputTransform(BlockRotation(name, plan.kv_heads, hd, seed), plan.value_rows, plan.value_rows + rows))
-        out = ctx.edits(plan.output_site)
-        out.edits.append(InputRotation(BlockRotation(name, heads, hd, seed)))
-        if heads > 1 and kind.problem(heads, None) is None:
-            online = CrossHead(name, heads, hd, seed)
-        elif kind.problem(heads * hd, None) is None:
-            online = Rotation(name, heads * hd, seed)
-        else:
-            online = None
-            ctx.report.notes.append(f"R2 at {where}: no {name} rotation of order {heads} or {heads * hd}; "
-                                    "only the per-head part is applied")
-        if online is not None:
-            insert_rotation(ctx.gm, plan.output_site.node, plan.output_site.input_node, online)
-            out.edits.append(InputRotation(online))
-            out.online.append(online.describe())
-            ctx.report.online.append(OnlineRotation("R2", label(plan.output_site.node), online, heads * hd))
-        described = f"{name} per head ({hd})" + (f" + online {online.describe()}" if online else "")
-        ctx.kv_cache_inputs.update(plan.cache_inputs)
-        cache = "; KV cache holds rotated values" if plan.cache_inputs else ""
-        ctx.report.regions.append(Region("R2", hd, described, where + cache))
-
-
 @dataclass
 class QueryKeyPlan:
     attention: Attention
@@ -418,18 +337,3 @@ def analyze_queries_keys(attention: Attention) -> QueryKeyPlan:
             else:
                 plan.key_path = HeadPath([], key)  # rotate right at the attention input
     return plan
-
-
-def rotate_queries_keys(ctx) -> None:
-    """Pass R3: the same online rotation on queries and (post-RoPE, pre-cache) keys."""
-    name = ctx.config.r3_rotation
-    for plan, where in _applicable(ctx, ctx.analysis.queries_keys, "R3", "r3_rotation"):
-        attention, rotation = plan.attention, Rotation(name, plan.head_dim, ctx.config.seed)
-        insert_rotation(ctx.gm, attention.consumer("query"), attention.operand("query"), rotation)
-        path = plan.key_path
-        consumer = path.nodes[-1] if path.nodes else attention.consumer("key")
-        insert_rotation(ctx.gm, consumer, path.source, rotation)
-        ctx.kv_cache_inputs.update(path.cache_inputs)
-        cache = "; KV cache holds rotated keys" if path.cache_inputs else ""
-        ctx.report.regions.append(Region("R3", plan.head_dim, f"online {name} on query and key", where + cache))
-        ctx.report.online.append(OnlineRotation("R3", where, rotation, plan.head_dim))

@@ -14,7 +14,7 @@ import torch.fx as fx
 from quarot_fx.report import OnlineRotation, Region, Skip
 from quarot_fx.numerics.rotations import padded_order, rotation_kind
 
-from .attention import insert_rotation
+from .online import insert_rotation
 from .graph_utils import Site, as_site, keeps_last_dim, label, op_name, origin
 from .matrices import Rotation
 from .edits import InputRotation, PadInput

@@ -23,7 +23,7 @@ from quarot_fx.kernels.sparse_linear import compress
 from quarot_fx.numerics.quant import activation_codes, dequantize_weight, quantize_activation, quantize_kv
 from quarot_fx.report import QuantRecord
 
-from .attention import HADAMARD_OP
+from .online import HADAMARD_OP
 from .edits import SiteEdits
 from .graph_utils import label, size_hint
 from .materialize import record_final_weight

@@ -16,7 +16,7 @@ import time
 from quarot_fx.config import QuaRotConfig
 
 from .analysis import analyze_invariance
-from .attention import rotate_queries_keys, rotate_values
+from .attention_rotations import rotate_queries_keys, rotate_values
 from .calibrate import gptq_weights
 from .clip_search import search_clips
 from .context import PassContext
