@@ -43,7 +43,7 @@ def gptq_weights(ctx) -> None:
                       config.gptq_block_size, config.gptq_act_order, config.calibration_id(),
                       config.gptq_sequential, config.weights, config.pruned_fraction, config.sparsity_pattern)
     sites = ctx.analysis.quantized
-    name = {"gptq": "GPTQ", "obr": "OBR", "rtn": "Wanda mask + RTN"}[config.weights]
+    name = {"gptq": "GPTQ", "obr": "OBR", "rtn": "Wanda mask + RTN"}.get(config.weights, config.weights)
     if config.calibrated is not None:  # a loaded artifact: the solved codes, no calibration
         for site in sites:
             fqn = ctx.fqn_of(site.weight_node.target)

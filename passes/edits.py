@@ -14,6 +14,9 @@ from typing import NamedTuple
 
 import torch
 
+from quarot_fx.numerics.sparse import wanda_mask
+from quarot_fx.numerics.weight_methods import weight_method
+
 from .graph_utils import Site
 from .matrices import Matrix, multiply_right
 
@@ -148,27 +151,28 @@ class WeightQuantizer:
 
 @dataclass(frozen=True)
 class QuantizeWeight(WeightQuantizer):
-    """Last edit: symmetric RTN per output channel (or group), clip ratio searched per row."""
+    """Last edit without calibration: ``method`` (a registered weight method that needs none;
+    built in: symmetric RTN per output channel or group, clip ratio searched per row)."""
 
     bits: int
     group_size: int | None
     clip_search: bool
+    method: str = "rtn"
 
     def codes(self, w):
-        from quarot_fx.numerics.quant import weight_codes_rtn
-
-        return weight_codes_rtn(w, self.bits, self.group_size, self.clip_search)
+        return weight_method(self.method).codes(w, None, None, self)
 
     def describe(self) -> str:
         group = f" group {self.group_size}" if self.group_size else " per channel"
-        return f"rtn w{self.bits}{group}" + (" (clip search)" if self.clip_search else "")
+        return f"{self.method} w{self.bits}{group}" + (" (clip search)" if self.clip_search else "")
 
 
 @dataclass(frozen=True)
 class GPTQWeight(WeightQuantizer):
-    """Last edit from calibration: GPTQ, OBR, or RTN after a Wanda mask (``method``), with the
-    Hessian of the (rotated) inputs; keyed by the calibration data. ``sparsity`` > 0 or an N:M
-    ``pattern`` prunes with Wanda's mask first (numerics/sparse.py)."""
+    """Last edit from calibration: a registered weight method (``method``: GPTQ, OBR, or RTN after a
+    Wanda mask, or one added with ``register_weight_method``), given the Hessian of the (rotated)
+    inputs; keyed by the calibration data. ``sparsity`` > 0 or an N:M ``pattern`` prunes with
+    Wanda's mask first (numerics/sparse.py)."""
 
     bits: int
     group_size: int | None
@@ -178,7 +182,7 @@ class GPTQWeight(WeightQuantizer):
     act_order: bool
     calibration: str  # fingerprint of the calibration tokens
     sequential: bool = False  # Hessians from inputs of the already-quantized earlier sites
-    method: str = "gptq"  # "gptq" | "obr" | "rtn" (pruning only: the mask needs calibration)
+    method: str = "gptq"  # a registered weight method ("rtn" here only when pruning: the mask needs calibration)
     sparsity: float = 0.0
     pattern: str = "unstructured"
     hessian: torch.Tensor | None = field(default=None, compare=False, hash=False)
@@ -189,25 +193,13 @@ class GPTQWeight(WeightQuantizer):
         return self.sparsity > 0
 
     def codes(self, w):
-        from quarot_fx.numerics import sparse
-        from quarot_fx.numerics.gptq import gptq_codes
-        from quarot_fx.numerics.quant import weight_codes_rtn
-
         if self.solved is not None:
             return self.solved
         if self.hessian is None:
             raise RuntimeError(f"{self.method} edit has no Hessian and its result is not cached")
-        args = (self.bits, self.group_size, self.clip_search, self.damp, self.block_size)
-        keep = (sparse.wanda_mask(w, torch.diag(self.hessian).clamp(min=0).sqrt(), self.sparsity, self.pattern)
-                if self.prunes else torch.ones_like(w, dtype=torch.bool))
-        if self.method == "obr":
-            return sparse.obr_codes(w, self.hessian, keep, *args)
-        if self.method == "rtn":
-            codes, scales = weight_codes_rtn(w * keep, self.bits, self.group_size, self.clip_search)
-            return codes * keep, scales
-        if self.prunes:
-            return sparse.masked_gptq_codes(w, self.hessian, keep, *args)
-        return gptq_codes(w, self.hessian, *args, self.act_order)
+        keep = (wanda_mask(w, torch.diag(self.hessian).clamp(min=0).sqrt(), self.sparsity, self.pattern)
+                if self.prunes else None)
+        return weight_method(self.method).codes(w, self.hessian, keep, self)
 
     def describe(self) -> str:
         group = f" group {self.group_size}" if self.group_size else " per channel"

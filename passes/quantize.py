@@ -58,7 +58,7 @@ def quantized_sites(ctx) -> list:
 def quantize_weights(ctx) -> None:
     """Pass: RTN (with per-row clip search) on every quantized linear, after its rotations."""
     config = ctx.config
-    edit = QuantizeWeight(config.w_bits, config.w_group_size, config.w_clip_search)
+    edit = QuantizeWeight(config.w_bits, config.w_group_size, config.w_clip_search, config.weights)
     for site in ctx.analysis.quantized:
         ctx.edits(site).edits.append(edit)
 

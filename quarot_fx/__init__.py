@@ -20,6 +20,7 @@ from .generation import RecompileLimitError
 from .kv_cache import PackedKVCache, PackedStaticKVCache
 from .numerics.hadamard import HadamardOrderError, hadamard_matrix, hadamard_plan, next_hadamard_order
 from .numerics.rotations import register_rotation, rotation_kinds, rotation_matrix
+from .numerics.weight_methods import register_weight_method, weight_methods
 from .report import QuaRotWarning, Report, collect_reports
 from .version import __version__
 
@@ -29,5 +30,6 @@ __all__ = [
     "PRESETS", "ArtifactError", "ExportError", "Explanation", "ForeignCacheError", "HadamardOrderError", "QuaRotConfig",
     "QuaRotWarning", "RecompileLimitError", "Report", "__version__", "collect_reports", "compile", "explain", "export",
     "hadamard_matrix", "hadamard_plan", "load", "load_compressed_tensors", "next_hadamard_order", "PackedKVCache",
-    "PackedStaticKVCache", "quarot_backend", "register_rotation", "rotation_kinds", "rotation_matrix", "save",
+    "PackedStaticKVCache", "quarot_backend", "register_rotation", "register_weight_method", "rotation_kinds", "rotation_matrix", "save",
+    "weight_methods",
 ]

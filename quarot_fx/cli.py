@@ -17,6 +17,7 @@ import torch
 from .config import LOWERINGS, PRESETS
 from .exporter import APPROXIMATIONS, FORMATS
 from .numerics.rotations import rotation_kinds
+from .numerics.weight_methods import weight_methods
 
 
 def _positive(text: str) -> int:
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     def quarot_flags(p, weights=True):
         p.add_argument("--preset", choices=tuple(PRESETS), help="bit widths (see README, Options)")
         if weights:
-            p.add_argument("--weights", choices=("rtn", "gptq", "obr"), help="weight method (gptq/obr need --calib)")
+            p.add_argument("--weights", choices=weight_methods(),
+                           help="weight method (those that calibrate, e.g. gptq/obr, need --calib)")
         p.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
                        help="any other quarot option, e.g. --option smoothrot=true (repeatable)")
 

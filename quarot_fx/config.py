@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .calibrated import Calibrated, fingerprint
+from .numerics.weight_methods import weight_method, weight_methods
 from .numerics.rotations import GSR_PERMUTATIONS, ROTATION_KINDS, rotation_kinds
 from .numerics.sparse import parse_pattern, pattern_sparsity
 
@@ -30,7 +31,6 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
-WEIGHT_METHODS = ("rtn", "gptq", "obr")
 KERNELS = ("integer", "fake")
 GEMM_POLICIES = ("auto", "int8", "float", "int4")  # kernels/int_gemm.py
 GEMM_ENVIRONMENT = "QUAROT_FX_INT_GEMM"  # the policy when the option is "auto"
@@ -204,7 +204,9 @@ class QuaRotConfig:
         for name in ("r1", "r2", "r3", "r4"):
             _flag(name, getattr(self, name))
         _choice("lowering", self.lowering, LOWERINGS)
-        _choice("weights", self.weights, WEIGHT_METHODS)
+        method = weight_method(self.weights) if isinstance(self.weights, str) else None
+        if method is None:
+            _choice("weights", self.weights, weight_methods())
         _choice("kernels", self.kernels, KERNELS)
         _choice("int_gemm", self.int_gemm, GEMM_POLICIES)
         if self.int_gemm == "auto":
@@ -248,7 +250,7 @@ class QuaRotConfig:
         if self.smoothrot and not self.has_calibration:
             raise ValueError("smoothrot=True needs calibration=[token-id tensors] for its channel statistics "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
-        if self.weights in ("gptq", "obr") and self.w_bits < 16 and not self.has_calibration:
+        if method.needs_calibration and self.w_bits < 16 and not self.has_calibration:
             raise ValueError(f"weights={self.weights!r} needs calibration=[token-id tensors] "
                              "(e.g. quarot_fx.tools.evaluate.calibration_windows)")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
@@ -259,9 +261,9 @@ class QuaRotConfig:
                              f"which prunes {1 - nm[0] / nm[1]:g}: give one of them")
         if self.prunes and self.w_bits >= 16:
             raise ValueError(f"sparsity / sparsity_pattern prune quantized weights: set w_bits < 16 (got {self.w_bits})")
-        if self.gptq_act_order and self.w_bits < 16 and (self.prunes or self.weights == "obr"):
-            raise ValueError("gptq_act_order=True works with dense GPTQ only, not with sparsity or weights='obr' "
-                             "(their column order is the mask's)")
+        if self.gptq_act_order and self.w_bits < 16 and (self.prunes or not method.act_order):
+            raise ValueError(f"gptq_act_order=True works with dense GPTQ only, not with sparsity or weights="
+                             f"{self.weights!r} (their column order is the mask's)")
         if self.observe_inputs and self.calibration is None:
             raise ValueError("observe_inputs=True needs calibration=[token-id tensors]: the text it observes")
         if self.prunes and not self.has_calibration:
@@ -344,7 +346,7 @@ class QuaRotConfig:
     @property
     def calibrates_weights(self) -> bool:
         """Weights come from the calibration pass (GPTQ, OBR, or any pruning: Wanda needs ‖x‖)."""
-        return self.w_bits < 16 and (self.weights in ("gptq", "obr") or self.prunes)
+        return self.w_bits < 16 and (weight_method(self.weights).needs_calibration or self.prunes)
 
     @property
     def searches_clips(self) -> bool:

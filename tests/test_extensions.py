@@ -84,6 +84,48 @@ def test_unregistered_kinds_are_refused_by_name():
         quarot_fx.QuaRotConfig(r4_rotation="qr-not-registered")
 
 
+@pytest.fixture
+def plain_methods():
+    yield
+    from quarot_fx.numerics.weight_methods import unregister_weight_method
+
+    for name in ("plain-rtn", "diag-rtn"):
+        unregister_weight_method(name)
+
+
+def test_a_new_weight_method_in_a_few_lines(plain_methods):
+    # --- begin weight method
+    def plain_rtn(w, hessian, keep, s):
+        """Round to nearest with one scale per output row (max |w| / (2^(b-1) - 1)), no clip search."""
+        top = 2 ** (s.bits - 1) - 1
+        scales = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / top
+        return torch.clamp(torch.round(w / scales), -top - 1, top).to(torch.int8), scales
+
+    def diag_rtn(w, hessian, keep, s):
+        """The same, but it asks for calibration: the Hessian of its input arrives."""
+        assert hessian is not None and hessian.shape == (w.shape[1], w.shape[1])
+        return plain_rtn(w, hessian, keep, s)
+
+    quarot_fx.register_weight_method("plain-rtn", plain_rtn, needs_calibration=False)
+    quarot_fx.register_weight_method("diag-rtn", diag_rtn, needs_calibration=True)
+    # --- end weight method
+    model, ids = tiny_model("llama"), token_ids()
+    logits = {}
+    for name, options in (("ours", {"weights": "plain-rtn"}), ("rtn", {"weights": "rtn", "w_clip_search": False}),
+                          ("calibrated", {"weights": "diag-rtn", "calibration": [token_ids(length=32)]})):
+        torch._dynamo.reset()
+        with torch.no_grad(), quarot_fx.collect_reports() as reports:
+            logits[name] = quarot_fx.compile(model, preset="w4a4kv4", lowering="fx", **options)(ids).logits
+        assert any(options["weights"] in t for e in reports[0].linears for t in e.offline), str(reports[0])
+    assert torch.equal(logits["ours"], logits["rtn"])  # the built-in RTN without clip search, to the bit
+    assert torch.equal(logits["calibrated"], logits["rtn"])
+    assert "plain-rtn" in quarot_fx.weight_methods()
+    with pytest.raises(ValueError, match="weights='diag-rtn' needs calibration"):
+        quarot_fx.QuaRotConfig(weights="diag-rtn")
+    with pytest.raises(ValueError, match="gptq_act_order=True works with dense GPTQ only"):
+        quarot_fx.QuaRotConfig(weights="plain-rtn", gptq_act_order=True)
+
+
 def extension_lines(test) -> int:
     source = inspect.getsource(test).splitlines()
     begin = next(i for i, line in enumerate(source) if "# --- begin" in line)
@@ -94,3 +136,4 @@ def extension_lines(test) -> int:
 def test_extension_sizes():
     assert extension_lines(test_a_new_rotation_kind_in_a_few_lines) < 30
     assert extension_lines(test_a_new_pass_in_a_few_lines) < 50
+    assert extension_lines(test_a_new_weight_method_in_a_few_lines) < 40
