@@ -18,7 +18,8 @@ that keep it, GQA's expand/reshape, and the KV cache's ``cat`` along the sequenc
 from __future__ import annotations
 
 from quarot_fx.numerics.rotations import rotation_kind
-from quarot_fx.report import OnlineRotation, Region, Skip
+from quarot_fx.compiled import OnlineRotation
+from quarot_fx.report import Region, Skip
 
 from .edits import InputRotation, OutputTransform
 from .graph_utils import label
@@ -64,7 +65,7 @@ def rotate_values(ctx) -> None:
             insert_rotation(ctx.gm, plan.output_site.node, plan.output_site.input_node, online)
             out.edits.append(InputRotation(online))
             out.online.append(online.describe())
-            ctx.report.online.append(OnlineRotation("R2", label(plan.output_site.node), online, heads * hd))
+            ctx.artifact.online.append(OnlineRotation("R2", label(plan.output_site.node), online, heads * hd))
         described = f"{name} per head ({hd})" + (f" + online {online.describe()}" if online else "")
         ctx.kv_cache_inputs.update(plan.cache_inputs)
         cache = "; KV cache holds rotated values" if plan.cache_inputs else ""
@@ -83,4 +84,4 @@ def rotate_queries_keys(ctx) -> None:
         ctx.kv_cache_inputs.update(path.cache_inputs)
         cache = "; KV cache holds rotated keys" if path.cache_inputs else ""
         ctx.report.regions.append(Region("R3", plan.head_dim, f"online {name} on query and key", where + cache))
-        ctx.report.online.append(OnlineRotation("R3", where, rotation, plan.head_dim))
+        ctx.artifact.online.append(OnlineRotation("R3", where, rotation, plan.head_dim))

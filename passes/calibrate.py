@@ -57,7 +57,7 @@ def gptq_weights(ctx) -> None:
         key = (CALIBRATED_CODES, edit)
         if solved_edit.solved is not None or ctx.weights.has_memo(param, key):
             codes = ctx.weights.memo(param, key, lambda: solved_edit.solved)
-            ctx.report.calibrated.weights[ctx.fqn_of(site.weight_node.target)] = codes
+            ctx.artifact.calibrated.weights[ctx.fqn_of(site.weight_node.target)] = codes
         return solved_edit
 
     missing = [site for site in sites

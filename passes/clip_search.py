@@ -159,7 +159,7 @@ def _set_clip(ctx, q: fx.Node, site: str, what: str, clip: float) -> None:
     if RECORD in q.meta:
         q.meta[RECORD].clip = clip
     ctx.report.clips.append(ClipRecord(site, what, clip))
-    ctx.report.calibrated.clips[site, what] = clip
+    ctx.artifact.calibrated.clips[site, what] = clip
 
 
 def search_clips(ctx) -> None:

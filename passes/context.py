@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from quarot_fx.compiled import CompiledArtifact
 from quarot_fx.config import QuaRotConfig
 from quarot_fx.report import Report
 
@@ -42,6 +43,7 @@ class PassContext:
     kv_cache_inputs: set = field(default_factory=set)  # cache tensors read where K/V were rotated or quantized
     packed_chains: list = field(default_factory=list)  # PackedChain per packed-cache store (passes/kv_cache.py)
     lowering: dict[fx.Node, Pending] = field(default_factory=dict)  # 4-bit weights the lowering packs
+    artifact: CompiledArtifact = field(default_factory=CompiledArtifact)  # what save and export read
     weights: WeightStore = field(init=False)  # the one way a pass reads or produces a weight
 
     def __post_init__(self) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from quarot_fx.report import OnlineRotation, Region, Skip
+from quarot_fx.compiled import OnlineRotation
+from quarot_fx.report import Region, Skip
 from quarot_fx.numerics.rotations import padded_order, rotation_kind
 
 from .online import insert_rotation
@@ -79,6 +80,6 @@ def rotate_down_projections(ctx) -> None:
             entry.online.append(f"zero-pad {n}→{size}")
         entry.edits.append(InputRotation(rotation))
         entry.online.append(rotation.describe())
-        ctx.report.online.append(OnlineRotation("R4", label(site.node), rotation, n))
+        ctx.artifact.online.append(OnlineRotation("R4", label(site.node), rotation, n))
         padded = f" (padded from {n})" if size != n else ""
         ctx.report.regions.append(Region("R4", size, f"online {name}" + padded, label(site.node)))

@@ -65,11 +65,11 @@ def materialize_weights(ctx) -> None:
 def record_final_weight(ctx, module: str, entry: SiteEdits, weight=None, bias=None, codes=None) -> None:
     """Record the site's :class:`FinalWeight` in the report (bits and group from its quantizing
     edit, if any); a later phase's record of the same op replaces the earlier one."""
-    from quarot_fx.report import FinalWeight
+    from quarot_fx.compiled import FinalWeight
 
     last = entry.edits[-1] if quantizes_last(entry) else None
-    earlier = ctx.report.final_weights.get(module)
+    earlier = ctx.artifact.final_weights.get(module)
     param = ctx.lifted.originals.get(entry.original_weight, earlier.param if earlier is not None else None)
-    ctx.report.final_weights[module] = FinalWeight(
+    ctx.artifact.final_weights[module] = FinalWeight(
         module, entry.site.kind, ctx.fqn_of(entry.original_weight), param, weight, bias, getattr(last, "bits", None),
         getattr(last, "group_size", None), codes if last is not None else None)

@@ -335,6 +335,7 @@ def rotate_residual(ctx) -> None:
         if width != plan.size:
             _widen(plan, gm, width)
             report.counters["expanded_dims"] += width - plan.size
+            ctx.artifact.expanded_dims += width - plan.size
         where = (f"residual stream: {len(plan.writers)} writers, {len(plan.readers)} readers, "
                  f"{len(plan.norm_links)} norm scales folded, {layers_of(plan.writers, ctx.fqn_of)}")
         if plan.centered:
@@ -359,6 +360,7 @@ def _insert_inverses(ctx, plan: ResidualPlan, rotation: Rotation) -> None:
         user.replace_input_with(value, restored)
         what = "a graph output" if user.op == "output" else f"'{op_name(user)}' ({label(user)})"
         ctx.report.counters["explicit_inverses"] += 1
+        ctx.artifact.explicit_inverses += 1
         ctx.report.notes.append(f"R1: explicit inverse rotation before {what} reading {value.name}: "
                                 "it does not absorb the rotation")
 
@@ -371,16 +373,16 @@ def _record_folded_norms(ctx, plan: ResidualPlan) -> None:
             why = "a LayerNorm became RMSNorm after mean-centering; the model class cannot say that"
             for weight in node.args[2:4]:
                 if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                    ctx.report.folded_norms[ctx.fqn_of(weight.target)] = (why, ctx.lifted.originals.get(weight.target))
+                    ctx.artifact.folded_norms[ctx.fqn_of(weight.target)] = (why, ctx.lifted.originals.get(weight.target))
             continue
         scale = node.args[2] if kind == LINK_RMS_NORM and len(node.args) > 2 else \
             next((a for a in node.args if isinstance(a, fx.Node) and a is not _src), None)
         while isinstance(scale, fx.Node) and op_name(scale) in ("to", "type_as", "float"):
             scale = scale.args[0]
         if isinstance(scale, fx.Node) and scale.op == "get_attr":
-            ctx.report.folded_norms[ctx.fqn_of(scale.target)] = ("ones", ctx.lifted.originals.get(scale.target))
+            ctx.artifact.folded_norms[ctx.fqn_of(scale.target)] = ("ones", ctx.lifted.originals.get(scale.target))
         elif isinstance(scale, fx.Node):
-            ctx.report.folded_norms[f"<{scale.name}>"] = (f"the norm scale at {label(node)} is an expression "
+            ctx.artifact.folded_norms[f"<{scale.name}>"] = (f"the norm scale at {label(node)} is an expression "
                                                           f"({op_name(scale)}), not a parameter", None)
 
 

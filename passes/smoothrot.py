@@ -114,7 +114,7 @@ def smooth_down_projections(ctx) -> None:
         scale = (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
         scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))  # dead channels stay
         scales[site.down.node] = scale
-        report.calibrated.channel_max[ctx.fqn_of(site.down.weight_node.target)] = a_max
+        ctx.artifact.calibrated.channel_max[ctx.fqn_of(site.down.weight_node.target)] = a_max
         signature = f"{tag} site={ctx.fqn_of(site.down.weight_node.target)}"
         ctx.edits(site.up).edits.append(ScaleOutputRows(signature, scale, site.up_start))
         ctx.edits(site.down).edits.append(ScaleInputColumns(signature, scale))

@@ -50,8 +50,8 @@ def _builds_of(model: torch.nn.Module) -> list:
             if b.bound and all(id(t) in params for _, t, _ in b.bound)]
 
 
-def compiled_reports(compiled_model, verb: str, error: type[ValueError]) -> tuple:
-    """(model, config, every build's report) of a quarot-compiled model, for ``save`` and ``export``:
+def compiled_artifacts(compiled_model, verb: str, error: type[ValueError]) -> tuple:
+    """(model, config, every build's CompiledArtifact) of a quarot-compiled model, for ``save`` and ``export``:
     refused if it was never called (compilation is lazy) or compiled with different options."""
     model = getattr(compiled_model, "_orig_mod", compiled_model)
     builds = _builds_of(model)
@@ -62,7 +62,7 @@ def compiled_reports(compiled_model, verb: str, error: type[ValueError]) -> tupl
     if any(c != configs[0] for c in configs):
         raise error(f"quarot_fx.{verb}: the model was compiled with different options in this process; "
                     f"{verb} from a process that compiled it once")
-    return model, configs[0], [b.report for _, b in builds]
+    return model, configs[0], [b.artifact for _, b in builds]
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:
@@ -90,10 +90,10 @@ def save(compiled_model, path, source: str | None = None) -> Path:
 
     from .directories import replaced_atomically, sha256
 
-    model, config, reports = compiled_reports(compiled_model, "save", ArtifactError)
+    model, config, artifacts = compiled_artifacts(compiled_model, "save", ArtifactError)
     calibrated = Calibrated(config.calibration_id())
-    for report in reports:
-        calibrated.merge(report.calibrated)
+    for artifact in artifacts:
+        calibrated.merge(artifact.calibrated)
     storage = _codes_storage(config.w_bits)
     tensors = {}
     for fqn, (codes, scales) in calibrated.weights.items():

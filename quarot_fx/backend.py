@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .compiled import CompiledArtifact
 from .config import QuaRotConfig
 from .passes.graph_utils import size_hint
 from .passes.lift_params import lift_parameters
@@ -80,6 +81,7 @@ class Build:
 
     compiled: object
     report: Report
+    artifact: CompiledArtifact  # what save and export read
     runtime: list[int]  # positions of the call's arguments the compiled graph takes
     bound: list[tuple[int, torch.Tensor, int]]  # (argument position, parameter, version at build)
     cache_inputs: list[int]  # runtime positions holding KV-cache tensors of rotated/quantized attention
@@ -139,7 +141,7 @@ def _build(gm: fx.GraphModule, example_inputs: list, config: QuaRotConfig) -> Bu
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     cache_inputs = [placeholders.index(n) for n in ctx.kv_cache_inputs if n in placeholders]
     bound = [(lifted.position_of[attr], tensor, tensor._version) for attr, tensor in lifted.originals.items()]
-    return Build(compiled, report, lifted.kept_inputs, bound, cache_inputs)
+    return Build(compiled, report, ctx.artifact, lifted.kept_inputs, bound, cache_inputs)
 
 
 class BoundGraph:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .artifact import compiled_reports
+from .artifact import compiled_artifacts
 from .directories import replaced_atomically, same_directory
 from .version import __version__
 
@@ -121,9 +121,9 @@ def _placed(finals, names: dict[int, list[str]], problems: list[str]) -> dict:
     return placed
 
 
-def _placed_norms(reports, names: dict[int, list[str]], problems: list[str]) -> list[str]:
+def _placed_norms(artifacts, names: dict[int, list[str]], problems: list[str]) -> list[str]:
     placed = []
-    for fqn, (how, param) in sorted({k: v for r in reports for k, v in r.folded_norms.items()}.items()):
+    for fqn, (how, param) in sorted({k: v for a in artifacts for k, v in a.folded_norms.items()}.items()):
         if how != "ones":
             problems.append(f"norm {fqn}: {how}")
         elif len(names.get(id(param), [])) != 1:
@@ -193,14 +193,14 @@ def _transforms(online, modules: dict, problems: list[str], notes: list[str]) ->
     return config_groups, stored
 
 
-def _check_config(config, reports, accepted: set, problems: list[str]) -> None:
-    counters = sum((r.counters for r in reports), start=type(reports[0].counters)())
+def _check_config(config, artifacts, accepted: set, problems: list[str]) -> None:
+    expanded = sum(a.expanded_dims for a in artifacts)
     if config.w_bits >= 16:
         problems.append("w_bits=16: pack-quantized needs quantized weights (2..8 bits)")
-    if counters["expanded_dims"]:
-        problems.append(f"expand: the residual stream is {counters['expanded_dims']} dimensions wider than the "
+    if expanded:
+        problems.append(f"expand: the residual stream is {expanded} dimensions wider than the "
                         "model class; compile with expand=0 (and a width that has a Hadamard order)")
-    if counters["explicit_inverses"]:
+    if any(a.explicit_inverses for a in artifacts):
         problems.append("R1 needed explicit inverse rotations at run time (see explain()); the model class has no "
                         "place for them")
     if config.kv_bits < 16 and "kv_cache" not in accepted:
@@ -302,16 +302,16 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
     if accepted - set(APPROXIMATIONS):
         raise ValueError(f"approximate must name some of {', '.join(map(repr, APPROXIMATIONS))}; "
                          f"got {sorted(accepted - set(APPROXIMATIONS))}")
-    model, config, reports = compiled_reports(compiled_model, "export", ExportError)
+    model, config, artifacts = compiled_artifacts(compiled_model, "export", ExportError)
     may_replace = _refuse_to_overwrite(model, Path(path), overwrite)
     problems: list[str] = []
     notes: list[str] = []
-    _check_config(config, reports, accepted, problems)
+    _check_config(config, artifacts, accepted, problems)
     modules = dict(model.named_modules())
     names = _names_by_parameter(model)
-    finals = _placed([f for r in reports for f in r.final_weights.values()], names, problems)
-    norms = _placed_norms(reports, names, problems)
-    transforms, transform_weights = _transforms([o for r in reports for o in r.online], modules, problems, notes)
+    finals = _placed([f for a in artifacts for f in a.final_weights.values()], names, problems)
+    norms = _placed_norms(artifacts, names, problems)
+    transforms, transform_weights = _transforms([o for a in artifacts for o in a.online], modules, problems, notes)
     for name, final in sorted(finals.items()):
         if final.codes is not None and not isinstance(modules[name], torch.nn.Linear):
             problems.append(f"{name} is a {type(modules[name]).__name__}: compressed-tensors quantizes nn.Linear only")

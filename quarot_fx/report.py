@@ -14,7 +14,6 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .calibrated import Calibrated
 
 log = logging.getLogger("quarot_fx")
 
@@ -96,33 +95,6 @@ class ClipRecord:
 
 
 @dataclass
-class FinalWeight:
-    """A weight-bearing op's constants as the compiled graph holds them, by the module that reads
-    them: what ``quarot_fx.export`` writes. ``codes`` (quantized sites) is deferred: a call gives
-    (int8 codes [out, in], float32 scales [out, groups]) without the compile paying for them."""
-
-    module: str
-    kind: str  # "linear" | "addmm" | "embedding"
-    weight_fqn: str  # the parameter it was computed from (tied heads read the embedding's)
-    param: object = field(default=None, repr=False)  # that parameter: names are relative to the compiled frame
-    weight: object = field(default=None, repr=False)  # float tensor in the op's stored layout; None when held as codes only
-    bias: object = None
-    bits: int | None = None
-    group_size: int | None = None
-    codes: object = None  # callable → (codes, scales)
-
-
-@dataclass
-class OnlineRotation:
-    """A rotation applied at run time (R2's cross-head part, R3, R4), for export to describe."""
-
-    region: str  # "R2" | "R3" | "R4"
-    where: str  # the module whose input (R2, R4) or attention (R3) it rotates
-    matrix: object  # a passes.matrices description (Rotation, CrossHead)
-    width: int  # the input width before zero-padding
-
-
-@dataclass
 class Report:
     graph: str
     options: dict
@@ -137,13 +109,9 @@ class Report:
     pipeline: list[str] = field(default_factory=list)  # the passes that ran, in order
     channel_max: list[ChannelMax] = field(default_factory=list)  # SmoothRot, on calibration window 1
     clips: list[ClipRecord] = field(default_factory=list)  # GBS, in graph order
-    calibrated: Calibrated = field(default_factory=Calibrated)  # what quarot_fx.save writes
     input_max: dict[str, float] = field(default_factory=dict)  # observe_inputs: site → max |x| after the rewrite
     gemm: list = field(default_factory=list)  # kernels.int_gemm.Decision per CPU linear shape (rows: compiled, 1)
     graph_module: object = field(default=None, repr=False)  # the rewritten FX graph, before lowering
-    final_weights: dict[str, FinalWeight] = field(default_factory=dict, repr=False)  # module → constants
-    folded_norms: dict[str, tuple] = field(default_factory=dict, repr=False)  # norm FQN → ("ones" or why not, parameter)
-    online: list[OnlineRotation] = field(default_factory=list)
 
     def region_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(r.kind for r in self.regions).items()))

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import quarot_fx
+from quarot_fx.artifact import compiled_artifacts
 from quarot_fx.exporter import ExportError, export, hadamard_block, load_compressed_tensors, pack_int32
 from quarot_fx.numerics.quant import dequantize_weight
 from tiny_models import tiny_model, token_ids
@@ -71,7 +72,8 @@ def test_weight_only_export_loads_in_compressed_tensors_with_our_weights_and_out
     assert r4["type"] == "random-hadamard" and r4["apply"][0]["location"] == "input"
     loaded, theirs = _loaded_logits(tmp_path, ids)
     # compressed-tensors' decompression gives exactly our dequantized weights
-    finals = {f.weight_fqn: f for f in reports[0].final_weights.values() if f.codes is not None}
+    artifact = compiled_artifacts(compiled, "export", ExportError)[2][0]  # what export read
+    finals = {f.weight_fqn: f for f in artifact.final_weights.values() if f.codes is not None}
     assert len(finals) == 14
     for fqn, final in finals.items():
         module = loaded.get_submodule(fqn.removesuffix(".weight"))
