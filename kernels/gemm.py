@@ -5,9 +5,17 @@ g inputs, byte j holds input j in its low nibble and input j + ⌈g/2⌉ in its 
 exact ways to compute Σ_k qx·qw: float matmuls on integer-valued tensors (exact while the sum
 stays below 2²⁴, float64 beyond: ``accumulator_dtype``), int64 einsum, and ``torch._int_mm``.
 ``quantized_linear`` runs them; ``int_gemm`` times them. Neither imports the other's module for them.
+
+The candidates ``int_gemm`` chooses among are registered here (:func:`register_gemm`): ``int8``
+(``torch._int_mm`` per group), ``float`` (the float32/float64 emulation) and, from ``native``,
+``int4`` (the C kernels on the packed bytes). All compute the same exact sums, so the choice is
+one of speed; the ``int_gemm`` option and ``QUAROT_FX_INT_GEMM`` accept any registered name.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -80,3 +88,59 @@ def transposed_groups(codes: torch.Tensor, group: int) -> torch.Tensor:
     """int8 weight codes [N, K] → [K / group, group, N], the layout ``_int_mm`` reads."""
     n = codes.shape[0]
     return codes.reshape(n, -1, group).permute(1, 2, 0).contiguous()
+
+
+@dataclass(frozen=True)
+class GemmCandidate:
+    """One exact way to run ``quantized_linear`` on the CPU: either a GEMM on a prepared weight
+    (``prepare`` then ``matmul``, inside the shared row-block loop and epilogue) or the whole
+    linear on the packed bytes (``linear``)."""
+
+    name: str
+    applies: Callable[[int, int, int, int, bool], bool]  # (rows, in, out, group, dense packed weight)
+    prepare: Callable | None = None  # (int8 weight codes [out, in], group, acc dtype) → what matmul reads
+    matmul: Callable | None = None  # (int8 codes [rows, in], prepared, group, out, acc dtype) → exact sums:
+    # [rows, out] for one group, written into ``out`` when it is given; [groups, rows, out] otherwise
+    linear: Callable | None = None  # (int8 codes, scales [rows, 1], packed, weight scales, bias, in) → float32 y
+
+
+_CANDIDATES: dict[str, GemmCandidate] = {}
+
+
+def register_gemm(name: str, applies, *, prepare=None, matmul=None, linear=None) -> GemmCandidate:
+    """Add a CPU GEMM candidate: ``int_gemm`` times it with the others on each shape it ``applies``
+    to, and ``int_gemm=name`` forces it. It must give the others' exact sums (tests compare)."""
+    if not isinstance(name, str) or not name or name == "auto" or name in _CANDIDATES:
+        raise ValueError(f"GEMM candidate name must be new (not 'auto'); got {name!r}")
+    if (linear is None) == (prepare is None or matmul is None):
+        raise ValueError("give either prepare and matmul, or linear")
+    _CANDIDATES[name] = candidate = GemmCandidate(name, applies, prepare, matmul, linear)
+    return candidate
+
+
+def unregister_gemm(name: str) -> None:
+    if name in ("int8", "float", "int4"):
+        raise ValueError(f"{name!r} is built in")
+    _CANDIDATES.pop(name, None)
+
+
+def gemm_candidate(name: str) -> GemmCandidate:
+    return _CANDIDATES[name]
+
+
+def gemm_candidates() -> tuple[str, ...]:
+    return tuple(_CANDIDATES)
+
+
+def gemm_policies() -> tuple[str, ...]:
+    """The values of the ``int_gemm`` option: "auto" (measure) or a registered candidate."""
+    return ("auto", *_CANDIDATES)
+
+
+INT32_LIMIT = 2**31
+register_gemm("int8", lambda rows, k, n, group, dense: group * MAX_PRODUCT < INT32_LIMIT,
+              prepare=lambda codes, group, dtype: transposed_groups(codes, group),
+              matmul=lambda a, w, group, out, dtype: int8_matmul(a, w, group, out, dtype))
+register_gemm("float", lambda rows, k, n, group, dense: True,
+              prepare=lambda codes, group, dtype: codes.to(dtype),
+              matmul=lambda a, w, group, out, dtype: integer_matmul(a, w, group, out))

@@ -31,14 +31,12 @@ from pathlib import Path
 
 import torch
 
-from quarot_fx.config import GEMM_ENVIRONMENT as ENVIRONMENT
-from quarot_fx.config import GEMM_POLICIES as POLICIES
+from quarot_fx.config import GEMM_ENVIRONMENT as ENVIRONMENT  # noqa: F401  (tests set it)
 from quarot_fx.config import gemm_environment
 
 from .common import cpu_description
-from .gemm import accumulator_dtype, int8_matmul, integer_matmul, pack_linear_weight, transposed_groups  # noqa: F401
+from .gemm import accumulator_dtype, gemm_candidate, gemm_candidates, gemm_policies, pack_linear_weight
 PROBE_ROWS = 128  # beyond this many rows the relative speed of the two GEMMs no longer moves much
-INT32_LIMIT = 2**31
 
 
 @dataclass(frozen=True)
@@ -49,19 +47,24 @@ class Decision:
     in_features: int
     out_features: int
     group: int
-    choice: str  # "int8" | "float" | "int4"
-    by: str  # "measured" | "option" | "environment" | "range" (int32 could overflow)
-    int8_ms: float | None = None
-    float_ms: float | None = None
-    int4_ms: float | None = None
+    choice: str  # a registered candidate: "int8" | "float" | "int4" | …
+    by: str  # "measured" | "option" | "environment" | "range" (the only candidate that applies)
+    ms: tuple = ()  # (candidate, milliseconds) when measured
+
+    def ms_of(self, name: str) -> float | None:
+        return dict(self.ms).get(name)
+
+    int8_ms = property(lambda self: self.ms_of("int8"))
+    float_ms = property(lambda self: self.ms_of("float"))
+    int4_ms = property(lambda self: self.ms_of("int4"))
 
 
 _decisions: dict[tuple, Decision] = {}
 
 
 def check_policy(name: str, value: str) -> str:
-    if value not in POLICIES:
-        raise ValueError(f"{name}={value!r} is not a GEMM policy; choose one of {', '.join(POLICIES)}")
+    if value not in gemm_policies():
+        raise ValueError(f"{name}={value!r} is not a GEMM policy; choose one of {', '.join(gemm_policies())}")
     return value
 
 
@@ -116,25 +119,25 @@ def weight_copies(weight, scale=None, stream: bool = True, limit: int = 256) -> 
 
 def measure(rows: int, in_features: int, out_features: int, group: int, candidates: tuple,
             repeats: int = 2) -> dict:
-    """Milliseconds per call of each candidate path ("int8", "float", "int4") on this shape, on
-    random codes (``benchmarks/int_gemm.py`` prints the same timings)."""
+    """Milliseconds per call of each candidate (registered in ``gemm``) on this shape, on random
+    codes, over weight copies that exceed the cache at decode rows (``benchmarks/int_gemm.py``
+    prints the same timings)."""
     from . import native
 
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=generator)
     weight = torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8, generator=generator)
     dtype, stream = accumulator_dtype(group), rows <= native.FEW_ROWS
+    x_scale = torch.ones(rows, 1)
     ms = {}
-    if "int8" in candidates:
-        ms["int8"] = streamed_ms(lambda w: int8_matmul(codes, w[0], group, dtype=dtype),
-                                 weight_copies(transposed_groups(weight, group), stream=stream), repeats)
-    if "float" in candidates:
-        ms["float"] = streamed_ms(lambda w: integer_matmul(codes, w[0], group),
-                                  weight_copies(weight.to(dtype), stream=stream), repeats)
-    if "int4" in candidates:
-        x_scale = torch.ones(rows, 1)
-        ms["int4"] = streamed_ms(lambda w: native.int4_linear(codes, x_scale, *w, None, in_features),
-                                 weight_copies(pack_linear_weight(weight), torch.ones(out_features, 1), stream), repeats)
+    for name in candidates:
+        c = gemm_candidate(name)
+        if c.linear is not None:
+            ms[name] = streamed_ms(lambda w, c=c: c.linear(codes, x_scale, *w, None, in_features),
+                                   weight_copies(pack_linear_weight(weight), torch.ones(out_features, 1), stream), repeats)
+        else:
+            ms[name] = streamed_ms(lambda w, c=c: c.matmul(codes, w[0], group, None, dtype),
+                                   weight_copies(c.prepare(weight, group, dtype), stream=stream), repeats)
     return ms
 
 
@@ -142,29 +145,23 @@ def decide(rows: int, in_features: int, out_features: int, group: int, policy: s
            int4: bool = True) -> Decision:
     """The GEMM for this shape under ``policy`` (measured once per process per shape bucket).
     ``int4``: the weight is in the dense packed layout the C kernels read (not compressed sparse
-    storage); they are then a candidate where they apply and were built."""
-    from . import native
-
+    storage). A forced candidate that does not apply to the shape is replaced by the measured
+    fastest of those that do (by "range" when only one does, e.g. int32 could overflow)."""
     bucket = rows_bucket(rows)
-    int4 = int4 and native.applies(bucket, in_features, group) and native.library() is not None
-    key = (bucket, in_features, out_features, group, policy, int4)
+    applicable = tuple(name for name in gemm_candidates()
+                       if gemm_candidate(name).applies(bucket, in_features, out_features, group, int4))
+    key = (bucket, in_features, out_features, group, policy, applicable)
     if key in _decisions:
         return _decisions[key]
-    environment = gemm_environment()
-    forced, by = (policy, "option") if policy != "auto" else (environment, "environment")
-    int8_fits = group * 128 * 8 < INT32_LIMIT
-    if forced == "int4" and not int4:
-        forced = "auto"  # not this shape: measured as under "auto"
-    if forced == "int8" and not int8_fits:
-        forced, by = "float", "range"
-    if forced != "auto":
+    forced, by = (policy, "option") if policy != "auto" else (gemm_environment(), "environment")
+    if forced in applicable:
         decision = Decision(bucket, in_features, out_features, group, forced, by)
+    elif len(applicable) == 1:
+        decision = Decision(bucket, in_features, out_features, group, applicable[0], "range")
     else:
-        candidates = ("int8",) * int8_fits + ("float",) + ("int4",) * int4
-        ms = measure(bucket, in_features, out_features, group, candidates) if len(candidates) > 1 else {}
-        decision = Decision(bucket, in_features, out_features, group, min(ms, key=ms.get) if ms else "float",
-                            "measured" if ms else "range",
-                            *(round(ms[c], 4) if c in ms else None for c in ("int8", "float", "int4")))
+        ms = measure(bucket, in_features, out_features, group, applicable)
+        decision = Decision(bucket, in_features, out_features, group, min(ms, key=ms.get), "measured",
+                            tuple((name, round(t, 4)) for name, t in ms.items()))
     _decisions[key] = decision
     return decision
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .common import cpu_description
+from .gemm import register_gemm
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
@@ -212,3 +213,8 @@ def hadamard_rows(y: torch.Tensor, orders: tuple, matrices: tuple) -> torch.Tens
     library().hadamard_rows(y.data_ptr(), out.data_ptr(), scratch.data_ptr(), y.shape[0], y.shape[1], len(orders),
                             order_array, pointer_array)
     return out
+
+
+# The C kernels as a candidate of int_gemm's choice (kernels/gemm.py): the whole linear on the packed bytes.
+register_gemm("int4", lambda rows, k, n, group, dense: dense and applies(rows, k, group) and library() is not None,
+              linear=lambda *args: int4_linear(*args))  # looked up per call (tests wrap it)

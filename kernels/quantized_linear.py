@@ -26,9 +26,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from quarot_fx.numerics.quant import dequantize_weight
 
-from . import int_gemm, native
+from . import int_gemm, native  # noqa: F401  (native registers the "int4" candidate)
 from .common import row_chunks
-from .gemm import (EXACT_FLOAT32, MAX_PRODUCT, accumulator_dtype, group_size, int8_matmul, int64_matmul,  # noqa: F401
+from .gemm import (EXACT_FLOAT32, MAX_PRODUCT, accumulator_dtype, gemm_candidate, group_size, int64_matmul,  # noqa: F401
                    integer_matmul, pack_linear_weight, transposed_groups, unpack_linear_weight)
 
 def _check(x, x_scale, weight, weight_scale, bias, in_features) -> int:
@@ -116,20 +116,20 @@ def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_d
     x2 = x.reshape(-1, in_features)
     choice = "float" if x_scale is None or gemm == "float" else int_gemm.decide(
         x2.shape[0], in_features, out_features, group, gemm, int4=dense).choice
-    if choice == "int4":
-        y = native.int4_linear(x2, x_scale.reshape(-1, 1), weight, weight_scale, bias, in_features)
+    candidate = gemm_candidate(choice)
+    if candidate.linear is not None:  # the whole linear on the packed bytes (the C kernels)
+        y = candidate.linear(x2, x_scale.reshape(-1, 1), weight, weight_scale, bias, in_features)
         return y.to(out_dtype).reshape(*lead, out_features)
     out = torch.empty((x2.shape[0], out_features), dtype=out_dtype, device=x.device)
     acc_dtype = acc_dtype or accumulator_dtype(group)
     if x_scale is None:
         w = _gemm_ready(weight, "dequantized", lambda: dequantize_weight(codes(), weight_scale), keep_unpacked)
-    elif choice == "int8":
-        w = _gemm_ready(weight, "int8", lambda: transposed_groups(codes(), group), keep_unpacked)
-        x_scale = x_scale.reshape(-1, 1)
-        matmul = lambda a, b, g, out=None: int8_matmul(a, b, g, out, acc_dtype)  # noqa: E731
     else:
-        w = _gemm_ready(weight, str(acc_dtype), lambda: codes().to(acc_dtype), keep_unpacked)
         x_scale = x_scale.reshape(-1, 1)
+        if choice != "float":  # "float" is the emulation with the caller's matmul (int64 for the reference)
+            matmul = lambda a, b, g, out=None: candidate.matmul(a, b, g, out, acc_dtype)  # noqa: E731
+        w = _gemm_ready(weight, f"{choice} {acc_dtype}", lambda: candidate.prepare(codes(), group, acc_dtype),
+                        keep_unpacked)
     direct = out_dtype == (w.dtype if x_scale is None else acc_dtype) and groups == 1
     for rows in row_chunks(x2.shape[0], 4 * out_features, LINEAR_CHUNK_BYTES):
         y = _block(x2[rows], x_scale[rows] if x_scale is not None else None, w, weight_scale, bias, group,

@@ -32,16 +32,23 @@ PRESETS: dict[str, dict[str, int]] = {
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
 KERNELS = ("integer", "fake")
-GEMM_POLICIES = ("auto", "int8", "float", "int4")  # kernels/int_gemm.py
 GEMM_ENVIRONMENT = "QUAROT_FX_INT_GEMM"  # the policy when the option is "auto"
+
+
+def gemm_policies() -> tuple[str, ...]:
+    """The ``int_gemm`` values: "auto" or a CPU GEMM candidate registered in ``kernels/gemm.py``."""
+    from .kernels.gemm import gemm_policies as registered  # lazy: the kernels read config at import
+
+    return registered()
 
 
 def gemm_environment() -> str:
     """``$QUAROT_FX_INT_GEMM`` ("auto" when unset), refused by name when it is no policy."""
     value = os.environ.get(GEMM_ENVIRONMENT, "auto")
-    if value not in GEMM_POLICIES:
+    policies = gemm_policies()
+    if value not in policies:
         raise ValueError(f"the environment variable {GEMM_ENVIRONMENT}={value!r} is not a GEMM policy; set it to one "
-                         f"of {', '.join(GEMM_POLICIES)} or unset it")
+                         f"of {', '.join(policies)} or unset it")
     return value
 RESIDENT_WEIGHTS = ("packed", "unpacked")
 KV_CACHES = ("packed", "float")
@@ -208,7 +215,7 @@ class QuaRotConfig:
         if method is None:
             _choice("weights", self.weights, weight_methods())
         _choice("kernels", self.kernels, KERNELS)
-        _choice("int_gemm", self.int_gemm, GEMM_POLICIES)
+        _choice("int_gemm", self.int_gemm, gemm_policies())
         if self.int_gemm == "auto":
             gemm_environment()
         _choice("resident_weights", self.resident_weights, RESIDENT_WEIGHTS)

@@ -176,8 +176,7 @@ class Report:
 
             lines.append(f"  integer GEMM on this CPU ({', '.join(cpu_flags()) or 'flags unknown'}), per shape:")
             for d in self.gemm:
-                timed = [f"{name} {ms:.3g} ms" for name, ms in
-                         (("int8", d.int8_ms), ("float", d.float_ms), ("int4", d.int4_ms)) if ms is not None]
+                timed = [f"{name} {ms:.3g} ms" for name, ms in d.ms]
                 timing = f" ({' vs '.join(timed)})" if d.by == "measured" else ""
                 lines.append(f"    rows≤{d.rows:<4} {d.in_features}→{d.out_features} group {d.group}: "
                              f"{d.choice}, by {d.by}{timing}")

@@ -126,6 +126,45 @@ def test_a_new_weight_method_in_a_few_lines(plain_methods):
         quarot_fx.QuaRotConfig(weights="plain-rtn", gptq_act_order=True)
 
 
+@pytest.fixture
+def int64_gemm():
+    yield
+    from quarot_fx.kernels.gemm import unregister_gemm
+
+    unregister_gemm("int64")
+
+
+def test_a_new_gemm_candidate_in_a_few_lines(int64_gemm, monkeypatch):
+    # --- begin gemm candidate
+    from quarot_fx.kernels.gemm import register_gemm
+
+    def int64_sums(a, w, group, out, dtype):
+        """Exact sums in int64: [rows, out] for one group (into ``out`` when given), else [groups, rows, out]."""
+        sums = torch.einsum("mgk,ngk->gmn", a.long().reshape(a.shape[0], -1, group), w.reshape(w.shape[0], -1, group))
+        if sums.shape[0] > 1:
+            return sums.to(dtype)
+        return out.copy_(sums[0]) if out is not None else sums[0].to(dtype)
+
+    register_gemm("int64", lambda rows, k, n, group, dense: True,
+                  prepare=lambda codes, group, dtype: codes.long(), matmul=int64_sums)
+    # --- end gemm candidate
+    from quarot_fx.kernels import int_gemm
+
+    model, ids = tiny_model("llama"), token_ids()
+    logits = {}
+    for policy in ("int64", "float"):
+        torch._dynamo.reset()
+        with torch.no_grad(), quarot_fx.collect_reports() as reports:
+            logits[policy] = quarot_fx.compile(model, preset="w4a4kv4", lowering="fx", int_gemm=policy)(ids).logits
+        assert {d.choice for d in reports[0].gemm} == {policy}
+    assert torch.equal(logits["int64"], logits["float"])  # the same exact sums, the same bits
+    asked = []
+    monkeypatch.setattr(int_gemm, "measure", lambda *shape: asked.append(shape[-1]) or {c: 1.0 for c in shape[-1]})
+    int_gemm.forget()
+    int_gemm.decide(4, 64, 32, 64)
+    assert "int64" in asked[0]  # "auto" times it with the others
+
+
 def extension_lines(test) -> int:
     source = inspect.getsource(test).splitlines()
     begin = next(i for i, line in enumerate(source) if "# --- begin" in line)
@@ -137,3 +176,4 @@ def test_extension_sizes():
     assert extension_lines(test_a_new_rotation_kind_in_a_few_lines) < 30
     assert extension_lines(test_a_new_pass_in_a_few_lines) < 50
     assert extension_lines(test_a_new_weight_method_in_a_few_lines) < 40
+    assert extension_lines(test_a_new_gemm_candidate_in_a_few_lines) < 40
