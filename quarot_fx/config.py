@@ -268,7 +268,8 @@ class QuaRotConfig:
                              f"which prunes {1 - nm[0] / nm[1]:g}: give one of them")
         if self.prunes and self.w_bits >= 16:
             raise ValueError(f"sparsity / sparsity_pattern prune quantized weights: set w_bits < 16 (got {self.w_bits})")
-        if self.gptq_act_order and self.w_bits < 16 and (self.prunes or not method.act_order):
+        if self.gptq_act_order and self.w_bits < 16 and (self.prunes or (method.needs_calibration
+                                                                           and not method.act_order)):
             raise ValueError(f"gptq_act_order=True works with dense GPTQ only, not with sparsity or weights="
                              f"{self.weights!r} (their column order is the mask's)")
         if self.observe_inputs and self.calibration is None:

@@ -123,7 +123,7 @@ def test_a_new_weight_method_in_a_few_lines(plain_methods):
     with pytest.raises(ValueError, match="weights='diag-rtn' needs calibration"):
         quarot_fx.QuaRotConfig(weights="diag-rtn")
     with pytest.raises(ValueError, match="gptq_act_order=True works with dense GPTQ only"):
-        quarot_fx.QuaRotConfig(weights="plain-rtn", gptq_act_order=True)
+        quarot_fx.QuaRotConfig(weights="diag-rtn", gptq_act_order=True, calibration=[token_ids(length=32)])
 
 
 @pytest.fixture
