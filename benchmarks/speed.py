@@ -8,18 +8,23 @@ model's own), median of ≥ 5 after warm-up (BENCHMARK.md), default thread count
 float32 eager, float32 ``torch.compile`` (inductor), bfloat16 eager, torchao's
 ``Int8DynamicActivationInt8WeightConfig`` + ``torch.compile`` (the CPU int8 peer users pick;
 skipped with a message if torchao is missing: ``pip install -e '.[peers]'``), quarot W8A8KV8 and
-W4A4KV4 (integer kernels), and W4A4KV4 with ``resident_weights="unpacked"`` (with the packed KV
-cache, and with ``kv_cache="float"``). A row slower than ``--row-timeout`` is stopped and
-reported. Figures:
+W4A4KV4 (integer kernels; with its 8-bit head, the default, and with a float head), W4A4KV4 with
+``resident_weights="unpacked"`` (with the packed KV cache, and with ``kv_cache="float"``), and
+llama.cpp (llama-cpp-python, ``n_threads`` = torch's threads) on the Q4_1 GGUF the model ships as
+(skipped with a message if llama-cpp-python is missing: ``make llama-cpp``, a ~12-minute build).
+A row slower than ``--row-timeout`` is stopped and reported. Figures:
 
 * prefill: latency of one 1×``prefill`` forward with a fresh cache (logits of the last
   position only, as generation's first step computes them);
 * decode: tokens/s over ``decode`` greedy steps after a ``prompt``-token prefill;
 * weights: bytes of the weights each model holds; KV cache: bytes its cache holds after
   ``prefill`` tokens (against an fp16 cache of the same shape); peak RSS of its process;
+* for quarot, a decode step split into time inside kernels (the C kernels timed around each
+  call, Inductor's loops and torch's matmuls under the profiler) and the rest (overhead);
 * for quarot, the share of prefill time in each quarot_fx op (torch.profiler), the online
   Hadamards (alone or fused into activation quantization) among them, and the integer GEMM
-  chosen per shape. The CPU's model and flags head the output.
+  chosen per shape. The CPU's model and flags, and the C kernels' instruction-set variant, head
+the output.
 """
 
 from __future__ import annotations
@@ -125,6 +130,29 @@ def op_shares(run) -> dict:
     return shares
 
 
+COMPUTE_EVENTS = ("mkl::", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm",
+                  "aten::_weight_int8pack_mm", "aten::linear")
+
+
+def decode_breakdown(run) -> dict:
+    """Milliseconds of one decode step inside kernels (quarot's C kernels, timed around each call;
+    Inductor's generated loops, profiled with ``cpp.enable_kernel_profile``; torch's matmuls) and
+    the rest: Python, dispatch, guards, allocation, the glue between kernels."""
+    from quarot_fx.kernels import native
+
+    run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, native.timed() as c_ns:
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    inductor = sum(e.self_cpu_time_total for e in events if "cpp_fused" in e.key) / 1e3
+    torch_ops = sum(e.self_cpu_time_total for e in events if e.key.startswith(COMPUTE_EVENTS)) / 1e3
+    kernels = c_ns[0] / 1e6 + inductor + torch_ops
+    return {"step_ms": 1e3 * wall, "kernel_ms": kernels, "c_kernel_ms": c_ns[0] / 1e6, "inductor_kernel_ms": inductor,
+            "torch_matmul_ms": torch_ops, "overhead_ms": 1e3 * wall - kernels}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -143,7 +171,52 @@ def fp16_cache_bytes(config, tokens: int) -> int:
 
 
 def quarot(options: dict):
-    return lambda model: torch.compile(model, backend="quarot", options=options)
+    def build(model):
+        # Inductor's generated loops report themselves to the profiler (the overhead column needs them).
+        torch._inductor.config.cpp.enable_kernel_profile = True
+        return torch.compile(model, backend="quarot", options=options)
+    return build
+
+
+def llama_cpp(model_name: str):
+    """llama.cpp (llama-cpp-python) on the GGUF the model comes from, as a callable with the
+    measuring interface below: the peer users deploy on CPUs."""
+    from llama_cpp import Llama
+
+    from quarot_fx.tools.models import smollm2_gguf
+
+    if model_name != "smollm2-135m":
+        raise ImportError("the llama.cpp row needs the smollm2-135m GGUF")
+    return Llama(model_path=str(smollm2_gguf()), n_threads=torch.get_num_threads(), n_ctx=4096, n_batch=2048,
+                 n_ubatch=512, verbose=False)
+
+
+def measure_llama_cpp(llm, prefill_ids, prompt_ids, args) -> dict:
+    """The same figures from llama.cpp: prefill of ``prefill`` tokens on an empty context, greedy
+    decode tokens/s after ``prompt``; its KV cache is fp16 (the default), its weights the GGUF."""
+    from quarot_fx.tools.models import smollm2_gguf
+
+    def prefill():
+        llm.reset()
+        llm.eval(prefill_ids[0].tolist())
+
+    def decode() -> float:
+        llm.reset()
+        llm.eval(prompt_ids[0].tolist())
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        start = time.perf_counter()
+        for _ in range(args.decode):
+            llm.eval([token])
+            token = int(llm.scores[llm.n_tokens - 1].argmax())
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    row = {"prefill_s": median_seconds(prefill, args.repeats)}
+    runs = [decode() for _ in range(args.repeats + 1)][1:]
+    row["decode_tok_s"] = args.decode / sorted(runs)[len(runs) // 2]
+    row["wall_s"] = time.perf_counter() - start
+    row["weight_bytes"] = smollm2_gguf().stat().st_size
+    return row
 
 
 def torchao_int8(model):
@@ -160,6 +233,8 @@ ROWS = {
     "torchao int8 dynamic": torchao_int8,
     "quarot w8a8kv8": quarot({"preset": "w8a8kv8"}),
     "quarot w4a4kv4": quarot({"preset": "w4a4kv4"}),
+    "quarot w4a4kv4 float-head": quarot({"preset": "w4a4kv4", "quantize_lm_head": False}),
+    "llama.cpp Q4_1 gguf": None,  # measure_one builds it (not a torch module)
     "quarot w4a4kv4 unpacked": quarot({"preset": "w4a4kv4", "resident_weights": "unpacked"}),
     "quarot w4a4kv4 unpacked float-kv": quarot({"preset": "w4a4kv4", "resident_weights": "unpacked",
                                                 "kv_cache": "float"}),
@@ -179,6 +254,7 @@ def measure(name, model, prefill_ids, prompt_ids, args) -> dict:
         row.update(quarot_weight_bytes(reports))
         row["op_share"] = op_shares(prefill_fn(model, prefill_ids))
         row["op_share_decode"] = op_shares(decode_step_fn(model, prompt_ids))
+        row["decode_breakdown"] = decode_breakdown(decode_step_fn(model, prompt_ids))
         row["graphs"] = len(reports)
         row["int_gemm"] = [f"{d.rows}x{d.in_features}->{d.out_features}: {d.choice} ({d.by})"
                            for d in int_gemm.decisions()]
@@ -196,6 +272,11 @@ def measure_one(name: str, args) -> dict:
     g = torch.Generator().manual_seed(0)
     prefill_ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=g)
     prompt_ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g)
+    if ROWS[name] is None:  # llama.cpp
+        row = {"model": name, **measure_llama_cpp(llama_cpp(args.model), prefill_ids, prompt_ids, args),
+               "kv_cache_bytes": fp16_cache_bytes(model.config, args.prefill), "peak_rss_mb": peak_rss_mb()}
+        row["kv_cache_fp16_bytes"] = row["kv_cache_bytes"]
+        return row
     built = ROWS[name](model)
     row = measure(name, built, prefill_ids, prompt_ids, args)
     if "weight_bytes" not in row:  # not quarot: the parameters the (possibly converted) model holds
@@ -225,9 +306,13 @@ def main(argv=None) -> None:
             print(json.dumps({"model": args.only, "skipped": f"{type(error).__name__}: {error}"}))
         return
 
-    header = {"cpu": cpu_summary(), "threads": torch.get_num_threads(), "model": args.model,
+    from quarot_fx.kernels import native
+
+    header = {"cpu": cpu_summary(), "kernels": native.variant() or native.unavailable_reason(),
+              "threads": torch.get_num_threads(), "model": args.model,
               "prefill": args.prefill, "prompt": args.prompt, "decode": args.decode, "repeats": args.repeats}
-    print(json.dumps(header) if args.json else f"{header['cpu']}, {header['threads']} threads", flush=True)
+    print(json.dumps(header) if args.json else f"{header['cpu']}, {header['threads']} threads, quarot C kernels: "
+          f"{header['kernels']}", flush=True)
     rows, skipped = [], []
     for name in args.rows:
         command = [sys.executable, __file__, "--only", name] + [
@@ -248,6 +333,7 @@ def main(argv=None) -> None:
         r["model"] == "float32 eager" for r in rows) else rows[0]
     for row in rows:
         row["prefill_vs_eager"] = row["prefill_s"] / eager["prefill_s"]
+        row["prefill_speedup"] = eager["prefill_s"] / row["prefill_s"]
         row["decode_vs_eager"] = row["decode_tok_s"] / eager["decode_tok_s"]
         row["kv_cache_vs_fp16"] = row["kv_cache_bytes"] / row["kv_cache_fp16_bytes"]
     if args.json:
@@ -256,12 +342,17 @@ def main(argv=None) -> None:
         return
     print(f"\n{args.model}: prefill 1×{args.prefill}, decode {args.decode} tokens after {args.prompt}, "
           f"median of {args.repeats}, {header['threads']} threads")
-    print(f"{'model':<33} {'prefill s':>9} {'× eager':>8} {'decode tok/s':>12} {'× eager':>8} "
-          f"{'weights MiB':>11} {'KV MiB':>7} {'× fp16':>6} {'peak RSS MiB':>12}")
+    print(f"{'model':<33} {'prefill s':>9} {'speed×':>7} {'decode tok/s':>12} {'speed×':>7} "
+          f"{'step: kernels/overhead ms':>25} {'weights MiB':>11} {'KV MiB':>7} {'× fp16':>6} {'peak RSS MiB':>12}")
     for row in rows:
-        print(f"{row['model']:<33} {row['prefill_s']:9.3f} {row['prefill_vs_eager']:8.2f} "
-              f"{row['decode_tok_s']:12.1f} {row['decode_vs_eager']:8.2f} {row['weight_bytes'] / 2**20:11.1f} "
+        split = row.get("decode_breakdown")
+        split = f"{split['kernel_ms']:.1f} / {split['overhead_ms']:.1f}" if split else ""
+        print(f"{row['model']:<33} {row['prefill_s']:9.3f} {row['prefill_speedup']:7.2f} "
+              f"{row['decode_tok_s']:12.1f} {row['decode_vs_eager']:7.2f} {split:>25} {row['weight_bytes'] / 2**20:11.1f} "
               f"{row['kv_cache_bytes'] / 2**20:7.1f} {row['kv_cache_vs_fp16']:6.2f} {row['peak_rss_mb']:12.0f}")
+    print("speed×: against float32 eager (prefill: its time / this row's; decode: tokens/s ratio). step: one decode "
+          "step's milliseconds inside kernels (C, Inductor loops, torch matmuls) / outside them (Python, dispatch, "
+          "guards, glue)")
     for row in skipped:
         print(f"{row['model']:<33} skipped: {row['skipped']}")
     for row in rows:

@@ -16,7 +16,7 @@ import torch
 
 from quarot_fx.numerics.quant import activation_codes
 
-from .common import check_inputs, row_chunks
+from .common import check_inputs, define_op, row_chunks
 from .hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
 
 
@@ -53,7 +53,7 @@ def quantize_per_token_reference(x: torch.Tensor, bits: int, clip: float,
     return _quantize(x, bits, clip, hadamard_inner, hadamard_transform_reference)
 
 
-@torch.library.custom_op("quarot_fx::quantize_per_token", mutates_args=())
+@define_op("quarot_fx::quantize_per_token")
 def quantize_per_token(x: torch.Tensor, bits: int, clip: float,
                        hadamard_inner: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes, float32 scales [..., 1]) of x, rotated first when ``hadamard_inner > 0``."""

@@ -14,12 +14,14 @@ stages the axes are back in order. CUDA: the Triton kernel in ``triton_hadamard`
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+
 import torch
 
 from quarot_fx.numerics.hadamard import hadamard_matrix, hadamard_plan
 
 from .common import check_hadamard as _check
-from .common import compute_dtype, row_chunks, stage_matrix
+from .common import compute_dtype, define_op, row_chunks, stage_matrix
 
 
 def hadamard_transform_reference(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
@@ -49,20 +51,27 @@ def _takes_c_stages(flat: torch.Tensor, factors, ctype) -> bool:
 
     # a decode step's few rows: there each stage GEMM costs more in its call than in arithmetic
     return (flat.shape[0] <= native.FEW_ROWS and ctype == torch.float32 and flat.device.type == "cpu"
-            and max(factors) <= native.MAX_STAGE_ORDER and native.library() is not None)
+            and native.library() is not None)
+
+
+def _sylvester(order: int) -> bool:
+    """Powers of two are Sylvester factors in natural order (``factor_matrix``): butterflies in C."""
+    return order & (order - 1) == 0
+
+
+@lru_cache(maxsize=None)
+def _c_plan(m: int, factors: tuple) -> tuple:
+    """(orders, matrices, scale) for ``native.hadamard_axes``: None for a Sylvester factor."""
+    return (factors, tuple(None if _sylvester(order) else stage_matrix(order, 1.0, "cpu", torch.float32)
+                           for order in factors), 1.0 / math.sqrt(m))
 
 
 def _few_rows(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
-    """The same stages in one C call (``native.hadamard_rows``), for a few float32 rows."""
+    """The transform in one C call (``native.hadamard_axes``: each factor along its own axis, the
+    power-of-two ones as butterflies, the ``inner`` axis untouched), for a few float32 rows."""
     from . import native
 
-    rows = flat.shape[0]
-    y = flat.float().reshape(rows, m, inner).transpose(1, 2).reshape(rows * inner, m) if inner > 1 else flat.float()
-    orders = tuple(reversed(factors))
-    matrices = tuple(stage_matrix(order, 1.0 / math.sqrt(m) if i == 0 else 1.0, "cpu", torch.float32)
-                     for i, order in enumerate(orders))
-    y = native.hadamard_rows(y, orders, matrices)
-    return y.reshape(rows, inner, m).transpose(1, 2).reshape(rows, m * inner) if inner > 1 else y
+    return native.hadamard_axes(flat.float(), *_c_plan(m, tuple(factors)))
 
 
 def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = False) -> torch.Tensor:
@@ -82,7 +91,7 @@ def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = Fa
     return out.reshape(x.shape)
 
 
-@torch.library.custom_op("quarot_fx::hadamard_transform", mutates_args=())
+@define_op("quarot_fx::hadamard_transform")
 def hadamard_transform(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     """x·(H_m ⊗ I_inner)/√m along the last dim, m = x.shape[-1] // inner (orthonormal)."""
     return hadamard_transform_cpu(x, inner)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .common import check_int4_values as _check_values
-from .common import signed_nibbles
+from .common import define_op, signed_nibbles
 
 
 def pack_int4_reference(q: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def unpack_int4_reference(packed: torch.Tensor, length: int) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :length]
 
 
-@torch.library.custom_op("quarot_fx::pack_int4", mutates_args=())
+@define_op("quarot_fx::pack_int4")
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7] → uint8 bytes, two per byte along the last dim."""
     return pack_int4_reference(q.contiguous())
@@ -50,7 +50,7 @@ def _(q: torch.Tensor) -> torch.Tensor:
     return triton_pack_int4(q)
 
 
-@torch.library.custom_op("quarot_fx::unpack_int4", mutates_args=())
+@define_op("quarot_fx::unpack_int4")
 def unpack_int4(packed: torch.Tensor, length: int) -> torch.Tensor:
     """uint8 bytes → the ``length`` int8 values they hold along the last dim."""
     return unpack_int4_reference(packed.contiguous(), length)

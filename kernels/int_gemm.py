@@ -60,6 +60,7 @@ class Decision:
 
 
 _decisions: dict[tuple, Decision] = {}
+_decided: dict[tuple, tuple] = {}  # (bucket, in, out, group, policy, int4) → (candidates then, decision)
 
 
 def check_policy(name: str, value: str) -> str:
@@ -148,6 +149,9 @@ def decide(rows: int, in_features: int, out_features: int, group: int, policy: s
     storage). A forced candidate that does not apply to the shape is replaced by the measured
     fastest of those that do (by "range" when only one does, e.g. int32 could overflow)."""
     bucket = rows_bucket(rows)
+    known = _decided.get((bucket, in_features, out_features, group, policy, int4))
+    if known is not None and known[0] == gemm_candidates():  # the per-call path: one lookup
+        return known[1]
     applicable = tuple(name for name in gemm_candidates()
                        if gemm_candidate(name).applies(bucket, in_features, out_features, group, int4))
     key = (bucket, in_features, out_features, group, policy, applicable)
@@ -163,6 +167,7 @@ def decide(rows: int, in_features: int, out_features: int, group: int, policy: s
         decision = Decision(bucket, in_features, out_features, group, min(ms, key=ms.get), "measured",
                             tuple((name, round(t, 4)) for name, t in ms.items()))
     _decisions[key] = decision
+    _decided[key[:5] + (int4,)] = (gemm_candidates(), decision)
     return decision
 
 
@@ -174,3 +179,4 @@ def decisions() -> list[Decision]:
 def forget() -> None:
     """Drop the cached decisions (tests; or after changing ``QUAROT_FX_INT_GEMM``)."""
     _decisions.clear()
+    _decided.clear()

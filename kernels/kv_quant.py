@@ -15,7 +15,7 @@ import torch
 
 from quarot_fx.numerics.quant import asymmetric_codes
 
-from .common import check_bits, check_inputs
+from .common import check_bits, check_inputs, define_op
 from .common import kv_code_bytes as code_bytes
 from .common import kv_packs as packs
 from .int4 import pack_int4_reference, unpack_int4_reference
@@ -59,7 +59,7 @@ def _dequantize_cpu(codes, scale, zero, bits: int, length: int, dtype: torch.dty
     return native.kv_dequantize(codes, scale, zero, length, packs(bits)).to(dtype)
 
 
-@torch.library.custom_op("quarot_fx::kv_quantize", mutates_args=())
+@define_op("quarot_fx::kv_quantize")
 def kv_quantize(x: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes, float32 scale, float32 zero) of each last-dim vector of x."""
     return _quantize_cpu(x, bits, clip)
@@ -81,7 +81,7 @@ def _(x, bits, clip):
     return triton_kv_quantize(x, bits, clip)
 
 
-@torch.library.custom_op("quarot_fx::kv_dequantize", mutates_args=())
+@define_op("quarot_fx::kv_dequantize")
 def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, length: int,
                   dtype: torch.dtype) -> torch.Tensor:
     """(code - zero) · scale as ``dtype``, [..., length]."""

@@ -24,6 +24,18 @@
 
 #define MAX_ROWS 16
 
+/* The instruction set this copy was built for (native.py builds one copy per variant and loads
+ * the best the CPU has): the report names it. */
+const char *isa_variant(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return "avx512vnni";
+#elif defined(__AVX2__)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
 /* The epilogue every path shares, in the float emulation's order: ((float)acc * ws) * xs + b. */
 static inline float epilogue(int32_t acc, float ws, float xs, const float *b, int64_t n) {
     float v = (float)acc;
@@ -33,16 +45,11 @@ static inline float epilogue(int32_t acc, float ws, float xs, const float *b, in
 }
 
 
-void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *ws, const float *b, float *y,
-               int64_t rows, int64_t k, int64_t n_out) {
+static void gemv_channels(const int8_t *x, const float *xs, const uint8_t *w, const float *ws, const float *b,
+                          float *y, int64_t rows, int64_t k, int64_t n_out, const int32_t *x_sum, int64_t first,
+                          int64_t last) {
     const int64_t half = k / 2;
-    int32_t x_sum[MAX_ROWS];
-    for (int64_t m = 0; m < rows; m++) {
-        int32_t s = 0;
-        for (int64_t j = 0; j < k; j++) s += x[m * k + j];
-        x_sum[m] = s;
-    }
-    for (int64_t n = 0; n < n_out; n++) {
+    for (int64_t n = first; n < last; n++) {
         const uint8_t *row = w + n * half;
         int32_t acc[MAX_ROWS] = {0};
         int64_t j = 0;
@@ -57,8 +64,13 @@ void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *
             for (int64_t m = 0; m < rows; m++) {
                 const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(x + m * k + j));
                 const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(x + m * k + half + j));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                /* VNNI: 4 u8 x s8 products added into each int32 lane in one instruction, exactly */
+                acc_v[m] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc_v[m], lo, x_lo), hi, x_hi);
+#else
                 const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
                 acc_v[m] = _mm256_add_epi32(acc_v[m], _mm256_madd_epi16(pairs, ones));
+#endif
             }
         }
         for (int64_t m = 0; m < rows; m++) {
@@ -73,6 +85,73 @@ void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *
         }
         for (int64_t m = 0; m < rows; m++) y[m * n_out + n] = epilogue(acc[m] - 8 * x_sum[m], ws[n], xs[m], b, n);
     }
+}
+
+#ifdef __AVX2__
+/* acc + the int32 sums of 4 adjacent u8 x s8 products: one VNNI instruction, or AVX2's pair
+ * multiply-add (int16, exact: |pair| <= 2 * 15 * 128) widened by vpmaddwd. */
+static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline int32_t lanes_sum(__m256i v) {
+    int32_t lanes[8], total = 0;
+    _mm256_storeu_si256((__m256i *)lanes, v);
+    for (int i = 0; i < 8; i++) total += lanes[i];
+    return total;
+}
+
+/* One activation row (a decode step), four output channels at a time: eight independent
+ * accumulator chains instead of one, so the multiply-adds' latency overlaps (the one-channel loop
+ * waits on each). Integer sums: any order gives the same bits. Returns the first channel not done. */
+static int64_t gemv1_quads(const int8_t *x, const float *xs, const uint8_t *w, const float *ws, const float *b,
+                           float *y, int64_t k, int32_t x_sum, int64_t first, int64_t last) {
+    const int64_t half = k / 2, whole = half / 32 * 32;
+    const __m256i nibble = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(0x08);
+    int64_t n = first;
+    for (; n + 4 <= last; n += 4) {
+        __m256i lo_acc[4], hi_acc[4];
+        for (int c = 0; c < 4; c++) lo_acc[c] = hi_acc[c] = _mm256_setzero_si256();
+        for (int64_t j = 0; j < whole; j += 32) {
+            const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(x + j));
+            const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(x + half + j));
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (n + c) * half + j));
+                lo_acc[c] = dot4(lo_acc[c], _mm256_xor_si256(_mm256_and_si256(v, nibble), eight), x_lo);
+                hi_acc[c] = dot4(hi_acc[c], _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), eight),
+                                 x_hi);
+            }
+        }
+        for (int c = 0; c < 4; c++) {
+            const uint8_t *row = w + (n + c) * half;
+            int32_t acc = lanes_sum(_mm256_add_epi32(lo_acc[c], hi_acc[c]));
+            for (int64_t j = whole; j < half; j++)
+                acc += ((row[j] & 15) ^ 8) * x[j] + ((row[j] >> 4) ^ 8) * x[half + j];
+            y[n + c] = epilogue(acc - 8 * x_sum, ws[n + c], xs[0], b, n + c);
+        }
+    }
+    return n;
+}
+#endif
+
+/* One thread: a second one (tried) did not pay for its start at decode sizes. */
+void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *ws, const float *b, float *y,
+               int64_t rows, int64_t k, int64_t n_out) {
+    int32_t x_sum[MAX_ROWS];
+    for (int64_t m = 0; m < rows; m++) {
+        int32_t s = 0;
+        for (int64_t j = 0; j < k; j++) s += x[m * k + j];
+        x_sum[m] = s;
+    }
+    int64_t first = 0;
+#ifdef __AVX2__
+    if (rows == 1) first = gemv1_quads(x, xs, w, ws, b, y, k, x_sum[0], 0, n_out);
+#endif
+    gemv_channels(x, xs, w, ws, b, y, rows, k, n_out, x_sum, first, n_out);
 }
 
 /* int4_gemm: y [m, n] for the many rows of a prefill, the same sums and epilogue as int4_gemv.
@@ -402,32 +481,116 @@ int kv_quantize(const float *x, uint8_t *codes, float *scale, float *zero, int64
     return 0;
 }
 
-/* hadamard_rows: x [batch, m] times the Kronecker factors of H_m (already scaled), stage by stage
- * as hadamard_transform_cpu runs them: view the row as [m / order, order], multiply by the stage
- * matrix, and write it transposed ([order, m / order]), so after the last stage the axes are back
- * in order. For the few rows of a decode step, where each stage's tiny GEMM costs more in call
- * overhead than in arithmetic. The sums run in k order, a GEMM's may not: the results agree with
- * the GEMMs' to float32 rounding, not bit for bit. */
-void hadamard_rows(const float *x, float *out, float *scratch, int64_t batch, int64_t m, int64_t stages,
-                   const int64_t *orders, const float *const *matrices) {
-    const float *in = x;
-    for (int64_t stage = 0; stage < stages; stage++) {
-        const int64_t order = orders[stage], groups = m / order;
-        const float *h = matrices[stage];
-        float *dst = ((stages - stage) & 1) ? out : scratch;  /* the last stage lands in out */
-        for (int64_t b = 0; b < batch; b++) {
-            for (int64_t j = 0; j < groups; j++) {
-                const float *row = in + b * m + j * order;
-                float acc[256];
-                for (int64_t i = 0; i < order; i++) acc[i] = 0.0f;
-                for (int64_t k = 0; k < order; k++) {
-                    const float v = row[k];
-                    const float *hk = h + k * order;
-                    for (int64_t i = 0; i < order; i++) acc[i] += v * hk[i];
+/* hadamard_axes: x [batch, m] times F_1 ⊗ … ⊗ F_c, times scale. A row is the tensor
+ * [o_1, …, o_c] (row-major), and x·(F_1 ⊗ … ⊗ F_c) applies each factor along its own axis:
+ * y[.., j, ..] = Σ_i x[.., i, ..] F[i][j], the vectors along the later axes contiguous, so every
+ * stage works in place on whole contiguous vectors (no transposes). A Sylvester factor (matrices[a]
+ * NULL; F = H_2 ⊗ … ⊗ H_2 in natural order) runs as butterflies, log2(o) passes of adds and
+ * subtracts (the fast Walsh–Hadamard transform) instead of o² multiply-adds; other factors (Paley)
+ * as dense multiply-adds. For the few rows of a decode step. Sums run in another order than the
+ * stage GEMMs' of the torch path: results agree with them to float32 rounding. A row of m floats may
+ * be longer than the factors' product: the trailing axis (H ⊗ I_inner, the cross-head transform)
+ * then rides along untouched. Returns 1 on no memory. */
+static void butterflies(float *block, int64_t order, int64_t inner) {
+    for (int64_t len = 1; len < order; len *= 2)
+        for (int64_t first = 0; first < order; first += 2 * len)
+            for (int64_t k = first; k < first + len; k++) {
+                float *a = block + k * inner, *b = block + (k + len) * inner;
+                for (int64_t i = 0; i < inner; i++) {
+                    const float u = a[i], v = b[i];
+                    a[i] = u + v;
+                    b[i] = u - v;
                 }
-                for (int64_t i = 0; i < order; i++) dst[b * m + i * groups + j] = acc[i];
             }
+}
+
+static void dense_axis(float *block, float *scratch, const float *h, int64_t order, int64_t inner) {
+    for (int64_t j = 0; j < order; j++) {
+        float *o = scratch + j * inner;
+        for (int64_t i = 0; i < inner; i++) o[i] = 0.0f;
+        for (int64_t k = 0; k < order; k++) {
+            const float f = h[k * order + j];
+            const float *in = block + k * inner;
+            for (int64_t i = 0; i < inner; i++) o[i] += f * in[i];
         }
-        in = dst;
     }
+    memcpy(block, scratch, sizeof(float) * (size_t)(order * inner));
+}
+
+int hadamard_axes(const float *x, float *out, int64_t batch, int64_t m, int64_t stages,
+                  const int64_t *orders, const float *const *matrices, float scale) {
+    float *scratch = malloc(sizeof(float) * (size_t)m);
+    if (!scratch) return 1;
+    for (int64_t b = 0; b < batch; b++) {
+        float *row = out + b * m;
+        memcpy(row, x + b * m, sizeof(float) * (size_t)m);
+        int64_t outer = 1;
+        for (int64_t a = 0; a < stages; a++) {
+            const int64_t order = orders[a], inner = m / outer / order;
+            for (int64_t o = 0; o < outer; o++) {
+                float *block = row + o * order * inner;
+                if (matrices[a]) dense_axis(block, scratch, matrices[a], order, inner);
+                else butterflies(block, order, inner);
+            }
+            outer *= order;
+        }
+        for (int64_t i = 0; i < m; i++) row[i] *= scale;
+    }
+    free(scratch);
+    return 0;
+}
+
+/* int8_weight_linear: y [rows, n] = (x · wᵀ) * scale[n] (+ b[n]) for float32 x [rows, k] and
+ * int8 weights [n, k] with one scale per output channel: the 8-bit output head at decode, which
+ * reads a quarter of a float32 head's bytes. Each dot product sums in float32 in a fixed order
+ * (8 or 16 lanes, then the lanes in order), so a result does not depend on the thread count.
+ * Threads split the output channels (a thread that cannot start leaves its share to the caller's). */
+typedef struct { const float *x; const int8_t *w; const float *scale; const float *b; float *y;
+                 int64_t rows, k, n, first, last; } int8_job;
+
+static float dot_int8(const float *x, const int8_t *w, int64_t k) {
+    /* 8 lanes, each summing every 8th product in order, then the lanes in order, then the tail:
+     * the same order on every instruction set (native.py's int8_linear_reference repeats it). */
+    float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, total = 0.0f;
+    int64_t i = 0;
+#ifdef __AVX2__
+    __m256 sum = _mm256_setzero_ps();
+    for (; i + 8 <= k; i += 8) {
+        const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i))));
+        sum = _mm256_add_ps(sum, _mm256_mul_ps(_mm256_loadu_ps(x + i), wf));
+    }
+    _mm256_storeu_ps(lanes, sum);
+#else
+    for (; i + 8 <= k; i += 8)
+        for (int j = 0; j < 8; j++) lanes[j] += x[i + j] * (float)w[i + j];
+#endif
+    for (int j = 0; j < 8; j++) total += lanes[j];
+    for (; i < k; i++) total += x[i] * (float)w[i];
+    return total;
+}
+
+static void *int8_run(void *arg) {
+    const int8_job *job = arg;
+    for (int64_t n = job->first; n < job->last; n++)
+        for (int64_t r = 0; r < job->rows; r++) {
+            const float v = dot_int8(job->x + r * job->k, job->w + n * job->k, job->k) * job->scale[n];
+            job->y[r * job->n + n] = job->b ? v + job->b[n] : v;
+        }
+    return NULL;
+}
+
+void int8_weight_linear(const float *x, const int8_t *w, const float *scale, const float *b, float *y, int64_t rows,
+                       int64_t k, int64_t n, int64_t threads) {
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    int8_job jobs[64];
+    pthread_t ids[64];
+    for (int64_t t = 0; t < threads; t++)
+        jobs[t] = (int8_job){x, w, scale, b, y, rows, k, n, n * t / threads, n * (t + 1) / threads};
+    int64_t started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], NULL, int8_run, &jobs[started])) break;
+    int8_run(&jobs[0]);
+    for (int64_t t = started; t < threads; t++) int8_run(&jobs[t]);
+    for (int64_t t = 1; t < started; t++) pthread_join(ids[t], NULL);
 }

@@ -11,8 +11,12 @@ pay for their calls. At prefill, the same byte multiply-add in a register- and c
 (``int4_gemm``) does twice the fp32 FMA's work per instruction, exactly, where ``_int_mm`` has no
 fast kernel for this CPU.
 
-The library is compiled with ``-march=native`` (so it is tied to this CPU: the cache key holds
-the CPU's model and flags, the compiler and the source) into a directory only this user can write
+One source, built once per instruction-set variant (``VARIANTS``: AVX512-VNNI, AVX2, generic C),
+each with its own flags rather than ``-march=native``; at load the best variant whose features
+the CPU reports (and the compiler builds) is used, or the one ``$QUAROT_FX_ISA`` names. Every
+variant computes the same bits (integer sums are exact; float sums run in one fixed order), which
+``tests/test_native_isa.py`` checks for each variant this CPU can run. ``variant()`` names the
+one in use (``speed.py`` and the GEMM report print it). The libraries live in a directory only this user can write
 (``$QUAROT_FX_CACHE`` or ``~/.cache/quarot_fx``, see ``_cache_dir``; a library file another user
 could have written is rebuilt, never loaded), and loaded with ctypes, which releases the GIL during the call. Without a
 compiler the kernels are simply unavailable (``unavailable_reason()``): ``int_gemm`` never picks
@@ -27,6 +31,8 @@ import os
 import stat
 import subprocess
 import tempfile
+import time
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,7 +42,15 @@ from .common import cpu_description
 from .gemm import register_gemm
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")  # no fused multiply-add: the same bits
+# Best first: (name, compiler flags, the /proc/cpuinfo flags the CPU must report).
+VARIANTS = (
+    ("avx512vnni", ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+     {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
+    ("avx2", ("-mavx2", "-mfma"), {"avx2", "fma"}),
+    ("generic", (), set()),
+)
+ISA_ENVIRONMENT = "QUAROT_FX_ISA"
 FEW_ROWS = 16  # a decode step's rows (or a small batch): where the C kernels take over from torch's calls;
 # the GEMV's limit (native.c MAX_ROWS), the Hadamard stages' and packed attention's too
 _reason: list[str] = []
@@ -77,43 +91,111 @@ def _cache_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="quarot_fx-"))
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, flags: tuple, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+        subprocess.run([compiler, *FLAGS, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
                        text=True, check=True)
         os.chmod(built, 0o700)
         built.replace(target)  # atomic: concurrent builders all end with a whole file
 
 
+def cpu_supports(name: str) -> bool:
+    """The CPU reports every feature variant ``name`` needs."""
+    flags = {flag for line in _cpu_identity().splitlines() if line.startswith("flags") for flag in line.split()}
+    return next(needs for variant, _, needs in VARIANTS if variant == name) <= flags
+
+
+def _requested() -> str | None:
+    name = os.environ.get(ISA_ENVIRONMENT) or None
+    if name is not None and name not in [v for v, _, _ in VARIANTS]:
+        raise ValueError(f"the environment variable {ISA_ENVIRONMENT}={name!r} is not a kernel variant; set it to one "
+                         f"of {', '.join(v for v, _, _ in VARIANTS)} or unset it")
+    if name is not None and not cpu_supports(name):
+        raise ValueError(f"{ISA_ENVIRONMENT}={name!r}: this CPU lacks the features that variant needs")
+    return name
+
+
 @lru_cache(maxsize=None)
-def library():
-    """The loaded kernel library, or None (the reason in ``unavailable_reason()``)."""
+def load_variant(name: str):
+    """The library built for variant ``name`` (None if this CPU cannot run it or it does not
+    build; the reason in ``unavailable_reason()``)."""
+    if not cpu_supports(name):
+        _reason.append(f"this CPU lacks the features of the {name} kernels")
+        return None
+    flags = next(f for variant, f, _ in VARIANTS if variant == name)
     compiler = os.environ.get("CC", "cc")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_identity()])
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, *flags, _cpu_identity()])
                              .encode()).hexdigest()[:16]
-        target = _cache_dir() / f"native-{key}.so"
+        target = _cache_dir() / f"native-{name}-{key}.so"
         if not _private(target, stat.S_IFREG):  # absent, or writable by others (or not ours): never loaded
-            _build(compiler, target)
+            _build(compiler, flags, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
-        _reason.append(f"the C kernels did not build with {compiler!r}: {detail.strip()[:300]}")
+        _reason.append(f"the {name} C kernels did not build with {compiler!r}: {detail.strip()[:300]}")
         return None
-    lib.int4_gemv.restype = lib.kv_dequantize.restype = None
+    lib.isa_variant.restype = ctypes.c_char_p
+    lib.int4_gemv.restype = lib.kv_dequantize.restype = lib.int8_weight_linear.restype = None
     lib.kv_quantize.restype = ctypes.c_int
     lib.int4_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
     lib.int4_gemm.restype = lib.gemm_available.restype = ctypes.c_int
     lib.int4_gemm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
+    lib.int8_weight_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
     lib.kv_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
     lib.packed_attention.restype = ctypes.c_int
     lib.packed_attention.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64]
-    lib.hadamard_rows.restype = None
-    lib.hadamard_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    lib.hadamard_axes.restype = ctypes.c_int
+    lib.hadamard_axes.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_float]
     return lib
+
+
+@lru_cache(maxsize=None)
+def library():
+    """The loaded kernel library: the variant ``$QUAROT_FX_ISA`` names, else the best one this CPU
+    runs and the compiler builds; or None (the reason in ``unavailable_reason()``)."""
+    requested = _requested()
+    for name in [requested] if requested else [v for v, _, _ in VARIANTS]:
+        lib = load_variant(name)
+        if lib is not None:
+            return lib
+    return None
+
+
+def variant() -> str | None:
+    """The instruction-set variant of the kernels in use ("avx512vnni", "avx2", "generic"), or None."""
+    lib = library()
+    return lib.isa_variant().decode() if lib is not None else None
+
+
+_timer: list | None = None  # [nanoseconds] while ``timed()`` is active
+
+
+def _call(kernel, *args):
+    """Call a C kernel (timed inside ``timed()``)."""
+    if _timer is None:
+        return kernel(*args)
+    start = time.perf_counter_ns()
+    result = kernel(*args)
+    _timer[0] += time.perf_counter_ns() - start
+    return result
+
+
+@contextmanager
+def timed():
+    """Seconds spent inside the C kernels while the block runs: ``with timed() as t: ...; t[0] / 1e9``
+    (``speed.py`` splits a decode step into kernel time and overhead with it)."""
+    global _timer
+    outer, _timer = _timer, [0]
+    try:
+        yield _timer
+    finally:
+        if outer is not None:
+            outer[0] += _timer[0]
+        _timer = outer
 
 
 def unavailable_reason() -> str | None:
@@ -142,8 +224,8 @@ def int4_linear(x2: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     pointers = (x2.data_ptr(), x_scale.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(),
                 bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, in_features, out_features)
     if rows <= FEW_ROWS:
-        library().int4_gemv(*pointers)
-    elif library().int4_gemm(*pointers, torch.get_num_threads()):
+        _call(library().int4_gemv, *pointers)
+    elif _call(library().int4_gemm, *pointers, torch.get_num_threads()):
         raise MemoryError(f"int4_gemm: no memory or thread for a {rows}x{in_features}->{out_features} GEMM")
     return y
 
@@ -161,7 +243,7 @@ def kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     out = torch.empty((*codes.shape[:-1], length), dtype=torch.float32)
     if rows and length:
         codes, scale, zero = _cache_parts(codes, scale, zero)
-        library().kv_dequantize(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), rows, length,
+        _call(library().kv_dequantize, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), rows, length,
                                 row_bytes, int(packed))
     return out
 
@@ -174,7 +256,7 @@ def kv_quantize(x: torch.Tensor, bits: int, clip: float, row_bytes: int, packed:
     rows = x.numel() // length if length else 0
     codes = torch.empty((*x.shape[:-1], row_bytes), dtype=torch.uint8)
     scale, zero = (torch.empty((*x.shape[:-1], 1), dtype=torch.float32) for _ in range(2))
-    if rows and length and library().kv_quantize(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+    if rows and length and _call(library().kv_quantize, x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
                                                  rows, length, row_bytes, bits, clip, int(packed)):
         return None
     return codes, scale, zero
@@ -189,30 +271,44 @@ def packed_attention(q: torch.Tensor, keys: tuple, values: tuple, length: int, p
     batch, q_heads, rows, _ = q.shape
     kv_heads, tokens, row_bytes = keys[0].shape[1:]
     out = torch.empty_like(q)
-    if library().packed_attention(q.data_ptr(), *(t.data_ptr() for t in (*keys, *values)), out.data_ptr(), batch,
+    if _call(library().packed_attention, q.data_ptr(), *(t.data_ptr() for t in (*keys, *values)), out.data_ptr(), batch,
                                   q_heads, kv_heads, rows, tokens, length, row_bytes, int(packed), scale, int(causal)):
         raise MemoryError("packed_attention: no memory for its blocks")
     return out
 
 
-MAX_STAGE_ORDER = 256  # hadamard_rows keeps one stage's outputs for a row on the stack (native.c: acc[256])
-
-
 @lru_cache(maxsize=None)
 def _stages(orders: tuple, matrices: tuple) -> tuple:
-    """ctypes arrays of the stage orders and matrix pointers (the matrices are cached tensors)."""
+    """ctypes arrays of the factor orders and matrix pointers (NULL: a Sylvester factor; the
+    matrices are cached tensors)."""
     return ((ctypes.c_int64 * len(orders))(*orders),
-            (ctypes.c_void_p * len(matrices))(*(h.data_ptr() for h in matrices)), matrices)
+            (ctypes.c_void_p * len(matrices))(*(h.data_ptr() if h is not None else None for h in matrices)), matrices)
 
 
-def hadamard_rows(y: torch.Tensor, orders: tuple, matrices: tuple) -> torch.Tensor:
-    """y [batch, m] float32 through the stages (``orders[i]`` × ``orders[i]`` float32 matrices)."""
+def hadamard_axes(y: torch.Tensor, orders: tuple, matrices: tuple, scale: float) -> torch.Tensor:
+    """y [batch, n] float32 times (F_1 ⊗ … ⊗ F_c ⊗ I_inner)·scale (inner = n / the orders' product),
+    ``orders[i]`` the order of F_i and ``matrices[i]`` its float32 matrix, or None for a Sylvester
+    factor (butterflies)."""
     y = y.contiguous()
-    out, scratch = torch.empty_like(y), torch.empty_like(y)
+    out = torch.empty_like(y)
     order_array, pointer_array, _ = _stages(orders, matrices)
-    library().hadamard_rows(y.data_ptr(), out.data_ptr(), scratch.data_ptr(), y.shape[0], y.shape[1], len(orders),
-                            order_array, pointer_array)
+    if _call(library().hadamard_axes, y.data_ptr(), out.data_ptr(), y.shape[0], y.shape[1], len(orders), order_array,
+                               pointer_array, scale):
+        raise MemoryError("hadamard_axes: no memory for one row")
     return out
+
+
+def int8_weight_linear(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       threads: int) -> torch.Tensor:
+    """float32 y [rows, n] = (x2 · weightᵀ) · scale (+ bias) for float32 x2 [rows, k] and int8
+    weight [n, k] with scale [n]; the sums in ``int8_linear_reference``'s order."""
+    x2, weight, scale = x2.float().contiguous(), weight.contiguous(), scale.reshape(-1).float().contiguous()
+    bias = bias.float().contiguous() if bias is not None else None
+    y = torch.empty((x2.shape[0], weight.shape[0]), dtype=torch.float32)
+    _call(library().int8_weight_linear, x2.data_ptr(), weight.data_ptr(), scale.data_ptr(),
+                                 bias.data_ptr() if bias is not None else None, y.data_ptr(), x2.shape[0],
+                                 x2.shape[1], weight.shape[0], threads)
+    return y
 
 
 # The C kernels as a candidate of int_gemm's choice (kernels/gemm.py): the whole linear on the packed bytes.

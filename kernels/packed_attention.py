@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .common import check_bits
+from .common import check_bits, define_op
 from .common import kv_packs as packs
 
 def packed_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype,
@@ -47,7 +47,7 @@ def takes_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, 
             and native.library() is not None)
 
 
-@torch.library.custom_op("quarot_fx::packed_attention", mutates_args=())
+@define_op("quarot_fx::packed_attention")
 def packed_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                      v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, bits: int, length: int,
                      dtype: torch.dtype, attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,

@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from quarot_fx.numerics.quant import dequantize_weight
 
 from . import int_gemm, native  # noqa: F401  (native registers the "int4" candidate)
-from .common import row_chunks
+from .common import define_op, row_chunks
 from .gemm import (EXACT_FLOAT32, MAX_PRODUCT, accumulator_dtype, gemm_candidate, group_size, int64_matmul,  # noqa: F401
                    integer_matmul, pack_linear_weight, transposed_groups, unpack_linear_weight)
 
@@ -158,7 +158,7 @@ def simulated_linear(codes: torch.Tensor, x_scale: torch.Tensor, weight_codes: t
     return y.to(out_dtype).reshape(*codes.shape[:-1], weight_codes.shape[0])
 
 
-@torch.library.custom_op("quarot_fx::quantized_linear", mutates_args=())
+@define_op("quarot_fx::quantized_linear")
 def quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], weight: torch.Tensor,
                      weight_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int,
                      out_dtype: torch.dtype, gemm: str = "auto", keep_unpacked: bool = False) -> torch.Tensor:

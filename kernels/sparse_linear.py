@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from .common import define_op
 from .int4 import pack_int4_reference, unpack_int4_reference
 from .quantized_linear import check_inputs, integer_matmul, linear_from_codes, pack_linear_weight
 
@@ -113,7 +114,7 @@ def _check_sparse(values, meta, weight_scale, in_features, format, kept) -> None
                          f"{tuple(values.shape)} and {meta.dtype} {tuple(meta.shape)}")
 
 
-@torch.library.custom_op("quarot_fx::sparse_quantized_linear", mutates_args=())
+@define_op("quarot_fx::sparse_quantized_linear")
 def sparse_quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], values: torch.Tensor,
                             meta: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                             in_features: int, out_dtype: torch.dtype, format: str, kept: int,

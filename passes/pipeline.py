@@ -21,6 +21,8 @@ from .calibrate import gptq_weights
 from .clip_search import search_clips
 from .context import PassContext
 from .down_projection import rotate_down_projections
+from .fuse_linears import fuse_sibling_linears
+from .head import quantize_head_int8
 from .kv_cache import close_packed_cache, open_packed_cache
 from .materialize import materialize_weights
 from .observe import observe_inputs
@@ -55,8 +57,12 @@ for _stage, _fn, _when, _name in (
     ("materialize", materialize_weights, lambda c: c.transforms, None),
     ("lower", lower_to_integer_kernels, lambda c: c.kernels == "integer" and c.quantizes, None),
     ("lower", lower_to_simulated_linears, lambda c: c.kernels == "fake" and c.keeps_weight_codes, None),
+    ("lower", quantize_head_int8, lambda c: c.int8_head, None),
 ):
     register_pass(_stage, when=_when, name=_name)(_fn)
+# Sibling integer linears (q/k/v, gate/up) share one call once their inputs are codes.
+register_pass("lower", after="lower_to_integer_kernels", when=lambda c: c.kernels == "integer" and c.quantizes)(
+    fuse_sibling_linears)
 # GBS searches clips with the weights final and before the lowering turns quantizers into integer ops.
 register_pass("materialize", after="materialize_weights", when=lambda c: c.searches_clips)(search_clips)
 # Diagnostics read the linear inputs with the weights final (quarot-fx outliers).

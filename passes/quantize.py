@@ -1,6 +1,6 @@
 """The quantization passes: each decision recorded on the graph as a fake quantizer or an edit.
 
-* weights: every linear except the output head gets a final ``QuantizeWeight`` edit, so
+* weights: every linear except the output head (see ``head.py``) gets a final ``QuantizeWeight`` edit, so
   the rounding sees the rotated, norm-folded weight and is cached with it
   (``materialize_weights`` then leaves it to the lowering as codes, or dequantized);
 * activations: per-token quantization (the fake quantizer) on each quantized linear's input,
@@ -49,7 +49,7 @@ def quantized_sites(ctx) -> list:
         site = as_site(node)
         if site is None or site.kind == "embedding":
             continue
-        if feeds_output(node) and not ctx.config.quantize_lm_head:
+        if feeds_output(node) and ctx.config.quantize_lm_head is not True:  # "int8": head.py
             continue
         sites.append(site)
     return sites

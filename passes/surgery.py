@@ -106,3 +106,18 @@ def drop_unused_constants(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in [name for name, _ in gm.named_buffers(recurse=False) if name not in used]:
         delattr(gm, name)
+
+
+INT8_WEIGHT_LINEAR = torch.ops.quarot_fx.int8_weight_linear.default
+
+
+def replace_with_int8_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, codes, scale, bias) -> fx.Node:
+    """Swap a linear node for ``int8_weight_linear(x, codes, scale, bias)`` on new constants."""
+    constants = [_constant(gm, node, f"qfx_int8__{node.name}__{name}", t) if t is not None else None
+                 for name, t in (("weight", codes), ("scale", scale), ("bias", bias))]
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(INT8_WEIGHT_LINEAR, (x, *constants))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new

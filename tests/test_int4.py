@@ -38,8 +38,8 @@ def test_bad_inputs_are_refused():
 
 
 def test_opcheck():
-    torch.library.opcheck(pack_int4, (values((3, 9)),))
-    torch.library.opcheck(unpack_int4, (pack_int4(values((2, 3, 8))), 8))
+    torch.library.opcheck(pack_int4.default, (values((3, 9)),))
+    torch.library.opcheck(unpack_int4.default, (pack_int4(values((2, 3, 8))), 8))
 
 
 triton_int4 = pytest.importorskip("quarot_fx.kernels.triton_int4")

@@ -137,6 +137,7 @@ def test_without_a_compiler_the_int4_gemv_is_never_chosen(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("QUAROT_FX_CACHE", str(tmp_path))
     native.library.cache_clear()
+    native.load_variant.cache_clear()
     try:
         assert native.library() is None and "no-such-compiler" in native.unavailable_reason()
         monkeypatch.setattr(int_gemm, "measure", fake_timings([], ["int4"]))
@@ -144,6 +145,7 @@ def test_without_a_compiler_the_int4_gemv_is_never_chosen(monkeypatch, tmp_path)
         assert decision.choice != "int4" and decision.int4_ms is None
     finally:
         native.library.cache_clear()
+        native.load_variant.cache_clear()
 
 
 def test_compiled_decode_with_the_int4_kernels_gives_the_float_emulations_logits(monkeypatch):
@@ -219,5 +221,5 @@ def test_resident_unpacked_weights_are_kept_once_per_linear_and_change_nothing()
         before = len(kernel._unpacked)
         logits[resident] = [compiled(x).logits for _ in range(2)]
         kept = len(kernel._unpacked) - before
-        assert kept == (0 if resident == "packed" else 14)  # 2 layers × q, k, v, o, gate, up, down
+        assert kept == (0 if resident == "packed" else 8)  # 2 layers × qkv (stacked), o, gate+up (stacked), down
     assert all(torch.equal(a, b) for a, b in zip(logits["packed"], logits["unpacked"]))

@@ -40,7 +40,12 @@ def test_integer_kernels_give_the_fake_quant_logits(arch):
     found = ops(reports[0])
     linears = [s for s in reports[0].linears if "(embedding" not in s.name]
     quantized = len([s for s in linears if "quantized_linear" in " ".join(s.online)])
-    assert found["quarot_fx.quantized_linear.default"] == quantized == len(linears) - 1  # all but the head
+    assert quantized == len(linears) - 1  # all but the head
+    counters = reports[0].counters  # q/k/v and gate/up read one input: stacked into one call each
+    assert found["quarot_fx.quantized_linear.default"] == quantized - counters["stacked_linears"] + counters["stacked_calls"]
+    if arch == "llama":
+        assert (counters["stacked_linears"], counters["stacked_calls"]) == (5 * 2, 2 * 2)
+    assert found["quarot_fx.int8_weight_linear.default"] == ops(fake_reports[0])["quarot_fx.int8_weight_linear.default"] == 1
     assert found["quarot_fx.kv_quantize.default"] == found["quarot_fx.kv_dequantize.default"] == 2 * 2
     assert "quantize_activation" not in str(found) and "quantize_kv " not in " ".join(found)  # no fake left
     if arch == "llama":  # q/k/v and gate/up share one quantizer: o, down + 2 shared, per layer
@@ -48,7 +53,8 @@ def test_integer_kernels_give_the_fake_quant_logits(arch):
     simulated = ops(fake_reports[0])  # plain torch functions, no integer op
     assert simulated[str(simulated_linear)] == quantized and not any("quarot_fx.quantize" in op for op in simulated)
     assert str(quantize_activation) not in simulated  # every quantized input became codes
-    assert {r.storage for r in fake_reports[0].quantized if r.what in ("weight", "activation")} == {"float codes"}
+    assert {r.storage for r in fake_reports[0].quantized if r.what in ("weight", "activation")} == {"float codes", "int8"}
+    assert [r.bits for r in fake_reports[0].quantized if r.storage == "int8"] == [8]  # the head
 
 
 def test_quantized_linears_hold_only_packed_weights():
@@ -62,7 +68,7 @@ def test_quantized_linears_hold_only_packed_weights():
     assert packed_bytes == linear_params // 2
     counters = reports[0].counters
     assert 0.25 <= counters["packed_bytes"] / counters["packed_fp16_bytes"] < 0.3  # int4 + float32 scales
-    assert {r.storage for r in reports[0].quantized if r.what == "weight"} == {"packed int4"}
+    assert {r.storage for r in reports[0].quantized if r.what == "weight"} == {"packed int4", "int8"}  # int8: the head
 
 
 def test_online_hadamards_fuse_into_activation_quantization():
@@ -140,7 +146,7 @@ def test_other_weight_widths_stay_simulated_and_say_so():
     fake, _ = compile_and_run(model, ids, {"preset": "w8a8kv8", "kernels": "fake"}, use_cache=False)
     real, reports = compile_and_run(model, ids, {"preset": "w8a8kv8"}, use_cache=False)
     assert rel_err(real.logits, fake.logits) <= 1e-5
-    assert {(r.bits, r.storage) for r in reports[0].quantized if r.what == "weight"} == {(8, "simulated")}
+    assert {(r.bits, r.storage) for r in reports[0].quantized if r.what == "weight"} == {(8, "simulated"), (8, "int8")}
     assert any("integer kernels cover 4-bit weights" in note for note in reports[0].notes)  # and says so
     assert ops(reports[0])["quarot_fx.kv_quantize.default"] == 4  # the KV ops still apply
 
@@ -183,4 +189,4 @@ def test_gptq_weights_are_packed_once_and_not_recalibrated_on_recompile():
     assert len(reports) >= 2
     assert reports[0].counters["gptq_calibration_chunks"] > 0
     assert reports[-1].counters["gptq_calibration_chunks"] == 0  # weights came from the cache
-    assert ops(reports[-1])["quarot_fx.quantized_linear.default"] == 14
+    assert ops(reports[-1])["quarot_fx.quantized_linear.default"] == 4 * 2  # q/k/v and gate/up stacked: 4 calls per layer

@@ -128,7 +128,7 @@ def test_presets_stay_close_to_float(preset, max_err):
         ref = model(ids, use_cache=False).logits
     assert 1e-5 < ((out - ref).norm() / ref.norm()).item() < max_err
     bits = int(preset[1])
-    assert {(r.what, r.method, r.bits) for r in reports[0].quantized} == {
+    assert {(r.what, r.method, r.bits) for r in reports[0].quantized if r.storage != "int8"} == {  # int8: the head
         ("weight", "rtn", bits), ("activation", "per-token symmetric", bits),
         ("key", "asymmetric per head", bits), ("value", "asymmetric per head", bits)}
     report = str(reports[0])
@@ -171,7 +171,7 @@ def test_gptq_through_the_backend_with_calibration():
         torch._dynamo.reset()
         gptq = compiled(model, **options, weights="gptq", calibration=calibration)(ids, use_cache=False).logits
     text = str(reports[-1])
-    assert {r.method for r in reports[-1].quantized if r.what == "weight"} == {"gptq"}
+    assert {r.method for r in reports[-1].quantized if r.what == "weight" and r.storage != "int8"} == {"gptq"}
     assert reports[-1].counters["gptq_calibration_chunks"] > 0 and "calibration" in reports[-1].options
     assert "gptq w4" in text
     assert ((gptq - ref).norm() / ref.norm()).item() < 0.2

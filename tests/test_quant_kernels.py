@@ -206,14 +206,14 @@ def test_ops_refuse_bad_arguments():
 
 def test_opcheck():
     x = activations(3, 48)
-    torch.library.opcheck(quantize_per_token, (x, 4, 0.9, 0))
-    torch.library.opcheck(quantize_per_token, (x, 4, 0.9, 4))
+    torch.library.opcheck(quantize_per_token.default, (x, 4, 0.9, 0))
+    torch.library.opcheck(quantize_per_token.default, (x, 4, 0.9, 4))
     codes, x_scale, w, w_scale, b = linear_inputs(3, 33, 5, 1)
-    torch.library.opcheck(quantized_linear, (codes, x_scale, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, 33, torch.float32))
-    torch.library.opcheck(quantized_linear, (x, None, pack_linear_weight(weights(5, 48)), w_scale, None, 48, torch.bfloat16))
+    torch.library.opcheck(quantized_linear.default, (codes, x_scale, pack_linear_weight(w, w_scale.shape[1]), w_scale, b, 33, torch.float32))
+    torch.library.opcheck(quantized_linear.default, (x, None, pack_linear_weight(weights(5, 48)), w_scale, None, 48, torch.bfloat16))
     packed, scale, zero = kv_quantize(x, 4, 0.95)
-    torch.library.opcheck(kv_quantize, (x, 4, 0.95))
-    torch.library.opcheck(kv_dequantize, (packed, scale, zero, 4, 48, torch.float16))
+    torch.library.opcheck(kv_quantize.default, (x, 4, 0.95))
+    torch.library.opcheck(kv_dequantize.default, (packed, scale, zero, 4, 48, torch.float16))
 
 
 def poisoned(rows=4, n=32):

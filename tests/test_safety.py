@@ -186,5 +186,5 @@ def test_the_kernel_cache_is_private_and_a_writable_library_is_rebuilt(tmp_path,
     assert not native._private(planted, __import__("stat").S_IFREG)
     if native.library() is None:
         pytest.skip(native.unavailable_reason())
-    native._build(os.environ.get("CC", "cc"), planted)
+    native._build(os.environ.get("CC", "cc"), (), planted)
     assert native._private(planted, __import__("stat").S_IFREG) and planted.read_bytes()[:4] == b"\x7fELF"

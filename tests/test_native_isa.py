@@ -1,0 +1,140 @@
+"""Every instruction-set variant of the C kernels (``native.VARIANTS``) that this CPU can run gives
+the reference's bits: the int4 GEMV and GEMM against the int64 reference, the KV quantizer and
+dequantizer against theirs, the 8-bit head against its op-for-op reference, the Hadamard stages
+the same across variants (and close to the dense reference), packed attention the same across the
+SIMD variants. A variant this CPU lacks is skipped with the reason; the dispatch itself (which
+variant loads, ``QUAROT_FX_ISA``) is tested everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quarot_fx.kernels import int_gemm, native
+from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
+from quarot_fx.kernels.int8_linear import int8_channel_codes, int8_linear_reference, int8_weight_linear
+from quarot_fx.kernels.kv_quant import kv_dequantize_reference, kv_quantize, kv_quantize_reference, kv_dequantize
+from quarot_fx.kernels.packed_attention import packed_attention
+from quarot_fx.kernels.quantized_linear import pack_linear_weight, quantized_linear, quantized_linear_reference
+from test_quant_kernels import linear_inputs
+
+NAMES = [name for name, _, _ in native.VARIANTS]
+
+
+def variant_library(name: str):
+    if not native.cpu_supports(name):
+        pytest.skip(f"this CPU lacks the features of the {name} kernels")
+    lib = native.load_variant(name)
+    if lib is None:
+        pytest.skip(f"the {name} kernels did not build here: {native.unavailable_reason()}")
+    return lib
+
+
+@pytest.fixture(params=NAMES)
+def variant(request, monkeypatch):
+    """Every kernel call in the test goes to variant ``request.param``'s library."""
+    lib = variant_library(request.param)
+    assert lib.isa_variant().decode() == request.param
+    monkeypatch.setattr(native, "library", lambda: lib)
+    int_gemm.forget()  # decisions name the kernels of the library they were made with
+    yield request.param
+    int_gemm.forget()
+
+
+def test_int4_gemv_and_gemm_give_the_float_emulations_bits(variant):
+    """The float32 emulation of the integer sums (exact) with the kernels' epilogue: the bits every
+    GEMM path gives (the int64 reference agrees to rounding, its epilogue runs in another dtype)."""
+    for rows, k, n in ((1, 576, 40), (1, 130, 17), (1, 1536, 7), (3, 130, 17), (16, 64, 33), (40, 96, 24), (5, 1536, 9)):
+        codes, x_scale, w, w_scale, b = linear_inputs(rows, k, n, 1, seed=rows + k)
+        args = (codes, x_scale, pack_linear_weight(w, 1), w_scale, b, k, torch.float32)
+        chosen = int_gemm.decide(rows, k, n, k, "int4").choice
+        assert chosen == "int4" or (variant == "generic" and rows > native.FEW_ROWS), (variant, rows, chosen)
+        y = quantized_linear(*args, "int4")
+        assert torch.equal(y, quantized_linear(*args, "float")), (rows, k, n)
+        torch.testing.assert_close(y, quantized_linear_reference(*args))
+
+
+def test_kv_quantize_and_dequantize_give_the_references_bits(variant):
+    x = torch.randn(2, 3, 7, 64) * torch.linspace(0.1, 5, 64)
+    for bits in (4, 8):
+        codes, scale, zero = kv_quantize(x, bits, 0.95)
+        expected = kv_quantize_reference(x, bits, 0.95)
+        assert all(torch.equal(a, e) for a, e in zip((codes, scale, zero), expected))
+        assert torch.equal(kv_dequantize(codes, scale, zero, bits, 64, torch.float32),
+                           kv_dequantize_reference(codes, scale, zero, bits, 64, torch.float32))
+
+
+def test_the_int8_head_gives_its_references_bits(variant):
+    w = torch.randn(301, 77) * torch.linspace(0.2, 3, 77)
+    codes, scale = int8_channel_codes(w)
+    bias = torch.randn(301)
+    for rows in (1, 2, 16):
+        x = torch.randn(rows, 77)
+        for b in (bias, None):
+            assert torch.equal(int8_weight_linear(x, codes, scale, b), int8_linear_reference(x, codes, scale, b))
+
+
+HADAMARD_SHAPES = ((1536, 1), (576, 1), (64, 9), (40, 1), (12, 4), (256, 2))
+
+
+@pytest.fixture(scope="module")
+def generic_results():
+    """The generic C variant's Hadamards and attention: what every SIMD variant must reproduce."""
+    lib = variant_library("generic")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "library", lambda: lib)
+        return {shape: hadamard_transform_cpu(hadamard_input(*shape), shape[1]) for shape in HADAMARD_SHAPES}
+
+
+def hadamard_input(m: int, inner: int) -> torch.Tensor:
+    return torch.randn(3, m * inner, generator=torch.Generator().manual_seed(m + inner))
+
+
+def test_the_hadamard_stages_are_the_same_on_every_variant(variant, generic_results):
+    for (m, inner), expected in generic_results.items():
+        x = hadamard_input(m, inner)
+        y = hadamard_transform_cpu(x, inner)
+        assert torch.equal(y, expected), (variant, m, inner)
+        torch.testing.assert_close(y, hadamard_transform_reference(x, inner), rtol=1e-5, atol=1e-5)
+
+
+def attention_inputs():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 1, 64, generator=g)
+    keys = kv_quantize(torch.randn(1, 2, 70, 64, generator=g), 4, 0.95)
+    values = kv_quantize(torch.randn(1, 2, 70, 64, generator=g), 4, 0.95)
+    return q, keys, values
+
+
+def test_packed_attention_is_the_same_on_every_simd_variant(variant):
+    if variant == "generic":
+        pytest.skip("the generic variant sums its dot products in another order (checked against SDPA in "
+                    "test_packed_attention.py)")
+    q, keys, values = attention_inputs()
+    out = packed_attention(q, *keys, *values, 4, 64, torch.float32, None, None, False, True)
+    with pytest.MonkeyPatch.context() as patch:
+        avx2 = variant_library("avx2")
+        patch.setattr(native, "library", lambda: avx2)
+        expected = packed_attention(q, *keys, *values, 4, 64, torch.float32, None, None, False, True)
+    assert torch.equal(out, expected)
+
+
+def test_the_best_variant_the_cpu_has_is_loaded_and_named():
+    supported = [name for name in NAMES if native.cpu_supports(name) and native.load_variant(name) is not None]
+    if native.library() is None:
+        pytest.skip(f"no C kernels here: {native.unavailable_reason()}")
+    assert native.variant() == supported[0]
+    assert native.cpu_supports("generic")
+
+
+def test_a_bad_or_unsupported_isa_request_names_the_allowed_variants(monkeypatch):
+    monkeypatch.setenv(native.ISA_ENVIRONMENT, "sse9")
+    with pytest.raises(ValueError, match="QUAROT_FX_ISA='sse9' is not a kernel variant.*avx512vnni, avx2, generic"):
+        native._requested()
+    monkeypatch.setenv(native.ISA_ENVIRONMENT, "generic")
+    assert native._requested() == "generic"
+    lacking = [name for name in NAMES if not native.cpu_supports(name)]
+    if lacking:
+        monkeypatch.setenv(native.ISA_ENVIRONMENT, lacking[0])
+        with pytest.raises(ValueError, match="lacks the features"):
+            native._requested()
