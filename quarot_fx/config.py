@@ -126,7 +126,7 @@ class QuaRotConfig:
         quantize_lm_head: the output head (found structurally: the linear whose output is
             returned). ``"int8"`` (default): int8 weights per output channel, float activations,
             whenever the config quantizes weights (``w_bits < 16``): its decode GEMV reads a quarter
-            of the float32 bytes for +0.0x % perplexity (README); ``True``: quantized like every
+            of the float32 bytes for +0.13 % (W8A8KV8) to +0.24 % (W4A4KV4) perplexity; ``True``: like every
             other linear (``w_bits``/``a_bits``); ``False``: kept in float.
         smoothrot, smoothrot_alpha: SmoothRot channel scaling of the MLP down-projection input
             before R4 (needs ``calibration``); s_j = max|x_j|^α / max|W_j|^(1-α); α = 0.6 won
