@@ -6,8 +6,9 @@ reads. No torch op runs an exact int4 × int8 GEMV fast on an AVX2 CPU (``_int_m
 than the fp32 matmul), while AVX2's byte multiply-add reads the packed weight directly. The KV
 cache's dequantization, run over the whole cache every decode step, is one pass in C instead of
 the reference's several, and quantizing one decode token per head is one call instead of a
-dozen small torch ops; so is a decode token's online Hadamard, whose stage GEMMs are too small to
-pay for their calls. At prefill, the same byte multiply-add in a register- and cache-blocked GEMM
+dozen small torch ops; so is a decode token's online Hadamard (butterflies, no stage GEMMs too
+small to pay for their calls), and the 8-bit output head's GEMV (a quarter of the float32 head's
+bytes, ``int8_linear.py``). At prefill, the same byte multiply-add in a register- and cache-blocked GEMM
 (``int4_gemm``) does twice the fp32 FMA's work per instruction, exactly, where ``_int_mm`` has no
 fast kernel for this CPU.
 
