@@ -1,7 +1,8 @@
 """Speed and memory of quarot-fx's quantized models against float and a peer, on this CPU.
 
     python benchmarks/speed.py [--model smollm2-135m] [--prefill 2048] [--prompt 512]
-                               [--decode 64] [--repeats 5] [--rows ...] [--row-timeout 1800] [--json]
+                               [--decode 64] [--repeats 5] [--cache static|dynamic] [--rows ...]
+                               [--row-timeout 1800] [--json]
 
 One run, each model measured in its own subprocess on the same inputs (so peak RSS is that
 model's own), median of ≥ 5 after warm-up (BENCHMARK.md), default thread count. Rows:
@@ -16,7 +17,9 @@ A row slower than ``--row-timeout`` is stopped and reported. Figures:
 
 * prefill: latency of one 1×``prefill`` forward with a fresh cache (logits of the last
   position only, as generation's first step computes them);
-* decode: tokens/s over ``decode`` greedy steps after a ``prompt``-token prefill;
+* decode: tokens/s over ``decode`` greedy steps after a ``prompt``-token prefill, with a static
+  cache of ``prompt + decode`` slots (``--cache static``, the default: one decode graph for every
+  position; quarot's packed static cache) or the growing default cache (``--cache dynamic``);
 * weights: bytes of the weights each model holds; KV cache: bytes its cache holds after
   ``prefill`` tokens (against an fp16 cache of the same shape); peak RSS of its process;
 * for quarot, a decode step split into time inside kernels (the C kernels timed around each
@@ -54,10 +57,22 @@ def prefill_fn(model, ids):
     return run
 
 
-def decode_seconds(model, prompt, steps: int) -> float:
+def decode_cache(model, tokens: int, kind: str):
+    """The cache decode runs with: None (the model's default, a growing ``DynamicCache``; quarot's
+    packed one) or a ``StaticCache`` of ``tokens`` slots (quarot's ``PackedStaticKVCache``: one
+    decode graph for every position, written in place)."""
+    if kind == "dynamic":
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=tokens)
+
+
+def decode_seconds(model, prompt, steps: int, cache_kind: str = "static") -> float:
     """Seconds for ``steps`` greedy decode steps after prefilling ``prompt`` (prefill not timed)."""
     with torch.no_grad():
-        out = model(prompt, use_cache=True, logits_to_keep=1)
+        cache = decode_cache(model, prompt.shape[1] + steps + 1, cache_kind)
+        out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(steps):
@@ -106,10 +121,12 @@ def quarot_weight_bytes(reports) -> dict:
             "quantized_linear_fp16_bytes": fp16}
 
 
-def decode_step_fn(model, prompt):
-    """One decode step after ``prompt`` (each call appends a token to the same cache)."""
+def decode_step_fn(model, prompt, cache_kind: str = "static", steps: int = 8):
+    """One decode step after ``prompt`` (each call appends a token to the same cache; up to
+    ``steps`` calls)."""
     with torch.no_grad():
-        out = model(prompt, use_cache=True, logits_to_keep=1)
+        cache = decode_cache(model, prompt.shape[1] + steps, cache_kind)
+        out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
     state = {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1)}
 
     def run():
@@ -246,15 +263,15 @@ def measure(name, model, prefill_ids, prompt_ids, args) -> dict:
     with quarot_fx.collect_reports() as reports:
         start = time.perf_counter()
         row["prefill_s"] = median_seconds(prefill_fn(model, prefill_ids), args.repeats)
-        runs = [decode_seconds(model, prompt_ids, args.decode) for _ in range(args.repeats + 1)][1:]
+        runs = [decode_seconds(model, prompt_ids, args.decode, args.cache) for _ in range(args.repeats + 1)][1:]
         row["decode_tok_s"] = args.decode / sorted(runs)[len(runs) // 2]
         row["wall_s"] = time.perf_counter() - start
         row["kv_cache_bytes"] = cache_bytes(model, prefill_ids)
     if reports:
         row.update(quarot_weight_bytes(reports))
         row["op_share"] = op_shares(prefill_fn(model, prefill_ids))
-        row["op_share_decode"] = op_shares(decode_step_fn(model, prompt_ids))
-        row["decode_breakdown"] = decode_breakdown(decode_step_fn(model, prompt_ids))
+        row["op_share_decode"] = op_shares(decode_step_fn(model, prompt_ids, args.cache))
+        row["decode_breakdown"] = decode_breakdown(decode_step_fn(model, prompt_ids, args.cache))
         row["graphs"] = len(reports)
         row["int_gemm"] = [f"{d.rows}x{d.in_features}->{d.out_features}: {d.choice} ({d.by})"
                            for d in int_gemm.decisions()]
@@ -292,6 +309,9 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cache", choices=("static", "dynamic"), default="static",
+                        help="decode's KV cache for every torch row: a StaticCache of prompt + decode slots (quarot: "
+                             "its packed static cache, one graph for every position) or the default growing cache")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--only", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
     parser.add_argument("--json", action="store_true")
@@ -310,13 +330,14 @@ def main(argv=None) -> None:
 
     header = {"cpu": cpu_summary(), "kernels": native.variant() or native.unavailable_reason(),
               "threads": torch.get_num_threads(), "model": args.model,
-              "prefill": args.prefill, "prompt": args.prompt, "decode": args.decode, "repeats": args.repeats}
+              "prefill": args.prefill, "prompt": args.prompt, "decode": args.decode, "repeats": args.repeats,
+              "cache": args.cache}
     print(json.dumps(header) if args.json else f"{header['cpu']}, {header['threads']} threads, quarot C kernels: "
           f"{header['kernels']}", flush=True)
     rows, skipped = [], []
     for name in args.rows:
         command = [sys.executable, __file__, "--only", name] + [
-            f"--{k}={getattr(args, k)}" for k in ("model", "prefill", "prompt", "decode", "repeats")]
+            f"--{k}={getattr(args, k)}" for k in ("model", "prefill", "prompt", "decode", "repeats", "cache")]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.row_timeout)
         except subprocess.TimeoutExpired:
@@ -340,8 +361,8 @@ def main(argv=None) -> None:
         for row in rows + skipped:
             print(json.dumps(row))
         return
-    print(f"\n{args.model}: prefill 1×{args.prefill}, decode {args.decode} tokens after {args.prompt}, "
-          f"median of {args.repeats}, {header['threads']} threads")
+    print(f"\n{args.model}: prefill 1×{args.prefill}, decode {args.decode} tokens after {args.prompt} "
+          f"({args.cache} cache), median of {args.repeats}, {header['threads']} threads")
     print(f"{'model':<33} {'prefill s':>9} {'speed×':>7} {'decode tok/s':>12} {'speed×':>7} "
           f"{'step: kernels/overhead ms':>25} {'weights MiB':>11} {'KV MiB':>7} {'× fp16':>6} {'peak RSS MiB':>12}")
     for row in rows:

@@ -369,8 +369,11 @@ void kv_dequantize(const uint8_t *codes, const float *scale, const float *zero, 
  * would, the same values) and consumed with an online softmax, so the layer's whole cache never
  * exists in float. q [batch, q_heads, rows, d]; codes [batch, kv_heads, tokens, row_bytes] with one
  * scale and zero per vector; query head h reads kv head h / (q_heads / kv_heads), as SDPA's
- * enable_gqa. causal: query row r sees keys 0..r (SDPA's is_causal, top-left). Sums run in another
- * order than SDPA's, so results agree to float rounding. Returns 1 on no memory. */
+ * enable_gqa. causal: query row r sees keys 0..r (SDPA's is_causal, top-left). mask (or NULL): an
+ * additive float mask read at mask[b*mb + qh*mh + r*mr + t] (a stride 0 broadcasts), as SDPA adds
+ * attn_mask; -inf excludes a key, and a block no query sees is neither dequantized nor read (a static
+ * cache's unwritten tail). A query that sees no key gets zeros. Sums run in another order than
+ * SDPA's, so results agree to float rounding. Returns 1 on no memory. */
 #define ATTENTION_BLOCK 64
 
 static float dot(const float *a, const float *b, int64_t d) {
@@ -387,10 +390,23 @@ static float dot(const float *a, const float *b, int64_t d) {
     return total;
 }
 
+/* Whether any query row of kv head group [qh0, qh0 + groups) sees a key of tokens t0..t0+count-1. */
+static int block_seen(const float *mask, int64_t offset, int64_t qh0, int64_t groups, int64_t rows, int64_t mh,
+                      int64_t mr, int64_t t0, int64_t count) {
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *m = mask + offset + (qh0 + g) * mh + r * mr + t0;
+            for (int64_t j = 0; j < count; j++)
+                if (m[j] != -INFINITY) return 1;
+        }
+    return 0;
+}
+
 int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scale, const float *k_zero,
                      const uint8_t *v_codes, const float *v_scale, const float *v_zero, float *out, int64_t batch,
                      int64_t q_heads, int64_t kv_heads, int64_t rows, int64_t tokens, int64_t d, int64_t row_bytes,
-                     int64_t packed, float scale, int64_t causal) {
+                     int64_t packed, float scale, int64_t causal, const float *mask, int64_t mb, int64_t mh,
+                     int64_t mr) {
     const int64_t groups = q_heads / kv_heads, states = groups * rows;
     float *keys = malloc(sizeof(float) * ATTENTION_BLOCK * d), *values = malloc(sizeof(float) * ATTENTION_BLOCK * d);
     float *acc = malloc(sizeof(float) * states * d), *top = malloc(sizeof(float) * states * 2);
@@ -403,6 +419,7 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
             memset(acc, 0, sizeof(float) * states * d);
             for (int64_t t0 = 0; t0 < tokens; t0 += ATTENTION_BLOCK) {
                 const int64_t count = tokens - t0 < ATTENTION_BLOCK ? tokens - t0 : ATTENTION_BLOCK;
+                if (mask && !block_seen(mask, b * mb, h * groups, groups, rows, mh, mr, t0, count)) continue;
                 for (int64_t j = 0; j < count; j++) {
                     dequantize_row(k_codes + (kv + t0 + j) * row_bytes, k_scale[kv + t0 + j], k_zero[kv + t0 + j], keys + j * d, d, packed);
                     dequantize_row(v_codes + (kv + t0 + j) * row_bytes, v_scale[kv + t0 + j], v_zero[kv + t0 + j], values + j * d, d, packed);
@@ -413,10 +430,12 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
                     const int64_t seen = causal ? (r + 1 - t0 < count ? r + 1 - t0 : count) : count;
                     if (seen <= 0) continue;
                     float block_top = -INFINITY;
+                    const float *added = mask ? mask + b * mb + (h * groups + g) * mh + r * mr + t0 : NULL;
                     for (int64_t j = 0; j < seen; j++) {
-                        score[j] = dot(query, keys + j * d, d) * scale;
+                        score[j] = dot(query, keys + j * d, d) * scale + (added ? added[j] : 0.0f);
                         block_top = score[j] > block_top ? score[j] : block_top;
                     }
+                    if (block_top == -INFINITY) continue; /* every key of this block masked for this query */
                     const float new_top = block_top > top[s] ? block_top : top[s];
                     float *a = acc + s * d;
                     if (top[s] != -INFINITY && new_top != top[s]) {
@@ -436,7 +455,7 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
             for (int64_t s = 0; s < states; s++) {
                 const int64_t g = s / rows, r = s % rows;
                 float *o = out + ((b * q_heads + h * groups + g) * rows + r) * d;
-                for (int64_t i = 0; i < d; i++) o[i] = acc[s * d + i] / total[s];
+                for (int64_t i = 0; i < d; i++) o[i] = total[s] > 0.0f ? acc[s * d + i] / total[s] : 0.0f;
             }
         }
     free(keys); free(values); free(acc); free(top);

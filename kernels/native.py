@@ -148,7 +148,8 @@ def load_variant(name: str):
     lib.kv_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
     lib.packed_attention.restype = ctypes.c_int
-    lib.packed_attention.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64]
+    lib.packed_attention.argtypes = ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64]
+                                     + [ctypes.c_void_p] + [ctypes.c_int64] * 3)
     lib.hadamard_axes.restype = ctypes.c_int
     lib.hadamard_axes.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_float]
     return lib
@@ -264,16 +265,26 @@ def kv_quantize(x: torch.Tensor, bits: int, clip: float, row_bytes: int, packed:
 
 
 def packed_attention(q: torch.Tensor, keys: tuple, values: tuple, length: int, packed: bool, scale: float,
-                     causal: bool) -> torch.Tensor:
+                     causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
     """float32 attention output [batch, q_heads, rows, length] of float32 q over the packed cache's
-    (codes, scale, zero) for keys and values, [batch, kv_heads, tokens, ...] each."""
+    (codes, scale, zero) for keys and values, [batch, kv_heads, tokens, ...] each; ``mask`` (or
+    None): SDPA's attn_mask, boolean (True: attend) or additive float, broadcastable to
+    [batch, q_heads, rows, tokens]."""
     q = q.contiguous()
     keys, values = _cache_parts(*keys), _cache_parts(*values)
     batch, q_heads, rows, _ = q.shape
     kv_heads, tokens, row_bytes = keys[0].shape[1:]
     out = torch.empty_like(q)
+    mask_args = (None, 0, 0, 0)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros((), dtype=torch.float32).masked_fill(~mask, float("-inf"))
+        mask = mask.float().expand(batch, q_heads, rows, tokens)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_args = (mask.data_ptr(), *mask.stride()[:3])
     if _call(library().packed_attention, q.data_ptr(), *(t.data_ptr() for t in (*keys, *values)), out.data_ptr(), batch,
-                                  q_heads, kv_heads, rows, tokens, length, row_bytes, int(packed), scale, int(causal)):
+             q_heads, kv_heads, rows, tokens, length, row_bytes, int(packed), scale, int(causal), *mask_args):
         raise MemoryError("packed_attention: no memory for its blocks")
     return out
 

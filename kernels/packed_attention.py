@@ -4,9 +4,9 @@
 attn_mask, scale, is_causal, enable_gqa)`` is ``scaled_dot_product_attention(q,
 kv_dequantize(k…), kv_dequantize(v…), …)``: ``passes/packed_attention.py`` puts it where the graph
 dequantizes a layer's whole cache only for attention to read it. For a decode step (≤
-``native.FEW_ROWS`` query rows, float32, no mask tensor) the C kernel dequantizes one block of tokens at
-a time into a small buffer and folds it into an online softmax, so the cache never exists in
-float and is read once; elsewhere (prefill, masks, other dtypes, CUDA) it dequantizes and calls
+``native.FEW_ROWS`` query rows, float32, with or without a mask) the C kernel dequantizes one block of
+tokens at a time into a small buffer and folds it into an online softmax, so the cache never exists in
+float and is read once; elsewhere (prefill, other dtypes, CUDA) it dequantizes and calls
 SDPA, as the graph did before. The two agree to float rounding (their sums run in other orders).
 """
 
@@ -30,11 +30,21 @@ def packed_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
                                                             is_causal=is_causal, enable_gqa=enable_gqa)
 
 
+def _mask_fits(mask: torch.Tensor, shape: tuple) -> bool:
+    """A boolean or float32 mask that broadcasts to [batch, q_heads, rows, tokens] (what the C
+    kernel reads)."""
+    if mask.dtype not in (torch.bool, torch.float32) or mask.dim() > 4 or mask.device.type != "cpu":
+        return False
+    return all(m in (1, s) for m, s in zip(reversed(mask.shape), reversed(shape)))
+
+
 def takes_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, dtype, attn_mask, enable_gqa) -> bool:
     """Whether the C kernel covers this call (else the reference runs)."""
     from . import native
 
-    if q.device.type != "cpu" or q.dim() != 4 or k_codes.dim() != 4 or attn_mask is not None:
+    if q.device.type != "cpu" or q.dim() != 4 or k_codes.dim() != 4:
+        return False
+    if attn_mask is not None and not _mask_fits(attn_mask, (*q.shape[:3], k_codes.shape[2])):
         return False
     if q.dtype != torch.float32 or dtype != torch.float32 or not 1 <= q.shape[2] <= native.FEW_ROWS or q.shape[3] != length:
         return False
@@ -56,12 +66,13 @@ def packed_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
     from . import native
 
     check_bits(bits)
-    if not takes_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, dtype, attn_mask, enable_gqa):
+    if (attn_mask is not None and is_causal) or not takes_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale,
+                                                                v_zero, length, dtype, attn_mask, enable_gqa):
         return packed_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype,
                                           attn_mask, scale, is_causal, enable_gqa)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return native.packed_attention(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), length, packs(bits),
-                                   scale, is_causal)
+                                   scale, is_causal, attn_mask)
 
 
 @packed_attention.register_fake

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 import quarot_fx
 from quarot_fx.kernels import kv_quantize, native, packed_attention, packed_attention_reference
+from quarot_fx.kernels.packed_attention import takes_kernel
+from quarot_fx.kv_cache import PackedStaticKVCache
 from quarot_fx.passes.packed_attention import fuse_packed_attention
 from quarot_fx.report import Report
 from test_kv_cache import compile_quarot, float_cache_steps, steps
@@ -52,16 +54,49 @@ def test_the_kernel_runs_where_it_applies_and_the_reference_elsewhere(monkeypatc
     inputs = attention_inputs(1, 2, 3, 1, 70, 16, 4, 0)
     packed_attention(*inputs, 4, 16, torch.float32, None, 0.3, False, True)
     assert calls == [(1, 6, 1, 16)]
-    for changed in ({"rows": 17}, {"mask": True}, {"dtype": torch.bfloat16}):
+    for changed in ({"rows": 17}, {"mask": "int"}, {"dtype": torch.bfloat16}):
         rows = changed.get("rows", 2)
         q, *parts = attention_inputs(1, 2, 1, rows, 30, 16, 4, 1)
         dtype = changed.get("dtype", torch.float32)
-        mask = torch.rand(1, 1, rows, 30, generator=torch.Generator().manual_seed(2)) > 0.3 if "mask" in changed else None
-        if mask is not None:
-            mask[..., 0] = True
+        mask = torch.ones(1, 1, rows, 30, dtype=torch.int32) if "mask" in changed else None  # a dtype SDPA refuses
         args = (q.to(dtype), *parts, 4, 16, dtype, mask, None, False, False)
+        if mask is not None:  # the reference runs, and refuses it as SDPA does
+            with pytest.raises(RuntimeError, match="attn_mask dtype"):
+                packed_attention(*args)
+            continue
         assert torch.equal(packed_attention(*args), packed_attention_reference(*args)), changed
     assert len(calls) == 1
+
+
+def attention_mask(kind: str, shape: tuple, seed: int):
+    """A mask SDPA takes: boolean (True: attend) or additive float (−inf and finite biases), of
+    ``shape`` (size-1 dims broadcast); ``tail`` masks the last tokens of every row, as a static
+    cache masks its unwritten positions."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(shape, generator=g) > 0.4
+    if kind == "tail":
+        keep = torch.arange(shape[-1]) < max(1, shape[-1] // 3)
+        keep = keep.expand(shape).clone()
+    if kind == "float":
+        return torch.randn(shape, generator=g).masked_fill(~keep, float("-inf"))
+    return keep
+
+
+@settings(max_examples=60, deadline=None)
+@given(kv_heads=st.integers(1, 3), groups=st.integers(1, 3), rows=st.integers(1, 16), tokens=st.integers(1, 200),
+       bits=st.sampled_from([4, 8]), kind=st.sampled_from(["bool", "float", "tail"]),
+       broadcast=st.sampled_from(["full", "heads", "rows", "2d"]), seed=st.integers(0, 50))
+def test_kernel_with_a_mask_agrees_with_dequantize_then_sdpa(kv_heads, groups, rows, tokens, bits, kind, broadcast,
+                                                           seed):
+    """Masked keys (rows with none left included: SDPA gives them zeros) across blocks, broadcast
+    over heads or rows, and a static cache's masked tail whose blocks the kernel skips."""
+    inputs = attention_inputs(2, kv_heads, groups, rows, tokens, 16, bits, seed)
+    shape = {"full": (2, kv_heads * groups, rows, tokens), "heads": (2, 1, rows, tokens),
+             "rows": (1, kv_heads * groups, 1, tokens), "2d": (rows, tokens)}[broadcast]
+    mask = attention_mask(kind, shape, seed)
+    args = (*inputs, bits, 16, torch.float32, mask, None, False, groups > 1)
+    assert takes_kernel(*inputs, 16, torch.float32, mask, groups > 1)
+    torch.testing.assert_close(packed_attention(*args), packed_attention_reference(*args), rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_model_attention_reads_the_packed_cache(monkeypatch):
@@ -110,3 +145,27 @@ def test_the_pass_fuses_only_what_it_can_and_says_why_not(dropout, keys_elsewher
     if fused:
         inputs = attention_inputs(1, 2, 1, 3, 40, 16, 4, 5)
         torch.testing.assert_close(gm(*inputs), module(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_static_packed_cache_is_read_by_the_kernel_in_one_decode_graph(monkeypatch, arch):
+    """A static cache's graphs slice it (prefill), mask its unwritten tail and repeat kv heads
+    (decode): attention still reads the codes, every decode position runs the same graph, and the
+    logits are the dynamic cache's to float rounding."""
+    calls = []
+    real = native.packed_attention
+    monkeypatch.setattr(native, "packed_attention", lambda *a: calls.append((a[0].shape[2], a[-1] is not None))
+                        or real(*a))
+    model, ids = tiny_model(arch), token_ids()
+    compiled = compile_quarot(model)
+    with quarot_fx.collect_reports() as reports:
+        static, cache = steps(compiled, ids, PackedStaticKVCache(model.config, 40), decode=4)
+    assert type(cache) is PackedStaticKVCache and int(cache.get_seq_length()) == ids.shape[1] + 5  # steps() runs one step past the last logits
+    layers = model.config.num_hidden_layers
+    assert len(reports) == 2  # prefill, and one graph for every decode position
+    assert [r.counters["packed_attention"] for r in reports] == [layers, layers]
+    assert not [s for r in reports for s in r.skipped if s.what.startswith("packed attention")]
+    assert calls.count((1, True)) == 5 * layers  # decode: the C kernel, masked
+    dynamic, _ = steps(compiled, ids, decode=4)
+    for got, expected in zip(static, dynamic):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
