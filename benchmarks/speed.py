@@ -45,9 +45,10 @@ from common import cpu_summary, median_seconds
 
 import quarot_fx
 from quarot_fx.kernels import int_gemm
+from quarot_fx.tools.footprint import (decode_cache, decode_seconds, fp16_cache_bytes, model_weight_bytes,
+                                       prefill_cache_bytes, quarot_weight_bytes, unique_bytes)
 
 HADAMARD_EVENTS = ("quarot_fx::hadamard_transform", "quarot_fx::hadamard (fused)")
-QUANTIZED_LINEAR = "quarot_fx.quantized_linear.default"
 
 
 def prefill_fn(model, ids):
@@ -55,70 +56,6 @@ def prefill_fn(model, ids):
         with torch.no_grad():
             return model(ids, use_cache=True, logits_to_keep=1)
     return run
-
-
-def decode_cache(model, tokens: int, kind: str):
-    """The cache decode runs with: None (the model's default, a growing ``DynamicCache``; quarot's
-    packed one) or a ``StaticCache`` of ``tokens`` slots (quarot's ``PackedStaticKVCache``: one
-    decode graph for every position, written in place)."""
-    if kind == "dynamic":
-        return None
-    from transformers import StaticCache
-
-    return StaticCache(config=model.config, max_cache_len=tokens)
-
-
-def decode_seconds(model, prompt, steps: int, cache_kind: str = "static") -> float:
-    """Seconds for ``steps`` greedy decode steps after prefilling ``prompt`` (prefill not timed)."""
-    with torch.no_grad():
-        cache = decode_cache(model, prompt.shape[1] + steps + 1, cache_kind)
-        out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return time.perf_counter() - start
-
-
-def plain_tensors(t):
-    """The storage-backed tensors behind ``t``: itself, or a subclass's inner tensors (torchao's
-    quantized weights are wrapper subclasses without a storage of their own)."""
-    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
-        names, _ = t.__tensor_flatten__()
-        return [inner for name in names for inner in plain_tensors(getattr(t, name))]
-    return [t]
-
-
-def unique_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in (inner for tensor in tensors for inner in plain_tensors(tensor)):
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
-def quarot_weight_bytes(reports) -> dict:
-    """Bytes of the constants the compiled graphs hold (shared across recompiles), and the
-    quantized linears' packed weights + scales against the fp16 bytes of the same matrices."""
-    constants, packed, fp16 = [], [], 0
-    seen_linear = set()
-    for report in reports:
-        gm = report.graph_module
-        constants += [b for _, b in gm.named_buffers()]
-        for node in gm.graph.nodes:
-            if str(node.target) != QUANTIZED_LINEAR:
-                continue
-            weight, scale = getattr(gm, node.args[2].target), getattr(gm, node.args[3].target)
-            if weight.data_ptr() in seen_linear:
-                continue
-            seen_linear.add(weight.data_ptr())
-            packed += [weight, scale]
-            fp16 += 2 * weight.shape[0] * node.args[5]
-    return {"weight_bytes": unique_bytes(constants), "quantized_linear_bytes": unique_bytes(packed),
-            "quantized_linear_fp16_bytes": fp16}
 
 
 def decode_step_fn(model, prompt, cache_kind: str = "static", steps: int = 8):
@@ -172,19 +109,6 @@ def decode_breakdown(run) -> dict:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cache_bytes(model, ids) -> int:
-    """Bytes of the tensors the model's KV cache holds after a prefill of ``ids``."""
-    with torch.no_grad():
-        cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
-    tensors = [t for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
-    return unique_bytes(tensors)
-
-
-def fp16_cache_bytes(config, tokens: int) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 2
 
 
 def quarot(options: dict):
@@ -266,7 +190,7 @@ def measure(name, model, prefill_ids, prompt_ids, args) -> dict:
         runs = [decode_seconds(model, prompt_ids, args.decode, args.cache) for _ in range(args.repeats + 1)][1:]
         row["decode_tok_s"] = args.decode / sorted(runs)[len(runs) // 2]
         row["wall_s"] = time.perf_counter() - start
-        row["kv_cache_bytes"] = cache_bytes(model, prefill_ids)
+        row["kv_cache_bytes"] = prefill_cache_bytes(model, prefill_ids)
     if reports:
         row.update(quarot_weight_bytes(reports))
         row["op_share"] = op_shares(prefill_fn(model, prefill_ids))
@@ -297,7 +221,7 @@ def measure_one(name: str, args) -> dict:
     built = ROWS[name](model)
     row = measure(name, built, prefill_ids, prompt_ids, args)
     if "weight_bytes" not in row:  # not quarot: the parameters the (possibly converted) model holds
-        row["weight_bytes"] = unique_bytes(list(model.parameters()) + list(model.buffers()))
+        row["weight_bytes"] = model_weight_bytes(model)
     row["kv_cache_fp16_bytes"] = fp16_cache_bytes(model.config, args.prefill)
     return row
 

@@ -135,7 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.model != "tiny":
         from .tools.demo import run_demo
 
-        run_demo(args.model, args.text, args.windows, args.preset, args.lowering, args.steps)
+        run_demo(args.model, args.text, args.windows, args.preset, args.lowering, args.steps, args.quick, args.best)
         return 0
     return _tiny_demo(args)
 
@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--rotation", default="hadamard", choices=rotation_kinds(), help="tiny model only")
     demo.add_argument("--lowering", default="fx", choices=LOWERINGS,
                       help="'fx' (default: starts at once) or 'inductor' (adds ~2 min of compiles here)")
+    demo.add_argument("--quick", action="store_true",
+                      help="float and the preset without and with rotation only (no W8A8KV8, no saved best row)")
+    demo.add_argument("--best", default="quarot-artifacts/w4a4kv4-best", metavar="DIR",
+                      help="a saved quarot artifact shown as the best row when present (`make demo-best` makes it)")
     demo.set_defaults(run=_demo)
 
     def quarot_flags(p, weights=True):

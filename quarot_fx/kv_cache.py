@@ -40,7 +40,16 @@ def _encode(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
 class _PackedLayer:
     """What both layer kinds share: six tensors (codes, scale, zero of keys and of values)."""
 
-    bits: int
+    @property
+    def bits(self) -> int:
+        """Bits per code. Held as a string: Dynamo keeps a string attribute a constant of the graph,
+        while an int one that differs between calls of one forward (two models of other
+        ``kv_bits`` in one process) becomes symbolic, and the compiler needs the number."""
+        return int(self._bit_width)
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        self._bit_width = str(value)
 
     def _parts(self, kind: str) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f"{kind}_{p}") for p in PARTS)

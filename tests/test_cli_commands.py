@@ -174,3 +174,38 @@ def test_the_python_api_names_what_is_wrong_before_compiling():
         empty = tiny_model("llama")
     with pytest.raises(ValueError, match="meta device: its weights were never loaded"):
         quarot_fx.compile(empty, preset="w4a4kv4")(torch.tensor([[1, 2, 3]], device="meta"))
+
+
+def demo_rows(out: str) -> dict:
+    """name → (perplexity, weights × fp16, KV × fp16, tokens/s) from the demo's table."""
+    import re
+
+    pattern = re.compile(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+) \(\s*([\d.]+)×\)")
+    return {m[1]: tuple(float(v) for v in m.groups()[1:]) for m in map(pattern.match, out.splitlines()) if m}
+
+
+def test_demo_shows_every_row_with_bytes_and_speed_and_finds_the_saved_best(model_dir, tmp_path, capsys):
+    torch._dynamo.reset()
+    common = ("demo", "--model", model_dir, "--text", model_dir / "eval.txt", "--windows", 1, "--steps", 3)
+    status, out, _ = run(capsys, *common, "--best", tmp_path / "absent")
+    rows = demo_rows(out)
+    assert status == 0 and list(rows) == ["float32", "w4a4kv4, no rotation", "w4a4kv4, rotated (QuaRot)",
+                                          "w8a8kv8, rotated"], out
+    assert "make demo-best" in out and "Whole demo:" in out
+    float_ppl, float_weights, float_kv, float_speed, float_ratio = rows["float32"]
+    assert float_weights == 2.0 and float_kv == 2.0 and float_ratio == 1.0 and float_speed > 0
+    for name, (ppl, weights, kv, speed, ratio) in rows.items():
+        assert ppl > 1 and speed > 0 and abs(ratio - speed / float_speed) < 0.02, name
+        if name.startswith("w4a4kv4"):  # 4-bit linears, int8 head, float embeddings; 16-dim heads: 13 of 32 bytes
+            assert weights < 1.0 and 0.40 <= kv <= 0.41, (name, weights, kv)
+        elif name.startswith("w8a8kv8"):  # 8-bit weights run simulated on CPU: float32 bytes, and the demo says so
+            assert weights > 1.9 and kv < 0.7 and "simulated" in out, (name, weights, kv)
+    status, out, _ = run(capsys, "quantize", model_dir, "--preset", "w4a4kv4", "--option", "lowering=\"fx\"",
+                         "-o", tmp_path / "best")
+    torch._dynamo.reset()
+    status, out, _ = run(capsys, *common, "--quick", "--best", tmp_path / "best")
+    assert list(demo_rows(out)) == ["float32", "w4a4kv4, no rotation", "w4a4kv4, rotated (QuaRot)"], out
+    status, out, _ = run(capsys, *common, "--best", tmp_path / "best")
+    rows = demo_rows(out)
+    assert status == 0 and list(rows)[-1] == "best saved: best" and "make demo-best" not in out, out
+    assert rows["best saved: best"][1:3] == rows["w4a4kv4, rotated (QuaRot)"][1:3]  # the same bits as the RTN row

@@ -220,3 +220,13 @@ def test_kv_cache_float_keeps_transformers_cache_and_bad_values_are_named():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="kv_cache.*'packed'"):
         quarot_fx.QuaRotConfig(kv_cache="int4")
+
+
+def test_models_of_other_kv_bits_in_one_process_keep_their_bits_constant():
+    """Dynamo makes an int that changes between calls of one code object symbolic: packed caches
+    of 4, then 8, then 4 bits through the same forward must still compile with constant bits."""
+    model, ids = tiny_model("llama"), token_ids()
+    for bits in (4, 8, 4):
+        compiled = compile_quarot(model, preset=f"w{bits}a{bits}kv{bits}")
+        logits, cache = steps(compiled, ids, decode=1)
+        assert type(cache) is PackedKVCache and cache.bits == bits and torch.isfinite(logits[-1]).all()
