@@ -199,7 +199,7 @@ def test_demo_shows_every_row_with_bytes_and_speed_and_finds_the_saved_best(mode
         if name.startswith("w4a4kv4"):  # 4-bit linears, int8 head, float embeddings; 16-dim heads: 13 of 32 bytes
             assert weights < 1.0 and 0.40 <= kv <= 0.41, (name, weights, kv)
         elif name.startswith("w8a8kv8"):  # 8-bit weights run simulated on CPU: float32 bytes, and the demo says so
-            assert weights > 1.9 and kv < 0.7 and "simulated" in out, (name, weights, kv)
+            assert weights > 1.5 and kv < 0.7 and "simulated" in out, (name, weights, kv)
     status, out, _ = run(capsys, "quantize", model_dir, "--preset", "w4a4kv4", "--option", "lowering=\"fx\"",
                          "-o", tmp_path / "best")
     torch._dynamo.reset()
