@@ -74,7 +74,7 @@ def print_table(rows: list[Row]) -> None:
         ppl = f"{row.perplexity:10.2f}" if row.perplexity is not None else f"{'-':>10}"
         speed = f"{row.tokens_per_second:6.1f} ({row.tokens_per_second / float_speed:4.2f}×)"
         print(f"{row.name:<34} {ppl} {row.weights_vs_fp16:8.2f} {row.kv_vs_fp16:8.2f} {speed:>17}  "
-              f"{PROMPT}{row.continuation!r}")
+              f"{PROMPT + row.continuation!r}")
 
 
 def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str, lowering: str, steps: int,
