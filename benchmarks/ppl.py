@@ -2,6 +2,7 @@
 
     python benchmarks/ppl.py [--windows 16|all] [--configs float w8a8kv8 ...] [--lowering fx] [--json]
     python benchmarks/ppl.py --sweep smoothrot_alpha [--values 0.3 0.4 0.5 0.6 0.7]
+    python benchmarks/ppl.py --configs w4a4kv4 w4a4kv4-learned --validation-windows 4
 
 One row per configuration: PPL, gap to float, wall time (compile + calibration + evaluation,
 one run) and the bytes of the quantized linears packed (bits/8 per weight + a float32 scale
@@ -28,7 +29,8 @@ import quarot_fx
 from quarot_fx import collect_reports
 from quarot_fx.config import QuaRotConfig
 from quarot_fx.passes.residual import expanded_width
-from quarot_fx.tools.evaluate import calibration_windows, perplexity, read_eval_text, tokenize, windows
+from quarot_fx.tools.evaluate import (calibration_windows, perplexity, read_eval_text, tokenize, unseen_windows,
+                                     windows)
 from quarot_fx.tools.models import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
@@ -72,6 +74,11 @@ CONFIGS = {
     **{f"w4a4kv4-{tag}-{method}": {"preset": "w4a4kv4", "weights": method, **pattern}
        for tag, pattern in (("s50", {"sparsity": 0.5}), ("24", {"sparsity_pattern": "2:4"}))
        for method in ("rtn", "gptq", "obr")},
+    # Learned rotations (R1, R2 by Cayley SGD on the quantized loss; 100 steps on 8 × 512 tokens).
+    "w4a4kv4-learned": {"preset": "w4a4kv4", "learn_rotations": True},
+    "w4a4kv4-gptq-learned": {"preset": "w4a4kv4", "weights": "gptq", "learn_rotations": True},
+    "w4a4kv4-gptq-smoothrot-gbs-learned": {"preset": "w4a4kv4", "weights": "gptq", "smoothrot": True, **GBS,
+                                           "learn_rotations": True},
     # Dimension expansion: R1 at width 576 + k (rounded up to a constructible Hadamard order).
     **{f"w3a3kv3-gptq-gbs-expand{k}": {"preset": "w3a3kv3", "weights": "gptq", "expand": k, **GBS}
        for k in (64, 192)},
@@ -81,13 +88,14 @@ SWEEPS = {"smoothrot_alpha": ("w4a4kv4-smoothrot", (0.3, 0.4, 0.5, 0.6, 0.7))}
 
 def needs_calibration(options) -> bool:
     return options is not None and (options.get("weights") in ("gptq", "obr") or options.get("smoothrot", False)
+                                    or options.get("learn_rotations", False)
                                     or "gbs" in (options.get("a_clip"), options.get("kv_clip"))
                                     or bool(options.get("sparsity")) or "sparsity_pattern" in options)
 
 
 def config_of(options) -> QuaRotConfig:
     """The configuration's shape (bits, groups, width) without what needs calibration."""
-    calibrated_only = ("a_clip", "kv_clip", "sparsity", "sparsity_pattern")  # the shape is the dense one
+    calibrated_only = ("a_clip", "kv_clip", "sparsity", "sparsity_pattern", "learn_rotations")  # the shape is the dense one
     options = {k: v for k, v in (options or {"preset": "fp"}).items() if k not in calibrated_only}
     return QuaRotConfig.from_options({**options, "calibration": None, "weights": "rtn", "smoothrot": False})
 
@@ -129,19 +137,28 @@ def expansion_cost(model, options) -> dict | None:
             "weight_elements_ratio": round(params, 3)}
 
 
-def measure(model, name, options, evaluation, lowering, reference, held_out=None, save_dir=None) -> dict:
-    """One row: compile (+ calibrate), then perplexity on the evaluation windows (if any) and on
-    ``held_out`` calibration windows (a sweep's choice); saved under ``save_dir`` if given
+def measure(model, name, options, evaluation, lowering, reference, held_out=None, save_dir=None,
+            validation=None) -> dict:
+    """One row: compile (+ calibrate), then perplexity on the evaluation windows (if any), on
+    ``held_out`` calibration windows (a sweep's choice) and on ``validation`` windows of the
+    calibration split that no calibration window touches; saved under ``save_dir`` if given
     (``quarot-fx eval DIR`` then re-evaluates it in another process without calibrating)."""
     packed, fp16 = packed_weight_bytes(model, options)  # first: a mistake here must not cost a calibrated row
     cost = expansion_cost(model, options)
     torch._dynamo.reset()
     start = time.perf_counter()
-    runner = model if options is None else torch.compile(model, backend="quarot", options={**options, "lowering": lowering})
+    if options is None:
+        runner = model
+    elif options.get("learn_rotations"):  # dynamic shapes: learning runs 512-token windows (learn_tokens)
+        runner = quarot_fx.compile(model, **options, lowering=lowering)
+    else:
+        runner = torch.compile(model, backend="quarot", options={**options, "lowering": lowering})
     row = {"config": name, "options": None if options is None else {k: v for k, v in options.items() if k != "calibration"}}
     with collect_reports() as reports:
         if held_out is not None:
             row["calibration_ppl"] = round(perplexity(runner, held_out, desc=f"{name} (held-out calibration)"), 3)
+        if validation:
+            row["validation_ppl"] = round(perplexity(runner, validation, desc=f"{name} (unseen validation)"), 3)
         ppl = perplexity(runner, evaluation, desc=name) if evaluation else None
     row.update({"windows": len(evaluation), "ppl": None if ppl is None else round(ppl, 3),
                 "gap_pct": None if reference is None or ppl is None else round(100 * (ppl / reference - 1), 1),
@@ -173,6 +190,9 @@ def show(row, as_json: bool) -> None:
         return
     gap = "" if row["gap_pct"] is None else f"{row['gap_pct']:+.1f}%"
     extra = f"  calibration ppl {row['calibration_ppl']:.3f}" if "calibration_ppl" in row else ""
+    extra += f"  unseen validation ppl {row['validation_ppl']:.3f}" if "validation_ppl" in row else ""
+    if "learn_rotations" in row.get("pass_seconds", {}):
+        extra += f"  learning {row['pass_seconds']['learn_rotations']:.0f} s"
     test = "       -" if row["ppl"] is None else f"{row['ppl']:8.3f}"
     if "expansion" in row:
         cost = row["expansion"]
@@ -197,6 +217,9 @@ def main(argv=None) -> None:
                         help="calibration-text windows (seed 1) that choose the sweep's value")
     parser.add_argument("--test-every-value", action="store_true",
                         help="sweep: test perplexity of every value (default: of the chosen one only)")
+    parser.add_argument("--validation-windows", type=int, default=0,
+                        help="also measure every row on this many 2048-token windows of the calibration split that "
+                             "share no token with the calibration windows (text learning and calibration never saw)")
     parser.add_argument("--lowering", default="inductor", choices=["inductor", "fx"])
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     parser.add_argument("--save-dir", help="save each quantized row there (quarot_fx.save), one directory per row")
@@ -210,6 +233,11 @@ def main(argv=None) -> None:
     if args.sweep or any(needs_calibration(CONFIGS[c]) for c in names):
         calibration_tokens = tokenize(tokenizer, Path(args.calibration).read_text(encoding="utf-8"))
     calibration = None if calibration_tokens is None else calibration_windows(calibration_tokens, args.calibration_windows)
+    validation = None
+    if args.validation_windows:
+        calibration_tokens = calibration_tokens if calibration_tokens is not None else tokenize(
+            tokenizer, Path(args.calibration).read_text(encoding="utf-8"))
+        validation = unseen_windows(calibration_tokens, args.validation_windows, args.calibration_windows)
 
     def options_of(name, **extra):
         options = CONFIGS[name]
@@ -238,7 +266,8 @@ def main(argv=None) -> None:
         return
     rows, reference = [], None
     for name in names:
-        row = measure(model, name, options_of(name), evaluation, args.lowering, reference, save_dir=args.save_dir)
+        row = measure(model, name, options_of(name), evaluation, args.lowering, reference, save_dir=args.save_dir,
+                      validation=validation)
         reference = row["ppl"] if name == "float" else reference
         rows.append(row)
         show(row, args.json)

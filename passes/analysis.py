@@ -18,7 +18,7 @@ def analyze_invariance(ctx) -> None:
     analysis.residual = find_residual_streams(gm)
     ctx.report.skipped.extend(skip_reasons(analysis.residual, config))
     attentions = find_attentions(gm)
-    wanted = [what for what, on in (("R2", config.rotates and config.r2), ("R3", config.rotates and config.r3),
+    wanted = [what for what, on in (("R2", config.rotates and config.r2), ("R3", config.rotates and config.applies_r3),
                                      ("KV quantization", config.kv_bits < 16)) if on]
     for softmax in unmatched_softmaxes(gm, attentions):
         ctx.report.skipped.extend(Skip(f"{what} at {label(softmax)}", "a softmax that is not part of a recognized "

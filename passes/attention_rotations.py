@@ -42,6 +42,13 @@ def _applicable(ctx, plans, region: str, option: str):
         yield plan, where
 
 
+def per_head_rotations(config, plan) -> tuple[BlockRotation, BlockRotation]:
+    """R2's per-head part on the value rows (one block per KV head) and on the output projection's
+    input (one per query head): the same head_dim rotation."""
+    name, seed, hd = config.r2_rotation, config.seed, plan.head_dim
+    return BlockRotation(name, plan.kv_heads, hd, seed), BlockRotation(name, plan.heads, hd, seed)
+
+
 def rotate_values(ctx) -> None:
     """Pass R2: per-head rotation folded into value/output projections, online cross-head part."""
     name, seed = ctx.config.r2_rotation, ctx.config.seed
@@ -49,10 +56,10 @@ def rotate_values(ctx) -> None:
     for plan, where in _applicable(ctx, ctx.analysis.values, "R2", "r2_rotation"):
         hd, heads = plan.head_dim, plan.heads
         rows = plan.kv_heads * hd
-        ctx.edits(plan.value_site).edits.append(
-            OutputTransform(BlockRotation(name, plan.kv_heads, hd, seed), plan.value_rows, plan.value_rows + rows))
+        value_part, output_part = per_head_rotations(ctx.config, plan)
+        ctx.edits(plan.value_site).edits.append(OutputTransform(value_part, plan.value_rows, plan.value_rows + rows))
         out = ctx.edits(plan.output_site)
-        out.edits.append(InputRotation(BlockRotation(name, heads, hd, seed)))
+        out.edits.append(InputRotation(output_part))
         if heads > 1 and kind.problem(heads, None) is None:
             online = CrossHead(name, heads, hd, seed)
         elif kind.problem(heads * hd, None) is None:

@@ -63,13 +63,16 @@ class OutputTransform:
     stop: int
 
     def apply(self, w, b):
-        rows = slice(self.start, self.stop)
-        w = w.clone()
-        w[rows] = multiply_right(w[rows].T, self.matrix).T  # Mᵀ·W = (Wᵀ·M)ᵀ
+        # Mᵀ·W = (Wᵀ·M)ᵀ on the rows; out of place, so learned rotations can differentiate through it
+        w = self._spliced(w, multiply_right(w[self.start:self.stop].T, self.matrix).T)
         if b is not None:
-            b = b.clone()
-            b[rows] = multiply_right(b[rows], self.matrix)
+            b = self._spliced(b, multiply_right(b[self.start:self.stop], self.matrix))
         return w, b
+
+    def _spliced(self, x, rows):
+        if self.start == 0 and self.stop == x.shape[0]:
+            return rows.contiguous()
+        return torch.cat([x[:self.start], rows, x[self.stop:]])
 
     def describe(self) -> str:
         whole = self.start == 0

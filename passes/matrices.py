@@ -7,7 +7,8 @@ weight first needs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -67,7 +68,30 @@ class Center:
         return f"mean-centering({self.n})"
 
 
-Matrix = Rotation | BlockRotation | CrossHead | Center
+@dataclass(frozen=True)
+class Learned:
+    """A rotation learned on calibration text (``learn_rotations``): blockdiag(R, … ``blocks`` times),
+    R of order ``size``. Keyed by ``digest`` (of R's bytes), so weights cached for one learned R are
+    never taken for another; ``tensor`` is R itself (float64; during learning a live float32 copy
+    with its gradient, digest ``"live"``)."""
+
+    name: str  # "R1 …" or "R2 …": which rotation it replaces
+    blocks: int
+    size: int
+    digest: str
+    tensor: torch.Tensor = field(compare=False, hash=False, repr=False)
+
+    @classmethod
+    def of(cls, name: str, blocks: int, tensor: torch.Tensor) -> "Learned":
+        data = tensor.detach().to(torch.float64).contiguous()
+        return cls(name, blocks, data.shape[0], hashlib.sha1(data.numpy().tobytes()).hexdigest()[:16], data)
+
+    def describe(self) -> str:
+        per_head = f"per-head ({self.blocks}×{self.size})" if self.blocks > 1 else f"({self.size})"
+        return f"learned {self.name.split()[0]} {per_head}"
+
+
+Matrix = Rotation | BlockRotation | CrossHead | Center | Learned
 
 
 @lru_cache(maxsize=64)
@@ -85,6 +109,8 @@ def build(matrix: Matrix) -> torch.Tensor:
         return torch.kron(heads, torch.eye(matrix.size, dtype=f64))
     if isinstance(matrix, Center):
         return torch.eye(matrix.n, dtype=f64) - 1.0 / matrix.n
+    if isinstance(matrix, Learned):
+        return torch.block_diag(*[matrix.tensor.to(f64)] * matrix.blocks)
     raise TypeError(f"unknown matrix description {matrix!r}")
 
 
@@ -94,6 +120,9 @@ def multiply_right(x: torch.Tensor, matrix: Matrix) -> torch.Tensor:
 
     if isinstance(matrix, Center):
         return x - x.mean(dim=-1, keepdim=True)
+    if isinstance(matrix, Learned):  # differentiable in the live tensor while learning
+        blocks = x.reshape(*x.shape[:-1], matrix.blocks, matrix.size)
+        return (blocks @ matrix.tensor.to(x.dtype)).reshape(x.shape)
     kind = rotation_kind(matrix.kind) if matrix.kind != "none" else None
     if isinstance(matrix, Rotation) and kind is not None and kind.fast is not None:
         return kind.fast(x, matrix.n, matrix.seed, matrix.group)

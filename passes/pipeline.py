@@ -24,6 +24,7 @@ from .down_projection import rotate_down_projections
 from .fuse_linears import fuse_sibling_linears
 from .head import quantize_head_int8
 from .kv_cache import close_packed_cache, open_packed_cache
+from .learn_rotations import learn_rotations
 from .materialize import materialize_weights
 from .observe import observe_inputs
 from .packed_attention import fuse_packed_attention
@@ -45,13 +46,17 @@ for _stage, _fn, _when, _name in (
     ("analysis", analyze_invariance, lambda c: c.transforms, None),
     ("rotation", rotate_residual, lambda c: c.rotates and c.r1, None),
     ("rotation", rotate_values, lambda c: c.rotates and c.r2, None),
-    ("rotation", rotate_queries_keys, lambda c: c.rotates and c.r3, None),
+    ("rotation", rotate_queries_keys, lambda c: c.rotates and c.applies_r3, None),
     ("rotation", rotate_down_projections, lambda c: c.rotates and c.r4, None),
-    ("weights", materialize_weights, _gptq, "materialize_rotations"),
+    ("weights", materialize_weights, lambda c: _gptq(c) and not c.learn_rotations, "materialize_rotations"),
     ("weights", gptq_weights, lambda c: _gptq(c) and not c.gptq_sequential, None),
     ("weights", quantize_weights, lambda c: c.w_bits < 16 and not c.calibrates_weights, None),
     ("activations", quantize_activations, lambda c: c.a_bits < 16, None),
     ("activations", quantize_kv_cache, lambda c: c.kv_bits < 16, None),
+    # Learned rotations: with the quantizers in place and no weight materialized yet; GPTQ's
+    # rotated weights are materialized after them.
+    ("activations", learn_rotations, lambda c: c.learn_rotations and c.rotates, None),
+    ("activations", materialize_weights, lambda c: _gptq(c) and c.learn_rotations, "materialize_learned_rotations"),
     # Sequential GPTQ sees the activations and KV cache quantized as configured.
     ("activations", gptq_weights, lambda c: _gptq(c) and c.gptq_sequential, "gptq_sequential"),
     ("materialize", materialize_weights, lambda c: c.transforms, None),

@@ -299,6 +299,17 @@ def _mean_over(gm: fx.GraphModule, reduction: fx.Node, d: int) -> None:
     gm.graph.erase_node(reduction)
 
 
+def residual_rotation(config, width: int) -> Rotation:
+    """R1 of a stream of this width, as the config asks for it."""
+    return Rotation(config.rotation, width, config.seed, config.gsr_group_size,
+                    config.gsr_permutation if config.rotation == "gsr" else None)
+
+
+def inverse_name(plan: ResidualPlan) -> str:
+    """The buffer holding R1ᵀ for the values that leave this stream unrotated."""
+    return f"qfx_r1_inverse_{plan.seed.name}"
+
+
 def rotate_residual(ctx) -> None:
     """Pass: rotate every valid residual stream with R1 (config.rotation), fold norm scales."""
     gm, config, report = ctx.gm, ctx.config, ctx.report
@@ -306,8 +317,7 @@ def rotate_residual(ctx) -> None:
         if not plan.valid:
             continue
         width = plan.width or plan.size
-        rotation = Rotation(config.rotation, width, config.seed, config.gsr_group_size,
-                            config.gsr_permutation if config.rotation == "gsr" else None)
+        rotation = residual_rotation(config, width)
         if plan.centered:
             center = Center(plan.size)
         for site in plan.writers:
@@ -349,7 +359,7 @@ def _insert_inverses(ctx, plan: ResidualPlan, rotation: Rotation) -> None:
     if not plan.escapes:
         return
     gm = ctx.gm
-    name = f"qfx_r1_inverse_{plan.seed.name}"
+    name = inverse_name(plan)
     gm.register_buffer(name, build(rotation).T[:, :plan.size].contiguous().to(torch.float32))  # back to d
     for value, user in plan.escapes:
         state = plan.states[value]

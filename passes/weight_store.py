@@ -106,14 +106,14 @@ class WeightStore:
     def edited(self, entry: SiteEdits) -> tuple[torch.Tensor, torch.dtype]:
         """(logical [out, in] float32 weight after the site's edits so far, the stored dtype)."""
         weight = self.tensor(entry.site.weight_node.target)
-        return _edited(entry, weight, None, entry.edits)[0], weight.dtype
+        return apply_edits(entry, weight, None, entry.edits)[0], weight.dtype
 
     def float(self, entry: SiteEdits) -> tuple:
         """(weight, bias) after the site's edits, in the stored layout and dtype."""
         weight, bias, key = self._tensors(entry)
 
         def compute():
-            w, b = _edited(entry, weight, bias, entry.edits)
+            w, b = apply_edits(entry, weight, bias, entry.edits)
             return entry.site.from_logical(w.to(weight.dtype)), b
 
         return self.memo(weight, key, compute)
@@ -124,7 +124,7 @@ class WeightStore:
         weight, bias, key = self._tensors(entry, extra=(PACKED,))
 
         def compute():
-            w, b = _edited(entry, weight, bias, entry.edits[:-1])
+            w, b = apply_edits(entry, weight, bias, entry.edits[:-1])
             codes, scales = entry.edits[-1].codes(w)
             return pack_linear_weight(codes, scales.shape[1]), scales.float().contiguous(), b, codes.shape[1]
 
@@ -141,13 +141,13 @@ class WeightStore:
         edits = tuple(entry.edits[:-1])
 
         def compute():
-            w, _ = _edited(entry, weight, bias, edits)
+            w, _ = apply_edits(entry, weight, bias, edits)
             return last.codes(w)
 
         return lambda: self.memo(weight, key, compute)
 
 
-def _edited(entry: SiteEdits, weight, bias, edits) -> tuple:
+def apply_edits(entry: SiteEdits, weight, bias, edits) -> tuple:
     """Logical [out, in] weight and bias after ``edits``, in float32 (float64 for float64 weights:
     float32 is accurate enough for orthonormal edits and ~7x faster than float64 on CPU)."""
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32

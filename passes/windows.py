@@ -34,6 +34,25 @@ def token_input(residual_plans) -> fx.Node | None:
     return None
 
 
+def sequence_length_inputs(graph: fx.Graph, tokens: fx.Node) -> list[fx.Node] | None:
+    """The integer inputs that carry the token input's (symbolic) length, if the graph can run
+    windows of another length: only ``tokens`` and those integers depend on it. None: it cannot."""
+    example = tokens.meta.get("example_value")
+    length = example.shape[-1] if isinstance(example, torch.Tensor) else None
+    if not isinstance(length, torch.SymInt):
+        return None
+    carriers = []
+    for node in graph.nodes:
+        if node.op != "placeholder" or node is tokens:
+            continue
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt) and str(value) == str(length):
+            carriers.append(node)
+        elif isinstance(value, torch.Tensor) and any(str(s) == str(length) for s in value.shape):
+            return None  # an input shaped by the length (a mask, positions): no value to give it
+    return carriers
+
+
 def _chunks(calibration, shape) -> list[torch.Tensor]:
     tokens = torch.cat([t.reshape(-1) for t in calibration])
     size = shape[0] * shape[1]
@@ -88,15 +107,18 @@ class Windows:
     nodes and frees values after their last use in that list.
     """
 
-    def __init__(self, ctx, limit: int | None = None):
+    def __init__(self, ctx, limit: int | None = None, length: int | None = None):
         graph = ctx.gm.graph
         self.tokens_node = token_input(ctx.analysis.residual)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         inputs = list(ctx.lifted.runtime_inputs(ctx.example_inputs))
-        self.chunks = [] if self.tokens_node is None else _chunks(
-            ctx.config.calibration, tuple(inputs[placeholders.index(self.tokens_node)].shape))[:limit]
-        self.runners = [fx.Interpreter(ctx.gm) for _ in self.chunks]
+        shape = () if self.tokens_node is None else tuple(inputs[placeholders.index(self.tokens_node)].shape)
         self._inputs = dict(zip(placeholders, inputs))
+        if length is not None and shape:  # the caller checked that the graph takes it (sequence_length_inputs)
+            shape = (*shape[:-1], length)
+            self._inputs.update({node: length for node in sequence_length_inputs(graph, self.tokens_node)})
+        self.chunks = [] if self.tokens_node is None else _chunks(ctx.config.calibration, shape)[:limit]
+        self.runners = [fx.Interpreter(ctx.gm) for _ in self.chunks]
         self._constants: dict[fx.Node, object] = {}
         self.override: dict[fx.Node, Callable[[dict], torch.Tensor]] = {}
 

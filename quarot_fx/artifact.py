@@ -5,7 +5,8 @@ model again, but everything *slow* in them comes from calibration: GPTQ/OBR code
 SmoothRot's channel maxima, GBS clips. ``save`` writes those (by parameter name, so they survive
 the process) with the options and a fingerprint of the base model; ``load`` checks the model,
 and compiles it with ``calibrated=`` the saved products, so the passes take them instead of
-calibrating. The rewrite (analysis, rotations folded into weights, RTN, packing) reruns, in
+calibrating (learned rotations included: ``load`` never learns again). The rewrite (analysis,
+rotations folded into weights, RTN, packing) reruns, in
 seconds, deterministically: the loaded model's outputs equal the saved one's bit for bit.
 
 Layout of a saved directory:
@@ -14,7 +15,8 @@ Layout of a saved directory:
   fingerprint, the base model (source, and per parameter shape, dtype and a float64 checksum),
   the clips, what each weight is, and the sha256 of every other file (``files``);
 * ``calibrated.safetensors``: ``weight/<fqn>/codes`` (codes of ≤ 4 bits packed two per byte, the
-  ``pack_int4`` layout; int8 beyond), ``weight/<fqn>/scales``, ``channel_max/<fqn>``; its metadata
+  ``pack_int4`` layout; int8 beyond), ``weight/<fqn>/scales``, ``channel_max/<fqn>``,
+  ``rotation/<name>`` (a learned R1/R2, float64, checked orthogonal on load); its metadata
   repeats the options and the clips.
 
 An artifact cannot lie: ``save`` writes a temporary directory and renames it into place (an
@@ -27,11 +29,13 @@ from the codes themselves), naming the field.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from .calibrated import ArtifactError, Calibrated
+from .numerics.stiefel import orthogonality_error
 from .version import __version__
 
 FORMAT = "quarot-fx calibrated artifact"
@@ -102,6 +106,8 @@ def save(compiled_model, path, source: str | None = None) -> Path:
         tensors[f"weight/{fqn}/scales"] = scales.float().contiguous()
     for fqn, maxima in calibrated.channel_max.items():
         tensors[f"channel_max/{fqn}"] = maxima.double().contiguous()
+    for name, matrix in calibrated.rotations.items():
+        tensors[f"rotation/{name}"] = matrix.double().contiguous()
     options = {k: v for k, v in config.to_options().items() if k not in ("calibration", "calibrated")}
     clips = [[site, what, clip] for (site, what), clip in calibrated.clips.items()]
     manifest = {
@@ -271,6 +277,13 @@ def read_calibrated(path) -> tuple[dict, Calibrated]:
     for key, tensor in tensors.items():
         if key.startswith("channel_max/"):
             calibrated.channel_max[key.removeprefix("channel_max/")] = tensor
+        if key.startswith("rotation/"):
+            error = orthogonality_error(tensor.double()) if tensor.dim() == 2 and tensor.shape[0] == tensor.shape[1] \
+                else math.inf
+            if not error <= 1e-5:
+                raise ArtifactError(f"{path / TENSORS}: the learned rotation {key.removeprefix('rotation/')!r} is not "
+                                    f"an orthogonal matrix (max |RᵀR − I| = {error:.2e})")
+            calibrated.rotations[key.removeprefix("rotation/")] = tensor
     calibrated.clips = {(site, what): clip for site, what, clip in manifest["clips"]}
     return manifest, calibrated
 

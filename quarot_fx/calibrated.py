@@ -31,10 +31,11 @@ class Calibrated:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # fqn → (codes, scales)
     channel_max: dict[str, torch.Tensor] = field(default_factory=dict)  # down-projection weight fqn → max |x_j|
     clips: dict[tuple[str, str], float] = field(default_factory=dict)  # (site, what) → clip
+    rotations: dict[str, torch.Tensor] = field(default_factory=dict)  # "R1 …"/"R2 …" → learned float64 matrix
 
     def __str__(self) -> str:
         return (f"{len(self.weights)} calibrated weights, {len(self.channel_max)} SmoothRot sites, "
-                f"{len(self.clips)} clips")
+                f"{len(self.clips)} clips" + (f", {len(self.rotations)} learned rotations" if self.rotations else ""))
 
     def merge(self, other: Calibrated) -> None:
         if other.fingerprint is not None:
@@ -44,6 +45,7 @@ class Calibrated:
         self.weights.update(other.weights)
         self.channel_max.update(other.channel_max)
         self.clips.update(other.clips)
+        self.rotations.update(other.rotations)
 
     def get(self, table: str, key):
         found = getattr(self, table).get(key)

@@ -35,11 +35,18 @@ def _compile(model, ids, **options):
     return out, reports[0]
 
 
+def test_gbs_defaults_to_the_local_objective_on_two_windows():
+    """The default a user can run: local objective, 2 windows (the loss objective takes hours on SmolLM2)."""
+    config = quarot_fx.QuaRotConfig.from_options({"preset": "w4a4kv4", "a_clip": "gbs", "calibration": CALIBRATION})
+    assert (config.gbs_objective, config.gbs_windows) == ("local", 2)
+
+
 @pytest.mark.parametrize("objective", ["local", "loss", "fisher"])
 def test_searched_clips_are_what_the_compiled_model_uses(objective):
     torch._dynamo.reset()
     model, ids = tiny_model("llama", layers=1), token_ids(length=32)
-    _, report = _compile(model, ids, a_clip="gbs", kv_clip="gbs", gbs_objective=objective, gbs_iterations=4)
+    _, report = _compile(model, ids, a_clip="gbs", kv_clip="gbs", gbs_objective=objective, gbs_iterations=4,
+                         gbs_windows=len(CALIBRATION))
     assert len(report.clips) == 6  # per layer: qkv input, K, V, o input, gate/up input, down input
     assert all(0 < row.clip <= 1 for row in report.clips)
     by_site = {(r.site, r.what): r.clip for r in report.clips}
@@ -58,7 +65,7 @@ def test_loss_search_does_not_lose_to_the_default_clips_on_its_own_windows():
         out, _ = _compile(model, window, kernels="fake", calibration=[window], gbs_windows=1, **options)
         return torch.nn.functional.cross_entropy(out[0, :-1], window[0, 1:]).item()
 
-    assert calibration_loss(a_clip="gbs", kv_clip="gbs") <= calibration_loss() + 1e-6
+    assert calibration_loss(a_clip="gbs", kv_clip="gbs", gbs_objective="loss") <= calibration_loss() + 1e-6
 
 
 @pytest.mark.parametrize("group", [None, 16])
@@ -78,7 +85,7 @@ def test_the_loss_objective_scores_the_model_it_compiles(monkeypatch, group):
     monkeypatch.setattr(clip_search, "binary_search", record)
     window = CALIBRATION[0]
     out, _ = _compile(tiny_model("llama", layers=2), window, kernels="fake", calibration=[window], gbs_windows=1,
-                      a_clip="gbs", kv_clip="gbs", gbs_iterations=3, w_group_size=group)
+                      a_clip="gbs", kv_clip="gbs", gbs_objective="loss", gbs_iterations=3, w_group_size=group)
     clip, seen = searches[-1]
     compiled = torch.nn.functional.cross_entropy(out[0, :-1], window[0, 1:], reduction="sum").item()
     assert seen[clip] == pytest.approx(compiled, rel=1e-4)

@@ -213,7 +213,7 @@ def gemma2(**kwargs):
 def test_eager_attention_gets_r2_r3_and_kv_quantization(make):
     model, ids = make(), token_ids()
     with torch.no_grad(), quarot_fx.collect_reports() as reports:
-        out = compile_quarot(model)(ids, use_cache=False).logits
+        out = compile_quarot(model, r3=True)(ids, use_cache=False).logits
     torch.testing.assert_close(out, logits(model, ids), rtol=1e-4, atol=1e-4)
     assert reports[0].region_counts().get("R2") == 2 and reports[0].region_counts().get("R3") == 2
     assert not [s for s in reports[0].skipped if not s.what.startswith("R1")], str(reports[0])  # Gemma2: post-norms

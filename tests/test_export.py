@@ -62,6 +62,8 @@ def _loaded_logits(path, ids):
     ("llama", {"preset": "w4a16", "kernels": "fake", "w_group_size": 32}),
     ("qwen2", {"preset": "w4a16"}),  # q/k/v biases, rotated
     ("llama", {"preset": "w4a16", "weights": "gptq", "calibration": [token_ids(length=48, seed=s) for s in range(2)]}),
+    ("llama", {"preset": "w4a16", "learn_rotations": True, "learn_steps": 3,  # the learned R1 folds into the weights
+               "calibration": [token_ids(length=48, seed=s) for s in range(2)]}),
 ])
 def test_weight_only_export_loads_in_compressed_tensors_with_our_weights_and_outputs(tmp_path, arch, options):
     compiled, logits, ids, reports = _compiled(arch, **options)
@@ -80,6 +82,8 @@ def test_weight_only_export_loads_in_compressed_tensors_with_our_weights_and_out
         assert torch.equal(module.weight.float(), dequantize_weight(*final.codes())), fqn
     torch.testing.assert_close(theirs, logits, atol=1e-5, rtol=1e-5)
     assert exported.approximations == []
+    if options.get("learn_rotations"):
+        assert any("learned R1" in edit for linear in reports[0].linears for edit in linear.offline)
 
 
 def _rounding_apart(theirs, logits, ids) -> bool:

@@ -30,7 +30,7 @@ def test_a_new_rotation_kind_in_a_few_lines(qr_kind):
         return q * torch.sign(torch.diagonal(r))
 
     quarot_fx.register_rotation("qr", qr_rotation)
-    options = {"preset": "fp", "lowering": "fx", "rotation": "qr",
+    options = {"preset": "fp", "r3": True, "lowering": "fx", "rotation": "qr",
                "r2_rotation": "qr", "r3_rotation": "qr", "r4_rotation": "qr"}
     # --- end rotation kind
     model, ids = tiny_model("llama"), token_ids()

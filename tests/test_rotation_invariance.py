@@ -12,7 +12,7 @@ import quarot_fx
 from quarot_fx.numerics.hadamard import hadamard_matrix
 from quarot_fx.passes.weight_store import WEIGHT_CACHE
 
-ROTATE = {"preset": "fp"}  # rotations on (Hadamard R1), nothing quantized
+ROTATE = {"preset": "fp", "r3": True}  # every rotation on (R3 only by request without KV quantization)
 FX = {**ROTATE, "lowering": "fx"}
 
 
@@ -142,6 +142,17 @@ def test_bfloat16_model_stays_close():
     with torch.no_grad():
         ref = model.float()(ids, use_cache=False).logits
     assert rel_err(out.logits.float(), ref) <= 0.05
+
+
+@pytest.mark.parametrize("options, r3", [({"preset": "fp"}, False), ({"preset": "w4a16"}, False),
+                                         ({"preset": "w4a4kv4"}, True), ({"preset": "w4a4kv4", "kv_bits": 16}, False),
+                                         ({"preset": "fp", "r3": True}, True), ({"preset": "w4a4kv4", "r3": False}, False)])
+def test_r3_only_where_keys_are_quantized_unless_asked(options, r3):
+    """R3 is an online transform on every query and key: it pays only with a KV quantizer behind it."""
+    model, ids = tiny_model("llama"), token_ids()
+    _, reports = run(model, ids, {**options, "lowering": "fx", "kernels": "fake"}, use_cache=False)
+    assert ("R3" in reports[0].region_counts()) is r3, str(reports[0])
+    assert quarot_fx.QuaRotConfig.from_options(options).applies_r3 is r3
 
 
 @pytest.mark.parametrize("switch", ["r1", "r2", "r3", "r4"])

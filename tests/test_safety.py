@@ -46,7 +46,7 @@ class Toy(torch.nn.Module):
 
 
 def compile_and_compare(model, *args, **kwargs):
-    compiled = torch.compile(model, backend="quarot", options={"preset": "fp", "lowering": "fx"})
+    compiled = torch.compile(model, backend="quarot", options={"preset": "fp", "lowering": "fx", "r3": True})
     with torch.no_grad(), quarot_fx.collect_reports() as reports:
         out, ref = compiled(*args, **kwargs), model(*args, **kwargs)
     flat_out = torch.utils._pytree.tree_leaves(out)
@@ -123,7 +123,7 @@ def test_explain_reports_without_changing_the_model():
     ids = token_ids()
     with torch.no_grad():
         before = model(ids, use_cache=False).logits
-    explanation = quarot_fx.explain(model, ids, model_kwargs={"use_cache": False}, preset="fp")
+    explanation = quarot_fx.explain(model, ids, model_kwargs={"use_cache": False}, preset="fp", r3=True)
     assert explanation.region_counts() == {"R1": 1, "R2": 2, "R3": 2, "R4": 2}
     text = str(explanation)
     assert "R1" in text and "residual stream" in text and "analyze_invariance" in text

@@ -46,11 +46,31 @@ def windows(tokens: torch.Tensor, count: int | None = None, length: int = WINDOW
     return [tokens[i * length:(i + 1) * length].unsqueeze(0) for i in range(count)]
 
 
-def calibration_windows(tokens: torch.Tensor, count: int = 32, length: int = WINDOW, seed: int = 0) -> list[torch.Tensor]:
-    """Random windows of the calibration split: ``random.seed(seed)``, then randint per sample."""
+def calibration_starts(tokens: torch.Tensor, count: int = 32, length: int = WINDOW, seed: int = 0) -> list[int]:
+    """Where the calibration windows start: ``random.seed(seed)``, then randint per sample."""
     random.seed(seed)
-    starts = [random.randint(0, tokens.numel() - length - 1) for _ in range(count)]
-    return [tokens[s:s + length].unsqueeze(0) for s in starts]
+    return [random.randint(0, tokens.numel() - length - 1) for _ in range(count)]
+
+
+def calibration_windows(tokens: torch.Tensor, count: int = 32, length: int = WINDOW, seed: int = 0) -> list[torch.Tensor]:
+    """Random windows of the calibration split (BENCHMARK.md)."""
+    return [tokens[s:s + length].unsqueeze(0) for s in calibration_starts(tokens, count, length, seed)]
+
+
+def unseen_windows(tokens: torch.Tensor, count: int, calibration_count: int = 32, length: int = WINDOW,
+                   seed: int = 0) -> list[torch.Tensor]:
+    """``count`` non-overlapping windows of the calibration split that share no token with its
+    calibration windows (so with nothing calibration or learning saw): validation text."""
+    taken = calibration_starts(tokens, calibration_count, length, seed)
+    found, start = [], 0
+    while len(found) < count and start + length <= tokens.numel():
+        clash = next((s for s in taken if s < start + length and start < s + length), None)
+        if clash is None:
+            found.append(tokens[start:start + length].unsqueeze(0))
+            start += length
+        else:
+            start = clash + length
+    return found
 
 
 @torch.no_grad()
