@@ -120,8 +120,8 @@ class QuaRotConfig:
             of the network's cross-entropy; ``"local"``: error of the first linear outputs the
             site reaches; ``"fisher"``: the quantization error weighted by the squared gradient of
             the loss at the site, from one backward pass), how many calibration windows it uses,
-            and its halving steps. Defaults: ``"local"`` on 2 windows, which finishes in about 7
-            minutes for SmolLM2-135M on 2 cores within 0.5 % of 4 windows' perplexity; ``"loss"``
+            and its halving steps. Defaults: ``"local"`` on 2 windows, which finishes in about 6.5
+            minutes for SmolLM2-135M on 2 cores within 2 % of 4 windows' perplexity; ``"loss"``
             takes hours there, ``"fisher"`` about 3 minutes for a 3 % worse gap.
         gbs_tokens: the local objective on this many token positions per window (a fixed random
             subset) at activation sites, whose first linears act on each token alone, so the error
@@ -207,7 +207,7 @@ class QuaRotConfig:
     sparsity: float = 0.0
     sparsity_pattern: str = "unstructured"
     observe_inputs: bool = False
-    gbs_objective: str = "local"  # "loss" takes hours for SmolLM2-135M on 2 cores; local 2 windows ≈ 7 min
+    gbs_objective: str = "local"  # "loss" takes hours for SmolLM2-135M on 2 cores; local on 2 windows 6.4 min
     gbs_windows: int = 2
     gbs_iterations: int = 8
     gbs_tokens: int | None = None
