@@ -58,7 +58,8 @@ def test_every_site_sees_each_window_and_a_replaced_weight_reaches_later_sites(p
         assert run_calibration(ctx, ctx.analysis.quantized, visit, "probe") == len(calibration)
 
     # R3 (query/key, inside attention) is the only rotation: every linear input keeps its basis.
-    options = {"preset": "fp", "lowering": "fx", "r1": False, "r2": False, "r4": False, "calibration": calibration}
+    options = {"preset": "fp", "lowering": "fx", "r1": False, "r2": False, "r3": True, "r4": False,
+               "calibration": calibration}
     with torch.no_grad():
         torch.compile(model, backend="quarot", options=options)(calibration[0], use_cache=False)
     assert set(watched) <= set(recorded), sorted(recorded)
