@@ -149,11 +149,11 @@ class BoundGraph:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, config: QuaRotConfig):
         self.template = private_copy(gm)  # untouched, for builds with other parameters
-        _LIVE.add(self)  # quarot_fx.save finds a model's graphs here
         self.config = config
         self.owner = config.kv_signature()
         self.current = _build(self.template, list(example_inputs), config)
         self.builds = {self._key(self.current.bound): self.current}
+        _LIVE.add(self)  # quarot_fx.save finds a model's graphs here (only whole ones: a failed build is not)
         self.quarot_report = self.current.report
         self.runtime_inputs = [example_inputs[i] for i in self.current.runtime]
 

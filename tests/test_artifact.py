@@ -183,3 +183,28 @@ def test_save_refuses_a_directory_that_holds_something_else(tmp_path):
     with pytest.raises(FileExistsError, match="holds no quarot-fx artifact"):
         compiled_and_saved(tmp_path / "mine", GPTQ)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_compile_leaves_no_half_built_graph_for_save(tmp_path):
+    """A pass that raises must not leave a graph without builds where save looks (the traceback
+    pytest keeps holds it alive): a later save in the same process would fail on it."""
+    from quarot_fx.backend import live_graphs
+    from quarot_fx.passes.registry import register_pass, unregister_pass
+
+    @register_pass("weights", when=lambda config: True)
+    def broken_pass(ctx):
+        raise RuntimeError("broken pass")
+
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception, match="broken pass") as failed, torch.no_grad():
+            torch.compile(tiny_model("llama"), backend="quarot", options={"preset": "w4a4kv4", "lowering": "fx"})(
+                token_ids(), use_cache=False)
+    finally:
+        unregister_pass("broken_pass")
+    assert failed.value is not None and all(hasattr(g, "builds") for g in live_graphs())
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny_model("llama"), backend="quarot", options={"preset": "w4a4kv4", "lowering": "fx"})
+    with torch.no_grad():
+        compiled(token_ids(), use_cache=False)
+    assert (quarot_fx.save(compiled, tmp_path / "q") / "manifest.json").is_file()
