@@ -82,16 +82,19 @@ def learning_targets(ctx) -> list[Target]:
 
 
 def _substituted(targets: list[Target], matrices: dict[str, torch.Tensor], digest: str | None = None) -> dict:
-    """{entry: its edits with every target's matrix replaced by ``matrices[name]``} (``digest``
-    given: live tensors, not hashed)."""
+    """{id(entry): (entry, its edits with every target's matrix replaced by ``matrices[name]``)}
+    (``digest`` given: live tensors, not hashed; else each matrix is hashed once)."""
     edits: dict[int, tuple[SiteEdits, list]] = {}
+    learned: dict[tuple[str, int], Learned] = {}
     for target in targets:
+        tensor = matrices[target.name]
         for entry, i, blocks in target.places:
-            tensor = matrices[target.name]
-            learned = (Learned(target.name, blocks, tensor.shape[0], digest, tensor) if digest is not None
-                       else Learned.of(target.name, blocks, tensor))
-            edits.setdefault(id(entry), (entry, list(entry.edits)))[1][i] = replace(entry.edits[i], matrix=learned)
-    return {id(entry): (entry, new) for entry, new in edits.values()}
+            if (target.name, blocks) not in learned:
+                learned[target.name, blocks] = (Learned(target.name, blocks, tensor.shape[0], digest, tensor)
+                                                if digest is not None else Learned.of(target.name, blocks, tensor))
+            new = edits.setdefault(id(entry), (entry, list(entry.edits)))[1]
+            new[i] = replace(entry.edits[i], matrix=learned[target.name, blocks])
+    return edits
 
 
 def _stored(entry: SiteEdits, edits: list, ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
