@@ -70,7 +70,7 @@ def rotate_values(ctx) -> None:
                                     "only the per-head part is applied")
         if online is not None:
             insert_rotation(ctx.gm, plan.output_site.node, plan.output_site.input_node, online)
-            out.edits.append(InputRotation(online))
+            out.edits.append(InputRotation(online, online=True))
             out.online.append(online.describe())
             ctx.artifact.online.append(OnlineRotation("R2", label(plan.output_site.node), online, heads * hd))
         described = f"{name} per head ({hd})" + (f" + online {online.describe()}" if online else "")

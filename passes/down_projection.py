@@ -76,9 +76,9 @@ def rotate_down_projections(ctx) -> None:
         insert_rotation(ctx.gm, site.node, site.input_node, rotation, pad_to=size)
         entry = ctx.edits(site)
         if size != n:
-            entry.edits.append(PadInput(size))
+            entry.edits.append(PadInput(size, online=True))
             entry.online.append(f"zero-pad {n}→{size}")
-        entry.edits.append(InputRotation(rotation))
+        entry.edits.append(InputRotation(rotation, online=True))
         entry.online.append(rotation.describe())
         ctx.artifact.online.append(OnlineRotation("R4", label(site.node), rotation, n))
         padded = f" (padded from {n})" if size != n else ""

@@ -43,9 +43,11 @@ class InputAffine:
 
 @dataclass(frozen=True)
 class InputRotation:
-    """The input arrives rotated, x̃ = x·M: W ← W·M."""
+    """The input arrives rotated, x̃ = x·M: W ← W·M. ``online``: M is applied at run time (R2's
+    cross-head part, R4), not folded upstream; an export without online transforms drops it."""
 
     matrix: Matrix
+    online: bool = False
 
     def apply(self, w, b):
         return multiply_right(w, self.matrix), b
@@ -131,9 +133,11 @@ class PadOutput:
 
 @dataclass(frozen=True)
 class PadInput:
-    """Zero columns up to ``n`` inputs (dimension expansion for a Hadamard of order n)."""
+    """Zero columns up to ``n`` inputs (dimension expansion for a Hadamard of order n); ``online``:
+    the padding belongs to an online rotation (R4) and goes with it."""
 
     n: int
+    online: bool = False
 
     def apply(self, w, b):
         return torch.nn.functional.pad(w, (0, self.n - w.shape[1])), b

@@ -72,4 +72,4 @@ def record_final_weight(ctx, module: str, entry: SiteEdits, weight=None, bias=No
     param = ctx.lifted.originals.get(entry.original_weight, earlier.param if earlier is not None else None)
     ctx.artifact.final_weights[module] = FinalWeight(
         module, entry.site.kind, ctx.fqn_of(entry.original_weight), param, weight, bias, getattr(last, "bits", None),
-        getattr(last, "group_size", None), codes if last is not None else None)
+        getattr(last, "group_size", None), codes if last is not None else None, ctx.weights.offline_codes(entry))

@@ -17,11 +17,12 @@ import torch.fx as fx
 
 from quarot_fx.kernels import pack_linear_weight  # also registers torch.ops.quarot_fx
 
-from .edits import SiteEdits
+from .edits import QuantizeWeight, SiteEdits
 
 # The forms a site's weight is cached in, beyond the float result (cache-key suffixes, one place).
 PACKED = "packed int4"  # (int4 bytes, scales, bias, in_features), what the integer kernels hold
 CODES = "codes"  # (int8 codes, scales), computed only when asked (export)
+OFFLINE = "without online rotations"  # codes for an export that leaves R2's online part and R4 out
 CALIBRATED_CODES = "calibrated codes"  # GPTQ/OBR's solved (codes, scales), kept for quarot_fx.save
 CHANNEL_MAX = "smoothrot channel max"  # SmoothRot's calibration statistic of a down-projection
 
@@ -139,6 +140,24 @@ class WeightStore:
             return lambda: solved
         weight, bias, key = self._tensors(entry, extra=(CODES,))
         edits = tuple(entry.edits[:-1])
+
+        def compute():
+            w, _ = apply_edits(entry, weight, bias, edits)
+            return last.codes(w)
+
+        return lambda: self.memo(weight, key, compute)
+
+    def offline_codes(self, entry: SiteEdits):
+        """A call that gives (codes, scales) of the site's weight quantized *without* its online input
+        rotations (an export for engines that apply none), or None where that weight cannot be
+        re-derived: no online edit is in this list (an earlier phase folded it), or a calibrated
+        method solved the codes in the rotated basis (its Hessian belongs to that basis)."""
+        last = entry.edits[-1] if entry.edits else None
+        online = [edit for edit in entry.edits[:-1] if getattr(edit, "online", False)]
+        if not online or not isinstance(last, QuantizeWeight):
+            return None
+        weight, bias, key = self._tensors(entry, extra=(CODES, OFFLINE))
+        edits = tuple(edit for edit in entry.edits[:-1] if not getattr(edit, "online", False))
 
         def compute():
             w, _ = apply_edits(entry, weight, bias, edits)

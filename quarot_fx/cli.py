@@ -106,7 +106,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .tools import commands
 
-    _print(commands.export(args.target, args.output, args.format, args.approximate or [], args.overwrite), args.json)
+    _print(commands.export(args.target, args.output, args.format, args.approximate or [], args.overwrite,
+                           online_transforms=args.online_transforms), args.json)
     return 0
 
 
@@ -231,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("-o", "--output", required=True, metavar="OUT")
     export.add_argument("--overwrite", action="store_true",
                         help="replace OUT if it is not empty (never the base model's directory or DIR)")
+    export.add_argument("--no-online-transforms", dest="online_transforms", action="store_false",
+                        help="write only what folds into the weights (R1, R2 per head, SmoothRot), for engines that "
+                             "apply no online transform (vLLM's CPU build): R2's online part and R4 are left out, "
+                             "their RTN weights quantized again (GPTQ/OBR weights: compile with r2=False r4=False)")
     export.add_argument("--json", action="store_true")
     export.set_defaults(run=_export)
     explain = sub.add_parser("explain", help="what the compiler finds and does in MODEL (no calibration)")

@@ -29,6 +29,7 @@ class FinalWeight:
     bits: int | None = None
     group_size: int | None = None
     codes: object = None  # callable → (codes, scales)
+    offline_codes: object = None  # callable → (codes, scales) quantized without the online input rotations, if derivable
 
 
 @dataclass

@@ -20,6 +20,8 @@ source (``compressors/pack_quantized``, ``transform/``, ``quantization/quant_arg
   read the matrix apply exactly ours, whatever its order (SmolLM2's 1536 = 12·128 is no Sylvester
   order). vLLM applies such transforms as a dense GEMM on any device; its ``hadamard`` type needs
   the CUDA-only hadacore kernel. A rotation that is not ±1/√n (``r4_rotation="random"``) is refused.
+  With ``online_transforms=False`` (engines that apply none, e.g. vLLM's CPU build) they are left
+  out instead and their linears' RTN weights quantized again in the unrotated basis.
 
 What the format cannot say is refused, naming the option to change, unless the caller accepts the
 approximation by name (``approximate=``): ``"kv_cache"`` (compressed-tensors' ``kv_cache_scheme``
@@ -61,6 +63,7 @@ class Exported:
     path: Path
     notes: list[str] = field(default_factory=list)  # what was written differently, and why it is exact
     approximations: list[str] = field(default_factory=list)  # accepted by name: what differs from the compiled model
+    left_out: list[str] = field(default_factory=list)  # online rotations not written (online_transforms=False)
 
 
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -193,6 +196,33 @@ def _transforms(online, modules: dict, problems: list[str], notes: list[str]) ->
     return config_groups, stored
 
 
+def _left_out(online, modules: dict, finals: dict, problems: list[str]) -> tuple[list[str], set[str]]:
+    """``online_transforms=False``: the online R2/R4 rotations left out (one line each) and the
+    modules whose weights are written re-quantized without them. Only a weight the compiler can
+    quantize again in the unrotated basis (RTN, rotation and quantization in one phase) can lose
+    its rotation; a calibrated one (GPTQ/OBR solved it against the rotated inputs' Hessian) is
+    refused, naming the compile option that leaves the rotation out from the start."""
+    left_out, requantized = [], set()
+    for rotation in online:
+        if rotation.region == "R3":
+            continue
+        option = rotation.region.lower()
+        where = _module_named(rotation.where, modules)
+        final = finals.get(where)
+        if where is None or final is None:
+            problems.append(f"{rotation.region} at {rotation.where}: no single quantized module of the model has that "
+                            "name")
+        elif final.offline_codes is None:
+            problems.append(f"online_transforms=False: {where}'s weight was quantized in the basis of its online "
+                            f"{rotation.region} (calibrated, e.g. GPTQ/OBR, or folded in an earlier phase) and cannot "
+                            f"be quantized again without it; compile with {option}=False")
+        else:
+            left_out.append(f"{rotation.region} at {where} ({rotation.matrix.describe()}): weight quantized again "
+                            "without it")
+            requantized.add(where)
+    return left_out, requantized
+
+
 def _check_config(config, artifacts, accepted: set, problems: list[str]) -> None:
     expanded = sum(a.expanded_dims for a in artifacts)
     if config.w_bits >= 16:
@@ -223,9 +253,11 @@ def _activation_scales_differ(config) -> bool:
     return config.a_clip == "gbs" or abs(config.activation_clip - qmax / (qmax + 0.5)) > 1e-9
 
 
-def _tensors(model, config, finals: dict, norms: list[str], transform_weights: dict) -> tuple[dict, list, int | None]:
+def _tensors(model, config, finals: dict, norms: list[str], transform_weights: dict,
+             requantized: set = frozenset()) -> tuple[dict, list, int | None]:
     """(the checkpoint's tensors, the quantized modules, their group size): the model's state dict
-    with every edited weight replaced by what the compiled graph holds."""
+    with every edited weight replaced by what the compiled graph holds (``requantized``: quantized
+    without their online rotations instead)."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
     quantized, group_sizes = [], set()
     for name, final in sorted(finals.items()):
@@ -234,7 +266,7 @@ def _tensors(model, config, finals: dict, norms: list[str], transform_weights: d
         if final.codes is None:
             state[f"{name}.weight"] = final.weight.detach()
             continue
-        codes, scales = final.codes()
+        codes, scales = (final.offline_codes if name in requantized else final.codes)()
         state.pop(f"{name}.weight", None)
         if storage_format(config) == "int-quantized":
             state[f"{name}.weight"] = codes.to(torch.int8)
@@ -289,11 +321,17 @@ def _refuse_to_overwrite(model, out: Path, overwrite: bool):
 
 
 def export(compiled_model, path, format: str = "compressed-tensors", *, approximate=(), tokenizer=None,
-           overwrite: bool = False) -> Exported:
+           overwrite: bool = False, online_transforms: bool = True) -> Exported:
     """Write ``compiled_model`` (quarot-compiled and called once) to the directory ``path`` as a
     Hugging Face checkpoint in ``format``; see the module doc for what is written and refused.
     The directory is written atomically; a non-empty one is replaced only with ``overwrite``, and
-    the base model's own directory never."""
+    the base model's own directory never.
+
+    ``online_transforms=False`` writes only what folds into the weights (R1, R2's per-head part,
+    SmoothRot) for engines that apply no online transform (vLLM's CPU build): R2's online part and
+    R4 are left out, their linears quantized again without them (RTN weights only; see
+    ``Exported.left_out``). The export then computes a different function than the compiled model,
+    and its record says so."""
     from safetensors.torch import save_file
 
     if format not in FORMATS:
@@ -311,14 +349,19 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
     names = _names_by_parameter(model)
     finals = _placed([f for a in artifacts for f in a.final_weights.values()], names, problems)
     norms = _placed_norms(artifacts, names, problems)
-    transforms, transform_weights = _transforms([o for a in artifacts for o in a.online], modules, problems, notes)
+    online = [o for a in artifacts for o in a.online]
+    left_out, requantized = [], set()
+    if not online_transforms:
+        left_out, requantized = _left_out(online, modules, finals, problems)
+        online = [o for o in online if o.region == "R3"]
+    transforms, transform_weights = _transforms(online, modules, problems, notes)
     for name, final in sorted(finals.items()):
         if final.codes is not None and not isinstance(modules[name], torch.nn.Linear):
             problems.append(f"{name} is a {type(modules[name]).__name__}: compressed-tensors quantizes nn.Linear only")
     if problems:
         raise ExportError(f"cannot export to {format}:\n  - " + "\n  - ".join(problems))
 
-    state, quantized, group = _tensors(model, config, finals, norms, transform_weights)
+    state, quantized, group = _tensors(model, config, finals, norms, transform_weights, requantized)
     if config.prunes:
         notes.append("pruned weights are written dense (compressed-tensors 0.20 has no sparse format for "
                      "quantized weights): the same numbers, 4 bits each")
@@ -331,9 +374,12 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
     if "activation_scale" in accepted and _activation_scales_differ(config):
         approximations.append("per-token activation scales max|x|/(2^(b-1) − ½) (compiled: clip "
                               f"{'gbs' if config.a_clip == 'gbs' else f'{config.activation_clip:g}'})")
+    if left_out:
+        approximations.append(f"online rotations left out at {len(left_out)} linear(s) (online_transforms=False): "
+                              "those weights quantized again without them, their inputs unrotated")
     record = {"quarot_fx_version": __version__, "format": format, "options": {
         k: v for k, v in config.to_options().items() if k not in ("calibration", "calibrated")},
-        "approximations": approximations, "notes": notes, "quantized_linears": len(quantized),
+        "approximations": approximations, "left_out": left_out, "notes": notes, "quantized_linears": len(quantized),
         "format_of_weights": storage_format(config)}
     hf_config = copy.deepcopy(model.config)
     hf_config.tie_word_embeddings = False  # R1 reaches the embedding and the head differently
@@ -347,7 +393,7 @@ def export(compiled_model, path, format: str = "compressed-tensors", *, approxim
         if tokenizer is not None:
             tokenizer.save_pretrained(scratch)
         (scratch / RECORD).write_text(json.dumps(record, indent=1, default=str))
-    return Exported(out, notes, approximations)
+    return Exported(out, notes, approximations, left_out)
 
 
 def load_compressed_tensors(path, **kwargs):

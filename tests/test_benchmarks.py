@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiny_models import tiny_model
 
@@ -46,3 +47,21 @@ def test_every_row_can_count_its_bytes_before_it_calibrates(name):
     packed, fp16 = ppl.packed_weight_bytes(model, options)
     assert 0 < packed <= fp16
     ppl.expansion_cost(model, options)
+
+
+def test_vllm_dtype_auto_follows_the_cpu_and_every_scheme_compiles_and_exports_validly(monkeypatch):
+    import serve_vllm
+
+    from quarot_fx.config import QuaRotConfig
+    from quarot_fx.kernels import int_gemm
+
+    monkeypatch.setattr(int_gemm, "cpu_flags", lambda: ["avx2", "avx512_bf16", "avx512_vnni"])
+    assert serve_vllm.serving_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(int_gemm, "cpu_flags", lambda: ["avx2"])  # AVX2 only: vLLM computes bf16 slowly
+    assert serve_vllm.serving_dtype("auto") == "float32" and serve_vllm.serving_dtype("bfloat16") == "bfloat16"
+    for name, (options, keywords) in serve_vllm.SCHEMES.items():
+        calibration = {"calibration": [torch.zeros(1, 8, dtype=torch.long)]} if options.get("weights") else {}
+        config = QuaRotConfig.from_options({**options, **calibration})
+        assert set(keywords) <= {"online_transforms"}, name
+        # an offline export re-quantizes R4's weights by RTN: a calibrated scheme must not ask for it
+        assert not (keywords.get("online_transforms") is False and config.weights != "rtn"), name

@@ -112,6 +112,21 @@ def test_quantize_export_and_eval_the_export_through_compressed_tensors(model_di
         evals.append(json.loads(out))
     assert "compressed-tensors" in evals[1]["model"]
     assert evals[1]["ppl"] == pytest.approx(evals[0]["ppl"], rel=1e-4)  # W4A16: the same model, rounding apart
+    # GPTQ solved down_proj behind R4: without online transforms it cannot be re-derived, and says how
+    status, _, err = run(capsys, "export", tmp_path / "q", "-o", tmp_path / "offline", "--no-online-transforms")
+    assert status == 2 and "r4=False" in err and not (tmp_path / "offline").exists()
+
+
+def test_export_without_online_transforms_lists_what_it_left_out(model_dir, tmp_path, capsys):
+    torch._dynamo.reset()
+    status, *_ = run(capsys, "quantize", model_dir, "--preset", "w4a16", "--option", "lowering=\"fx\"",
+                     "--option", "r2=false", "-o", tmp_path / "q")
+    assert status == 0
+    status, out, _ = run(capsys, "export", tmp_path / "q", "-o", tmp_path / "ct", "--no-online-transforms", "--json")
+    done = json.loads(out)
+    assert status == 0 and done["left_out"] and all(line.startswith("R4 at ") for line in done["left_out"])
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["transform_config"] == {}
 
 
 def test_export_of_something_that_is_not_a_saved_directory_names_it(model_dir, tmp_path, capsys):

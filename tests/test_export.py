@@ -159,6 +159,50 @@ def test_r2_online_as_a_full_hadamard_exports(tmp_path):
     torch.testing.assert_close(theirs, logits, atol=1e-5, rtol=1e-5)
 
 
+def test_without_online_transforms_r4_is_left_out_and_the_export_is_the_model_compiled_without_it(tmp_path):
+    compiled, logits, ids, _ = _compiled(preset="w4a16")
+    exported = export(compiled, tmp_path, online_transforms=False)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["transform_config"] == {} and not any("_input.weight" in k for k in _stored_keys(tmp_path))
+    assert len(exported.left_out) == 2 and all(line.startswith("R4 at model.layers.") for line in exported.left_out)
+    assert json.loads((tmp_path / "quarot_fx_export.json").read_text())["left_out"] == exported.left_out
+    assert any("online_transforms=False" in a for a in exported.approximations)
+    _, theirs = _loaded_logits(tmp_path, ids)
+    # RTN quantizes the unrotated weight exactly as a compile without R4 does
+    _, without_r4, *_ = _compiled(preset="w4a16", r4=False)
+    torch.testing.assert_close(theirs, without_r4, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(theirs, logits, atol=1e-3)  # and that is another model than the compiled one
+
+
+def test_without_online_transforms_r2s_online_part_is_left_out_and_its_per_head_part_kept(tmp_path):
+    sizes = {"hidden": 48, "heads": 3, "kv_heads": 3}  # R2's online part is H₄₈ on o_proj's input
+    compiled, logits, ids, _ = _compiled(sizes=sizes, preset="w4a16", w_bits=8, r2=True, r4=False)
+    exported = export(compiled, tmp_path, online_transforms=False)
+    assert [line.split(" (")[0] for line in exported.left_out] == [
+        f"R2 at model.layers.{i}.self_attn.o_proj" for i in range(2)]
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["transform_config"] == {}
+    _, theirs = _loaded_logits(tmp_path, ids)
+    with torch.no_grad():
+        float_logits = tiny_model("llama", **sizes)(ids).logits
+    # 8-bit weights of the same function (R1 and R2 per head folded, nothing online): as close to the float
+    # model as the compiled one is; a weight still holding the online rotation would be far off
+    assert (theirs - float_logits).abs().max() < 3 * (logits - float_logits).abs().max() + 1e-4
+
+
+def test_without_online_transforms_calibrated_weights_are_refused_naming_the_option(tmp_path):
+    compiled, *_ = _compiled(preset="w4a16", weights="gptq", calibration=[token_ids(length=48, seed=s) for s in range(2)])
+    with pytest.raises(ExportError, match="r4=False"):
+        export(compiled, tmp_path, online_transforms=False)
+    assert not (tmp_path / "config.json").exists()
+
+
+def _stored_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as weights:
+        return list(weights.keys())
+
+
 def test_a_rotation_that_is_not_hadamard_is_refused(tmp_path):
     compiled, *_ = _compiled(preset="w4a16", r4_rotation="random")
     with pytest.raises(ExportError, match="not a Hadamard matrix"):

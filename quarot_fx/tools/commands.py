@@ -99,7 +99,8 @@ def quantize(target: str, options: dict, calib: str | None, calib_windows: int, 
     return {"model": target, "options": {k: v for k, v in options.items() if k != "calibration"}, "saved": out}
 
 
-def export(target: str, out: str, format: str, approximate: list[str], overwrite: bool = False) -> dict:
+def export(target: str, out: str, format: str, approximate: list[str], overwrite: bool = False,
+           online_transforms: bool = True) -> dict:
     """Load a saved DIR (no calibration), build its graphs on a short input, write ``format`` to ``out``
     (never over DIR itself; over a non-empty ``out`` only with ``overwrite``)."""
     from quarot_fx.directories import same_directory
@@ -113,9 +114,10 @@ def export(target: str, out: str, format: str, approximate: list[str], overwrite
     compiled = quarot_fx.load(target, model, lowering="fx")  # the weights are the same; fx starts at once
     with torch.no_grad():
         compiled(torch.arange(16)[None] % model.config.vocab_size)
-    done = export_model(compiled, out, format, approximate=tuple(approximate), tokenizer=tokenizer, overwrite=overwrite)
+    done = export_model(compiled, out, format, approximate=tuple(approximate), tokenizer=tokenizer, overwrite=overwrite,
+                        online_transforms=online_transforms)
     return {"saved": target, "format": format, "exported": str(done.path), "approximations": done.approximations,
-            "notes": done.notes}
+            "left_out": done.left_out, "notes": done.notes}
 
 
 def evaluate(target: str, options: dict | None, text: str, count: int | None, length: int = WINDOW) -> dict:
