@@ -19,8 +19,8 @@ import torch
 from ..artifact import MANIFEST
 from ..report import collect_reports
 from .evaluate import perplexity, read_eval_text, tokenize, windows
-from .footprint import (cpu_summary, decode_seconds, fp16_cache_bytes, fp16_weight_bytes, model_weight_bytes,
-                        prefill_cache_bytes, quarot_weight_bytes)
+from .footprint import (cache_bytes, cpu_summary, fp16_cache_bytes, fp16_weight_bytes, model_weight_bytes,
+                        quarot_weight_bytes)
 from .models import load_model
 
 PROMPT = "The capital of France is"
@@ -28,7 +28,7 @@ BEST_ARTIFACT = Path("quarot-artifacts/w4a4kv4-best")  # where `make demo-best` 
 BEST_COMMAND = ("python -m quarot_fx.cli quantize smollm2-135m --preset w4a4kv4 --weights gptq "
                 "--option smoothrot=true --option a_clip=gbs --option kv_clip=gbs --option gbs_objective=local "
                 "--option gbs_windows=2 --calib ../shared/data/wikitext-2/wiki.valid.tokens -o {dir}")
-DECODE_PROMPT, DECODE_STEPS = 64, 24  # decode speed: tokens/s over 24 greedy steps after 64 tokens
+DECODE_WARMUP, DECODE_STEPS = 3, 24  # decode speed: tokens/s over 24 greedy steps after 3 untimed ones
 
 
 @dataclass
@@ -42,28 +42,48 @@ class Row:
     seconds: float
 
 
-def greedy(model, tokenizer, prompt: str, steps: int) -> str:
+class _TokenClock:
+    """A ``generate`` streamer that only notes when each token arrives (the prompt first)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, _tokens) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def generation_figures(model, tokenizer, prompt: str, steps: int) -> tuple[str, float, float]:
+    """(greedy continuation of ``steps`` tokens, decode tokens/s, KV-cache bytes per cached token).
+
+    Both figures come from ``generate`` itself, the graphs the continuation compiled: a second,
+    timed run of DECODE_STEPS tokens after the same prompt compiles nothing (a separate decode
+    loop would call the model another way and compile two more graphs per row). Its first decode
+    steps are left out of the rate (a first distinct cache length recompiles there)."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    eos = tokenizer.eos_token_id
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=eos)
+        continuation = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        clock, new = _TokenClock(), DECODE_WARMUP + DECODE_STEPS
+        timed = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=eos,
+                               streamer=clock, return_dict_in_generate=True)
+    times = clock.times[1 + DECODE_WARMUP:]  # [0]: the prompt; then one per token
+    cached = ids.shape[1] + new - 1  # the last token is never fed back
+    return continuation, (len(times) - 1) / (times[-1] - times[0]), cache_bytes(timed.past_key_values) / cached
 
 
-def measure(name: str, runnable, base, tokenizer, evaluation, decode_ids, steps: int) -> Row:
+def measure(name: str, runnable, base, tokenizer, evaluation, steps: int) -> Row:
     """One row: ``runnable`` is the float model or a quarot-compiled one over ``base``."""
     start = time.perf_counter()
     with collect_reports() as reports:
         ppl = perplexity(runnable, evaluation, desc=name) if evaluation else None
-        continuation = greedy(runnable, tokenizer, PROMPT, steps)
-        # the growing cache generate() used: its graphs are compiled already (a static cache would
-        # compile two more per row); the first run compiles nothing new but warms the kernels' choices
-        decode_seconds(runnable, decode_ids, DECODE_STEPS, "dynamic")
-        tokens_per_second = DECODE_STEPS / decode_seconds(runnable, decode_ids, DECODE_STEPS, "dynamic")
-        kv = prefill_cache_bytes(runnable, decode_ids)
+        continuation, tokens_per_second, kv_per_token = generation_figures(runnable, tokenizer, PROMPT, steps)
     weights = quarot_weight_bytes(reports)["weight_bytes"] if reports else model_weight_bytes(base)
     return Row(name, ppl, continuation, weights / fp16_weight_bytes(base),
-               kv / fp16_cache_bytes(base.config, decode_ids.shape[1]), tokens_per_second,
-               time.perf_counter() - start)
+               kv_per_token / fp16_cache_bytes(base.config, 1), tokens_per_second, time.perf_counter() - start)
 
 
 def print_table(rows: list[Row]) -> None:
@@ -86,13 +106,7 @@ def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str
     model, tokenizer = load_model(model_name)
     print(f"{model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
           f"{cpu_summary()}, {torch.get_num_threads()} threads")
-    evaluation = decode_ids = None
-    if text_path:
-        tokens = tokenize(tokenizer, read_eval_text(text_path))
-        evaluation = windows(tokens, n_windows)
-        decode_ids = tokens[None, :DECODE_PROMPT]
-    if decode_ids is None:
-        decode_ids = torch.randint(0, model.config.vocab_size, (1, DECODE_PROMPT), generator=torch.Generator().manual_seed(0))
+    evaluation = windows(tokenize(tokenizer, read_eval_text(text_path)), n_windows) if text_path else None
     configs = [("float32", None), (f"{preset}, no rotation", {"preset": preset, "rotation": "none"}),
                (f"{preset}, rotated (QuaRot)", {"preset": preset})]
     if not quick:
@@ -102,7 +116,7 @@ def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str
         torch._dynamo.reset()
         runnable = model if options is None else torch.compile(model, backend="quarot",
                                                                options={**options, "lowering": lowering})
-        rows.append(measure(name, runnable, model, tokenizer, evaluation, decode_ids, steps))
+        rows.append(measure(name, runnable, model, tokenizer, evaluation, steps))
         print(f"  {name}: measured in {rows[-1].seconds:.0f} s", flush=True)
     if not quick:
         best = Path(best)
@@ -110,7 +124,7 @@ def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str
             torch._dynamo.reset()
             options = json.loads((best / MANIFEST).read_text()).get("options", {})
             loaded = quarot_fx.load(best, model, lowering=lowering)
-            rows.append(measure(f"best saved: {best.name}", loaded, model, tokenizer, evaluation, decode_ids, steps))
+            rows.append(measure(f"best saved: {best.name}", loaded, model, tokenizer, evaluation, steps))
             print(f"  best saved ({best}: {', '.join(f'{k}={v}' for k, v in options.items())}): measured in "
                   f"{rows[-1].seconds:.0f} s", flush=True)
         else:
@@ -119,9 +133,9 @@ def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str
     print_table(rows)
     print(f"\nperplexity: {n_windows} WikiText-2 test windows of 2048 tokens" if evaluation else
           "\nperplexity: no evaluation text given (--text)", end="")
-    print(f"; decode: {DECODE_STEPS} greedy tokens after {DECODE_PROMPT} with the growing cache "
-          f"(lowering {lowering!r}; `benchmarks/speed.py` measures Inductor's lowering and a static cache); "
-          f"KV cache after {DECODE_PROMPT} tokens.")
+    print(f"; decode: {DECODE_STEPS} greedy tokens of generate() after the prompt and {DECODE_WARMUP} untimed ones, "
+          f"growing cache (lowering {lowering!r}; `benchmarks/speed.py` measures Inductor's lowering and a static "
+          "cache); KV cache: bytes per cached token.")
     if any(row.name.startswith("w8a8") for row in rows):
         print("w8a8kv8: integer kernels cover 4-bit weights; 8-bit weights run simulated (float32 matmuls on their "
               "dequantized values), so they hold float32 bytes here.")
