@@ -94,13 +94,21 @@ if __name__ == "__main__":  # vLLM starts worker processes that import this file
 """
 
 
+def vllm_environment() -> dict:
+    """What vLLM 0.32's CPU build needs here (DESIGN.md): CPU target, no engine subprocess, threads
+    bound as a range (it rejects ``all``) on torch's thread count, a 2 GiB KV cache; set values win."""
+    defaults = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(torch.get_num_threads(), 1) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    return {**defaults, **os.environ}
+
+
 def run_vllm(python: str, path: Path, token_file: Path, timeout: int, dtype: str) -> dict:
     """vLLM's perplexity of ``path`` served in ``dtype``, or what it refused: the last lines it printed."""
     script = token_file.with_name("vllm_ppl.py")
     script.write_text(VLLM_SNIPPET)
     try:
         done = subprocess.run([python, str(script), str(path), str(token_file), dtype], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                              text=True, timeout=timeout, env=vllm_environment())
     except subprocess.TimeoutExpired:
         return {"vllm_error": f"timed out after {timeout} s"}
     for line in done.stdout.splitlines():
