@@ -202,10 +202,11 @@ def _left_out(online, modules: dict, finals: dict, problems: list[str]) -> tuple
     quantize again in the unrotated basis (RTN, rotation and quantization in one phase) can lose
     its rotation; a calibrated one (GPTQ/OBR solved it against the rotated inputs' Hessian) is
     refused, naming the compile option that leaves the rotation out from the start."""
-    left_out, requantized = [], set()
-    for rotation in online:
-        if rotation.region == "R3":
+    left_out, requantized, seen = [], set(), set()
+    for rotation in online:  # each graph of the model (prefill, decode) records its own
+        if rotation.region == "R3" or (rotation.region, rotation.where) in seen:
             continue
+        seen.add((rotation.region, rotation.where))
         option = rotation.region.lower()
         where = _module_named(rotation.where, modules)
         final = finals.get(where)

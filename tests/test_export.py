@@ -168,6 +168,10 @@ def test_without_online_transforms_r4_is_left_out_and_the_export_is_the_model_co
     assert json.loads((tmp_path / "quarot_fx_export.json").read_text())["left_out"] == exported.left_out
     assert any("online_transforms=False" in a for a in exported.approximations)
     _, theirs = _loaded_logits(tmp_path, ids)
+    with torch.no_grad():  # a second graph records the same rotations again: each is left out once
+        compiled(token_ids(length=16)[:, :5], use_cache=True)
+    assert len(compiled_artifacts(compiled, "export", ExportError)[2]) == 2
+    assert export(compiled, tmp_path / "again", online_transforms=False).left_out == exported.left_out
     # RTN quantizes the unrotated weight exactly as a compile without R4 does
     _, without_r4, *_ = _compiled(preset="w4a16", r4=False)
     torch.testing.assert_close(theirs, without_r4, atol=1e-5, rtol=1e-5)
