@@ -138,12 +138,15 @@ class WeightStore:
         if getattr(last, "solved", None) is not None:
             solved = last.solved
             return lambda: solved
-        weight, bias, key = self._tensors(entry, extra=(CODES,))
-        edits = tuple(entry.edits[:-1])
+        return self._codes_after(entry, tuple(entry.edits[:-1]), (CODES,))
+
+    def _codes_after(self, entry: SiteEdits, edits: tuple, extra: tuple):
+        """A call giving the last edit's (codes, scales) of the weight after ``edits``, computed once."""
+        weight, bias, key = self._tensors(entry, extra=extra)
 
         def compute():
             w, _ = apply_edits(entry, weight, bias, edits)
-            return last.codes(w)
+            return entry.edits[-1].codes(w)
 
         return lambda: self.memo(weight, key, compute)
 
@@ -156,14 +159,8 @@ class WeightStore:
         online = [edit for edit in entry.edits[:-1] if getattr(edit, "online", False)]
         if not online or not isinstance(last, QuantizeWeight):
             return None
-        weight, bias, key = self._tensors(entry, extra=(CODES, OFFLINE))
-        edits = tuple(edit for edit in entry.edits[:-1] if not getattr(edit, "online", False))
-
-        def compute():
-            w, _ = apply_edits(entry, weight, bias, edits)
-            return last.codes(w)
-
-        return lambda: self.memo(weight, key, compute)
+        offline = tuple(edit for edit in entry.edits[:-1] if not getattr(edit, "online", False))
+        return self._codes_after(entry, offline, (CODES, OFFLINE))
 
 
 def apply_edits(entry: SiteEdits, weight, bias, edits) -> tuple:
