@@ -129,7 +129,7 @@ def run_demo(model_name: str, text_path: str | None, n_windows: int, preset: str
                   f"{rows[-1].seconds:.0f} s", flush=True)
         else:
             print(f"  the best W4A4KV4 (GPTQ + SmoothRot + GBS clips) is not shown: no artifact at {best}. Make it "
-                  f"once with `make demo-best` (about 15 minutes here), i.e.\n    {BEST_COMMAND.format(dir=best)}")
+                  f"once with `make demo-best` (16-20 minutes on 2 cores), i.e.\n    {BEST_COMMAND.format(dir=best)}")
     print_table(rows)
     print(f"\nperplexity: {n_windows} WikiText-2 test windows of 2048 tokens" if evaluation else
           "\nperplexity: no evaluation text given (--text)", end="")
