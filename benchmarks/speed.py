@@ -26,8 +26,8 @@ A row slower than ``--row-timeout`` is stopped and reported. Figures:
   call, Inductor's loops and torch's matmuls under the profiler) and the rest (overhead);
 * for quarot, the share of prefill time in each quarot_fx op (torch.profiler), the online
   Hadamards (alone or fused into activation quantization) among them, and the integer GEMM
-  chosen per shape. The CPU's model and flags, and the C kernels' instruction-set variant, head
-the output.
+  chosen per shape. The CPU's model and flags, the C kernels' instruction-set variant, and whether
+  the ops' calls reach them from C++ (``native_ops``) or through Python, head the output.
 """
 
 from __future__ import annotations
@@ -79,7 +79,9 @@ def op_shares(run) -> dict:
         start = time.perf_counter()
         run()
         wall_us = (time.perf_counter() - start) * 1e6
-    shares = {e.key: e.cpu_time_total / wall_us for e in prof.key_averages() if e.key.startswith("quarot_fx::")}
+    # not the ops' Python twins (quarot_fx::_<op>_python): they run inside the op's own event
+    shares = {e.key: e.cpu_time_total / wall_us for e in prof.key_averages()
+              if e.key.startswith("quarot_fx::") and not e.key.startswith("quarot_fx::_")}
     shares["online Hadamards"] = sum(shares.get(k, 0.0) for k in HADAMARD_EVENTS)
     return shares
 
@@ -197,6 +199,7 @@ def measure(name, model, prefill_ids, prompt_ids, args) -> dict:
         row["op_share_decode"] = op_shares(decode_step_fn(model, prompt_ids, args.cache))
         row["decode_breakdown"] = decode_breakdown(decode_step_fn(model, prompt_ids, args.cache))
         row["graphs"] = len(reports)
+        row["native_ops"] = importlib.import_module("quarot_fx.kernels.native_ops").loaded()
         row["int_gemm"] = [f"{d.rows}x{d.in_features}->{d.out_features}: {d.choice} ({d.by})"
                            for d in int_gemm.decisions()]
         kept = importlib.import_module("quarot_fx.kernels.quantized_linear")._unpacked  # resident_weights="unpacked"
@@ -250,14 +253,15 @@ def main(argv=None) -> None:
             print(json.dumps({"model": args.only, "skipped": f"{type(error).__name__}: {error}"}))
         return
 
-    from quarot_fx.kernels import native
+    from quarot_fx.kernels import native, native_ops
 
     header = {"cpu": cpu_summary(), "kernels": native.variant() or native.unavailable_reason(),
+              "op_calls": "C++ kernels (native_ops)" if native_ops.load() else native_ops.unavailable_reason(),
               "threads": torch.get_num_threads(), "model": args.model,
               "prefill": args.prefill, "prompt": args.prompt, "decode": args.decode, "repeats": args.repeats,
               "cache": args.cache}
     print(json.dumps(header) if args.json else f"{header['cpu']}, {header['threads']} threads, quarot C kernels: "
-          f"{header['kernels']}", flush=True)
+          f"{header['kernels']}, op calls: {header['op_calls']}", flush=True)
     rows, skipped = [], []
     for name in args.rows:
         command = [sys.executable, __file__, "--only", name] + [

@@ -108,11 +108,16 @@ class Op:
     ``fn`` in about 5 µs. Calling the object calls the op; ``.default`` is its OpOverload (what
     graphs hold and ``torch.library.opcheck`` takes)."""
 
-    def __init__(self, qualname: str, fn):
+    def __init__(self, qualname: str, fn, python_twin: bool = False):
         namespace, name = qualname.split("::")
         self.qualname = qualname
-        torch.library.define(qualname, torch.library.infer_schema(fn, mutates_args=()), lib=_LIBRARY)
+        schema = torch.library.infer_schema(fn, mutates_args=())
+        torch.library.define(qualname, schema, lib=_LIBRARY)
         _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+        self.twin = f"{namespace}::_{name}_python" if python_twin else None
+        if python_twin:  # where the C++ CPU kernel (native_ops.cpp) does not apply, it calls this
+            torch.library.define(self.twin, schema, lib=_LIBRARY)
+            _LIBRARY.impl(f"_{name}_python", fn, "CompositeExplicitAutograd")
         self.default = getattr(getattr(torch.ops, namespace), name).default
         functools.update_wrapper(self, fn)
 
@@ -131,8 +136,12 @@ class Op:
 
     def register_autograd(self, backward, setup_context=None) -> None:
         torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_LIBRARY)
+        if self.twin is not None:  # the C++ autograd layer sends calls that want a gradient there
+            torch.library.register_autograd(self.twin, backward, setup_context=setup_context, lib=_LIBRARY)
 
 
-def define_op(qualname: str):
-    """Decorator: ``Op(qualname, fn)`` (see ``Op``)."""
-    return lambda fn: Op(qualname, fn)
+def define_op(qualname: str, python_twin: bool = False):
+    """Decorator: ``Op(qualname, fn)`` (see ``Op``). ``python_twin``: also define
+    ``quarot_fx::_<name>_python`` with ``fn``, the fallback of the op's C++ CPU kernel
+    (``native_ops``)."""
+    return lambda fn: Op(qualname, fn, python_twin)

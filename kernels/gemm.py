@@ -14,6 +14,8 @@ one of speed; the ``int_gemm`` option and ``QUAROT_FX_INT_GEMM`` accept any regi
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,7 +116,16 @@ def register_gemm(name: str, applies, *, prepare=None, matmul=None, linear=None)
         raise ValueError(f"GEMM candidate name must be new (not 'auto'); got {name!r}")
     if (linear is None) == (prepare is None or matmul is None):
         raise ValueError("give either prepare and matmul, or linear")
-    _CANDIDATES[name] = candidate = GemmCandidate(name, applies, prepare, matmul, linear)
+    _CANDIDATES[name] = candidate = _changed(GemmCandidate(name, applies, prepare, matmul, linear))
+    return candidate
+
+
+def _changed(candidate=None):
+    """Another set of candidates may decide a shape otherwise: the C++ kernels forget what the
+    Python side handed over (``native_ops``; nothing was before it is imported), and ask again."""
+    native_ops = sys.modules.get(f"{__package__}.native_ops")
+    if hasattr(native_ops, "forget"):
+        native_ops.forget()
     return candidate
 
 
@@ -122,6 +133,7 @@ def unregister_gemm(name: str) -> None:
     if name in ("int8", "float", "int4"):
         raise ValueError(f"{name!r} is built in")
     _CANDIDATES.pop(name, None)
+    _changed()
 
 
 def gemm_candidate(name: str) -> GemmCandidate:

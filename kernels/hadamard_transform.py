@@ -69,9 +69,11 @@ def _c_plan(m: int, factors: tuple) -> tuple:
 def _few_rows(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
     """The transform in one C call (``native.hadamard_axes``: each factor along its own axis, the
     power-of-two ones as butterflies, the ``inner`` axis untouched), for a few float32 rows."""
-    from . import native
+    from . import native, native_ops
 
-    return native.hadamard_axes(flat.float(), *_c_plan(m, tuple(factors)))
+    plan = _c_plan(m, tuple(factors))
+    native_ops.add_plan(flat.shape[1], inner, *plan)  # later calls of this width stay in C++
+    return native.hadamard_axes(flat.float(), *plan)
 
 
 def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = False) -> torch.Tensor:
@@ -91,7 +93,7 @@ def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = Fa
     return out.reshape(x.shape)
 
 
-@define_op("quarot_fx::hadamard_transform")
+@define_op("quarot_fx::hadamard_transform", python_twin=True)
 def hadamard_transform(x: torch.Tensor, inner: int = 1) -> torch.Tensor:
     """x·(H_m ⊗ I_inner)/√m along the last dim, m = x.shape[-1] // inner (orthonormal)."""
     return hadamard_transform_cpu(x, inner)

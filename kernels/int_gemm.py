@@ -177,6 +177,10 @@ def decisions() -> list[Decision]:
 
 
 def forget() -> None:
-    """Drop the cached decisions (tests; or after changing ``QUAROT_FX_INT_GEMM``)."""
+    """Drop the cached decisions (tests; or after changing ``QUAROT_FX_INT_GEMM``), those handed
+    over to the C++ kernels too."""
+    from . import native_ops
+
     _decisions.clear()
     _decided.clear()
+    native_ops.forget()

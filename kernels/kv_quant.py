@@ -59,7 +59,7 @@ def _dequantize_cpu(codes, scale, zero, bits: int, length: int, dtype: torch.dty
     return native.kv_dequantize(codes, scale, zero, length, packs(bits)).to(dtype)
 
 
-@define_op("quarot_fx::kv_quantize")
+@define_op("quarot_fx::kv_quantize", python_twin=True)
 def kv_quantize(x: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes, float32 scale, float32 zero) of each last-dim vector of x."""
     return _quantize_cpu(x, bits, clip)

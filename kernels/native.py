@@ -92,13 +92,19 @@ def _cache_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="quarot_fx-"))
 
 
-def _build(compiler: str, flags: tuple, target: Path) -> None:
+def build_library(command, target: Path) -> None:
+    """Run ``command(output_path)`` (a compiler command line writing a shared library there) in a
+    scratch directory beside ``target``, then move the library into place: atomic, so concurrent
+    builders all end with a whole file, and 0700, so ``_private`` accepts it."""
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *FLAGS, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                       text=True, check=True)
+        subprocess.run(command(built), capture_output=True, text=True, check=True)
         os.chmod(built, 0o700)
-        built.replace(target)  # atomic: concurrent builders all end with a whole file
+        built.replace(target)
+
+
+def _build(compiler: str, flags: tuple, target: Path) -> None:
+    build_library(lambda out: [compiler, *FLAGS, *flags, str(SOURCE), "-o", str(out), "-lm"], target)
 
 
 def cpu_supports(name: str) -> bool:
@@ -190,13 +196,18 @@ def _call(kernel, *args):
 def timed():
     """Seconds spent inside the C kernels while the block runs: ``with timed() as t: ...; t[0] / 1e9``
     (``speed.py`` splits a decode step into kernel time and overhead with it)."""
+    from . import native_ops
+
     global _timer
     outer, _timer = _timer, [0]
+    from_cpp = native_ops.kernel_ns()  # the calls that never enter Python time themselves
     try:
         yield _timer
     finally:
         if outer is not None:
             outer[0] += _timer[0]
+        else:
+            _timer[0] += native_ops.kernel_ns() - from_cpp
         _timer = outer
 
 

@@ -57,7 +57,7 @@ def takes_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, 
             and native.library() is not None)
 
 
-@define_op("quarot_fx::packed_attention")
+@define_op("quarot_fx::packed_attention", python_twin=True)
 def packed_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                      v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, bits: int, length: int,
                      dtype: torch.dtype, attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,

@@ -26,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from quarot_fx.numerics.quant import dequantize_weight
 
-from . import int_gemm, native  # noqa: F401  (native registers the "int4" candidate)
+from . import int_gemm, native, native_ops  # noqa: F401  (native registers the "int4" candidate)
 from .common import define_op, row_chunks
 from .gemm import (EXACT_FLOAT32, MAX_PRODUCT, accumulator_dtype, gemm_candidate, group_size, int64_matmul,  # noqa: F401
                    integer_matmul, pack_linear_weight, transposed_groups, unpack_linear_weight)
@@ -118,6 +118,8 @@ def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_d
         x2.shape[0], in_features, out_features, group, gemm, int4=dense).choice
     candidate = gemm_candidate(choice)
     if candidate.linear is not None:  # the whole linear on the packed bytes (the C kernels)
+        if x2.shape[0] <= native.FEW_ROWS:  # the GEMV: later calls of this shape stay in C++
+            native_ops.allow_gemv(x2.shape[0], in_features, out_features, gemm)
         y = candidate.linear(x2, x_scale.reshape(-1, 1), weight, weight_scale, bias, in_features)
         return y.to(out_dtype).reshape(*lead, out_features)
     out = torch.empty((x2.shape[0], out_features), dtype=out_dtype, device=x.device)
@@ -158,7 +160,7 @@ def simulated_linear(codes: torch.Tensor, x_scale: torch.Tensor, weight_codes: t
     return y.to(out_dtype).reshape(*codes.shape[:-1], weight_codes.shape[0])
 
 
-@define_op("quarot_fx::quantized_linear")
+@define_op("quarot_fx::quantized_linear", python_twin=True)
 def quantized_linear(x: torch.Tensor, x_scale: Optional[torch.Tensor], weight: torch.Tensor,
                      weight_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int,
                      out_dtype: torch.dtype, gemm: str = "auto", keep_unpacked: bool = False) -> torch.Tensor:

@@ -49,6 +49,10 @@ KV_OWNER = "_quarot_fx_kv_owner"  # attribute on tensors a compiled model return
 
 
 def _lower(gm: fx.GraphModule, inputs: list, config: QuaRotConfig):
+    if config.kernels == "integer":
+        from .kernels import native_ops
+
+        native_ops.load()  # the ops' CPU calls skip Python where the C kernels cover them (built once)
     if config.lowering == "fx":
         return gm
     from torch._inductor.compile_fx import compile_fx

@@ -20,3 +20,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def python_bodies():
+    """The quarot_fx ops' Python bodies run every call (not the C++ kernels of native_ops): for
+    tests that watch or swap the C functions those bodies call."""
+    from quarot_fx.kernels import native_ops
+
+    with native_ops.suspended():
+        yield

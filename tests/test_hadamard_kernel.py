@@ -40,6 +40,7 @@ def test_cpu_transform_large_sizes_float32(n):
 
 @given(n=st.sampled_from([n for n in ORDERS if n >= 8]), inner=st.sampled_from([1, 4]), rows=st.integers(1, 16),
        seed=st.integers(0, 100))
+@pytest.mark.usefixtures("python_bodies")
 def test_few_rows_take_the_c_stages_and_agree_with_the_gemm_stages(n, inner, rows, seed):
     from quarot_fx.kernels import native
     from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu

@@ -103,6 +103,7 @@ def test_int4_gemm_extreme_codes_on_any_thread_count(x_code, w_code, threads):
     assert torch.equal(y, torch.full((m, n), float(x_code * w_code * k)))
 
 
+@pytest.mark.usefixtures("python_bodies")
 def test_int4_gemv_runs_and_is_a_candidate_only_where_it_applies(monkeypatch):
     from quarot_fx.kernels import native
 
@@ -148,6 +149,7 @@ def test_without_a_compiler_the_int4_gemv_is_never_chosen(monkeypatch, tmp_path)
         native.load_variant.cache_clear()
 
 
+@pytest.mark.usefixtures("python_bodies")
 def test_compiled_decode_with_the_int4_kernels_gives_the_float_emulations_logits(monkeypatch):
     from quarot_fx.kernels import native
 

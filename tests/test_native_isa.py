@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quarot_fx.kernels import int_gemm, native
+from quarot_fx.kernels import int_gemm, native, native_ops
 from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
 from quarot_fx.kernels.int8_linear import int8_channel_codes, int8_linear_reference, int8_weight_linear
 from quarot_fx.kernels.kv_quant import kv_dequantize_reference, kv_quantize, kv_quantize_reference, kv_dequantize
@@ -19,6 +19,7 @@ from quarot_fx.kernels.quantized_linear import pack_linear_weight, quantized_lin
 from test_quant_kernels import linear_inputs
 
 NAMES = [name for name, _, _ in native.VARIANTS]
+pytestmark = pytest.mark.usefixtures("python_bodies")  # the ops' Python bodies call the patched library
 
 
 def variant_library(name: str):
@@ -81,7 +82,7 @@ HADAMARD_SHAPES = ((1536, 1), (576, 1), (64, 9), (40, 1), (12, 4), (256, 2))
 def generic_results():
     """The generic C variant's Hadamards and attention: what every SIMD variant must reproduce."""
     lib = variant_library("generic")
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, native_ops.suspended():
         patch.setattr(native, "library", lambda: lib)
         return {shape: hadamard_transform_cpu(hadamard_input(*shape), shape[1]) for shape in HADAMARD_SHAPES}
 

@@ -47,6 +47,7 @@ def test_kernel_agrees_with_dequantize_then_sdpa(batch, kv_heads, groups, rows, 
     torch.testing.assert_close(packed_attention(*args), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("python_bodies")
 def test_the_kernel_runs_where_it_applies_and_the_reference_elsewhere(monkeypatch):
     calls = []
     real = native.packed_attention
@@ -99,6 +100,7 @@ def test_kernel_with_a_mask_agrees_with_dequantize_then_sdpa(kv_heads, groups, r
     torch.testing.assert_close(packed_attention(*args), packed_attention_reference(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("python_bodies")
 def test_compiled_model_attention_reads_the_packed_cache(monkeypatch):
     calls = []
     real = native.packed_attention
@@ -148,6 +150,7 @@ def test_the_pass_fuses_only_what_it_can_and_says_why_not(dropout, keys_elsewher
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.usefixtures("python_bodies")
 def test_a_static_packed_cache_is_read_by_the_kernel_in_one_decode_graph(monkeypatch, arch):
     """A static cache's graphs slice it (prefill), mask its unwritten tail and repeat kv heads
     (decode): attention still reads the codes, every decode position runs the same graph, and the

@@ -174,6 +174,7 @@ def test_kv_round_trip_is_the_fake_quantizer(rows, d, bits, dtype, seed):
     assert torch.equal(kv_dequantize(codes, scale, zero.to(torch.uint8), bits, d, dtype), y)  # the packed cache's zeros
 
 
+@pytest.mark.usefixtures("python_bodies")
 def test_kv_ops_run_the_c_kernels_where_built_and_leave_non_finite_values_to_the_reference(monkeypatch):
     from quarot_fx.kernels import native
 
