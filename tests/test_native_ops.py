@@ -134,6 +134,15 @@ def test_a_shape_is_served_only_under_the_policy_it_was_decided_for():
     assert not ran and same(result, OPS._quantized_linear_python.default(*args))
 
 
+def test_native_timed_counts_the_c_time_spent_from_cpp():
+    """speed.py's kernel/overhead split: C time reached from C++ counts as kernel time."""
+    x = torch.randn(1, 1, 576)
+    OPS.hadamard_transform.default(x, 1)
+    with native.timed() as elapsed:
+        assert in_cpp(OPS.hadamard_transform.default, x, 1)[1]
+    assert elapsed[0] > 0
+
+
 def test_suspended_keeps_every_call_in_python_and_binds_again_after():
     x = torch.randn(1, 1, 576)
     OPS.hadamard_transform.default(x, 1)
