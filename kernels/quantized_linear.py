@@ -118,7 +118,7 @@ def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_d
         x2.shape[0], in_features, out_features, group, gemm, int4=dense).choice
     candidate = gemm_candidate(choice)
     if candidate.linear is not None:  # the whole linear on the packed bytes (the C kernels)
-        if x2.shape[0] <= native.FEW_ROWS:  # the GEMV: later calls of this shape stay in C++
+        if choice == "int4" and x2.shape[0] <= native.FEW_ROWS:  # the GEMV: later calls of this shape stay in C++
             native_ops.allow_gemv(x2.shape[0], in_features, out_features, gemm)
         y = candidate.linear(x2, x_scale.reshape(-1, 1), weight, weight_scale, bias, in_features)
         return y.to(out_dtype).reshape(*lead, out_features)
