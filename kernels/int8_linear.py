@@ -72,7 +72,7 @@ def _blocked(x2, weight, scale, bias) -> torch.Tensor:
     return out
 
 
-@define_op("quarot_fx::int8_weight_linear")
+@define_op("quarot_fx::int8_weight_linear", python_twin=True)
 def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x·(weight·scale)ᵀ + bias in x's dtype; see the module doc."""

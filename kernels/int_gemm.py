@@ -60,7 +60,7 @@ class Decision:
 
 
 _decisions: dict[tuple, Decision] = {}
-_decided: dict[tuple, tuple] = {}  # (bucket, in, out, group, policy, int4) → (candidates then, decision)
+_decided: dict[tuple, tuple] = {}  # (bucket, in, out, group, policy, int4, unpacks) → (candidates then, decision)
 
 
 def check_policy(name: str, value: str) -> str:
@@ -119,11 +119,13 @@ def weight_copies(weight, scale=None, stream: bool = True, limit: int = 256) -> 
 
 
 def measure(rows: int, in_features: int, out_features: int, group: int, candidates: tuple,
-            repeats: int = 2) -> dict:
+            repeats: int = 2, unpacks: bool = False) -> dict:
     """Milliseconds per call of each candidate (registered in ``gemm``) on this shape, on random
     codes, over weight copies that exceed the cache at decode rows (``benchmarks/int_gemm.py``
-    prints the same timings)."""
+    prints the same timings). ``unpacks``: the calls will unpack the packed weight each time (it
+    is not kept resident), so a candidate that multiplies unpacked codes is timed with that work."""
     from . import native
+    from .gemm import unpack_linear_weight
 
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=generator)
@@ -136,6 +138,11 @@ def measure(rows: int, in_features: int, out_features: int, group: int, candidat
         if c.linear is not None:
             ms[name] = streamed_ms(lambda w, c=c: c.linear(codes, x_scale, *w, None, in_features),
                                    weight_copies(pack_linear_weight(weight), torch.ones(out_features, 1), stream), repeats)
+        elif unpacks:
+            groups = in_features // group
+            ms[name] = streamed_ms(lambda w, c=c: c.matmul(codes, c.prepare(unpack_linear_weight(w[0], in_features, groups),
+                                                                            group, dtype), group, None, dtype),
+                                   weight_copies(pack_linear_weight(weight, groups), stream=stream), repeats)
         else:
             ms[name] = streamed_ms(lambda w, c=c: c.matmul(codes, w[0], group, None, dtype),
                                    weight_copies(c.prepare(weight, group, dtype), stream=stream), repeats)
@@ -143,18 +150,19 @@ def measure(rows: int, in_features: int, out_features: int, group: int, candidat
 
 
 def decide(rows: int, in_features: int, out_features: int, group: int, policy: str = "auto",
-           int4: bool = True) -> Decision:
+           int4: bool = True, unpacks: bool = False) -> Decision:
     """The GEMM for this shape under ``policy`` (measured once per process per shape bucket).
     ``int4``: the weight is in the dense packed layout the C kernels read (not compressed sparse
-    storage). A forced candidate that does not apply to the shape is replaced by the measured
-    fastest of those that do (by "range" when only one does, e.g. int32 could overflow)."""
+    storage). ``unpacks``: each call unpacks the weight (``resident_weights="packed"``), which the
+    measurement then includes. A forced candidate that does not apply to the shape is replaced by
+    the measured fastest of those that do (by "range" when only one does, e.g. int32 could overflow)."""
     bucket = rows_bucket(rows)
-    known = _decided.get((bucket, in_features, out_features, group, policy, int4))
+    known = _decided.get((bucket, in_features, out_features, group, policy, int4, unpacks))
     if known is not None and known[0] == gemm_candidates():  # the per-call path: one lookup
         return known[1]
     applicable = tuple(name for name in gemm_candidates()
                        if gemm_candidate(name).applies(bucket, in_features, out_features, group, int4))
-    key = (bucket, in_features, out_features, group, policy, applicable)
+    key = (bucket, in_features, out_features, group, policy, applicable, unpacks)
     if key in _decisions:
         return _decisions[key]
     forced, by = (policy, "option") if policy != "auto" else (gemm_environment(), "environment")
@@ -163,11 +171,11 @@ def decide(rows: int, in_features: int, out_features: int, group: int, policy: s
     elif len(applicable) == 1:
         decision = Decision(bucket, in_features, out_features, group, applicable[0], "range")
     else:
-        ms = measure(bucket, in_features, out_features, group, applicable)
+        ms = measure(bucket, in_features, out_features, group, applicable, unpacks=unpacks)
         decision = Decision(bucket, in_features, out_features, group, min(ms, key=ms.get), "measured",
                             tuple((name, round(t, 4)) for name, t in ms.items()))
     _decisions[key] = decision
-    _decided[key[:5] + (int4,)] = (gemm_candidates(), decision)
+    _decided[key[:5] + (int4, unpacks)] = (gemm_candidates(), decision)
     return decision
 
 

@@ -390,6 +390,30 @@ static float dot(const float *a, const float *b, int64_t d) {
     return total;
 }
 
+#ifdef __AVX2__
+/* dot() of one query with four keys: four independent sums (one waits on each add), each in dot()'s
+ * own order, so the same four results. */
+static void dot_x4(const float *a, const float *keys, int64_t d, float out[4]) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        const __m256 q = _mm256_loadu_ps(a + i);
+        s0 = _mm256_add_ps(s0, _mm256_mul_ps(q, _mm256_loadu_ps(keys + i)));
+        s1 = _mm256_add_ps(s1, _mm256_mul_ps(q, _mm256_loadu_ps(keys + d + i)));
+        s2 = _mm256_add_ps(s2, _mm256_mul_ps(q, _mm256_loadu_ps(keys + 2 * d + i)));
+        s3 = _mm256_add_ps(s3, _mm256_mul_ps(q, _mm256_loadu_ps(keys + 3 * d + i)));
+    }
+    const __m256 sums[4] = {s0, s1, s2, s3};
+    for (int c = 0; c < 4; c++) {
+        float lanes[8], total = 0.0f;
+        _mm256_storeu_ps(lanes, sums[c]);
+        for (int j = 0; j < 8; j++) total += lanes[j];
+        for (int64_t t = i; t < d; t++) total += a[t] * keys[c * d + t];
+        out[c] = total;
+    }
+}
+#endif
+
 /* Whether any query row of kv head group [qh0, qh0 + groups) sees a key of tokens t0..t0+count-1. */
 static int block_seen(const float *mask, int64_t offset, int64_t qh0, int64_t groups, int64_t rows, int64_t mh,
                       int64_t mr, int64_t t0, int64_t count) {
@@ -431,8 +455,13 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
                     if (seen <= 0) continue;
                     float block_top = -INFINITY;
                     const float *added = mask ? mask + b * mb + (h * groups + g) * mh + r * mr + t0 : NULL;
-                    for (int64_t j = 0; j < seen; j++) {
-                        score[j] = dot(query, keys + j * d, d) * scale + (added ? added[j] : 0.0f);
+                    int64_t j = 0;
+#ifdef __AVX2__
+                    for (; j + 4 <= seen; j += 4) dot_x4(query, keys + j * d, d, score + j);
+#endif
+                    for (; j < seen; j++) score[j] = dot(query, keys + j * d, d);
+                    for (j = 0; j < seen; j++) {
+                        score[j] = score[j] * scale + (added ? added[j] : 0.0f);
                         block_top = score[j] > block_top ? score[j] : block_top;
                     }
                     if (block_top == -INFINITY) continue; /* every key of this block masked for this query */

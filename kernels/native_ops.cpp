@@ -12,6 +12,7 @@
  * quarot_fx::_<op>_python: the Python side stays the one place that decides. The decisions this
  * file needs are handed over by it on first use: that a linear's shape runs the int4 GEMV
  * (int_gemm's measured choice) and each Hadamard order's factor plan. */
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -19,6 +20,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -42,12 +44,15 @@ typedef int (*AttentionFn)(const float *, const uint8_t *, const float *, const 
                            int64_t, int64_t, float, int64_t, const float *, int64_t, int64_t, int64_t);
 typedef int (*KvQuantizeFn)(const float *, uint8_t *, float *, float *, int64_t, int64_t, int64_t, int64_t, float,
                             int64_t);
+typedef void (*Int8LinearFn)(const float *, const int8_t *, const float *, const float *, float *, int64_t, int64_t,
+                             int64_t, int64_t);
 
 struct Kernels {
     GemvFn gemv = nullptr;
     HadamardFn hadamard = nullptr;
     KvQuantizeFn kv_quantize = nullptr;
     AttentionFn attention = nullptr;
+    Int8LinearFn int8_linear = nullptr;
     int64_t few_rows = 0;
 };
 
@@ -74,6 +79,31 @@ auto timed(F &&run) {
 
 void python_body(const char *twin, Stack *stack) {
     c10::Dispatcher::singleton().findSchemaOrThrow(twin, "").callBoxed(stack);
+}
+
+/* An op's CPU kernel: its fast path where it covers the call, else the op's Python body. */
+template <bool (*fast)(Stack *), const char *twin>
+void fast_or_python(const c10::OperatorHandle &, Stack *stack) {
+    if (!fast(stack)) python_body(twin, stack);
+}
+
+constexpr char linear_twin[] = "quarot_fx::_quantized_linear_python";
+constexpr char hadamard_twin[] = "quarot_fx::_hadamard_transform_python";
+constexpr char kv_quantize_twin[] = "quarot_fx::_kv_quantize_python";
+constexpr char attention_twin[] = "quarot_fx::_packed_attention_python";
+constexpr char int8_linear_twin[] = "quarot_fx::_int8_weight_linear_python";
+
+/* Output channels split into blocks of this many for torch's threads (a multiple of the GEMVs'
+ * four channels at a time): every channel is computed as by one call over all, so the same bits. */
+constexpr int64_t CHANNEL_BLOCK = 64;
+
+template <class F>
+void over_channel_blocks(int64_t channels, F &&run) {  // run(first, count) on torch's threads
+    const int64_t blocks = (channels + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
+    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+        const int64_t start = first * CHANNEL_BLOCK, stop = std::min(channels, last * CHANNEL_BLOCK);
+        run(start, stop - start);
+    });
 }
 
 bool cpu_tensor(const c10::IValue &value, at::ScalarType dtype) {
@@ -115,10 +145,18 @@ bool linear_fast(Stack *stack) {
                      channel = weight_scale.contiguous();
     const at::Tensor bias = has_bias ? args[4].toTensor().contiguous() : at::Tensor();
     at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
+    const int64_t half = in_features / 2;  // native.c's bytes per weight row
     timed([&] {
-        kernels.gemv(codes.data_ptr<int8_t>(), scales.data_ptr<float>(), packed.data_ptr<uint8_t>(),
-                     channel.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), rows,
-                     in_features, out_features);
+        if (rows == 1 && in_features % 2 == 0)  // one row (a decode step): the channels on torch's threads
+            over_channel_blocks(out_features, [&](int64_t first, int64_t count) {
+                kernels.gemv(codes.data_ptr<int8_t>(), scales.data_ptr<float>(), packed.data_ptr<uint8_t>() + first * half,
+                             channel.data_ptr<float>() + first, has_bias ? bias.data_ptr<float>() + first : nullptr,
+                             y.data_ptr<float>() + first, 1, in_features, count);
+            });
+        else
+            kernels.gemv(codes.data_ptr<int8_t>(), scales.data_ptr<float>(), packed.data_ptr<uint8_t>(),
+                         channel.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                         rows, in_features, out_features);
         return 0;
     });
     if (out_dtype != at::kFloat) y = y.to(out_dtype);
@@ -128,9 +166,6 @@ bool linear_fast(Stack *stack) {
     return true;
 }
 
-void quantized_linear(const c10::OperatorHandle &, Stack *stack) {
-    if (!linear_fast(stack)) python_body("quarot_fx::_quantized_linear_python", stack);
-}
 
 /* hadamard_transform(x, inner): float32, up to few_rows rows, an order whose plan was handed over. */
 bool hadamard_fast(Stack *stack) {
@@ -160,9 +195,6 @@ bool hadamard_fast(Stack *stack) {
     return true;
 }
 
-void hadamard_transform(const c10::OperatorHandle &, Stack *stack) {
-    if (!hadamard_fast(stack)) python_body("quarot_fx::_hadamard_transform_python", stack);
-}
 
 /* The op's autograd layer on CPU: its Python formula (on the twin, which carries it too) where a
  * gradient is wanted, else straight on to the CPU kernel above; the Python layer alone cost more
@@ -170,7 +202,7 @@ void hadamard_transform(const c10::OperatorHandle &, Stack *stack) {
 void hadamard_transform_autograd(const c10::OperatorHandle &op, c10::DispatchKeySet keys, Stack *stack) {
     const c10::IValue &x = (*stack)[stack->size() - 2];
     if (c10::GradMode::is_enabled() && x.isTensor() && x.toTensor().requires_grad())
-        python_body("quarot_fx::_hadamard_transform_python", stack);
+        python_body(hadamard_twin, stack);
     else
         op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
@@ -201,9 +233,6 @@ bool kv_quantize_fast(Stack *stack) {
     return true;
 }
 
-void kv_quantize(const c10::OperatorHandle &, Stack *stack) {
-    if (!kv_quantize_fast(stack)) python_body("quarot_fx::_kv_quantize_python", stack);
-}
 
 /* packed_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype, attn_mask, scale,
  * is_causal, enable_gqa): float32 queries of up to few_rows rows over one scale and zero point per
@@ -258,13 +287,27 @@ bool attention_fast(Stack *stack) {
     const at::Tensor kz = args[3].toTensor().to(at::kFloat).contiguous(), vz = args[6].toTensor().to(at::kFloat).contiguous();
     const double scale = args[11].isNone() ? 1.0 / std::sqrt(static_cast<double>(length)) : args[11].toDouble();
     at::Tensor out = at::empty(query.sizes(), query.options());
-    const int failed = timed([&] {
-        return kernels.attention(query.data_ptr<float>(), kc.data_ptr<uint8_t>(), ks.data_ptr<float>(),
-                                 kz.data_ptr<float>(), vc.data_ptr<uint8_t>(), vs.data_ptr<float>(), vz.data_ptr<float>(),
-                                 out.data_ptr<float>(), batch, q_heads, kv_heads, rows, tokens, length, row_bytes,
-                                 bits <= 4, static_cast<float>(scale), causal,
-                                 has_mask ? mask.data_ptr<float>() : nullptr, has_mask ? mask.stride(0) : 0,
-                                 has_mask ? mask.stride(1) : 0, has_mask ? mask.stride(2) : 0);
+    // One C call per (batch, kv head) on torch's threads: each reads its own codes and writes its own
+    // query heads, in the order the whole call would, so the bits are the same as one call's.
+    const int64_t groups = q_heads / kv_heads, q_step = groups * rows * length, kv_tokens = tokens;
+    const float *mask_data = has_mask ? mask.data_ptr<float>() : nullptr;
+    const int64_t mb = has_mask ? mask.stride(0) : 0, mh = has_mask ? mask.stride(1) : 0,
+                  mr = has_mask ? mask.stride(2) : 0;
+    std::atomic<int> failed{0};
+    timed([&] {
+        at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
+            for (int64_t unit = first; unit < last; unit++) {
+                const int64_t b = unit / kv_heads, h = unit % kv_heads;
+                failed |= kernels.attention(
+                    query.data_ptr<float>() + unit * q_step, kc.data_ptr<uint8_t>() + unit * kv_tokens * row_bytes,
+                    ks.data_ptr<float>() + unit * kv_tokens, kz.data_ptr<float>() + unit * kv_tokens,
+                    vc.data_ptr<uint8_t>() + unit * kv_tokens * row_bytes, vs.data_ptr<float>() + unit * kv_tokens,
+                    vz.data_ptr<float>() + unit * kv_tokens, out.data_ptr<float>() + unit * q_step, 1, groups, 1, rows,
+                    tokens, length, row_bytes, bits <= 4, static_cast<float>(scale), causal,
+                    mask_data ? mask_data + b * mb + h * groups * mh : nullptr, mb, mh, mr);
+            }
+        });
+        return 0;
     });
     if (failed) return false;
     torch::jit::drop(*stack, 14);
@@ -272,19 +315,52 @@ bool attention_fast(Stack *stack) {
     return true;
 }
 
-void packed_attention(const c10::OperatorHandle &, Stack *stack) {
-    if (!attention_fast(stack)) python_body("quarot_fx::_packed_attention_python", stack);
+
+/* int8_weight_linear(x, weight, scale, bias): the 8-bit head at decode, float32 x of up to few_rows
+ * rows (as the Python body's C path); one row splits the channels over torch's threads. */
+bool int8_linear_fast(Stack *stack) {
+    auto args = torch::jit::last(*stack, 4);
+    if (!kernels.int8_linear || !cpu_tensor(args[0], at::kFloat) || !cpu_tensor(args[1], at::kChar) ||
+        !cpu_tensor(args[2], at::kFloat) || !(args[3].isNone() || cpu_tensor(args[3], at::kFloat)))
+        return false;
+    const at::Tensor &x = args[0].toTensor(), &weight = args[1].toTensor(), &scale = args[2].toTensor();
+    if (weight.dim() != 2 || x.dim() < 1 || x.size(-1) != weight.size(1) || weight.size(1) < 1) return false;
+    const int64_t k = weight.size(1), n = weight.size(0), rows = x.numel() / k;
+    if (rows < 1 || rows > kernels.few_rows || scale.dim() != 2 || scale.size(0) != n || scale.size(1) != 1 ||
+        (!args[3].isNone() && (args[3].toTensor().dim() != 1 || args[3].toTensor().size(0) != n)))
+        return false;
+    const at::Tensor input = x.contiguous(), codes = weight.contiguous(), scales = scale.contiguous();
+    const at::Tensor bias = args[3].isNone() ? at::Tensor() : args[3].toTensor().contiguous();
+    const float *b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    at::Tensor y = at::empty({rows, n}, input.options());
+    timed([&] {
+        if (rows == 1)
+            over_channel_blocks(n, [&](int64_t first, int64_t count) {
+                kernels.int8_linear(input.data_ptr<float>(), codes.data_ptr<int8_t>() + first * k,
+                                    scales.data_ptr<float>() + first, b ? b + first : nullptr, y.data_ptr<float>() + first,
+                                    1, k, count, 1);
+            });
+        else
+            kernels.int8_linear(input.data_ptr<float>(), codes.data_ptr<int8_t>(), scales.data_ptr<float>(), b,
+                                y.data_ptr<float>(), rows, k, n, at::get_num_threads());
+        return 0;
+    });
+    y = y.view(with_last(x.sizes(), n));
+    torch::jit::drop(*stack, 4);
+    torch::jit::push(*stack, std::move(y));
+    return true;
 }
 
 /* The Python side's hand-over. */
 void bind(std::vector<int64_t> addresses, int64_t few_rows) {
-    TORCH_CHECK(addresses.size() == 4,
-                "_native_bind takes the addresses of int4_gemv, hadamard_axes, kv_quantize, packed_attention");
+    TORCH_CHECK(addresses.size() == 5, "_native_bind takes the addresses of int4_gemv, hadamard_axes, kv_quantize, "
+                                       "packed_attention, int8_weight_linear");
     std::lock_guard<std::mutex> lock(guard);
     kernels.gemv = reinterpret_cast<GemvFn>(addresses[0]);
     kernels.hadamard = reinterpret_cast<HadamardFn>(addresses[1]);
     kernels.kv_quantize = reinterpret_cast<KvQuantizeFn>(addresses[2]);
     kernels.attention = reinterpret_cast<AttentionFn>(addresses[3]);
+    kernels.int8_linear = reinterpret_cast<Int8LinearFn>(addresses[4]);
     kernels.few_rows = few_rows;
 }
 
@@ -338,10 +414,14 @@ TORCH_LIBRARY_FRAGMENT(quarot_fx, m) {
 }
 
 TORCH_LIBRARY_IMPL(quarot_fx, CPU, m) {
-    m.impl("quantized_linear", torch::CppFunction::makeFromBoxedFunction<&quantized_linear>());
-    m.impl("hadamard_transform", torch::CppFunction::makeFromBoxedFunction<&hadamard_transform>());
-    m.impl("kv_quantize", torch::CppFunction::makeFromBoxedFunction<&kv_quantize>());
-    m.impl("packed_attention", torch::CppFunction::makeFromBoxedFunction<&packed_attention>());
+    m.impl("quantized_linear", torch::CppFunction::makeFromBoxedFunction<&fast_or_python<&linear_fast, linear_twin>>());
+    m.impl("hadamard_transform",
+           torch::CppFunction::makeFromBoxedFunction<&fast_or_python<&hadamard_fast, hadamard_twin>>());
+    m.impl("kv_quantize", torch::CppFunction::makeFromBoxedFunction<&fast_or_python<&kv_quantize_fast, kv_quantize_twin>>());
+    m.impl("packed_attention",
+           torch::CppFunction::makeFromBoxedFunction<&fast_or_python<&attention_fast, attention_twin>>());
+    m.impl("int8_weight_linear",
+           torch::CppFunction::makeFromBoxedFunction<&fast_or_python<&int8_linear_fast, int8_linear_twin>>());
 }
 
 TORCH_LIBRARY_IMPL(quarot_fx, AutogradCPU, m) {

@@ -1,6 +1,8 @@
 """The dispatcher's CPU kernels for the hot ops (``native_ops.cpp``): a compiled graph's call of
-``quantized_linear``, ``hadamard_transform``, ``kv_quantize`` or ``packed_attention`` reaches the C kernels without
-entering Python.
+``quantized_linear``, ``hadamard_transform``, ``kv_quantize``, ``packed_attention`` or ``int8_weight_linear``
+reaches the C kernels without entering Python. A decode step's one-row GEMVs (the int4 layers and the
+8-bit head) and its attention heads run on torch's threads (its warm pool: no thread start per call),
+each output channel or head computed as one call would, so the same bits.
 
 Why: a decode step of a 30-layer model calls these ops about 300 times with one row each;
 through their Python bodies each call costs tens of microseconds of dispatch, checks and
@@ -35,7 +37,7 @@ from . import native
 
 SOURCE = Path(__file__).with_name("native_ops.cpp")
 ENVIRONMENT = "QUAROT_FX_NATIVE_OPS"
-BOUND_KERNELS = ("int4_gemv", "hadamard_axes", "kv_quantize", "packed_attention")  # the order _native_bind takes
+BOUND_KERNELS = ("int4_gemv", "hadamard_axes", "kv_quantize", "packed_attention", "int8_weight_linear")  # the order _native_bind takes
 _reason: list[str] = []
 _allowed: set = set()  # gemv shapes and Hadamard plans already handed over
 _bound: list = []  # the C library the kernels call (native.library() when load ran)
@@ -47,18 +49,20 @@ def _command(compiler: str, out: Path) -> list[str]:
 
     includes = [flag for path in cpp_extension.include_paths() for flag in ("-I", path)]
     libraries = [flag for path in cpp_extension.library_paths() for flag in ("-L", path, f"-Wl,-rpath,{path}")]
-    return [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+    # -fopenmp: at::parallel_for (inline in the headers) runs on torch's OpenMP threads, not serially;
+    # the rpath finds torch's own libgomp first, and the loader shares the copy torch already loaded
+    return [compiler, "-O2", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *includes, str(SOURCE),
             "-o", str(out), *libraries, "-lc10", "-ltorch_cpu", "-ltorch"]
 
 
 def _library_path() -> Path:
-    """The built library (built now if absent or not private), keyed by the source, torch and
-    the compiler."""
+    """The built library (built now if absent or not private), keyed by the source, torch, the
+    compiler and its flags."""
     compiler = os.environ.get("CXX", "c++")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, torch.__file__, compiler, version,
-                                    sys.version]).encode()).hexdigest()[:16]
+                                    sys.version, *_command(compiler, Path("out"))]).encode()).hexdigest()[:16]
     target = native._cache_dir() / f"native_ops-{key}.so"
     if not native._private(target, stat.S_IFREG):
         native.build_library(lambda out: _command(compiler, out), target)

@@ -115,7 +115,7 @@ def linear_from_codes(x, x_scale, weight, weight_scale, bias, in_features, out_d
     lead, out_features, groups = x.shape[:-1], weight_scale.shape[0], weight_scale.shape[1]
     x2 = x.reshape(-1, in_features)
     choice = "float" if x_scale is None or gemm == "float" else int_gemm.decide(
-        x2.shape[0], in_features, out_features, group, gemm, int4=dense).choice
+        x2.shape[0], in_features, out_features, group, gemm, int4=dense, unpacks=not keep_unpacked).choice
     candidate = gemm_candidate(choice)
     if candidate.linear is not None:  # the whole linear on the packed bytes (the C kernels)
         if choice == "int4" and x2.shape[0] <= native.FEW_ROWS:  # the GEMV: later calls of this shape stay in C++

@@ -42,7 +42,7 @@ def _integer_kv(graph: fx.Graph, source: fx.Node, bits: int, clip: float, like) 
     return graph.call_function(KV_DEQUANTIZE, (*parts, bits, like.shape[-1], like.dtype))
 
 
-def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str) -> None:
+def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str, unpacks: bool) -> None:
     """Choose (or read the option for) the CPU's integer GEMM for this linear at the compiled
     number of rows (this call's, when the graph serves any) and at one row (decode), so the
     report says what will run; the kernel makes the same cached decision at run time for any
@@ -55,7 +55,7 @@ def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str) -> None:
         return
     in_features, out_features, groups = integer_linear_shape(linear)
     for m in dict.fromkeys((rows, 1)):
-        decision = int_gemm.decide(m, in_features, out_features, in_features // groups, policy)
+        decision = int_gemm.decide(m, in_features, out_features, in_features // groups, policy, unpacks=unpacks)
         if decision not in report.gemm:
             report.gemm.append(decision)
 
@@ -192,7 +192,7 @@ def lower_to_integer_kernels(ctx) -> None:
                 graph.erase_node(rotation)
                 fused += 1
         for linear in linears:
-            _decide_gemm(report, linear, source, ctx.config.int_gemm)
+            _decide_gemm(report, linear, source, ctx.config.int_gemm, ctx.config.resident_weights == "packed")
     report.counters["fused_hadamards"] += fused
     if fused:
         report.notes.append(f"integer kernels: {fused} online Hadamards fused into activation quantization")

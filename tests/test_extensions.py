@@ -159,7 +159,7 @@ def test_a_new_gemm_candidate_in_a_few_lines(int64_gemm, monkeypatch):
         assert {d.choice for d in reports[0].gemm} == {policy}
     assert torch.equal(logits["int64"], logits["float"])  # the same exact sums, the same bits
     asked = []
-    monkeypatch.setattr(int_gemm, "measure", lambda *shape: asked.append(shape[-1]) or {c: 1.0 for c in shape[-1]})
+    monkeypatch.setattr(int_gemm, "measure", lambda *shape, **_: asked.append(shape[-1]) or {c: 1.0 for c in shape[-1]})
     int_gemm.forget()
     int_gemm.decide(4, 64, 32, 64)
     assert "int64" in asked[0]  # "auto" times it with the others

@@ -47,7 +47,19 @@ def test_each_policy_runs_its_own_gemm(monkeypatch):
 
 def fake_timings(measured, verdict):
     """A ``measure`` stand-in: records the shapes and candidates asked, times ``verdict`` fastest."""
-    return lambda *shape: measured.append(shape) or {c: 1.0 if c == verdict[0] else 2.0 for c in shape[-1]}
+    return lambda *shape, **how: measured.append(shape) or {c: 1.0 if c == verdict[0] else 2.0 for c in shape[-1]}
+
+
+def test_a_weight_unpacked_on_every_call_is_measured_with_its_unpacking(monkeypatch):
+    """Without resident weights a GEMM on unpacked codes unpacks them each call: the decision that
+    measured it without that work (and chose it over the GEMV on packed bytes) was not what runs."""
+    asked = []
+    monkeypatch.setattr(int_gemm, "measure", lambda *shape, **how: asked.append(how) or {c: 1.0 for c in shape[-1]})
+    int_gemm.decide(1, 64, 32, 64, unpacks=True)
+    int_gemm.decide(1, 64, 32, 64, unpacks=False)
+    assert asked == [{"unpacks": True}, {"unpacks": False}]  # two decisions, one per way of calling
+    ms = int_gemm.measure(1, 64, 32, 64, ("int8", "float"), repeats=1, unpacks=True)  # the real timing runs
+    assert set(ms) == {"int8", "float"} and all(t > 0 for t in ms.values())
 
 
 def test_auto_keeps_the_measured_winner_once_per_shape(monkeypatch):
@@ -175,7 +187,7 @@ def test_compiled_decode_with_the_int4_kernels_gives_the_float_emulations_logits
 
 
 def test_environment_overrides_auto_and_bad_values_name_the_variable(monkeypatch):
-    monkeypatch.setattr(int_gemm, "measure", lambda *shape: pytest.fail("the environment decides"))
+    monkeypatch.setattr(int_gemm, "measure", lambda *shape, **_: pytest.fail("the environment decides"))
     monkeypatch.setenv(int_gemm.ENVIRONMENT, "int8")
     assert int_gemm.decide(4, 64, 32, 64).choice == "int8"
     assert int_gemm.decide(4, 64, 32, 64, "float").by == "option"  # the option is stronger

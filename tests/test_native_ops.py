@@ -45,7 +45,8 @@ def in_cpp(op, *args) -> tuple:
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 16), k=st.sampled_from([2, 8, 64, 66, 576]), n=st.integers(1, 40), bias=st.booleans(),
+@given(rows=st.integers(1, 16), k=st.sampled_from([2, 8, 64, 66, 576]), n=st.integers(1, 40) | st.sampled_from([65, 130, 301]),
+       bias=st.booleans(),
        out_dtype=st.sampled_from([torch.float32, torch.bfloat16]), lead=st.booleans(), seed=st.integers(0, 50))
 def test_linear_gives_the_python_bodys_bits_from_cpp(rows, k, n, bias, out_dtype, lead, seed):
     codes, x_scale, w, w_scale, b = linear_inputs(rows, k, n, 1, seed, bias)
@@ -92,19 +93,36 @@ def test_kv_quantize_gives_the_python_bodys_bits_from_cpp(bits, length, heads, c
 
 
 @settings(max_examples=40, deadline=None)
-@given(kv_heads=st.integers(1, 3), groups=st.integers(1, 3), rows=st.integers(1, 16), tokens=st.integers(1, 150),
-       dim=st.sampled_from([8, 64]), bits=st.sampled_from([4, 8]), mask=st.sampled_from([None, "bool", "float"]),
-       causal=st.booleans(), byte_zero=st.booleans(), seed=st.integers(0, 50))
-def test_attention_gives_the_python_bodys_bits_from_cpp(kv_heads, groups, rows, tokens, dim, bits, mask, causal,
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), groups=st.integers(1, 3), rows=st.integers(1, 16),
+       tokens=st.integers(1, 150), dim=st.sampled_from([8, 64]), bits=st.sampled_from([4, 8]),
+       mask=st.sampled_from([None, "bool", "float"]), causal=st.booleans(), byte_zero=st.booleans(),
+       seed=st.integers(0, 50))
+def test_attention_gives_the_python_bodys_bits_from_cpp(batch, kv_heads, groups, rows, tokens, dim, bits, mask, causal,
                                                         byte_zero, seed):
-    q, *parts = attention_inputs(1, kv_heads, groups, rows, tokens, dim, bits, seed, byte_zero)
+    """The C++ kernel runs each (batch, kv head) on torch's threads, the Python body all in one C call."""
+    q, *parts = attention_inputs(batch, kv_heads, groups, rows, tokens, dim, bits, seed, byte_zero)
     g = torch.Generator().manual_seed(seed)
-    attn_mask = {None: None, "bool": torch.rand(1, 1, rows, tokens, generator=g) > 0.3,
+    attn_mask = {None: None, "bool": torch.rand(batch, 1, rows, tokens, generator=g) > 0.3,
                  "float": torch.randn(1, kv_heads * groups, 1, tokens, generator=g)}[mask]
     args = (q, *parts, bits, dim, torch.float32, attn_mask, None, causal and mask is None, groups > 1)
     result, ran = in_cpp(OPS.packed_attention.default, *args)
     assert ran
     assert same(result, OPS._packed_attention_python.default(*args))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 16), k=st.sampled_from([3, 64, 576]), n=st.sampled_from([1, 7, 64, 65, 301]),
+       bias=st.booleans(), seed=st.integers(0, 50))
+def test_int8_head_gives_the_python_bodys_bits_from_cpp(rows, k, n, bias, seed):
+    """One row: the channels split over torch's threads; more rows: one C call, as the Python body."""
+    from quarot_fx.kernels.int8_linear import int8_channel_codes
+
+    g = torch.Generator().manual_seed(seed)
+    codes, scale = int8_channel_codes(torch.randn(n, k, generator=g))
+    args = (torch.randn(1, rows, k, generator=g), codes, scale, torch.randn(n, generator=g) if bias else None)
+    result, ran = in_cpp(OPS.int8_weight_linear.default, *args)
+    assert ran
+    assert same(result, OPS._int8_weight_linear_python.default(*args))
 
 
 def test_what_cpp_does_not_cover_runs_the_python_body():
