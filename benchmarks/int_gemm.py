@@ -8,7 +8,8 @@ All compute the same exact integer sums (checked here too); which is fastest dep
 winner (``kernels/int_gemm.py``). The timings are that decision's own (``int_gemm.measure``: at
 decode, cycling through copies of the weight that together exceed the last-level cache, as a
 model's layers each read their own weights). This prints them at full prefill and decode shapes
-and what the decision picks.
+(each GEMM alone, at the shape's own rows) and what the decision picks for the default
+``resident_weights="packed"`` (it adds the per-call unpacking to the GEMMs on unpacked codes).
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def main(argv=None) -> None:
             ones = torch.ones(rows, 1)
             assert torch.equal(native.int4_linear(codes, ones, pack_linear_weight(weight), torch.ones(n, 1), None, k),
                                exact)
-        ms = int_gemm.measure(rows, k, n, k, ("int8", "float") + ("int4",) * int4, args.repeats)
+        ms = int_gemm.measure(rows, k, n, k, ("int8", "float") + ("int4",) * int4, args.repeats, probe_rows=rows)
         row = {"shape": f"{rows}x{k}->{n}", **{f"{c}_ms": round(v, 4) for c, v in ms.items()},
                **{f"{c}_vs_float": round(ms["float"] / v, 2) for c, v in ms.items() if c != "float"},
-               "auto_picks": int_gemm.decide(rows, k, n, k).choice}
+               "auto_picks": int_gemm.decide(rows, k, n, k, unpacks=True).choice}
         print(json.dumps(row) if args.json else
               f"{row['shape']:<16} " + "  ".join(f"{c} {v:9.4f} ms" for c, v in ms.items()) + "  "
               + "  ".join(f"{c} {ms['float'] / v:5.2f}× float" for c, v in ms.items() if c != "float")

@@ -12,8 +12,12 @@ multiply-adds per instruction pair against 8 per fp32 FMA) where ``_int_mm`` has
 
 Which is faster depends on the CPU: with AVX512-VNNI or AMX, oneDNN's int8 GEMM beats an fp32
 matmul several times; with only AVX2 it was measured 15-50× *slower*. So nothing is hard-coded:
-on first use of a shape (rows bucketed to powers of two, capped at ``PROBE_ROWS``) the paths
-are timed once on that shape and the fastest is kept for the rest of the process. At ≤ 16 rows
+on first use of a shape (rows bucketed to powers of two up to ``BUCKET_ROWS``) the paths are timed
+once on that shape and the fastest is kept for the rest of the process. A GEMM's work grows with
+the rows, so a bucket past ``PROBE_ROWS`` is timed at ``PROBE_ROWS`` rows and scaled; where the
+weight is unpacked on every call (``resident_weights="packed"``, the default) that unpacking is
+timed apart and added once, since it does not grow with the rows: it decides a decode step
+(the GEMV on packed bytes wins) and hardly matters to a 2048-row prefill (an int8 GEMM may win). At ≤ 16 rows
 each is timed over enough copies of the weight to exceed the last-level cache, as in a model whose
 layers each read their own weights: at decode, weights stream from memory, and a weight that
 stays in cache would flatter the path that reads more bytes.
@@ -36,7 +40,8 @@ from quarot_fx.config import gemm_environment
 
 from .common import cpu_description
 from .gemm import accumulator_dtype, gemm_candidate, gemm_candidates, gemm_policies, pack_linear_weight
-PROBE_ROWS = 128  # beyond this many rows the relative speed of the two GEMMs no longer moves much
+BUCKET_ROWS = 2048  # row counts are bucketed to powers of two up to this many
+PROBE_ROWS = 128  # a GEMM is timed at most at this many rows, and its time scaled for a larger bucket
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ def cpu_flags() -> list[str]:
 
 
 def rows_bucket(rows: int) -> int:
-    return min(1 << max(rows - 1, 0).bit_length(), PROBE_ROWS)
+    return min(1 << max(rows - 1, 0).bit_length(), BUCKET_ROWS)
 
 
 def last_level_cache_bytes() -> int:
@@ -119,33 +124,36 @@ def weight_copies(weight, scale=None, stream: bool = True, limit: int = 256) -> 
 
 
 def measure(rows: int, in_features: int, out_features: int, group: int, candidates: tuple,
-            repeats: int = 2, unpacks: bool = False) -> dict:
+            repeats: int = 2, unpacks: bool = False, probe_rows: int = PROBE_ROWS) -> dict:
     """Milliseconds per call of each candidate (registered in ``gemm``) on this shape, on random
     codes, over weight copies that exceed the cache at decode rows (``benchmarks/int_gemm.py``
-    prints the same timings). ``unpacks``: the calls will unpack the packed weight each time (it
-    is not kept resident), so a candidate that multiplies unpacked codes is timed with that work."""
+    prints the same timings). Past ``probe_rows`` rows a candidate is timed at ``probe_rows`` and
+    scaled. ``unpacks``: each call unpacks the packed weight first (it is not kept resident), so a
+    candidate that multiplies unpacked codes has that time added (timed on its own: it does not
+    grow with the rows)."""
     from . import native
     from .gemm import unpack_linear_weight
 
+    timed_rows = min(rows, probe_rows)
     generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=generator)
+    codes = torch.randint(-127, 128, (timed_rows, in_features), dtype=torch.int8, generator=generator)
     weight = torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8, generator=generator)
-    dtype, stream = accumulator_dtype(group), rows <= native.FEW_ROWS
-    x_scale = torch.ones(rows, 1)
+    dtype, stream, groups = accumulator_dtype(group), timed_rows <= native.FEW_ROWS, in_features // group
+    x_scale = torch.ones(timed_rows, 1)
+    packed = pack_linear_weight(weight, groups)
     ms = {}
     for name in candidates:
         c = gemm_candidate(name)
         if c.linear is not None:
             ms[name] = streamed_ms(lambda w, c=c: c.linear(codes, x_scale, *w, None, in_features),
-                                   weight_copies(pack_linear_weight(weight), torch.ones(out_features, 1), stream), repeats)
-        elif unpacks:
-            groups = in_features // group
-            ms[name] = streamed_ms(lambda w, c=c: c.matmul(codes, c.prepare(unpack_linear_weight(w[0], in_features, groups),
-                                                                            group, dtype), group, None, dtype),
-                                   weight_copies(pack_linear_weight(weight, groups), stream=stream), repeats)
+                                   weight_copies(packed, torch.ones(out_features, 1), stream), repeats)
         else:
             ms[name] = streamed_ms(lambda w, c=c: c.matmul(codes, w[0], group, None, dtype),
                                    weight_copies(c.prepare(weight, group, dtype), stream=stream), repeats)
+        ms[name] *= rows / timed_rows
+        if unpacks and c.linear is None:
+            ms[name] += streamed_ms(lambda w, c=c: c.prepare(unpack_linear_weight(w[0], in_features, groups), group, dtype),
+                                    weight_copies(packed, stream=stream), repeats)
     return ms
 
 
