@@ -16,9 +16,9 @@ on first use of a shape (rows bucketed to powers of two up to ``BUCKET_ROWS``) t
 once on that shape and the fastest is kept for the rest of the process. A GEMM's work grows with
 the rows, so a bucket past ``PROBE_ROWS`` is timed at ``PROBE_ROWS`` rows and scaled; where the
 weight is unpacked on every call (``resident_weights="packed"``, the default) that unpacking is
-timed apart and added once, since it does not grow with the rows: it decides a decode step
-(the GEMV on packed bytes wins) and hardly matters to a 2048-row prefill (an int8 GEMM may win). At ≤ 16 rows
-each is timed over enough copies of the weight to exceed the last-level cache, as in a model whose
+timed apart and added once, since it does not grow with the rows: it decides a decode step (the
+GEMV on packed bytes wins) and hardly matters to a 2048-row prefill (an int8 GEMM may win). At ≤ 16
+rows each is timed over enough copies of the weight to exceed the last-level cache, as in a model whose
 layers each read their own weights: at decode, weights stream from memory, and a weight that
 stays in cache would flatter the path that reads more bytes.
 

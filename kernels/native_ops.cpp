@@ -166,7 +166,6 @@ bool linear_fast(Stack *stack) {
     return true;
 }
 
-
 /* hadamard_transform(x, inner): float32, up to few_rows rows, an order whose plan was handed over. */
 bool hadamard_fast(Stack *stack) {
     auto args = torch::jit::last(*stack, 2);
@@ -194,7 +193,6 @@ bool hadamard_fast(Stack *stack) {
     torch::jit::push(*stack, std::move(out));
     return true;
 }
-
 
 /* The op's autograd layer on CPU: its Python formula (on the twin, which carries it too) where a
  * gradient is wanted, else straight on to the CPU kernel above; the Python layer alone cost more
@@ -232,7 +230,6 @@ bool kv_quantize_fast(Stack *stack) {
     torch::jit::push(*stack, std::move(codes), std::move(scale), std::move(zero));
     return true;
 }
-
 
 /* packed_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype, attn_mask, scale,
  * is_causal, enable_gqa): float32 queries of up to few_rows rows over one scale and zero point per
@@ -289,7 +286,7 @@ bool attention_fast(Stack *stack) {
     at::Tensor out = at::empty(query.sizes(), query.options());
     // One C call per (batch, kv head) on torch's threads: each reads its own codes and writes its own
     // query heads, in the order the whole call would, so the bits are the same as one call's.
-    const int64_t groups = q_heads / kv_heads, q_step = groups * rows * length, kv_tokens = tokens;
+    const int64_t groups = q_heads / kv_heads, q_step = groups * rows * length;
     const float *mask_data = has_mask ? mask.data_ptr<float>() : nullptr;
     const int64_t mb = has_mask ? mask.stride(0) : 0, mh = has_mask ? mask.stride(1) : 0,
                   mr = has_mask ? mask.stride(2) : 0;
@@ -299,10 +296,10 @@ bool attention_fast(Stack *stack) {
             for (int64_t unit = first; unit < last; unit++) {
                 const int64_t b = unit / kv_heads, h = unit % kv_heads;
                 failed |= kernels.attention(
-                    query.data_ptr<float>() + unit * q_step, kc.data_ptr<uint8_t>() + unit * kv_tokens * row_bytes,
-                    ks.data_ptr<float>() + unit * kv_tokens, kz.data_ptr<float>() + unit * kv_tokens,
-                    vc.data_ptr<uint8_t>() + unit * kv_tokens * row_bytes, vs.data_ptr<float>() + unit * kv_tokens,
-                    vz.data_ptr<float>() + unit * kv_tokens, out.data_ptr<float>() + unit * q_step, 1, groups, 1, rows,
+                    query.data_ptr<float>() + unit * q_step, kc.data_ptr<uint8_t>() + unit * tokens * row_bytes,
+                    ks.data_ptr<float>() + unit * tokens, kz.data_ptr<float>() + unit * tokens,
+                    vc.data_ptr<uint8_t>() + unit * tokens * row_bytes, vs.data_ptr<float>() + unit * tokens,
+                    vz.data_ptr<float>() + unit * tokens, out.data_ptr<float>() + unit * q_step, 1, groups, 1, rows,
                     tokens, length, row_bytes, bits <= 4, static_cast<float>(scale), causal,
                     mask_data ? mask_data + b * mb + h * groups * mh : nullptr, mb, mh, mr);
             }
@@ -314,7 +311,6 @@ bool attention_fast(Stack *stack) {
     torch::jit::push(*stack, std::move(out));
     return true;
 }
-
 
 /* int8_weight_linear(x, weight, scale, bias): the 8-bit head at decode, float32 x of up to few_rows
  * rows (as the Python body's C path); one row splits the channels over torch's threads. */
