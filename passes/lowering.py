@@ -29,8 +29,8 @@ from .graph_utils import label, size_hint
 from .materialize import record_final_weight
 from .quantize import KV_LIKE, RECORD
 from .sparsity import prunes, record_sparsity, storage_format
-from .surgery import (INTEGER_LINEARS, drop_unused_constants, integer_linear_shape, replace_with_quantized_linear,
-                      replace_with_simulated_linear)
+from .surgery import (INTEGER_LINEARS, QUANTIZED_LINEAR, drop_unused_constants, integer_linear_shape,
+                      replace_with_quantized_linear, replace_with_simulated_linear)
 
 QUANTIZE_PER_TOKEN = torch.ops.quarot_fx.quantize_per_token.default
 
@@ -55,7 +55,8 @@ def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str, unpacks:
         return
     in_features, out_features, groups = integer_linear_shape(linear)
     for m in dict.fromkeys((rows, 1)):
-        decision = int_gemm.decide(m, in_features, out_features, in_features // groups, policy, unpacks=unpacks)
+        decision = int_gemm.decide(m, in_features, out_features, in_features // groups, policy,
+                                   int4=linear.target is QUANTIZED_LINEAR, unpacks=unpacks)  # sparse: not int4
         if decision not in report.gemm:
             report.gemm.append(decision)
 

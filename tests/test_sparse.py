@@ -143,6 +143,8 @@ def test_compiled_models_store_exactly_the_requested_pattern(options):
         rows = sum(m.out_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
         weights = counters["packed_fp16_bytes"] // 2
         assert counters["packed_bytes"] == 3 * weights // 8 + 4 * rows  # 3 bits per weight + a float32 scale per row
+        # the report names GEMMs the sparse op can run (the C int4 kernels read dense packing only)
+        assert reports[0].gemm and all(d.choice != "int4" for d in reports[0].gemm)
 
 
 def test_sparse_storage_runs_the_same_function_as_dense_packing():
