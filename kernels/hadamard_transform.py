@@ -7,8 +7,12 @@ small matmuls, one per Kronecker factor, instead of one dense m×m matmul: the p
 part runs as a radix-≤64 butterfly, Paley factors as dense blocks. ``inner > 1`` gives the
 "cross-head" transform (H over heads, identity inside each head) that online R2 needs.
 
-CPU: each stage is one GEMM on the last axis followed by an axis rotation, so after c
-stages the axes are back in order. CUDA: the Triton kernel in ``triton_hadamard``.
+CPU, float32 (the quantized graphs' online rotations): the C stages (``native.hadamard_rows``:
+butterflies for the power-of-two factors, dense blocks for Paley ones, rows in vectorized blocks
+split over torch's threads). Elsewhere (float64, autograd's transpose, no C compiler) each stage
+is one GEMM on the last axis followed by an axis rotation, so after c stages the axes are back in
+order. The two sum in other orders and agree to float rounding. CUDA: the Triton kernel in
+``triton_hadamard``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def hadamard_transform_reference(x: torch.Tensor, inner: int = 1) -> torch.Tenso
     return (x.to(torch.float64) @ h.to(x.device) / math.sqrt(m)).to(x.dtype)
 
 
-def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype, transpose: bool = False) -> torch.Tensor:
+def _stage_gemms(y: torch.Tensor, m: int, inner: int, factors, ctype, transpose: bool = False) -> torch.Tensor:
     """One block [rows, m·inner] (compute dtype) → its transform, same layout. ``transpose``:
     by (F_1 ⊗ … ⊗ F_c)ᵀ = F_1ᵀ ⊗ … ⊗ F_cᵀ, every stage with its factor transposed."""
     rows = y.shape[0]
@@ -46,12 +50,12 @@ def _transform_rows(y: torch.Tensor, m: int, inner: int, factors, ctype, transpo
     return y.reshape(rows, inner, m).transpose(1, 2).reshape(rows, m * inner) if inner > 1 else y
 
 
-def _takes_c_stages(flat: torch.Tensor, factors, ctype) -> bool:
+def _takes_c_stages(flat: torch.Tensor, ctype) -> bool:
     from . import native
 
-    # a decode step's few rows: there each stage GEMM costs more in its call than in arithmetic
-    return (flat.shape[0] <= native.FEW_ROWS and ctype == torch.float32 and flat.device.type == "cpu"
-            and native.library() is not None)
+    # O(m·Σ log o) adds instead of Σ o·m multiply-adds and no transposes: 7-10x faster than the stage
+    # GEMMs at a prefill's 2048 rows, and a decode step's few rows skip the GEMMs' per-call cost
+    return ctype == torch.float32 and flat.device.type == "cpu" and native.library() is not None
 
 
 def _sylvester(order: int) -> bool:
@@ -61,23 +65,25 @@ def _sylvester(order: int) -> bool:
 
 @lru_cache(maxsize=None)
 def _c_plan(m: int, factors: tuple) -> tuple:
-    """(orders, matrices, scale) for ``native.hadamard_axes``: None for a Sylvester factor."""
+    """(orders, matrices, scale) for ``native.hadamard_rows``: None for a Sylvester factor."""
     return (factors, tuple(None if _sylvester(order) else stage_matrix(order, 1.0, "cpu", torch.float32)
                            for order in factors), 1.0 / math.sqrt(m))
 
 
-def _few_rows(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
-    """The transform in one C call (``native.hadamard_axes``: each factor along its own axis, the
-    power-of-two ones as butterflies, the ``inner`` axis untouched), for a few float32 rows."""
+def _c_stages(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
+    """The transform in one C call (``native.hadamard_rows``: each factor along its own axis, the
+    power-of-two ones as butterflies, the ``inner`` axis untouched) of float32 rows."""
     from . import native, native_ops
 
     plan = _c_plan(m, tuple(factors))
     native_ops.add_plan(flat.shape[1], inner, *plan)  # later calls of this width stay in C++
-    return native.hadamard_axes(flat.float(), *plan)
+    return native.hadamard_rows(flat.float(), *plan)
 
 
-def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = False) -> torch.Tensor:
-    """The transform (``transpose``: by the transposed matrix, the inverse: what autograd needs)."""
+def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = False,
+                           stage_gemms: bool = False) -> torch.Tensor:
+    """The transform (``transpose``: by the transposed matrix, the inverse: what autograd needs;
+    ``stage_gemms``: by torch GEMMs even where the C stages would run, for tests and benchmarks)."""
     m = _check(x, inner)
     factors = hadamard_plan(m).factors
     if not factors:  # m == 1: H_1 = [1]
@@ -85,11 +91,11 @@ def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = Fa
     ctype = compute_dtype(x.dtype)
     n = x.shape[-1]
     flat = x.reshape(-1, n)
-    if not transpose and _takes_c_stages(flat, factors, ctype):
-        return _few_rows(flat, m, inner, factors).to(x.dtype).reshape(x.shape)
+    if not (transpose or stage_gemms) and _takes_c_stages(flat, ctype):
+        return _c_stages(flat, m, inner, factors).to(x.dtype).reshape(x.shape)
     out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
     for rows in row_chunks(flat.shape[0], n * 4):
-        out[rows] = _transform_rows(flat[rows].to(ctype), m, inner, factors, ctype, transpose)
+        out[rows] = _stage_gemms(flat[rows].to(ctype), m, inner, factors, ctype, transpose)
     return out.reshape(x.shape)
 
 

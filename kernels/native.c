@@ -529,16 +529,24 @@ int kv_quantize(const float *x, uint8_t *codes, float *scale, float *zero, int64
     return 0;
 }
 
-/* hadamard_axes: x [batch, m] times F_1 ⊗ … ⊗ F_c, times scale. A row is the tensor
+/* hadamard_rows: x [batch, m] times F_1 ⊗ … ⊗ F_c, times scale. A row is the tensor
  * [o_1, …, o_c] (row-major), and x·(F_1 ⊗ … ⊗ F_c) applies each factor along its own axis:
  * y[.., j, ..] = Σ_i x[.., i, ..] F[i][j], the vectors along the later axes contiguous, so every
  * stage works in place on whole contiguous vectors (no transposes). A Sylvester factor (matrices[a]
  * NULL; F = H_2 ⊗ … ⊗ H_2 in natural order) runs as butterflies, log2(o) passes of adds and
  * subtracts (the fast Walsh–Hadamard transform) instead of o² multiply-adds; other factors (Paley)
- * as dense multiply-adds. For the few rows of a decode step. Sums run in another order than the
- * stage GEMMs' of the torch path: results agree with them to float32 rounding. A row of m floats may
- * be longer than the factors' product: the trailing axis (H ⊗ I_inner, the cross-head transform)
- * then rides along untouched. Returns 1 on no memory. */
+ * as dense multiply-adds. Sums run in another order than the stage GEMMs' of the torch path:
+ * results agree with them to float32 rounding. A row of m floats may be longer than the factors'
+ * product: the trailing axis (H ⊗ I_inner, the cross-head transform) then rides along untouched.
+ *
+ * Rows go HADAMARD_LANES at a time, transposed so that the rows are the innermost axis: every
+ * stage's loop then runs over inner × rows contiguous floats, which the compiler vectorizes even
+ * for the last factor (inner 1). Each element sees the same operations in the same order however
+ * many rows share its block or thread (no fused multiply-add: -ffp-contract=off), so a row's bits
+ * do not depend on the batch or the thread count. Returns 1 on no memory or thread. */
+#define HADAMARD_LANES 16
+#define MAX_DENSE_ORDER 256  /* Paley factors up to this order take the tiled loop */
+
 static void butterflies(float *block, int64_t order, int64_t inner) {
     for (int64_t len = 1; len < order; len *= 2)
         for (int64_t first = 0; first < order; first += 2 * len)
@@ -552,40 +560,165 @@ static void butterflies(float *block, int64_t order, int64_t inner) {
             }
 }
 
+/* Each output sums its order products in k order from 0.0f (the plain loop's per-element sequence),
+ * HADAMARD_LANES columns at a time: their inputs copied into one small tile first (the column's
+ * vectors lie inner floats apart, often a multiple of 4 KiB, where the L1 cache keeps few), the sums
+ * in registers, each output stored once. */
 static void dense_axis(float *block, float *scratch, const float *h, int64_t order, int64_t inner) {
+    float tile[MAX_DENSE_ORDER * HADAMARD_LANES];
+    int64_t i0 = 0;
+    for (; order <= MAX_DENSE_ORDER && i0 + HADAMARD_LANES <= inner; i0 += HADAMARD_LANES) {
+        for (int64_t k = 0; k < order; k++)
+            memcpy(tile + k * HADAMARD_LANES, block + k * inner + i0, sizeof(float) * HADAMARD_LANES);
+        for (int64_t j = 0; j < order; j++) {
+#ifdef __AVX2__
+            __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();  /* a multiply, then an add */
+            for (int64_t k = 0; k < order; k++) {
+                const __m256 f = _mm256_set1_ps(h[k * order + j]);
+                low = _mm256_add_ps(low, _mm256_mul_ps(f, _mm256_loadu_ps(tile + k * HADAMARD_LANES)));
+                high = _mm256_add_ps(high, _mm256_mul_ps(f, _mm256_loadu_ps(tile + k * HADAMARD_LANES + 8)));
+            }
+            _mm256_storeu_ps(scratch + j * inner + i0, low);
+            _mm256_storeu_ps(scratch + j * inner + i0 + 8, high);
+#else
+            float acc[HADAMARD_LANES] = {0.0f};
+            for (int64_t k = 0; k < order; k++)
+                for (int64_t i = 0; i < HADAMARD_LANES; i++) acc[i] += h[k * order + j] * tile[k * HADAMARD_LANES + i];
+            memcpy(scratch + j * inner + i0, acc, sizeof acc);
+#endif
+        }
+    }
     for (int64_t j = 0; j < order; j++) {
         float *o = scratch + j * inner;
-        for (int64_t i = 0; i < inner; i++) o[i] = 0.0f;
+        for (int64_t i = i0; i < inner; i++) o[i] = 0.0f;
         for (int64_t k = 0; k < order; k++) {
             const float f = h[k * order + j];
             const float *in = block + k * inner;
-            for (int64_t i = 0; i < inner; i++) o[i] += f * in[i];
+            for (int64_t i = i0; i < inner; i++) o[i] += f * in[i];
         }
     }
     memcpy(block, scratch, sizeof(float) * (size_t)(order * inner));
 }
 
-int hadamard_axes(const float *x, float *out, int64_t batch, int64_t m, int64_t stages,
-                  const int64_t *orders, const float *const *matrices, float scale) {
-    float *scratch = malloc(sizeof(float) * (size_t)m);
-    if (!scratch) return 1;
-    for (int64_t b = 0; b < batch; b++) {
-        float *row = out + b * m;
-        memcpy(row, x + b * m, sizeof(float) * (size_t)m);
+/* A whole block of rows with m a multiple of 8 moves between the row layout and the lanes layout in
+ * 8 × 8 tiles transposed in registers (the element-by-element loops below gather one float at a
+ * time); the moves and the final multiply by scale are the same operations, so the same bits. */
+static int64_t lanes_transposable(int64_t r, int64_t m) {
+#ifdef __AVX2__
+    return r == HADAMARD_LANES && m % 8 == 0;
+#else
+    (void)r; (void)m;
+    return 0;
+#endif
+}
+
+#ifdef __AVX2__
+static inline void transpose8(__m256 *v) {
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    v[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    v[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    v[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    v[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+static void lanes_in(const float *x, float *work, int64_t m) {  /* work[i][b] = x[b][i] */
+    __m256 v[8];
+    for (int64_t b = 0; b < HADAMARD_LANES; b += 8)
+        for (int64_t i = 0; i < m; i += 8) {
+            for (int64_t k = 0; k < 8; k++) v[k] = _mm256_loadu_ps(x + (b + k) * m + i);
+            transpose8(v);
+            for (int64_t k = 0; k < 8; k++) _mm256_storeu_ps(work + (i + k) * HADAMARD_LANES + b, v[k]);
+        }
+}
+
+static void lanes_out(const float *work, float *out, int64_t m, float scale) {  /* out[b][i] = work[i][b] * scale */
+    const __m256 s = _mm256_set1_ps(scale);
+    __m256 v[8];
+    for (int64_t b = 0; b < HADAMARD_LANES; b += 8)
+        for (int64_t i = 0; i < m; i += 8) {
+            for (int64_t k = 0; k < 8; k++) v[k] = _mm256_loadu_ps(work + (i + k) * HADAMARD_LANES + b);
+            transpose8(v);
+            for (int64_t k = 0; k < 8; k++) _mm256_storeu_ps(out + (b + k) * m + i, _mm256_mul_ps(v[k], s));
+        }
+}
+#else
+static void lanes_in(const float *x, float *work, int64_t m) { (void)x; (void)work; (void)m; }
+static void lanes_out(const float *work, float *out, int64_t m, float scale) { (void)work; (void)out; (void)m; (void)scale; }
+#endif
+
+typedef struct { const float *x; float *out; int64_t m, stages; const int64_t *orders; const float *const *matrices;
+                 float scale; int64_t first, last; } hadamard_job;
+
+static void *hadamard_run(void *arg) {  /* rows first..last of a job, a block of lanes at a time */
+    const hadamard_job *j = arg;
+    const int64_t m = j->m;
+    float *work = malloc(sizeof(float) * (size_t)(2 * m * HADAMARD_LANES));
+    if (!work) return arg;
+    float *scratch = work + m * HADAMARD_LANES;
+    for (int64_t row = j->first; row < j->last; row += HADAMARD_LANES) {
+        const int64_t r = j->last - row < HADAMARD_LANES ? j->last - row : HADAMARD_LANES;
+        const float *x = j->x + row * m;
+        float *out = j->out + row * m;
+        const int64_t fast = lanes_transposable(r, m);
+        if (fast) lanes_in(x, work, m);
+        else
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t b = 0; b < r; b++) work[i * r + b] = x[b * m + i];
         int64_t outer = 1;
-        for (int64_t a = 0; a < stages; a++) {
-            const int64_t order = orders[a], inner = m / outer / order;
+        for (int64_t a = 0; a < j->stages; a++) {
+            const int64_t order = j->orders[a], inner = m / outer / order * r;
             for (int64_t o = 0; o < outer; o++) {
-                float *block = row + o * order * inner;
-                if (matrices[a]) dense_axis(block, scratch, matrices[a], order, inner);
+                float *block = work + o * order * inner;
+                if (j->matrices[a]) dense_axis(block, scratch, j->matrices[a], order, inner);
                 else butterflies(block, order, inner);
             }
             outer *= order;
         }
-        for (int64_t i = 0; i < m; i++) row[i] *= scale;
+        if (fast) lanes_out(work, out, m, j->scale);
+        else
+            for (int64_t b = 0; b < r; b++)
+                for (int64_t i = 0; i < m; i++) out[b * m + i] = work[i * r + b] * j->scale;
     }
-    free(scratch);
-    return 0;
+    free(work);
+    return NULL;
+}
+
+/* The rows split over `threads` threads in whole blocks (a thread that cannot start leaves its
+ * share to the caller's). */
+int hadamard_rows(const float *x, float *out, int64_t batch, int64_t m, int64_t stages, const int64_t *orders,
+                  const float *const *matrices, float scale, int64_t threads) {
+    const int64_t blocks = (batch + HADAMARD_LANES - 1) / HADAMARD_LANES;
+    if (threads > blocks) threads = blocks;
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    hadamard_job jobs[64];
+    pthread_t ids[64];
+    for (int64_t t = 0; t < threads; t++) {
+        const int64_t first = blocks * t / threads * HADAMARD_LANES, last = blocks * (t + 1) / threads * HADAMARD_LANES;
+        jobs[t] = (hadamard_job){x, out, m, stages, orders, matrices, scale, first, last < batch ? last : batch};
+    }
+    int64_t started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], NULL, hadamard_run, &jobs[started])) break;
+    int failed = hadamard_run(&jobs[0]) != NULL;
+    for (int64_t t = started; t < threads; t++) failed |= hadamard_run(&jobs[t]) != NULL;
+    for (int64_t t = 1; t < started; t++) {
+        void *result;
+        pthread_join(ids[t], &result);
+        failed |= result != NULL;
+    }
+    return failed;
 }
 
 /* int8_weight_linear: y [rows, n] = (x · wᵀ) * scale[n] (+ b[n]) for float32 x [rows, k] and

@@ -53,7 +53,7 @@ VARIANTS = (
 )
 ISA_ENVIRONMENT = "QUAROT_FX_ISA"
 FEW_ROWS = 16  # a decode step's rows (or a small batch): where the C kernels take over from torch's calls;
-# the GEMV's limit (native.c MAX_ROWS), the Hadamard stages' and packed attention's too
+# the GEMV's limit (native.c MAX_ROWS) and packed attention's too
 _reason: list[str] = []
 
 
@@ -156,8 +156,9 @@ def load_variant(name: str):
     lib.packed_attention.restype = ctypes.c_int
     lib.packed_attention.argtypes = ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64]
                                      + [ctypes.c_void_p] + [ctypes.c_int64] * 3)
-    lib.hadamard_axes.restype = ctypes.c_int
-    lib.hadamard_axes.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_float]
+    lib.hadamard_rows.restype = ctypes.c_int
+    lib.hadamard_rows.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+                                  + [ctypes.c_float, ctypes.c_int64])
     return lib
 
 
@@ -307,16 +308,16 @@ def _stages(orders: tuple, matrices: tuple) -> tuple:
             (ctypes.c_void_p * len(matrices))(*(h.data_ptr() if h is not None else None for h in matrices)), matrices)
 
 
-def hadamard_axes(y: torch.Tensor, orders: tuple, matrices: tuple, scale: float) -> torch.Tensor:
+def hadamard_rows(y: torch.Tensor, orders: tuple, matrices: tuple, scale: float) -> torch.Tensor:
     """y [batch, n] float32 times (F_1 ⊗ … ⊗ F_c ⊗ I_inner)·scale (inner = n / the orders' product),
     ``orders[i]`` the order of F_i and ``matrices[i]`` its float32 matrix, or None for a Sylvester
-    factor (butterflies)."""
+    factor (butterflies); the rows split over torch's thread count (same bits on any count)."""
     y = y.contiguous()
     out = torch.empty_like(y)
     order_array, pointer_array, _ = _stages(orders, matrices)
-    if _call(library().hadamard_axes, y.data_ptr(), out.data_ptr(), y.shape[0], y.shape[1], len(orders), order_array,
-                               pointer_array, scale):
-        raise MemoryError("hadamard_axes: no memory for one row")
+    if _call(library().hadamard_rows, y.data_ptr(), out.data_ptr(), y.shape[0], y.shape[1], len(orders), order_array,
+             pointer_array, scale, torch.get_num_threads()):
+        raise MemoryError("hadamard_rows: no memory or thread for its blocks")
     return out
 
 

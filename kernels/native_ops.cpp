@@ -38,7 +38,7 @@ using Stack = torch::jit::Stack;
 typedef void (*GemvFn)(const int8_t *, const float *, const uint8_t *, const float *, const float *, float *,
                        int64_t, int64_t, int64_t);
 typedef int (*HadamardFn)(const float *, float *, int64_t, int64_t, int64_t, const int64_t *, const float *const *,
-                          float);
+                          float, int64_t);
 typedef int (*AttentionFn)(const float *, const uint8_t *, const float *, const float *, const uint8_t *,
                            const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                            int64_t, int64_t, float, int64_t, const float *, int64_t, int64_t, int64_t);
@@ -56,7 +56,7 @@ struct Kernels {
     int64_t few_rows = 0;
 };
 
-struct Plan {  // native.hadamard_axes's arguments for one (n, inner)
+struct Plan {  // native.hadamard_rows's arguments for one (n, inner)
     std::vector<int64_t> orders;
     std::vector<at::Tensor> keep;  // the Paley factors' matrices, alive as long as the plan
     std::vector<const float *> matrices;
@@ -166,14 +166,15 @@ bool linear_fast(Stack *stack) {
     return true;
 }
 
-/* hadamard_transform(x, inner): float32, up to few_rows rows, an order whose plan was handed over. */
+/* hadamard_transform(x, inner): float32, an order whose plan was handed over; any number of rows (the C
+ * stages split them over torch's thread count). */
 bool hadamard_fast(Stack *stack) {
     auto args = torch::jit::last(*stack, 2);
     if (!kernels.hadamard || !cpu_tensor(args[0], at::kFloat) || !args[1].isInt()) return false;
     const at::Tensor &x = args[0].toTensor();
     if (x.dim() < 1 || x.size(-1) < 1) return false;
     const int64_t n = x.size(-1), rows = x.numel() / n;
-    if (rows < 1 || rows > kernels.few_rows) return false;
+    if (rows < 1) return false;
     const Plan *plan;
     {
         std::lock_guard<std::mutex> lock(guard);
@@ -186,7 +187,7 @@ bool hadamard_fast(Stack *stack) {
     const int failed = timed([&] {
         return kernels.hadamard(input.data_ptr<float>(), out.data_ptr<float>(), rows, n,
                                 static_cast<int64_t>(plan->orders.size()), plan->orders.data(), plan->matrices.data(),
-                                plan->scale);
+                                plan->scale, at::get_num_threads());
     });
     if (failed) return false;
     torch::jit::drop(*stack, 2);
@@ -349,7 +350,7 @@ bool int8_linear_fast(Stack *stack) {
 
 /* The Python side's hand-over. */
 void bind(std::vector<int64_t> addresses, int64_t few_rows) {
-    TORCH_CHECK(addresses.size() == 5, "_native_bind takes the addresses of int4_gemv, hadamard_axes, kv_quantize, "
+    TORCH_CHECK(addresses.size() == 5, "_native_bind takes the addresses of int4_gemv, hadamard_rows, kv_quantize, "
                                        "packed_attention, int8_weight_linear");
     std::lock_guard<std::mutex> lock(guard);
     kernels.gemv = reinterpret_cast<GemvFn>(addresses[0]);

@@ -37,7 +37,8 @@ from . import native
 
 SOURCE = Path(__file__).with_name("native_ops.cpp")
 ENVIRONMENT = "QUAROT_FX_NATIVE_OPS"
-BOUND_KERNELS = ("int4_gemv", "hadamard_axes", "kv_quantize", "packed_attention", "int8_weight_linear")  # the order _native_bind takes
+# the order _native_bind takes them in
+BOUND_KERNELS = ("int4_gemv", "hadamard_rows", "kv_quantize", "packed_attention", "int8_weight_linear")
 _reason: list[str] = []
 _allowed: set = set()  # gemv shapes and Hadamard plans already handed over
 _bound: list = []  # the C library the kernels call (native.library() when load ran)
@@ -134,7 +135,7 @@ def allow_gemv(rows: int, in_features: int, out_features: int, gemm: str) -> Non
 
 
 def add_plan(n: int, inner: int, orders: tuple, matrices: tuple, scale: float) -> None:
-    """Hand over the C stages' plan of the Hadamard transform of width ``n`` (``native.hadamard_axes``'s
+    """Hand over the C stages' plan of the Hadamard transform of width ``n`` (``native.hadamard_rows``'s
     arguments)."""
     key = ("hadamard", n, inner)
     if key not in _allowed and loaded():

@@ -59,7 +59,7 @@ def fuse_sibling_linears(ctx) -> None:
         source = anchor.args[0].args[0].args[0]  # codes ← quantize_per_token(source, …)
         for node in group:
             gm.graph.erase_node(node)
-        _decide_gemm(ctx.report, stacked, source, ctx.config.int_gemm, ctx.config.resident_weights == "packed")
+        _decide_gemm(ctx.report, stacked, source, ctx.config)
         fused, calls = fused + len(group), calls + 1
     ctx.report.counters["stacked_linears"] += fused
     ctx.report.counters["stacked_calls"] += calls

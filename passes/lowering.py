@@ -42,11 +42,11 @@ def _integer_kv(graph: fx.Graph, source: fx.Node, bits: int, clip: float, like) 
     return graph.call_function(KV_DEQUANTIZE, (*parts, bits, like.shape[-1], like.dtype))
 
 
-def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str, unpacks: bool) -> None:
-    """Choose (or read the option for) the CPU's integer GEMM for this linear at the compiled
-    number of rows (this call's, when the graph serves any) and at one row (decode), so the
-    report says what will run; the kernel makes the same cached decision at run time for any
-    other row count."""
+def _decide_gemm(report, linear: fx.Node, source: fx.Node, config) -> None:
+    """Choose (or read the ``int_gemm`` option for) the CPU's integer GEMM for this linear at the
+    compiled number of rows (this call's, when the graph serves any) and at one row (decode), so
+    the report says what will run; the kernel makes the same cached decision at run time for any
+    other row count (with packed resident weights, each call's unpacking counted)."""
     like = source.meta.get("example_value")
     if not isinstance(like, torch.Tensor) or like.device.type != "cpu":
         return
@@ -55,8 +55,9 @@ def _decide_gemm(report, linear: fx.Node, source: fx.Node, policy: str, unpacks:
         return
     in_features, out_features, groups = integer_linear_shape(linear)
     for m in dict.fromkeys((rows, 1)):
-        decision = int_gemm.decide(m, in_features, out_features, in_features // groups, policy,
-                                   int4=linear.target is QUANTIZED_LINEAR, unpacks=unpacks)  # sparse: not int4
+        decision = int_gemm.decide(m, in_features, out_features, in_features // groups, config.int_gemm,
+                                   int4=linear.target is QUANTIZED_LINEAR,  # sparse storage: not the int4 kernels
+                                   unpacks=config.resident_weights == "packed")
         if decision not in report.gemm:
             report.gemm.append(decision)
 
@@ -193,7 +194,7 @@ def lower_to_integer_kernels(ctx) -> None:
                 graph.erase_node(rotation)
                 fused += 1
         for linear in linears:
-            _decide_gemm(report, linear, source, ctx.config.int_gemm, ctx.config.resident_weights == "packed")
+            _decide_gemm(report, linear, source, ctx.config)
     report.counters["fused_hadamards"] += fused
     if fused:
         report.notes.append(f"integer kernels: {fused} online Hadamards fused into activation quantization")

@@ -38,23 +38,33 @@ def test_cpu_transform_large_sizes_float32(n):
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
 
 
-@given(n=st.sampled_from([n for n in ORDERS if n >= 8]), inner=st.sampled_from([1, 4]), rows=st.integers(1, 16),
-       seed=st.integers(0, 100))
+@given(n=st.sampled_from([n for n in ORDERS if n >= 8]), inner=st.sampled_from([1, 4]), rows=st.integers(1, 40),
+       threads=st.integers(1, 3), seed=st.integers(0, 100))
 @pytest.mark.usefixtures("python_bodies")
-def test_few_rows_take_the_c_stages_and_agree_with_the_gemm_stages(n, inner, rows, seed):
+def test_float32_rows_take_the_c_stages_and_agree_with_the_gemm_stages(n, inner, rows, threads, seed):
+    """Any number of float32 rows is one C call; its rows' bits depend neither on how many rows share
+    the call (blocks of 16, a partial last one) nor on the thread count; the values are the stage
+    GEMMs' to float rounding."""
     from quarot_fx.kernels import native
     from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu
 
     assert native.library() is not None, native.unavailable_reason()
     calls = []
-    real = native.hadamard_axes
-    x = torch.randn(rows + 17, n * inner, generator=torch.Generator().manual_seed(seed))
+    real = native.hadamard_rows
+    x = torch.randn(rows, n * inner, generator=torch.Generator().manual_seed(seed))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(native, "hadamard_axes", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
-        few = hadamard_transform_cpu(x[:rows], inner)  # ≤ 16 rows: one C call
-        many = hadamard_transform_cpu(x, inner)[:rows]  # more rows: a GEMM per stage
-    assert calls == [(rows, n * inner)]  # the inner axis rides along inside the C call
-    torch.testing.assert_close(few, many, rtol=1e-4, atol=1e-5)
+        patch.setattr(native, "hadamard_rows", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            together = hadamard_transform_cpu(x, inner)
+        finally:
+            torch.set_num_threads(previous)
+        alone = torch.cat([hadamard_transform_cpu(x[r:r + 1], inner) for r in range(rows)])
+    assert calls == [(rows, n * inner)] + [(1, n * inner)] * rows  # the inner axis rides along inside the C call
+    assert torch.equal(together, alone)
+    gemm_stages = hadamard_transform_cpu(x, inner, stage_gemms=True)
+    torch.testing.assert_close(together, gemm_stages, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -60,8 +60,9 @@ def test_linear_gives_the_python_bodys_bits_from_cpp(rows, k, n, bias, out_dtype
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.sampled_from([n for n in hadamard_orders(1024) if n > 1]), inner=st.sampled_from([1, 4]),
-       rows=st.integers(1, 16), seed=st.integers(0, 50))
+       rows=st.integers(1, 40), seed=st.integers(0, 50))
 def test_hadamard_gives_the_python_bodys_bits_from_cpp(n, inner, rows, seed):
+    """A decode step's rows and a prefill's (blocks of 16 split over the threads) alike."""
     x = torch.randn(rows, 1, n * inner, generator=torch.Generator().manual_seed(seed))
     result, ran = in_cpp(OPS.hadamard_transform.default, x, inner)
     assert ran
@@ -126,11 +127,12 @@ def test_int8_head_gives_the_python_bodys_bits_from_cpp(rows, k, n, bias, seed):
 
 
 def test_what_cpp_does_not_cover_runs_the_python_body():
-    """Many rows or an order never run in C: no C call from C++, and the Python body's result. A
-    non-finite KV vector: the C kernel declines and the Python body decides, as it would alone."""
+    """Many rows of a linear, or a float64 transform, never run in C: no C call from C++, and the Python
+    body's result. A non-finite KV vector: the C kernel declines and the Python body decides, as it
+    would alone."""
     codes, x_scale, w, w_scale, b = linear_inputs(17, 64, 8, 1)
     many = (codes, x_scale, pack_linear_weight(w, 1), w_scale, b, 64, torch.float32, "int4", False)
-    wide = torch.randn(17, 12)  # 17 rows: the stage GEMMs, never the C stages
+    wide = torch.randn(17, 12, dtype=torch.float64)  # float64: the stage GEMMs, never the C stages
     for op, twin, args in [(OPS.quantized_linear, OPS._quantized_linear_python, many),
                            (OPS.hadamard_transform, OPS._hadamard_transform_python, (wide, 1))]:
         result, ran = in_cpp(op.default, *args)
