@@ -50,12 +50,23 @@ def _stage_gemms(y: torch.Tensor, m: int, inner: int, factors, ctype, transpose:
     return y.reshape(rows, inner, m).transpose(1, 2).reshape(rows, m * inner) if inner > 1 else y
 
 
-def _takes_c_stages(flat: torch.Tensor, ctype) -> bool:
+# The C stages multiply a Paley factor naively (o multiply-adds per element, no cache blocking): for
+# many rows a larger one belongs in a BLAS GEMM.
+C_DENSE_ORDER = 64
+
+
+def _takes_c_stages(flat: torch.Tensor, factors, ctype) -> bool:
+    """A decode step's few rows always (the stage GEMMs cost more in calls than in arithmetic); more
+    rows where every Paley factor is small (butterflies: log₂ o adds per element where a GEMM does o
+    multiply-adds, and no transposes)."""
     from . import native
 
-    # O(m·Σ log o) adds instead of Σ o·m multiply-adds and no transposes: 7-10x faster than the stage
-    # GEMMs at a prefill's 2048 rows, and a decode step's few rows skip the GEMMs' per-call cost
-    return ctype == torch.float32 and flat.device.type == "cpu" and native.library() is not None
+    return (ctype == torch.float32 and flat.device.type == "cpu" and native.library() is not None
+            and (flat.shape[0] <= native.FEW_ROWS or _many_rows(tuple(factors))))
+
+
+def _many_rows(factors: tuple) -> bool:
+    return all(_sylvester(order) or order <= C_DENSE_ORDER for order in factors)
 
 
 def _sylvester(order: int) -> bool:
@@ -76,7 +87,7 @@ def _c_stages(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
     from . import native, native_ops
 
     plan = _c_plan(m, tuple(factors))
-    native_ops.add_plan(flat.shape[1], inner, *plan)  # later calls of this width stay in C++
+    native_ops.add_plan(flat.shape[1], inner, *plan, _many_rows(tuple(factors)))  # later calls stay in C++
     return native.hadamard_rows(flat.float(), *plan)
 
 
@@ -91,7 +102,7 @@ def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = Fa
     ctype = compute_dtype(x.dtype)
     n = x.shape[-1]
     flat = x.reshape(-1, n)
-    if not (transpose or stage_gemms) and _takes_c_stages(flat, ctype):
+    if not (transpose or stage_gemms) and _takes_c_stages(flat, factors, ctype):
         return _c_stages(flat, m, inner, factors).to(x.dtype).reshape(x.shape)
     out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
     for rows in row_chunks(flat.shape[0], n * 4):

@@ -694,12 +694,16 @@ static void *hadamard_run(void *arg) {  /* rows first..last of a job, a block of
     return NULL;
 }
 
-/* The rows split over `threads` threads in whole blocks (a thread that cannot start leaves its
+/* The rows split over `threads` threads in whole blocks, at least HADAMARD_WORK_PER_THREAD floats
+ * each (starting a thread costs more than a small transform; a thread that cannot start leaves its
  * share to the caller's). */
+#define HADAMARD_WORK_PER_THREAD (1LL << 18)
+
 int hadamard_rows(const float *x, float *out, int64_t batch, int64_t m, int64_t stages, const int64_t *orders,
                   const float *const *matrices, float scale, int64_t threads) {
-    const int64_t blocks = (batch + HADAMARD_LANES - 1) / HADAMARD_LANES;
+    const int64_t blocks = (batch + HADAMARD_LANES - 1) / HADAMARD_LANES, worth = 1 + batch * m / HADAMARD_WORK_PER_THREAD;
     if (threads > blocks) threads = blocks;
+    if (threads > worth) threads = worth;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     hadamard_job jobs[64];

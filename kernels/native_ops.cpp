@@ -61,6 +61,7 @@ struct Plan {  // native.hadamard_rows's arguments for one (n, inner)
     std::vector<at::Tensor> keep;  // the Paley factors' matrices, alive as long as the plan
     std::vector<const float *> matrices;
     float scale = 1.0f;
+    bool many_rows = true;  // beyond few_rows too (else the Python body's stage GEMMs take those)
 };
 
 Kernels kernels;  // all null until _native_bind: every call then goes to Python
@@ -166,8 +167,8 @@ bool linear_fast(Stack *stack) {
     return true;
 }
 
-/* hadamard_transform(x, inner): float32, an order whose plan was handed over; any number of rows (the C
- * stages split them over torch's thread count). */
+/* hadamard_transform(x, inner): float32, an order whose plan was handed over; a decode step's rows, and
+ * more where the plan allows (the C stages split them over torch's thread count). */
 bool hadamard_fast(Stack *stack) {
     auto args = torch::jit::last(*stack, 2);
     if (!kernels.hadamard || !cpu_tensor(args[0], at::kFloat) || !args[1].isInt()) return false;
@@ -182,6 +183,7 @@ bool hadamard_fast(Stack *stack) {
         if (found == plans.end()) return false;
         plan = &found->second;  // std::map nodes never move; plans are never erased while bound
     }
+    if (rows > kernels.few_rows && !plan->many_rows) return false;
     const at::Tensor input = x.contiguous();
     at::Tensor out = at::empty(input.sizes(), input.options());
     const int failed = timed([&] {
@@ -378,11 +380,12 @@ void forget_gemv() {
 }
 
 void add_plan(int64_t n, int64_t inner, std::vector<int64_t> orders, std::vector<std::optional<at::Tensor>> matrices,
-              double scale) {
+              double scale, bool many_rows) {
     TORCH_CHECK(orders.size() == matrices.size(), "_native_plan: one matrix (or None) per order");
     Plan plan;
     plan.orders = orders;
     plan.scale = static_cast<float>(scale);
+    plan.many_rows = many_rows;
     for (const auto &matrix : matrices) {
         if (matrix.has_value()) {
             TORCH_CHECK(matrix->scalar_type() == at::kFloat && matrix->is_contiguous() && matrix->device().is_cpu(),
@@ -406,7 +409,8 @@ TORCH_LIBRARY_FRAGMENT(quarot_fx, m) {
     m.def("_native_unbind() -> ()", &unbind);
     m.def("_native_allow_gemv(int rows, int in_features, int out_features, str gemm) -> ()", &allow_gemv);
     m.def("_native_forget_gemv() -> ()", &forget_gemv);
-    m.def("_native_plan(int n, int inner, int[] orders, Tensor?[] matrices, float scale) -> ()", &add_plan);
+    m.def("_native_plan(int n, int inner, int[] orders, Tensor?[] matrices, float scale, bool many_rows) -> ()",
+          &add_plan);
     m.def("_native_kernel_ns() -> int", &native_kernel_ns);
 }
 

@@ -134,12 +134,12 @@ def allow_gemv(rows: int, in_features: int, out_features: int, gemm: str) -> Non
         _allowed.add(key)
 
 
-def add_plan(n: int, inner: int, orders: tuple, matrices: tuple, scale: float) -> None:
+def add_plan(n: int, inner: int, orders: tuple, matrices: tuple, scale: float, many_rows: bool) -> None:
     """Hand over the C stages' plan of the Hadamard transform of width ``n`` (``native.hadamard_rows``'s
-    arguments)."""
+    arguments); ``many_rows``: for more than ``native.FEW_ROWS`` rows too."""
     key = ("hadamard", n, inner)
     if key not in _allowed and loaded():
-        torch.ops.quarot_fx._native_plan(n, inner, list(orders), list(matrices), scale)
+        torch.ops.quarot_fx._native_plan(n, inner, list(orders), list(matrices), scale, many_rows)
         _allowed.add(key)
 
 

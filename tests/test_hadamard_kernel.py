@@ -42,13 +42,17 @@ def test_cpu_transform_large_sizes_float32(n):
        threads=st.integers(1, 3), seed=st.integers(0, 100))
 @pytest.mark.usefixtures("python_bodies")
 def test_float32_rows_take_the_c_stages_and_agree_with_the_gemm_stages(n, inner, rows, threads, seed):
-    """Any number of float32 rows is one C call; its rows' bits depend neither on how many rows share
-    the call (blocks of 16, a partial last one) nor on the thread count; the values are the stage
-    GEMMs' to float rounding."""
+    """Float32 rows are one C call (more than a decode step's only where every Paley factor is small:
+    larger ones stay in BLAS GEMMs); its rows' bits depend neither on how many rows share the call
+    (blocks of 16, a partial last one) nor on the thread count; the values are the stage GEMMs' to
+    float rounding."""
     from quarot_fx.kernels import native
-    from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu
+    from quarot_fx.kernels.hadamard_transform import C_DENSE_ORDER, hadamard_transform_cpu
+    from quarot_fx.numerics.hadamard import hadamard_plan
 
     assert native.library() is not None, native.unavailable_reason()
+    small_paley = all(o & (o - 1) == 0 or o <= C_DENSE_ORDER for o in hadamard_plan(n).factors)
+    in_c = rows <= native.FEW_ROWS or small_paley
     calls = []
     real = native.hadamard_rows
     x = torch.randn(rows, n * inner, generator=torch.Generator().manual_seed(seed))
@@ -61,10 +65,26 @@ def test_float32_rows_take_the_c_stages_and_agree_with_the_gemm_stages(n, inner,
         finally:
             torch.set_num_threads(previous)
         alone = torch.cat([hadamard_transform_cpu(x[r:r + 1], inner) for r in range(rows)])
-    assert calls == [(rows, n * inner)] + [(1, n * inner)] * rows  # the inner axis rides along inside the C call
-    assert torch.equal(together, alone)
+    assert calls == [(rows, n * inner)] * in_c + [(1, n * inner)] * rows  # the inner axis rides along in C
     gemm_stages = hadamard_transform_cpu(x, inner, stage_gemms=True)
+    if in_c:
+        assert torch.equal(together, alone)
+    else:
+        assert torch.equal(together, gemm_stages)
     torch.testing.assert_close(together, gemm_stages, rtol=1e-4, atol=1e-5)
+
+
+def test_a_large_paley_factor_stays_in_blas_for_many_rows_from_cpp_too():
+    """68 = Paley(67): a decode step's rows in C, a prefill's by the stage GEMMs, also once C++ holds
+    the plan."""
+    from quarot_fx.kernels.hadamard_transform import C_DENSE_ORDER, hadamard_transform_cpu
+    from quarot_fx.numerics.hadamard import hadamard_plan
+
+    assert hadamard_plan(68).factors == (68,) and 68 > C_DENSE_ORDER
+    torch.ops.quarot_fx.hadamard_transform.default(torch.randn(2, 68), 1)  # hands the plan to C++
+    x = torch.randn(40, 68)
+    assert torch.equal(torch.ops.quarot_fx.hadamard_transform.default(x, 1),
+                       hadamard_transform_cpu(x, stage_gemms=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

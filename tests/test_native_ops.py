@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from quarot_fx.kernels import native, native_ops
 from quarot_fx.kernels.quantized_linear import pack_linear_weight
-from quarot_fx.numerics.hadamard import hadamard_orders
+from quarot_fx.numerics.hadamard import hadamard_orders, hadamard_plan
 from test_packed_attention import attention_inputs
 from test_quant_kernels import linear_inputs
 from tiny_models import tiny_model, token_ids
@@ -62,10 +62,14 @@ def test_linear_gives_the_python_bodys_bits_from_cpp(rows, k, n, bias, out_dtype
 @given(n=st.sampled_from([n for n in hadamard_orders(1024) if n > 1]), inner=st.sampled_from([1, 4]),
        rows=st.integers(1, 40), seed=st.integers(0, 50))
 def test_hadamard_gives_the_python_bodys_bits_from_cpp(n, inner, rows, seed):
-    """A decode step's rows and a prefill's (blocks of 16 split over the threads) alike."""
+    """A decode step's rows and a prefill's (blocks of 16 split over the threads) alike; a prefill's
+    of a plan with a large Paley factor go to the Python body (its stage GEMMs)."""
+    from quarot_fx.kernels.hadamard_transform import C_DENSE_ORDER
+
     x = torch.randn(rows, 1, n * inner, generator=torch.Generator().manual_seed(seed))
     result, ran = in_cpp(OPS.hadamard_transform.default, x, inner)
-    assert ran
+    small_paley = all(o & (o - 1) == 0 or o <= C_DENSE_ORDER for o in hadamard_plan(n).factors)
+    assert ran == (rows <= native.FEW_ROWS or small_paley)
     assert same(result, OPS._hadamard_transform_python.default(x, inner))
 
 
