@@ -45,6 +45,33 @@ static inline float epilogue(int32_t acc, float ws, float xs, const float *b, in
 }
 
 
+/* Threads for `units` independent pieces of work that are worth `worth` threads at most. */
+#define MAX_THREADS 64
+static int64_t thread_count(int64_t threads, int64_t units, int64_t worth) {
+    if (threads > units) threads = units;
+    if (threads > worth) threads = worth;
+    return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
+/* run(job) for `threads` jobs lying `size` bytes apart: jobs 1.. on threads of their own, job 0 on
+ * the caller's, and any job whose thread cannot start on the caller's too. Returns 1 if any job
+ * returned non-NULL (no memory). */
+static int run_jobs(void *(*run)(void *), void *jobs, size_t size, int64_t threads) {
+    pthread_t ids[MAX_THREADS];
+    char *job = jobs;
+    int64_t started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], NULL, run, job + started * size)) break;
+    int failed = run(job) != NULL;
+    for (int64_t t = started; t < threads; t++) failed |= run(job + t * size) != NULL;
+    for (int64_t t = 1; t < started; t++) {
+        void *result;
+        pthread_join(ids[t], &result);
+        failed |= result != NULL;
+    }
+    return failed;
+}
+
 static void gemv_channels(const int8_t *x, const float *xs, const uint8_t *w, const float *ws, const float *b,
                           float *y, int64_t rows, int64_t k, int64_t n_out, const int32_t *x_sum, int64_t first,
                           int64_t last) {
@@ -311,28 +338,13 @@ int int4_gemm(const int8_t *x, const float *xs, const uint8_t *w, const float *w
         largest = largest > top ? largest : top;
     }
     const int64_t panels = (n + GEMM_NR - 1) / GEMM_NR;
-    const int64_t worth = 1 + m * k * n / GEMM_WORK_PER_THREAD;
-    if (threads > panels) threads = panels;
-    if (threads > worth) threads = worth;
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    gemm_job jobs[64];
-    pthread_t ids[64];
-    int failed = 0;
+    threads = thread_count(threads, panels, 1 + m * k * n / GEMM_WORK_PER_THREAD);
+    gemm_job jobs[MAX_THREADS];
     for (int64_t t = 0; t < threads; t++) {
         jobs[t] = (gemm_job){x, xs, w, ws, b, y, x_sum, m, k, n, panels * t / threads, panels * (t + 1) / threads,
                              largest ? 32767 / (2 * 15 * largest) : k};
     }
-    int64_t started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, gemm_run, &jobs[started])) break;
-    failed |= gemm_run(&jobs[0]) != NULL;
-    for (int64_t t = started; t < threads; t++) failed |= gemm_run(&jobs[t]) != NULL;  /* threads that did not start */
-    for (int64_t t = 1; t < started; t++) {
-        void *result;
-        pthread_join(ids[t], &result);
-        failed |= result != NULL;
-    }
+    const int failed = run_jobs(gemm_run, jobs, sizeof jobs[0], threads);
     free(x_sum);
     return failed;
 #else
@@ -701,28 +713,14 @@ static void *hadamard_run(void *arg) {  /* rows first..last of a job, a block of
 
 int hadamard_rows(const float *x, float *out, int64_t batch, int64_t m, int64_t stages, const int64_t *orders,
                   const float *const *matrices, float scale, int64_t threads) {
-    const int64_t blocks = (batch + HADAMARD_LANES - 1) / HADAMARD_LANES, worth = 1 + batch * m / HADAMARD_WORK_PER_THREAD;
-    if (threads > blocks) threads = blocks;
-    if (threads > worth) threads = worth;
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    hadamard_job jobs[64];
-    pthread_t ids[64];
+    const int64_t blocks = (batch + HADAMARD_LANES - 1) / HADAMARD_LANES;
+    threads = thread_count(threads, blocks, 1 + batch * m / HADAMARD_WORK_PER_THREAD);
+    hadamard_job jobs[MAX_THREADS];
     for (int64_t t = 0; t < threads; t++) {
         const int64_t first = blocks * t / threads * HADAMARD_LANES, last = blocks * (t + 1) / threads * HADAMARD_LANES;
         jobs[t] = (hadamard_job){x, out, m, stages, orders, matrices, scale, first, last < batch ? last : batch};
     }
-    int64_t started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, hadamard_run, &jobs[started])) break;
-    int failed = hadamard_run(&jobs[0]) != NULL;
-    for (int64_t t = started; t < threads; t++) failed |= hadamard_run(&jobs[t]) != NULL;
-    for (int64_t t = 1; t < started; t++) {
-        void *result;
-        pthread_join(ids[t], &result);
-        failed |= result != NULL;
-    }
-    return failed;
+    return run_jobs(hadamard_run, jobs, sizeof jobs[0], threads);
 }
 
 /* int8_weight_linear: y [rows, n] = (x · wᵀ) * scale[n] (+ b[n]) for float32 x [rows, k] and
@@ -766,16 +764,9 @@ static void *int8_run(void *arg) {
 
 void int8_weight_linear(const float *x, const int8_t *w, const float *scale, const float *b, float *y, int64_t rows,
                        int64_t k, int64_t n, int64_t threads) {
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    int8_job jobs[64];
-    pthread_t ids[64];
+    threads = thread_count(threads, n, MAX_THREADS);
+    int8_job jobs[MAX_THREADS];
     for (int64_t t = 0; t < threads; t++)
         jobs[t] = (int8_job){x, w, scale, b, y, rows, k, n, n * t / threads, n * (t + 1) / threads};
-    int64_t started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, int8_run, &jobs[started])) break;
-    int8_run(&jobs[0]);
-    for (int64_t t = started; t < threads; t++) int8_run(&jobs[t]);
-    for (int64_t t = 1; t < started; t++) pthread_join(ids[t], NULL);
+    run_jobs(int8_run, jobs, sizeof jobs[0], threads);  /* it needs no memory: never fails */
 }
