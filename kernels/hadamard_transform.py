@@ -9,9 +9,10 @@ part runs as a radix-≤64 butterfly, Paley factors as dense blocks. ``inner > 1
 
 CPU, float32 (the quantized graphs' online rotations): the C stages (``native.hadamard_rows``:
 butterflies for the power-of-two factors, dense blocks for Paley ones, rows in vectorized blocks
-split over torch's threads). Elsewhere (float64, autograd's transpose, no C compiler) each stage
-is one GEMM on the last axis followed by an axis rotation, so after c stages the axes are back in
-order. The two sum in other orders and agree to float rounding. CUDA: the Triton kernel in
+split over torch's threads). Elsewhere (float64, autograd's transpose, no C compiler, and a
+prefill's many rows of a plan with a Paley factor above ``C_DENSE_ORDER``) each stage is one GEMM
+on the last axis followed by an axis rotation, so after c stages the axes are back in order. The
+two sum in other orders and agree to float rounding. CUDA: the Triton kernel in
 ``triton_hadamard``.
 """
 

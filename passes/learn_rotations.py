@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from quarot_fx.numerics.stiefel import cayley_step, orthogonality_error
+from quarot_fx.numerics.stiefel import cayley_step, orthogonality_error, reorthogonalize
 from quarot_fx.report import Skip
 
 from .attention_rotations import per_head_rotations
@@ -172,6 +172,13 @@ def _logits_for_every_token(gm: fx.GraphModule, tokens: fx.Node) -> bool:
             and str(logits.shape[-2]) == str(ids.shape[-1]))
 
 
+def _in_float64(matrices: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The learned matrices in float64, orthogonal to float64 precision (QR's orthogonal factor,
+    which moves a float32-learned R by ~1e-7): the fold takes Rᵀ as R's inverse, so a float64 model
+    then computes what it computed unrotated to 1e-12, not to the float32 matrix's 1e-6."""
+    return None if matrices is None else {name: reorthogonalize(m.detach().double()) for name, m in matrices.items()}
+
+
 def learn(ctx, targets: list[Target]) -> dict[str, torch.Tensor] | None:
     """Cayley SGD on the targets' matrices; None when the graph has no token input or logits."""
     config = ctx.config
@@ -244,7 +251,7 @@ def learn_rotations(ctx) -> None:
         key = ("learned rotations", tuple(t.name for t in targets), ctx.config.calibration_id(), ctx.config)
         if ctx.weights.has_memo(anchor, key):
             ctx.report.notes.append("learned rotations: the matrices this model learned at its first compile")
-        matrices = ctx.weights.memo(anchor, key, lambda: learn(ctx, targets))
+        matrices = ctx.weights.memo(anchor, key, lambda: _in_float64(learn(ctx, targets)))
         if matrices is None:
             ctx.report.skipped.append(Skip("learned rotations", "the model's first compiled graph has no token-id "
                                            "input or no logits at every position (generate() keeps the last); "
