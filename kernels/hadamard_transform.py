@@ -63,10 +63,12 @@ def _takes_c_stages(flat: torch.Tensor, factors, ctype) -> bool:
     from . import native
 
     return (ctype == torch.float32 and flat.device.type == "cpu" and native.library() is not None
-            and (flat.shape[0] <= native.FEW_ROWS or _many_rows(tuple(factors))))
+            and (flat.shape[0] <= native.FEW_ROWS or c_stages_for_many_rows(tuple(factors))))
 
 
-def _many_rows(factors: tuple) -> bool:
+@lru_cache(maxsize=None)
+def c_stages_for_many_rows(factors: tuple) -> bool:
+    """Whether the C stages take a prefill's rows of this plan: every Paley factor ≤ ``C_DENSE_ORDER``."""
     return all(_sylvester(order) or order <= C_DENSE_ORDER for order in factors)
 
 
@@ -88,7 +90,7 @@ def _c_stages(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
     from . import native, native_ops
 
     plan = _c_plan(m, tuple(factors))
-    native_ops.add_plan(flat.shape[1], inner, *plan, _many_rows(tuple(factors)))  # later calls stay in C++
+    native_ops.add_plan(flat.shape[1], inner, *plan, c_stages_for_many_rows(tuple(factors)))  # later calls: C++
     return native.hadamard_rows(flat.float(), *plan)
 
 

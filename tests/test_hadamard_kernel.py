@@ -47,11 +47,11 @@ def test_float32_rows_take_the_c_stages_and_agree_with_the_gemm_stages(n, inner,
     (blocks of 16, a partial last one) nor on the thread count; the values are the stage GEMMs' to
     float rounding."""
     from quarot_fx.kernels import native
-    from quarot_fx.kernels.hadamard_transform import C_DENSE_ORDER, hadamard_transform_cpu
+    from quarot_fx.kernels.hadamard_transform import c_stages_for_many_rows, hadamard_transform_cpu
     from quarot_fx.numerics.hadamard import hadamard_plan
 
     assert native.library() is not None, native.unavailable_reason()
-    small_paley = all(o & (o - 1) == 0 or o <= C_DENSE_ORDER for o in hadamard_plan(n).factors)
+    small_paley = c_stages_for_many_rows(hadamard_plan(n).factors)
     in_c = rows <= native.FEW_ROWS or small_paley
     calls = []
     real = native.hadamard_rows

@@ -64,11 +64,11 @@ def test_linear_gives_the_python_bodys_bits_from_cpp(rows, k, n, bias, out_dtype
 def test_hadamard_gives_the_python_bodys_bits_from_cpp(n, inner, rows, seed):
     """A decode step's rows and a prefill's (blocks of 16 split over the threads) alike; a prefill's
     of a plan with a large Paley factor go to the Python body (its stage GEMMs)."""
-    from quarot_fx.kernels.hadamard_transform import C_DENSE_ORDER
+    from quarot_fx.kernels.hadamard_transform import c_stages_for_many_rows
 
     x = torch.randn(rows, 1, n * inner, generator=torch.Generator().manual_seed(seed))
     result, ran = in_cpp(OPS.hadamard_transform.default, x, inner)
-    small_paley = all(o & (o - 1) == 0 or o <= C_DENSE_ORDER for o in hadamard_plan(n).factors)
+    small_paley = c_stages_for_many_rows(hadamard_plan(n).factors)
     assert ran == (rows <= native.FEW_ROWS or small_paley)
     assert same(result, OPS._hadamard_transform_python.default(x, inner))
 
