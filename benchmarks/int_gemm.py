@@ -1,7 +1,7 @@
 """The CPU's exact integer GEMMs at SmolLM2-135M's shapes: a real int8 GEMM (``torch._int_mm``),
 the float32 emulation and the C int4 kernels (the blocked GEMM at prefill, the GEMV at decode).
 
-    python benchmarks/int_gemm.py [--repeats 3] [--json]
+    python benchmarks/int_gemm.py [--repeats 3] [--rows 2048 1] [--json]
 
 All compute the same exact integer sums (checked here too); which is fastest depends on the CPU
 (AVX512-VNNI / AMX vs AVX2 only), so ``quantized_linear`` times them once per shape and keeps the
@@ -21,26 +21,29 @@ import torch
 from common import cpu_summary
 
 from quarot_fx.kernels import int_gemm, native
+from quarot_fx.kernels.gemm import int8_matmul, transposed_groups
 from quarot_fx.kernels.quantized_linear import integer_matmul, pack_linear_weight
 
-# rows × in → out: q/o (576→576), k/v (576→192), gate/up (576→1536), down (1536→576)
-SHAPES = [(rows, k, n) for rows in (2048, 1) for k, n in ((576, 576), (576, 192), (576, 1536), (1536, 576))]
+# in → out: q/o (576→576), k/v (576→192), gate/up (576→1536), down (1536→576)
+WIDTHS = ((576, 576), (576, 192), (576, 1536), (1536, 576))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, nargs="+", default=[2048, 1],
+                        help="activation rows of each GEMM: a 2048-token prefill and a decode step by default")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     print(json.dumps({"cpu": cpu_summary(), "threads": torch.get_num_threads(),
                       "int4_kernels": native.unavailable_reason() or "built"}) if args.json else
           f"{cpu_summary()}, {torch.get_num_threads()} threads; int4 kernels: {native.unavailable_reason() or 'built'}")
     g = torch.Generator().manual_seed(0)
-    for rows, k, n in SHAPES:
+    for rows, k, n in [(rows, k, n) for rows in args.rows for k, n in WIDTHS]:
         codes = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=g)
         weight = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
         exact = integer_matmul(codes, weight.float(), k)
-        assert torch.equal(int_gemm.int8_matmul(codes, int_gemm.transposed_groups(weight, k), k), exact)
+        assert torch.equal(int8_matmul(codes, transposed_groups(weight, k), k), exact)
         int4 = native.applies(rows, k, k) and native.library() is not None
         if int4:
             ones = torch.ones(rows, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -65,3 +66,13 @@ def test_vllm_dtype_auto_follows_the_cpu_and_every_scheme_compiles_and_exports_v
         assert set(keywords) <= {"online_transforms"}, name
         # an offline export re-quantizes R4's weights by RTN: a calibrated scheme must not ask for it
         assert not (keywords.get("online_transforms") is False and config.weights != "rtn"), name
+
+
+def test_int_gemm_benchmark_runs_and_checks_every_candidate_against_the_exact_sums(capsys):
+    """benchmarks/int_gemm.py asserts that each candidate GEMM gives the exact integer sums before it
+    times them; a few rows keep this quick (it had called functions that had moved)."""
+    import int_gemm as benchmark
+
+    benchmark.main(["--rows", "2", "--repeats", "1", "--json"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if '"shape"' in line]
+    assert [json.loads(line)["shape"] for line in rows] == ["2x576->576", "2x576->192", "2x576->1536", "2x1536->576"]
