@@ -53,10 +53,23 @@ static int64_t thread_count(int64_t threads, int64_t units, int64_t worth) {
     return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
 }
 
-/* run(job) for `threads` jobs lying `size` bytes apart: jobs 1.. on threads of their own, job 0 on
- * the caller's, and any job whose thread cannot start on the caller's too. Returns 1 if any job
- * returned non-NULL (no memory). */
+/* Where the threaded kernels' jobs run. Torch's OpenMP threads spin for a while after each of
+ * its parallel loops (Inductor's too); threads of our own started meanwhile share the cores with
+ * those spinning ones, and a prefill's GEMMs and Hadamards measured 1.5-2x slower for it. So
+ * native_ops.cpp, once loaded, hands over a runner that puts the jobs on torch's own pool
+ * (at::parallel_for); until then, and without it, the jobs get threads of their own. Each job
+ * computes the same values on any thread: the same bits either way. */
+typedef int (*job_runner)(void *(*run)(void *), void *jobs, size_t size, int64_t threads);
+static job_runner pool_runner = NULL;
+
+void set_job_runner(job_runner runner) { pool_runner = runner; }
+void *job_runner_in_use(void) { return (void *)pool_runner; }
+
+/* run(job) for `threads` jobs lying `size` bytes apart: on the pool's runner if one is set, else
+ * jobs 1.. on threads of their own, job 0 on the caller's, and any job whose thread cannot start
+ * on the caller's too. Returns 1 if any job returned non-NULL (no memory). */
 static int run_jobs(void *(*run)(void *), void *jobs, size_t size, int64_t threads) {
+    if (pool_runner && threads > 1) return pool_runner(run, jobs, size, threads);
     pthread_t ids[MAX_THREADS];
     char *job = jobs;
     int64_t started = 1;
@@ -249,12 +262,18 @@ static void epilogue_8(const int32_t *acc, int32_t x_sum, const float *ws, float
     }
 }
 
-/* One GEMM_MR x GEMM_NR tile over all of k; x holds GEMM_MR rows of stride k. */
+/* One GEMM_MR x GEMM_NR tile over all of k; x holds GEMM_MR rows of stride k. The int16 sums
+ * stay in registers for `steps` quads and are then widened into `out`: with the int32 sums in
+ * memory the loop holds 8 accumulators, 2 weight vectors and a broadcast, all in the 16 ymm
+ * registers. GCC's partial-redundancy elimination hoists the four broadcasts out of order and
+ * spills an accumulator (measured: 25-40% slower), so it is off for this function. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-pre")))
+#endif
 static void gemm_tile(const int8_t *x, int64_t k, const uint8_t *panel, int64_t steps, int32_t out[GEMM_MR][GEMM_NR]) {
     const int64_t quads = k / 4;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i wide[GEMM_MR][2];
-    for (int i = 0; i < GEMM_MR; i++) wide[i][0] = wide[i][1] = _mm256_setzero_si256();
+    memset(out, 0, sizeof(int32_t) * GEMM_MR * GEMM_NR);
     for (int64_t q = 0; q < quads;) {
         const int64_t end = q + steps < quads ? q + steps : quads;
         __m256i narrow[GEMM_MR][2];
@@ -270,14 +289,11 @@ static void gemm_tile(const int8_t *x, int64_t k, const uint8_t *panel, int64_t 
                 narrow[i][1] = _mm256_add_epi16(narrow[i][1], _mm256_maddubs_epi16(w1, a));
             }
         }
-        for (int i = 0; i < GEMM_MR; i++) {
-            wide[i][0] = _mm256_add_epi32(wide[i][0], _mm256_madd_epi16(narrow[i][0], ones));
-            wide[i][1] = _mm256_add_epi32(wide[i][1], _mm256_madd_epi16(narrow[i][1], ones));
-        }
-    }
-    for (int i = 0; i < GEMM_MR; i++) {
-        _mm256_storeu_si256((__m256i *)out[i], wide[i][0]);
-        _mm256_storeu_si256((__m256i *)(out[i] + 8), wide[i][1]);
+        for (int i = 0; i < GEMM_MR; i++)
+            for (int h = 0; h < 2; h++) {
+                __m256i *o = (__m256i *)(out[i] + 8 * h);
+                _mm256_storeu_si256(o, _mm256_add_epi32(_mm256_loadu_si256(o), _mm256_madd_epi16(narrow[i][h], ones)));
+            }
     }
 }
 

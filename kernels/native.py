@@ -159,6 +159,9 @@ def load_variant(name: str):
     lib.hadamard_rows.restype = ctypes.c_int
     lib.hadamard_rows.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
                                   + [ctypes.c_float, ctypes.c_int64])
+    lib.set_job_runner.restype = None
+    lib.set_job_runner.argtypes = [ctypes.c_void_p]
+    lib.job_runner_in_use.restype = ctypes.c_void_p
     return lib
 
 

@@ -402,6 +402,20 @@ void add_plan(int64_t n, int64_t inner, std::vector<int64_t> orders, std::vector
 
 int64_t native_kernel_ns() { return kernel_ns.load(); }
 
+/* native.c's run_jobs on torch's OpenMP pool (native.c set_job_runner): the C kernels' threads
+ * are then the pool's warm ones, not new threads competing with its spinning ones. A job runs
+ * on whichever pool thread takes it and computes the same values there. */
+int run_on_pool(void *(*run)(void *), void *jobs, size_t size, int64_t threads) {
+    std::atomic<int> failed{0};
+    at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+        for (int64_t job = first; job < last; job++)
+            if (run(static_cast<char *>(jobs) + job * size) != nullptr) failed = 1;
+    });
+    return failed.load();
+}
+
+int64_t pool_runner_address() { return reinterpret_cast<int64_t>(&run_on_pool); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(quarot_fx, m) {
@@ -412,6 +426,7 @@ TORCH_LIBRARY_FRAGMENT(quarot_fx, m) {
     m.def("_native_plan(int n, int inner, int[] orders, Tensor?[] matrices, float scale, bool many_rows) -> ()",
           &add_plan);
     m.def("_native_kernel_ns() -> int", &native_kernel_ns);
+    m.def("_native_pool_runner() -> int", &pool_runner_address);
 }
 
 TORCH_LIBRARY_IMPL(quarot_fx, CPU, m) {

@@ -97,6 +97,8 @@ def load() -> bool:
 def _bind(lib) -> None:
     addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in BOUND_KERNELS]
     torch.ops.quarot_fx._native_bind(addresses, native.FEW_ROWS)
+    # the C kernels' own threads (prefill's GEMMs and Hadamards) now run on torch's OpenMP pool
+    lib.set_job_runner(torch.ops.quarot_fx._native_pool_runner())
 
 
 @contextmanager

@@ -64,11 +64,10 @@ def test_linear_gives_the_python_bodys_bits_from_cpp(rows, k, n, bias, out_dtype
 def test_hadamard_gives_the_python_bodys_bits_from_cpp(n, inner, rows, seed):
     """A decode step's rows and a prefill's (blocks of 16 split over the threads) alike; a prefill's
     of a plan with a large Paley factor go to the Python body (its stage GEMMs)."""
-    from quarot_fx.kernels.hadamard_transform import c_stages_for_many_rows
-
     x = torch.randn(rows, 1, n * inner, generator=torch.Generator().manual_seed(seed))
     result, ran = in_cpp(OPS.hadamard_transform.default, x, inner)
-    small_paley = c_stages_for_many_rows(hadamard_plan(n).factors)
+    # the rule stated here, not imported: powers of two are butterflies, Paley factors up to 64 dense C loops
+    small_paley = all(order & (order - 1) == 0 or order <= 64 for order in hadamard_plan(n).factors)
     assert ran == (rows <= native.FEW_ROWS or small_paley)
     assert same(result, OPS._hadamard_transform_python.default(x, inner))
 
@@ -208,3 +207,42 @@ def test_switched_off_by_the_environment_with_the_reason():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, native_ops.ENVIRONMENT: "0"}).stdout
     assert "QUAROT_FX_NATIVE_OPS=0" in out
+
+
+def test_the_c_kernels_threads_are_torchs_pool_threads_with_the_same_bits():
+    """Loading the C++ kernels hands native.c a runner that puts the jobs of its threaded kernels
+    (a prefill's int4 GEMM, Hadamard rows, the 8-bit head) on torch's OpenMP pool instead of
+    threads of their own (which shared the cores with the pool's spinning threads). Every job
+    goes through it, and the results are the bits of the kernels' own threads and of one thread."""
+    import ctypes
+
+    from quarot_fx.kernels.hadamard_transform import _c_plan
+    from quarot_fx.kernels.int8_linear import int8_channel_codes
+
+    lib, threads = native.library(), torch.get_num_threads()
+    assert lib.job_runner_in_use() == OPS._native_pool_runner()  # installed when the kernels were bound
+    runner_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64)
+    pool = runner_type(OPS._native_pool_runner())
+    jobs = []
+    counting = runner_type(lambda *args: jobs.append(args[3]) or pool(*args))
+    codes, x_scale, w, w_scale, b = linear_inputs(300, 576, 1000, 1, 0, True)
+    orders, matrices, scale = _c_plan(576, hadamard_plan(576).factors)
+    x = torch.randn(4096, 576, generator=torch.Generator().manual_seed(1))
+    head_codes, head_scale = int8_channel_codes(torch.randn(3000, 576, generator=torch.Generator().manual_seed(2)))
+
+    def run(runner, count):
+        lib.set_job_runner(ctypes.cast(runner, ctypes.c_void_p) if runner is not None else None)
+        torch.set_num_threads(count)
+        return (native.int4_linear(codes, x_scale, pack_linear_weight(w, 1), w_scale, b, 576),
+                native.hadamard_rows(x, orders, matrices, scale),
+                native.int8_weight_linear(x[:1], head_codes, head_scale, None, count))
+
+    try:
+        on_pool = run(counting, 2)
+        assert len(jobs) == 3 and all(count == 2 for count in jobs)  # all three kernels, on two threads
+        assert same(on_pool, run(None, 2))  # threads of their own
+        assert same(on_pool, run(pool, 1))  # one thread: the runner is not even asked
+        assert len(jobs) == 3
+    finally:
+        torch.set_num_threads(threads)
+        native_ops._bind(native.library())  # the pool runner again
