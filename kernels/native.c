@@ -96,7 +96,7 @@ static void gemv_channels(const int8_t *x, const float *xs, const uint8_t *w, co
 #ifdef __AVX2__
         __m256i acc_v[MAX_ROWS];
         for (int64_t m = 0; m < rows; m++) acc_v[m] = _mm256_setzero_si256();
-        const __m256i nibble = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(0x08), ones = _mm256_set1_epi16(1);
+        const __m256i nibble = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(0x08);
         for (; j + 32 <= half; j += 32) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(row + j));
             const __m256i lo = _mm256_xor_si256(_mm256_and_si256(v, nibble), eight);
@@ -109,7 +109,7 @@ static void gemv_channels(const int8_t *x, const float *xs, const uint8_t *w, co
                 acc_v[m] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc_v[m], lo, x_lo), hi, x_hi);
 #else
                 const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
-                acc_v[m] = _mm256_add_epi32(acc_v[m], _mm256_madd_epi16(pairs, ones));
+                acc_v[m] = _mm256_add_epi32(acc_v[m], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 #endif
             }
         }
