@@ -245,4 +245,4 @@ def test_the_c_kernels_threads_are_torchs_pool_threads_with_the_same_bits():
         assert len(jobs) == 3
     finally:
         torch.set_num_threads(threads)
-        native_ops._bind(native.library())  # the pool runner again
+        lib.set_job_runner(OPS._native_pool_runner())  # the pool runner again
