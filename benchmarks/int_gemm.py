@@ -10,6 +10,8 @@ decode, cycling through copies of the weight that together exceed the last-level
 model's layers each read their own weights). This prints them at full prefill and decode shapes
 (each GEMM alone, at the shape's own rows) and what the decision picks for the default
 ``resident_weights="packed"`` (it adds the per-call unpacking to the GEMMs on unpacked codes).
+The C kernels run on torch's thread pool, as in a compiled model (``native_ops.load`` hands them
+its runner).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import torch
 from common import cpu_summary
 
-from quarot_fx.kernels import int_gemm, native
+from quarot_fx.kernels import int_gemm, native, native_ops
 from quarot_fx.kernels.gemm import int8_matmul, transposed_groups
 from quarot_fx.kernels.quantized_linear import integer_matmul, pack_linear_weight
 
@@ -35,6 +37,7 @@ def main(argv=None) -> None:
                         help="activation rows of each GEMM: a 2048-token prefill and a decode step by default")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    native_ops.load()  # the C kernels' threads: torch's pool, as in a compiled model
     print(json.dumps({"cpu": cpu_summary(), "threads": torch.get_num_threads(),
                       "int4_kernels": native.unavailable_reason() or "built"}) if args.json else
           f"{cpu_summary()}, {torch.get_num_threads()} threads; int4 kernels: {native.unavailable_reason() or 'built'}")
