@@ -377,7 +377,24 @@ int int4_gemm(const int8_t *x, const float *xs, const uint8_t *w, const float *w
 static void dequantize_row(const uint8_t *in, float s, float z, float *o, int64_t length, int64_t packed) {
     if (packed) {
         const int64_t pairs = length / 2;
-        for (int64_t j = 0; j < pairs; j++) {  /* two outputs per byte: a loop the compiler vectorizes */
+        int64_t j = 0;
+#ifdef __AVX2__
+        /* 16 codes from 8 bytes: the low and high nibbles interleaved back into element order, then
+         * the scalar loop's (code - z) * s on 8 lanes: the same values. */
+        const __m128i low_nibbles = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+        const __m256 zero = _mm256_set1_ps(z), step = _mm256_set1_ps(s);
+        for (; j + 8 <= pairs; j += 8) {
+            const __m128i bytes = _mm_loadl_epi64((const __m128i *)(in + j));
+            const __m128i low = _mm_and_si128(bytes, low_nibbles);
+            const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
+            const __m128i codes = _mm_xor_si128(_mm_unpacklo_epi8(low, high), eight);
+            const __m256 first = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+            const __m256 second = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+            _mm256_storeu_ps(o + 2 * j, _mm256_mul_ps(_mm256_sub_ps(first, zero), step));
+            _mm256_storeu_ps(o + 2 * j + 8, _mm256_mul_ps(_mm256_sub_ps(second, zero), step));
+        }
+#endif
+        for (; j < pairs; j++) {  /* two outputs per byte: a loop the compiler vectorizes */
             o[2 * j] = ((float)((in[j] & 15) ^ 8) - z) * s;
             o[2 * j + 1] = ((float)((in[j] >> 4) ^ 8) - z) * s;
         }
@@ -400,8 +417,10 @@ void kv_dequantize(const uint8_t *codes, const float *scale, const float *zero, 
  * enable_gqa. causal: query row r sees keys 0..r (SDPA's is_causal, top-left). mask (or NULL): an
  * additive float mask read at mask[b*mb + qh*mh + r*mr + t] (a stride 0 broadcasts), as SDPA adds
  * attn_mask; -inf excludes a key, and a block no query sees is neither dequantized nor read (a static
- * cache's unwritten tail). A query that sees no key gets zeros. Sums run in another order than
- * SDPA's, so results agree to float rounding. Returns 1 on no memory. */
+ * cache's unwritten tail). A query that sees no key gets zeros; one with a NaN score gets NaNs, as
+ * from SDPA. Sums run in another order than SDPA's and, with AVX2, the weights' exponentials come
+ * from a polynomial within a few ulp of expf, so results agree to float rounding. Returns 1 on no
+ * memory. */
 #define ATTENTION_BLOCK 64
 
 static float dot(const float *a, const float *b, int64_t d) {
@@ -419,28 +438,81 @@ static float dot(const float *a, const float *b, int64_t d) {
 }
 
 #ifdef __AVX2__
-/* dot() of one query with four keys: four independent sums (one waits on each add), each in dot()'s
- * own order, so the same four results. */
-static void dot_x4(const float *a, const float *keys, int64_t d, float out[4]) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+/* dot() of one query with eight keys: eight sums of 8 lanes with fused multiply-adds, reduced
+ * together by a tree of horizontal adds (one vector of eight scores, not eight serial lane sums). */
+static void dot_x8(const float *a, const float *keys, int64_t d, float out[8]) {
+    __m256 s[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) s[c] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= d; i += 8) {
         const __m256 q = _mm256_loadu_ps(a + i);
-        s0 = _mm256_add_ps(s0, _mm256_mul_ps(q, _mm256_loadu_ps(keys + i)));
-        s1 = _mm256_add_ps(s1, _mm256_mul_ps(q, _mm256_loadu_ps(keys + d + i)));
-        s2 = _mm256_add_ps(s2, _mm256_mul_ps(q, _mm256_loadu_ps(keys + 2 * d + i)));
-        s3 = _mm256_add_ps(s3, _mm256_mul_ps(q, _mm256_loadu_ps(keys + 3 * d + i)));
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) s[c] = _mm256_fmadd_ps(q, _mm256_loadu_ps(keys + c * d + i), s[c]);
     }
-    const __m256 sums[4] = {s0, s1, s2, s3};
-    for (int c = 0; c < 4; c++) {
-        float lanes[8], total = 0.0f;
-        _mm256_storeu_ps(lanes, sums[c]);
-        for (int j = 0; j < 8; j++) total += lanes[j];
-        for (int64_t t = i; t < d; t++) total += a[t] * keys[c * d + t];
-        out[c] = total;
-    }
+    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                                        _mm256_permute2f128_ps(low, high, 0x31)));
+    for (; i < d; i++)
+        for (int c = 0; c < 8; c++) out[c] += a[i] * keys[c * d + i];
+}
+
+/* expf on 8 lanes of x <= 0 (scores minus their maximum), within a few ulp of libm: x = n ln2 + r
+ * with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the exponent bits. Lanes below
+ * -87.3 (e^x under the smallest normal float, -inf included) give 0, NaN gives NaN. */
+static inline __m256 exp_lanes(__m256 x) {
+    const __m256 floor_x = _mm256_set1_ps(-87.33654f);
+    const __m256 below = _mm256_cmp_ps(x, floor_x, _CMP_LT_OQ);
+    x = _mm256_max_ps(floor_x, x);  /* this operand order passes a NaN on, as expf does */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln2 in two parts: exact n * high */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(below, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
 }
 #endif
+
+/* a[i] += weights[j] * values[j][i] for j = 0..count-1 in that order, as one loop over j would
+ * add them (a multiply, then an add: the same bits), with a chunk of a held in registers while
+ * the tokens stream past instead of a load and a store per token. */
+static void add_weighted(float *a, const float *weights, const float *values, int64_t count, int64_t d) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    for (; i + 32 <= d; i += 32) {
+        __m256 a0 = _mm256_loadu_ps(a + i), a1 = _mm256_loadu_ps(a + i + 8), a2 = _mm256_loadu_ps(a + i + 16),
+               a3 = _mm256_loadu_ps(a + i + 24);
+        for (int64_t j = 0; j < count; j++) {
+            const __m256 w = _mm256_set1_ps(weights[j]);
+            const float *v = values + j * d + i;
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(w, _mm256_loadu_ps(v)));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(w, _mm256_loadu_ps(v + 8)));
+            a2 = _mm256_add_ps(a2, _mm256_mul_ps(w, _mm256_loadu_ps(v + 16)));
+            a3 = _mm256_add_ps(a3, _mm256_mul_ps(w, _mm256_loadu_ps(v + 24)));
+        }
+        _mm256_storeu_ps(a + i, a0); _mm256_storeu_ps(a + i + 8, a1);
+        _mm256_storeu_ps(a + i + 16, a2); _mm256_storeu_ps(a + i + 24, a3);
+    }
+    for (; i + 8 <= d; i += 8) {
+        __m256 a0 = _mm256_loadu_ps(a + i);
+        for (int64_t j = 0; j < count; j++)
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_set1_ps(weights[j]), _mm256_loadu_ps(values + j * d + i)));
+        _mm256_storeu_ps(a + i, a0);
+    }
+#endif
+    for (; i < d; i++) {
+        float sum = a[i];
+        for (int64_t j = 0; j < count; j++) sum += weights[j] * values[j * d + i];
+        a[i] = sum;
+    }
+}
 
 /* Whether any query row of kv head group [qh0, qh0 + groups) sees a key of tokens t0..t0+count-1. */
 static int block_seen(const float *mask, int64_t offset, int64_t qh0, int64_t groups, int64_t rows, int64_t mh,
@@ -463,7 +535,7 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
     float *keys = malloc(sizeof(float) * ATTENTION_BLOCK * d), *values = malloc(sizeof(float) * ATTENTION_BLOCK * d);
     float *acc = malloc(sizeof(float) * states * d), *top = malloc(sizeof(float) * states * 2);
     if (!keys || !values || !acc || !top) { free(keys); free(values); free(acc); free(top); return 1; }
-    float *total = top + states, score[ATTENTION_BLOCK];
+    float *total = top + states, score[ATTENTION_BLOCK + 8];
     for (int64_t b = 0; b < batch; b++)
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t kv = (b * kv_heads + h) * tokens;
@@ -480,19 +552,20 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
                     const int64_t g = s / rows, r = s % rows;
                     const float *query = q + ((b * q_heads + h * groups + g) * rows + r) * d;
                     const int64_t seen = causal ? (r + 1 - t0 < count ? r + 1 - t0 : count) : count;
-                    if (seen <= 0) continue;
+                    if (seen <= 0 || isnan(total[s])) continue;  /* NaN: a NaN score was seen, SDPA's row is NaN */
                     float block_top = -INFINITY;
                     const float *added = mask ? mask + b * mb + (h * groups + g) * mh + r * mr + t0 : NULL;
                     int64_t j = 0;
 #ifdef __AVX2__
-                    for (; j + 4 <= seen; j += 4) dot_x4(query, keys + j * d, d, score + j);
+                    for (; j + 8 <= seen; j += 8) dot_x8(query, keys + j * d, d, score + j);
 #endif
                     for (; j < seen; j++) score[j] = dot(query, keys + j * d, d);
                     for (j = 0; j < seen; j++) {
                         score[j] = score[j] * scale + (added ? added[j] : 0.0f);
                         block_top = score[j] > block_top ? score[j] : block_top;
+                        if (isnan(score[j])) total[s] = NAN;
                     }
-                    if (block_top == -INFINITY) continue; /* every key of this block masked for this query */
+                    if (isnan(total[s]) || block_top == -INFINITY) continue; /* every key of this block masked for this query */
                     const float new_top = block_top > top[s] ? block_top : top[s];
                     float *a = acc + s * d;
                     if (top[s] != -INFINITY && new_top != top[s]) {
@@ -501,18 +574,30 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
                         for (int64_t i = 0; i < d; i++) a[i] *= shrink;
                     }
                     top[s] = new_top;
-                    for (int64_t j = 0; j < seen; j++) {
-                        const float weight = expf(score[j] - new_top);
-                        total[s] += weight;
-                        const float *v = values + j * d;
-                        for (int64_t i = 0; i < d; i++) a[i] += weight * v[i];
+                    int64_t j0 = 0;  /* score[j] becomes the key's weight */
+#ifdef __AVX2__
+                    for (int64_t j = seen; j < (seen + 7) / 8 * 8; j++) score[j] = -INFINITY;  /* weight 0 */
+                    __m256 sum = _mm256_setzero_ps();
+                    for (; j0 < seen; j0 += 8) {
+                        const __m256 w = exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(score + j0), _mm256_set1_ps(new_top)));
+                        _mm256_storeu_ps(score + j0, w);
+                        sum = _mm256_add_ps(sum, w);
                     }
+                    float lanes[8];
+                    _mm256_storeu_ps(lanes, sum);
+                    for (int c = 0; c < 8; c++) total[s] += lanes[c];
+#endif
+                    for (int64_t j = j0; j < seen; j++) {
+                        score[j] = expf(score[j] - new_top);
+                        total[s] += score[j];
+                    }
+                    add_weighted(a, score, values, seen, d);
                 }
             }
             for (int64_t s = 0; s < states; s++) {
                 const int64_t g = s / rows, r = s % rows;
                 float *o = out + ((b * q_heads + h * groups + g) * rows + r) * d;
-                for (int64_t i = 0; i < d; i++) o[i] = total[s] > 0.0f ? acc[s * d + i] / total[s] : 0.0f;
+                for (int64_t i = 0; i < d; i++) o[i] = isnan(total[s]) ? NAN : total[s] > 0.0f ? acc[s * d + i] / total[s] : 0.0f;
             }
         }
     free(keys); free(values); free(acc); free(top);

@@ -292,13 +292,13 @@ def load(path, model: torch.nn.Module | None = None, **overrides):
     """A quarot-compiled model from a directory written by :func:`save`, with no calibration.
 
     ``model``: the base model it was saved from (default: load the manifest's ``source``).
-    ``overrides``: options that do not change the numbers (``lowering``, ``int_gemm``,
+    ``overrides``: options that do not change the numbers (``lowering``, ``wrapper``, ``int_gemm``,
     ``resident_weights``, ``kv_cache``)."""
     from .backend import compile
 
     path = Path(path)
     manifest, calibrated = read_calibrated(path)
-    allowed = {"lowering", "int_gemm", "resident_weights", "kv_cache"}
+    allowed = {"lowering", "wrapper", "int_gemm", "resident_weights", "kv_cache"}
     if set(overrides) - allowed:
         raise ArtifactError(f"quarot_fx.load: {sorted(set(overrides) - allowed)} would change the saved model; "
                             f"only {sorted(allowed)} may be overridden")

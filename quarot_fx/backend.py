@@ -63,9 +63,11 @@ def _lower(gm: fx.GraphModule, inputs: list, config: QuaRotConfig):
     # Freezing treats the lifted weights as constants (folding what depends only on them);
     # it applies to inference graphs, hence no_grad. emulate_precision_casts: a bf16/fp16 value
     # is rounded where eager rounds it (Inductor otherwise keeps fused intermediates in float32),
-    # so the simulated and the integer paths, and eager, round alike.
+    # so the simulated and the integer paths, and eager, round alike. cpp_wrapper: the kernels are
+    # called from C++ (the ops through the dispatcher), not from a Python function.
+    patches = {"freezing": True, "emulate_precision_casts": True, "cpp_wrapper": config.wrapper == "cpp"}
     with torch.no_grad():
-        return compile_fx(gm, inputs, config_patches={"freezing": True, "emulate_precision_casts": True})
+        return compile_fx(gm, inputs, config_patches=patches)
 
 
 def private_copy(gm: fx.GraphModule) -> fx.GraphModule:

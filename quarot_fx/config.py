@@ -31,6 +31,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
+WRAPPERS = ("python", "cpp")
 KERNELS = ("integer", "fake")
 GEMM_ENVIRONMENT = "QUAROT_FX_INT_GEMM"  # the policy when the option is "auto"
 
@@ -96,6 +97,11 @@ class QuaRotConfig:
             quantizer behind it, it is an online cost that buys nothing.
         lowering: ``"inductor"`` (compile with Inductor, freezing on) or ``"fx"`` (run the
             rewritten FX graph as it is: fast to start, for tests and debugging).
+        wrapper: the code that calls an Inductor graph's kernels: ``"python"`` (Inductor's
+            default) or ``"cpp"`` (Inductor's C++ wrapper, ``cpp_wrapper``: the kernels and the
+            quarot_fx ops are called from compiled C++, which takes a decode step's ~1000 calls
+            out of the Python interpreter; the same numbers, a longer first compile). Needs
+            ``lowering="inductor"``.
         weights: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"obr"`` (optimal brain restoration:
             pruning and 4-bit quantization solved together; both need ``calibration``).
         sparsity, sparsity_pattern: fraction of each quantized linear's weights set to zero
@@ -185,6 +191,7 @@ class QuaRotConfig:
     r3_rotation: str = "hadamard"
     r4_rotation: str = "hadamard"
     lowering: str = "inductor"
+    wrapper: str = "python"
     weights: str = "rtn"
     w_group_size: int | None = None
     w_clip_search: bool = True
@@ -235,6 +242,10 @@ class QuaRotConfig:
         if self.r3 is not None:
             _flag("r3", self.r3)
         _choice("lowering", self.lowering, LOWERINGS)
+        _choice("wrapper", self.wrapper, WRAPPERS)
+        if self.wrapper == "cpp" and self.lowering != "inductor":
+            raise ValueError(f"quarot-fx: option 'wrapper'='cpp' is Inductor's C++ wrapper and needs "
+                             f"lowering='inductor' (got lowering={self.lowering!r})")
         method = weight_method(self.weights) if isinstance(self.weights, str) else None
         if method is None:
             _choice("weights", self.weights, weight_methods())

@@ -34,6 +34,8 @@ def test_fp_preset_quantizes_nothing():
     ({"kv_bits": True}, r"kv_bits must be an integer"),
     ({"preset": "w3"}, r"preset must be one of 'w4a4kv4', 'w8a8kv8', 'w6a6kv6', 'w3a3kv3', 'w4a16', 'fp'"),
     ({"lowering": "aot"}, r"lowering must be one of 'inductor', 'fx'"),
+    ({"wrapper": "c"}, r"wrapper must be one of 'python', 'cpp'"),
+    ({"wrapper": "cpp", "lowering": "fx"}, r"'wrapper'='cpp' is Inductor's C\+\+ wrapper and needs lowering='inductor'"),
     ({"gsr_group_size": 48}, r"gsr_group_size must be None or a power of two"),
     ({"r2": "yes"}, r"r2 must be True or False"),
     ({"seed": -1}, r"seed must be a non-negative integer"),

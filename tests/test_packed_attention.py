@@ -47,6 +47,16 @@ def test_kernel_agrees_with_dequantize_then_sdpa(batch, kv_heads, groups, rows, 
     torch.testing.assert_close(packed_attention(*args), expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_a_nan_query_gives_nan_as_sdpa_does_and_other_heads_are_untouched():
+    """The kernel's exponentials (eight lanes at once) pass a NaN score on, as expf and SDPA do."""
+    q, *parts = attention_inputs(1, 2, 2, 1, 150, 64, 4, 3)
+    q[0, 1, 0, 5] = float("nan")
+    args = (q, *parts, 4, 64, torch.float32, None, None, False, True)
+    out, expected = packed_attention(*args), packed_attention_reference(*args)
+    assert out[0, 1].isnan().all() and expected[0, 1].isnan().all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
 @pytest.mark.usefixtures("python_bodies")
 def test_the_kernel_runs_where_it_applies_and_the_reference_elsewhere(monkeypatch):
     calls = []
@@ -172,3 +182,29 @@ def test_a_static_packed_cache_is_read_by_the_kernel_in_one_decode_graph(monkeyp
     dynamic, _ = steps(compiled, ids, decode=4)
     for got, expected in zip(static, dynamic):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpp_wrapper_calls_the_same_kernels_with_the_same_bits(monkeypatch):
+    """``wrapper="cpp"``: Inductor builds each graph (a prefill and the static cache's one decode
+    graph) with its C++ wrapper, which calls the ops and gives the Python wrapper's logits bit for bit."""
+    from torch._inductor import compile_fx as inductor
+
+    asked = []
+    real = inductor.compile_fx
+    def compile_fx(*args, **kwargs):  # Inductor calls itself again inside, without our patches
+        if "cpp_wrapper" in kwargs.get("config_patches", {}):
+            asked.append(kwargs["config_patches"]["cpp_wrapper"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", compile_fx)
+    model, ids = tiny_model("llama"), token_ids()
+    logits = {}
+    for wrapper in ("python", "cpp"):
+        compiled = compile_quarot(model, lowering="inductor", wrapper=wrapper)
+        with quarot_fx.collect_reports() as reports:
+            logits[wrapper], _ = steps(compiled, ids, PackedStaticKVCache(model.config, 40), decode=3)
+        assert len(reports) == 2 and all(r.options["wrapper"] == wrapper for r in reports)
+        torch._dynamo.reset()
+    assert asked == [False, False, True, True]
+    for got, expected in zip(logits["cpp"], logits["python"]):
+        assert torch.equal(got, expected)
