@@ -47,7 +47,6 @@ def test_kernel_agrees_with_dequantize_then_sdpa(batch, kv_heads, groups, rows, 
     torch.testing.assert_close(packed_attention(*args), expected, rtol=1e-5, atol=1e-5)
 
 
-
 def test_a_nan_query_gives_nan_as_sdpa_does_and_other_heads_are_untouched():
     """The kernel's exponentials (eight lanes at once) pass a NaN score on, as expf and SDPA do."""
     q, *parts = attention_inputs(1, 2, 2, 1, 150, 64, 4, 3)
@@ -56,6 +55,7 @@ def test_a_nan_query_gives_nan_as_sdpa_does_and_other_heads_are_untouched():
     out, expected = packed_attention(*args), packed_attention_reference(*args)
     assert out[0, 1].isnan().all() and expected[0, 1].isnan().all()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
 
 @pytest.mark.usefixtures("python_bodies")
 def test_the_kernel_runs_where_it_applies_and_the_reference_elsewhere(monkeypatch):
@@ -191,6 +191,7 @@ def test_the_cpp_wrapper_calls_the_same_kernels_with_the_same_bits(monkeypatch):
 
     asked = []
     real = inductor.compile_fx
+
     def compile_fx(*args, **kwargs):  # Inductor calls itself again inside, without our patches
         if "cpp_wrapper" in kwargs.get("config_patches", {}):
             asked.append(kwargs["config_patches"]["cpp_wrapper"])
