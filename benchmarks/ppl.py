@@ -3,12 +3,16 @@
     python benchmarks/ppl.py [--windows 16|all] [--configs float w8a8kv8 ...] [--lowering fx] [--json]
     python benchmarks/ppl.py --sweep smoothrot_alpha [--values 0.3 0.4 0.5 0.6 0.7]
     python benchmarks/ppl.py --configs w4a4kv4 w4a4kv4-learned --validation-windows 4
+    python benchmarks/ppl.py --configs kv4 kv4-int8-attention --kv-cache
 
 One row per configuration: PPL, gap to float, wall time (compile + calibration + evaluation,
 one run) and the bytes of the quantized linears packed (bits/8 per weight + a float32 scale
 per row or group: what the integer kernels hold at 4 bits; other widths run simulated, so for
 them it is the storage they would need). ``w4a4kv4`` runs the integer kernels (the default);
-``w4a4kv4-fake`` the same quantization simulated in float, to compare the two paths. GPTQ rows
+``w4a4kv4-fake`` the same quantization simulated in float, to compare the two paths.
+``--kv-cache`` runs every window as a prefill into a fresh KV cache (a quarot model's packed
+cache, generation's path) instead of a cache-free forward: where ``prefill_attention`` applies
+(``*-int8-attention`` rows change nothing without it). GPTQ rows
 calibrate on 32 windows of wiki.valid.tokens (seed 0), as BENCHMARK.md says.
 
 ``--sweep OPTION`` compiles the sweep's base configuration once per value and picks the value
@@ -46,6 +50,10 @@ CONFIGS = {
     "w4a4kv4-norot": {"preset": "w4a4kv4", "rotation": "none"},
     "w4a4kv4": {"preset": "w4a4kv4"},
     "w4a4kv4-float-head": {"preset": "w4a4kv4", "quantize_lm_head": False},
+    "w4a4kv4-int8-attention": {"preset": "w4a4kv4", "prefill_attention": "int8"},  # needs --kv-cache to matter
+    # the KV cache alone at 4 bits, with float and with int8-query prefill attention: what the option costs by itself
+    "kv4": {"w_bits": 16, "a_bits": 16, "kv_bits": 4},
+    "kv4-int8-attention": {"w_bits": 16, "a_bits": 16, "kv_bits": 4, "prefill_attention": "int8"},
     "w4a4kv4-fake": {"preset": "w4a4kv4", "kernels": "fake"},
     "w4a16-gptq": {"preset": "w4a16", "weights": "gptq"},
     "w4a4kv4-gptq": {"preset": "w4a4kv4", "weights": "gptq"},
@@ -138,11 +146,12 @@ def expansion_cost(model, options) -> dict | None:
 
 
 def measure(model, name, options, evaluation, lowering, reference, held_out=None, save_dir=None,
-            validation=None) -> dict:
+            validation=None, use_cache=False) -> dict:
     """One row: compile (+ calibrate), then perplexity on the evaluation windows (if any), on
     ``held_out`` calibration windows (a sweep's choice) and on ``validation`` windows of the
     calibration split that no calibration window touches; saved under ``save_dir`` if given
-    (``quarot-fx eval DIR`` then re-evaluates it in another process without calibrating)."""
+    (``quarot-fx eval DIR`` then re-evaluates it in another process without calibrating).
+    ``use_cache``: every window a prefill into a fresh KV cache (``--kv-cache``)."""
     packed, fp16 = packed_weight_bytes(model, options)  # first: a mistake here must not cost a calibrated row
     cost = expansion_cost(model, options)
     torch._dynamo.reset()
@@ -156,10 +165,10 @@ def measure(model, name, options, evaluation, lowering, reference, held_out=None
     row = {"config": name, "options": None if options is None else {k: v for k, v in options.items() if k != "calibration"}}
     with collect_reports() as reports:
         if held_out is not None:
-            row["calibration_ppl"] = round(perplexity(runner, held_out, desc=f"{name} (held-out calibration)"), 3)
+            row["calibration_ppl"] = round(perplexity(runner, held_out, desc=f"{name} (held-out calibration)", use_cache=use_cache), 3)
         if validation:
-            row["validation_ppl"] = round(perplexity(runner, validation, desc=f"{name} (unseen validation)"), 3)
-        ppl = perplexity(runner, evaluation, desc=name) if evaluation else None
+            row["validation_ppl"] = round(perplexity(runner, validation, desc=f"{name} (unseen validation)", use_cache=use_cache), 3)
+        ppl = perplexity(runner, evaluation, desc=name, use_cache=use_cache) if evaluation else None
     row.update({"windows": len(evaluation), "ppl": None if ppl is None else round(ppl, 3),
                 "gap_pct": None if reference is None or ppl is None else round(100 * (ppl / reference - 1), 1),
                 "seconds": round(time.perf_counter() - start, 1), "linear_bytes_packed": packed,
@@ -221,6 +230,9 @@ def main(argv=None) -> None:
                         help="also measure every row on this many 2048-token windows of the calibration split that "
                              "share no token with the calibration windows (text learning and calibration never saw)")
     parser.add_argument("--lowering", default="inductor", choices=["inductor", "fx"])
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="every window is a prefill into a fresh KV cache (use_cache=True: quarot's packed "
+                             "cache, the path generation takes, where prefill_attention applies)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     parser.add_argument("--save-dir", help="save each quantized row there (quarot_fx.save), one directory per row")
     args = parser.parse_args(argv)
@@ -267,7 +279,7 @@ def main(argv=None) -> None:
     rows, reference = [], None
     for name in names:
         row = measure(model, name, options_of(name), evaluation, args.lowering, reference, save_dir=args.save_dir,
-                      validation=validation)
+                      validation=validation, use_cache=args.kv_cache)
         reference = row["ppl"] if name == "float" else reference
         rows.append(row)
         show(row, args.json)

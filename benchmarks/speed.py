@@ -10,7 +10,7 @@ float32 eager, float32 ``torch.compile`` (inductor), bfloat16 eager, torchao's
 ``Int8DynamicActivationInt8WeightConfig`` + ``torch.compile`` (the CPU int8 peer users pick;
 skipped with a message if torchao is missing: ``pip install -e '.[peers]'``), quarot W8A8KV8 and
 W4A4KV4 (integer kernels; with its 8-bit head, the default, and with a float head; with Inductor's
-C++ wrapper, ``wrapper="cpp"``), W4A4KV4 with
+C++ wrapper, ``wrapper="cpp"``; with ``prefill_attention="int8"``), W4A4KV4 with
 ``resident_weights="unpacked"`` (with the packed KV cache, and with ``kv_cache="float"``), and
 llama.cpp (llama-cpp-python, ``n_threads`` = torch's threads) on the Q4_1 GGUF the model ships as
 (skipped with a message if llama-cpp-python is missing: ``make llama-cpp``, a ~12-minute build).
@@ -179,6 +179,7 @@ ROWS = {
     "quarot w4a4kv4": quarot({"preset": "w4a4kv4"}),
     "quarot w4a4kv4 float-head": quarot({"preset": "w4a4kv4", "quantize_lm_head": False}),
     "quarot w4a4kv4 cpp-wrapper": quarot({"preset": "w4a4kv4", "wrapper": "cpp"}),
+    "quarot w4a4kv4 int8-attention": quarot({"preset": "w4a4kv4", "prefill_attention": "int8"}),
     "llama.cpp Q4_1 gguf": None,  # measure_one builds it (not a torch module)
     "quarot w4a4kv4 unpacked": quarot({"preset": "w4a4kv4", "resident_weights": "unpacked"}),
     "quarot w4a4kv4 unpacked float-kv": quarot({"preset": "w4a4kv4", "resident_weights": "unpacked",

@@ -514,6 +514,71 @@ static void add_weighted(float *a, const float *weights, const float *values, in
     }
 }
 
+/* The first step of folding one block of a query's scores into its online softmax: score[0..seen)
+ * (with room for 8 floats after them) become the keys' weights, and the running maximum *top, the
+ * running sum of weights *total and the output row a are rescaled when the maximum grows. Returns
+ * 0, having formed no weights, where the block adds nothing: every key masked (-inf), or a NaN
+ * score (which makes *total NaN: SDPA's row is NaN then). */
+static int block_weights(float *score, int64_t seen, float *top, float *total, float *a, int64_t d) {
+    float block_top = -INFINITY;
+    int64_t j0 = 0;
+    int nan_seen = 0;
+#ifdef __AVX2__
+    __m256 most = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+    for (; j0 + 8 <= seen; j0 += 8) {
+        const __m256 v = _mm256_loadu_ps(score + j0);
+        most = _mm256_max_ps(most, v);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, most);
+    for (int c = 0; c < 8; c++) block_top = lanes[c] > block_top ? lanes[c] : block_top;
+    nan_seen = _mm256_movemask_ps(unordered) != 0;
+#endif
+    for (int64_t j = j0; j < seen; j++) {
+        block_top = score[j] > block_top ? score[j] : block_top;
+        nan_seen |= isnan(score[j]) != 0;
+    }
+    if (nan_seen) *total = NAN;
+    if (isnan(*total) || block_top == -INFINITY) return 0;
+    const float new_top = block_top > *top ? block_top : *top;
+    if (*top != -INFINITY && new_top != *top) {
+        const float shrink = expf(*top - new_top);
+        *total *= shrink;
+        for (int64_t i = 0; i < d; i++) a[i] *= shrink;
+    }
+    *top = new_top;
+    j0 = 0;  /* score[j] becomes the key's weight */
+#ifdef __AVX2__
+    for (int64_t j = seen; j < (seen + 7) / 8 * 8; j++) score[j] = -INFINITY;  /* weight 0 */
+    __m256 sum = _mm256_setzero_ps();
+    for (; j0 < seen; j0 += 8) {
+        const __m256 w = exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(score + j0), _mm256_set1_ps(new_top)));
+        _mm256_storeu_ps(score + j0, w);
+        sum = _mm256_add_ps(sum, w);
+    }
+    _mm256_storeu_ps(lanes, sum);
+    for (int c = 0; c < 8; c++) *total += lanes[c];
+#endif
+    for (int64_t j = j0; j < seen; j++) {
+        score[j] = expf(score[j] - new_top);
+        *total += score[j];
+    }
+    return 1;
+}
+
+/* Folds one block of a query's scores into its online softmax (block_weights), then the block's
+ * values weighted into its output row a. */
+static void fold_block(float *score, int64_t seen, float *top, float *total, float *a, const float *values, int64_t d) {
+    if (block_weights(score, seen, top, total, a, d)) add_weighted(a, score, values, seen, d);
+}
+
+/* A query's output row: the weighted sum over the sum of weights (zeros where no key was seen,
+ * NaNs where a score was NaN). */
+static void finish_row(float *o, const float *a, float total, int64_t d) {
+    for (int64_t i = 0; i < d; i++) o[i] = isnan(total) ? NAN : total > 0.0f ? a[i] / total : 0.0f;
+}
+
 /* Whether any query row of kv head group [qh0, qh0 + groups) sees a key of tokens t0..t0+count-1. */
 static int block_seen(const float *mask, int64_t offset, int64_t qh0, int64_t groups, int64_t rows, int64_t mh,
                       int64_t mr, int64_t t0, int64_t count) {
@@ -553,55 +618,203 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
                     const float *query = q + ((b * q_heads + h * groups + g) * rows + r) * d;
                     const int64_t seen = causal ? (r + 1 - t0 < count ? r + 1 - t0 : count) : count;
                     if (seen <= 0 || isnan(total[s])) continue;  /* NaN: a NaN score was seen, SDPA's row is NaN */
-                    float block_top = -INFINITY;
                     const float *added = mask ? mask + b * mb + (h * groups + g) * mh + r * mr + t0 : NULL;
                     int64_t j = 0;
 #ifdef __AVX2__
                     for (; j + 8 <= seen; j += 8) dot_x8(query, keys + j * d, d, score + j);
 #endif
                     for (; j < seen; j++) score[j] = dot(query, keys + j * d, d);
-                    for (j = 0; j < seen; j++) {
-                        score[j] = score[j] * scale + (added ? added[j] : 0.0f);
-                        block_top = score[j] > block_top ? score[j] : block_top;
-                        if (isnan(score[j])) total[s] = NAN;
-                    }
-                    if (isnan(total[s]) || block_top == -INFINITY) continue; /* every key of this block masked for this query */
-                    const float new_top = block_top > top[s] ? block_top : top[s];
-                    float *a = acc + s * d;
-                    if (top[s] != -INFINITY && new_top != top[s]) {
-                        const float shrink = expf(top[s] - new_top);
-                        total[s] *= shrink;
-                        for (int64_t i = 0; i < d; i++) a[i] *= shrink;
-                    }
-                    top[s] = new_top;
-                    int64_t j0 = 0;  /* score[j] becomes the key's weight */
-#ifdef __AVX2__
-                    for (int64_t j = seen; j < (seen + 7) / 8 * 8; j++) score[j] = -INFINITY;  /* weight 0 */
-                    __m256 sum = _mm256_setzero_ps();
-                    for (; j0 < seen; j0 += 8) {
-                        const __m256 w = exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(score + j0), _mm256_set1_ps(new_top)));
-                        _mm256_storeu_ps(score + j0, w);
-                        sum = _mm256_add_ps(sum, w);
-                    }
-                    float lanes[8];
-                    _mm256_storeu_ps(lanes, sum);
-                    for (int c = 0; c < 8; c++) total[s] += lanes[c];
-#endif
-                    for (int64_t j = j0; j < seen; j++) {
-                        score[j] = expf(score[j] - new_top);
-                        total[s] += score[j];
-                    }
-                    add_weighted(a, score, values, seen, d);
+                    for (j = 0; j < seen; j++) score[j] = score[j] * scale + (added ? added[j] : 0.0f);
+                    fold_block(score, seen, top + s, total + s, acc + s * d, values, d);
                 }
             }
             for (int64_t s = 0; s < states; s++) {
                 const int64_t g = s / rows, r = s % rows;
                 float *o = out + ((b * q_heads + h * groups + g) * rows + r) * d;
-                for (int64_t i = 0; i < d; i++) o[i] = isnan(total[s]) ? NAN : total[s] > 0.0f ? acc[s * d + i] / total[s] : 0.0f;
+                finish_row(o, acc + s * d, total[s], d);
             }
         }
     free(keys); free(values); free(acc); free(top);
     return 0;
+}
+
+/* int8_query_attention: packed_attention for a prefill (many query rows, 4-bit packed keys and
+ * values), with Q·Kᵀ in integers. Each query row is quantized to int8 as
+ * packed_attention.py's quantize_queries_reference does (scale max|q| / 127, q / scale rounded half
+ * to even),
+ * and its sums with a block of key codes are int4_gemm's tiles (vpmaddubsw, exact), so a score is
+ * ((float)sum(q·c) - z·sum(q)) · (q scale · scale) · k scale, c the key's codes and z its zero
+ * point. The weights and the values stay float32, folded in by the decode kernel's online softmax
+ * (fold_block). Why: prefill attention is Q·Kᵀ and P·V in equal parts; the first runs two
+ * byte-multiply instructions per 32 multiply-adds instead of four fp32 FMAs, reading the codes
+ * as they are stored. Work units are (batch, kv head, block of QA_ROWS query positions), all
+ * query heads of the kv head together, over blocks of QA_KEYS keys (causal: the keys up to the
+ * block's last position); whichever thread is free takes the next unit, costliest first. A unit's
+ * values do not depend on its thread: the same bits for any thread count. causal: SDPA's
+ * is_causal (top-left); otherwise no mask. Returns 1 on no memory, 2 where this build cannot (no
+ * AVX2, or d not a multiple of 8). */
+#define QA_ROWS 64
+#define QA_KEYS 64
+
+#ifdef __AVX2__
+typedef struct {
+    const float *q; const uint8_t *k_codes; const float *k_scale, *k_zero; const uint8_t *v_codes;
+    const float *v_scale, *v_zero; float *out;
+    int64_t batch, q_heads, kv_heads, rows, tokens, d, causal, *next;
+    float scale;
+} query_attention_job;
+
+/* `count` query rows as int8 codes in int4_gemm's half-split order
+ * (element 2m of a cached vector is byte m's low nibble, 2m + 1 its high one, and int4_gemm
+ * pairs x[m] with byte m's low nibble, x[m + d/2] with its high one), their scales times the
+ * softmax scale, and their sums. */
+static void quantize_queries(const float *q, int64_t count, int64_t d, float scale, int8_t *codes, float *scales,
+                             int32_t *sums) {
+    for (int64_t r = 0; r < count; r++) {
+        const float *row = q + r * d;
+        float top = 0.0f;
+        int finite = 1;
+        for (int64_t i = 0; i < d; i++) {
+            top = fabsf(row[i]) > top ? fabsf(row[i]) : top;
+            finite &= isfinite(row[i]) != 0;
+        }
+        const float step = top / 127.0f;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < d; i++) {
+            float v = finite && step > 0.0f ? nearbyintf(row[i] / step) : 0.0f;
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            codes[r * d + (i & 1) * (d / 2) + i / 2] = (int8_t)v;
+            sum += (int32_t)v;
+        }
+        scales[r] = step * scale;
+        sums[r] = sum;
+        if (!finite) scales[r] = NAN;  /* a NaN or infinite query: NaN scores, a NaN row, as SDPA's */
+    }
+}
+
+/* acc[i][:] += sum_j weights[i][j] * values[j][:] for GEMM_MR rows (acc's d apart, weights'
+ * `stride` apart) over `count` tokens, 16 columns at a time: each load of values serves four rows.
+ * Fused multiply-adds: this kernel has no other path to agree with bit for bit. d % 8 == 0. */
+static void add_weighted_rows(float *acc, const float *weights, int64_t stride, const float *values, int64_t count,
+                              int64_t d) {
+    for (int64_t c = 0; c < d; c += 16) {
+        const int wide = c + 16 <= d;
+        __m256 a[GEMM_MR][2];
+#pragma GCC unroll 4
+        for (int i = 0; i < GEMM_MR; i++) {
+            a[i][0] = _mm256_loadu_ps(acc + i * d + c);
+            a[i][1] = wide ? _mm256_loadu_ps(acc + i * d + c + 8) : _mm256_setzero_ps();
+        }
+        for (int64_t j = 0; j < count; j++) {
+            const __m256 v0 = _mm256_loadu_ps(values + j * d + c);
+            const __m256 v1 = wide ? _mm256_loadu_ps(values + j * d + c + 8) : _mm256_setzero_ps();
+#pragma GCC unroll 4
+            for (int i = 0; i < GEMM_MR; i++) {
+                const __m256 w = _mm256_broadcast_ss(weights + i * stride + j);
+                a[i][0] = _mm256_fmadd_ps(w, v0, a[i][0]);
+                a[i][1] = _mm256_fmadd_ps(w, v1, a[i][1]);
+            }
+        }
+        for (int i = 0; i < GEMM_MR; i++) {
+            _mm256_storeu_ps(acc + i * d + c, a[i][0]);
+            if (wide) _mm256_storeu_ps(acc + i * d + c + 8, a[i][1]);
+        }
+    }
+}
+
+static void *query_attention_run(void *arg) {
+    const query_attention_job *job = arg;
+    const int64_t d = job->d, groups = job->q_heads / job->kv_heads, per_head = job->batch * job->kv_heads;
+    const int64_t blocks = (job->rows + QA_ROWS - 1) / QA_ROWS, most = groups * QA_ROWS + GEMM_MR;
+    const int64_t panels = QA_KEYS / GEMM_NR, row_bytes = d / 2;
+    int8_t *codes = calloc((size_t)(most * d), 1);
+    uint8_t *panel = malloc((size_t)(panels * d * GEMM_NR));
+    float *scales = calloc((size_t)most, sizeof(float)), *score = malloc(sizeof(float) * (size_t)(most * (QA_KEYS + 8)));
+    float *acc = malloc(sizeof(float) * (size_t)(most * d)), *top = malloc(sizeof(float) * (size_t)(2 * most));
+    float *values = malloc(sizeof(float) * (size_t)(QA_KEYS * d));
+    int32_t *sums = calloc((size_t)most, sizeof(int32_t)), tile[GEMM_MR][GEMM_NR];
+    void *failed = !codes || !panel || !scales || !score || !acc || !top || !values || !sums ? (void *)1 : NULL;
+    /* |q code| <= 127 and key codes <= 15: pairs of products fit int16 this many quads at a time */
+    const int64_t steps = 32767 / (2 * 15 * 127);
+    for (int64_t unit; !failed && (unit = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED)) < blocks * per_head;) {
+        const int64_t block = blocks - 1 - unit / per_head, b = unit % per_head / job->kv_heads, h = unit % job->kv_heads;
+        const int64_t first = block * QA_ROWS, count = job->rows - first < QA_ROWS ? job->rows - first : QA_ROWS;
+        const int64_t states = groups * count, kv = (b * job->kv_heads + h) * job->tokens;
+        const int64_t end = job->causal && first + count < job->tokens ? first + count : job->tokens;
+        float *total = top + most;
+        for (int64_t g = 0; g < groups; g++)
+            quantize_queries(job->q + ((b * job->q_heads + h * groups + g) * job->rows + first) * d, count, d,
+                             job->scale, codes + g * count * d, scales + g * count, sums + g * count);
+        memset(codes + states * d, 0, (size_t)(GEMM_MR * d));  /* a last partial tile's rows add nothing */
+        for (int64_t s = 0; s < states; s++) { top[s] = -INFINITY; total[s] = 0.0f; }
+        memset(acc, 0, sizeof(float) * (size_t)(most * d));
+        for (int64_t t0 = 0; t0 < end; t0 += QA_KEYS) {
+            const int64_t keys = end - t0 < QA_KEYS ? end - t0 : QA_KEYS, used = (keys + GEMM_NR - 1) / GEMM_NR;
+            const int64_t at = kv + t0;
+            float key_scale[QA_KEYS], key_zero[QA_KEYS];  /* 0 past the last key: no read past the cache */
+            for (int64_t j = 0; j < QA_KEYS; j++) {
+                key_scale[j] = j < keys ? job->k_scale[at + j] : 0.0f;
+                key_zero[j] = j < keys ? job->k_zero[at + j] : 0.0f;
+            }
+            for (int64_t p = 0; p < used; p++) pack_panel(job->k_codes + at * row_bytes, panel + p * d * GEMM_NR, d, keys, p * GEMM_NR);
+            for (int64_t j = 0; j < keys; j++)
+                dequantize_row(job->v_codes + (at + j) * row_bytes, job->v_scale[at + j], job->v_zero[at + j], values + j * d, d, 1);
+            for (int64_t s0 = 0; s0 < states; s0 += GEMM_MR)
+                for (int64_t p = 0; p < used; p++) {
+                    gemm_tile(codes + s0 * d, d, panel + p * d * GEMM_NR, steps, tile);
+                    for (int64_t i = 0; i < GEMM_MR && s0 + i < states; i++) {
+                        const __m256 sum = _mm256_set1_ps((float)sums[s0 + i]), step = _mm256_set1_ps(scales[s0 + i]);
+                        for (int64_t c = 0; c < GEMM_NR; c += 8) {
+                            const int64_t j = p * GEMM_NR + c;
+                            __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(tile[i] + c)));
+                            v = _mm256_sub_ps(v, _mm256_mul_ps(_mm256_loadu_ps(key_zero + j), sum));
+                            v = _mm256_mul_ps(_mm256_mul_ps(v, step), _mm256_loadu_ps(key_scale + j));
+                            _mm256_storeu_ps(score + (s0 + i) * (QA_KEYS + 8) + p * GEMM_NR + c, v);
+                        }
+                    }
+                }
+            const int64_t tiled = (states + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+            for (int64_t s = 0; s < tiled; s++) {  /* the weights, 0 past what a row sees (and in padding rows) */
+                float *weights = score + s * (QA_KEYS + 8);
+                const int64_t position = first + s % count;
+                const int64_t seen = s >= states ? 0 : job->causal ? (position + 1 - t0 < keys ? position + 1 - t0 : keys) : keys;
+                const int64_t formed = seen > 0 && !isnan(total[s]) && block_weights(weights, seen, top + s, total + s,
+                                                                                      acc + s * d, d) ? seen : 0;
+                memset(weights + formed, 0, sizeof(float) * (size_t)(keys - formed));
+            }
+            for (int64_t s0 = 0; s0 < states; s0 += GEMM_MR)
+                add_weighted_rows(acc + s0 * d, score + s0 * (QA_KEYS + 8), QA_KEYS + 8, values, keys, d);
+        }
+        for (int64_t s = 0; s < states; s++) {
+            const int64_t g = s / count, r = first + s % count;
+            finish_row(job->out + ((b * job->q_heads + h * groups + g) * job->rows + r) * d, acc + s * d, total[s], d);
+        }
+    }
+    free(codes); free(panel); free(scales); free(score); free(acc); free(top); free(values); free(sums);
+    return failed;
+}
+#endif
+
+int int8_query_attention(const float *q, const uint8_t *k_codes, const float *k_scale, const float *k_zero,
+                         const uint8_t *v_codes, const float *v_scale, const float *v_zero, float *out, int64_t batch,
+                         int64_t q_heads, int64_t kv_heads, int64_t rows, int64_t tokens, int64_t d, float scale,
+                         int64_t causal, int64_t threads) {
+#ifdef __AVX2__
+    if (d % 8 || d < 8) return 2;
+    int64_t next = 0;
+    const int64_t units = batch * kv_heads * ((rows + QA_ROWS - 1) / QA_ROWS);
+    threads = thread_count(threads, units, units);
+    query_attention_job jobs[MAX_THREADS];
+    for (int64_t t = 0; t < threads; t++)
+        jobs[t] = (query_attention_job){q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, out, batch, q_heads,
+                                        kv_heads, rows, tokens, d, causal, &next, scale};
+    return run_jobs(query_attention_run, jobs, sizeof jobs[0], threads);
+#else
+    (void)q; (void)k_codes; (void)k_scale; (void)k_zero; (void)v_codes; (void)v_scale; (void)v_zero; (void)out;
+    (void)batch; (void)q_heads; (void)kv_heads; (void)rows; (void)tokens; (void)d; (void)scale; (void)causal;
+    (void)threads;
+    return 2;
+#endif
 }
 
 /* kv_quantize: asymmetric codes of each [length] vector of x, as numerics.quant.asymmetric_codes

@@ -156,6 +156,9 @@ def load_variant(name: str):
     lib.packed_attention.restype = ctypes.c_int
     lib.packed_attention.argtypes = ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64]
                                      + [ctypes.c_void_p] + [ctypes.c_int64] * 3)
+    lib.int8_query_attention.restype = ctypes.c_int
+    lib.int8_query_attention.argtypes = ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6
+                                         + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64])
     lib.hadamard_rows.restype = ctypes.c_int
     lib.hadamard_rows.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
                                   + [ctypes.c_float, ctypes.c_int64])
@@ -301,6 +304,22 @@ def packed_attention(q: torch.Tensor, keys: tuple, values: tuple, length: int, p
              q_heads, kv_heads, rows, tokens, length, row_bytes, int(packed), scale, int(causal), *mask_args):
         raise MemoryError("packed_attention: no memory for its blocks")
     return out
+
+
+def int8_query_attention(q: torch.Tensor, keys: tuple, values: tuple, scale: float, causal: bool):
+    """float32 attention output of float32 q [batch, q_heads, rows, d] over a 4-bit packed cache's
+    (codes, scale, zero) for keys and values [batch, kv_heads, tokens, ...], with Q·Kᵀ in integers
+    (``native.c int8_query_attention``), or None where this build cannot (no AVX2, d % 8)."""
+    q = q.contiguous()
+    keys, values = _cache_parts(*keys), _cache_parts(*values)
+    batch, q_heads, rows, d = q.shape
+    kv_heads, tokens = keys[0].shape[1:3]
+    out = torch.empty_like(q)
+    status = _call(library().int8_query_attention, q.data_ptr(), *(t.data_ptr() for t in (*keys, *values)),
+                   out.data_ptr(), batch, q_heads, kv_heads, rows, tokens, d, scale, int(causal), torch.get_num_threads())
+    if status == 1:
+        raise MemoryError("int8_query_attention: no memory for its blocks")
+    return None if status else out
 
 
 @lru_cache(maxsize=None)

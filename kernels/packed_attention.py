@@ -48,13 +48,20 @@ def takes_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, 
         return False
     if q.dtype != torch.float32 or dtype != torch.float32 or not 1 <= q.shape[2] <= native.FEW_ROWS or q.shape[3] != length:
         return False
+    return _one_scale_per_vector(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, enable_gqa) \
+        and native.library() is not None
+
+
+def _one_scale_per_vector(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, enable_gqa) -> bool:
+    """The cache layout the C kernels read: codes [batch, kv_heads, tokens > 0, bytes], the same for
+    keys and values, one scale and zero point per vector, and query heads that are the kv heads or
+    (``enable_gqa``) groups of them."""
     batch, q_heads = q.shape[:2]
     kv_heads, tokens = k_codes.shape[1:3]
     same = all(t.shape[:3] == k_codes.shape[:3] for t in (k_scale, k_zero, v_codes, v_scale, v_zero))
     vectors = all(t.shape[3] == 1 for t in (k_scale, k_zero, v_scale, v_zero)) and v_codes.shape == k_codes.shape
     heads = q_heads == kv_heads or (enable_gqa and kv_heads and q_heads % kv_heads == 0)
-    return (same and vectors and bool(heads) and k_codes.shape[0] == batch and tokens > 0
-            and native.library() is not None)
+    return same and vectors and bool(heads) and k_codes.shape[0] == batch and tokens > 0
 
 
 @define_op("quarot_fx::packed_attention", python_twin=True)
@@ -76,7 +83,66 @@ def packed_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tens
 
 
 @packed_attention.register_fake
-def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype, attn_mask=None, scale=None,
-      is_causal=False, enable_gqa=False):
+def packed_attention_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype, attn_mask=None,
+                          scale=None, is_causal=False, enable_gqa=False):
     check_bits(bits)
     return q.new_empty((*q.shape[:-1], length))
+
+
+def quantize_queries_reference(q: torch.Tensor) -> torch.Tensor:
+    """Each query row as the int8 kernel reads it: symmetric int8 codes per row (scale max|q| / 127,
+    rounded half to even), dequantized back to float."""
+    step = q.abs().amax(-1, keepdim=True) / 127
+    return torch.where(step > 0, torch.round(q / step).clamp(-127, 127) * step, torch.zeros_like(q))
+
+
+def int8_query_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype,
+                                   attn_mask=None, scale=None, is_causal=False, enable_gqa=False):
+    """``packed_attention_reference`` with the queries rounded to int8 per row first: what
+    ``int8_query_attention``'s C kernel computes (to float rounding; its Q·Kᵀ sums are exact)."""
+    return packed_attention_reference(quantize_queries_reference(q.float()).to(q.dtype), k_codes, k_scale, k_zero,
+                                      v_codes, v_scale, v_zero, bits, length, dtype, attn_mask, scale, is_causal,
+                                      enable_gqa)
+
+
+def takes_int8_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype, attn_mask,
+                      is_causal, enable_gqa) -> bool:
+    """Whether ``int8_query_attention``'s C kernel covers this call: a prefill (more than
+    ``native.FEW_ROWS`` query rows) of float32 CPU queries over a 4-bit packed cache, causal or
+    unmasked, head size a multiple of 8, on a CPU with AVX2."""
+    from . import native
+
+    if attn_mask is not None or not 1 <= bits <= 4 or length % 8 or q.dim() != 4 or q.shape[2] <= native.FEW_ROWS:
+        return False
+    if q.dtype != torch.float32 or dtype != torch.float32 or q.device.type != "cpu" or q.shape[3] != length:
+        return False
+    if k_codes.dim() != 4 or k_codes.shape[3] * 2 != length:
+        return False
+    return _one_scale_per_vector(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, enable_gqa) \
+        and native.library() is not None and bool(native.library().gemm_available())
+
+
+@define_op("quarot_fx::int8_query_attention")
+def int8_query_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                         v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, bits: int, length: int,
+                         dtype: torch.dtype, attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                         is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+    """``packed_attention`` whose prefill computes Q·Kᵀ in integers (``prefill_attention="int8"``):
+    where ``takes_int8_kernel``, the queries are rounded to int8 per row and multiplied with the
+    4-bit key codes exactly (``native.c int8_query_attention``; ``int8_query_attention_reference``
+    is its definition); the weights and values stay float32. Every other call (a decode step, a
+    mask, another dtype or device) is ``packed_attention``'s, in float."""
+    from . import native
+
+    check_bits(bits)
+    if takes_int8_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype, attn_mask,
+                         is_causal, enable_gqa):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        out = native.int8_query_attention(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), scale, is_causal)
+        if out is not None:
+            return out
+    return torch.ops.quarot_fx.packed_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length,
+                                                dtype, attn_mask, scale, is_causal, enable_gqa)
+
+
+int8_query_attention.register_fake(packed_attention_fake)

@@ -5,8 +5,10 @@ cache, keys and values each: a float copy of the layer's cache, made every decod
 be read once. This pass rewrites ``scaled_dot_product_attention(q, kv_dequantize(K),
 kv_dequantize(V), …)`` into ``quarot_fx::packed_attention(q, K…, V…, …)``, whose CPU kernel
 dequantizes one block of tokens at a time inside attention (``kernels/packed_attention.py``).
-Only where the dequantized cache has no other reader and every SDPA argument but the tensors is a
-constant with dropout 0; anything else stays as it was, and the report says why.
+With ``prefill_attention="int8"`` a causal prefill's op is ``quarot_fx::int8_query_attention`` (the
+same, with Q·Kᵀ in integers). Only where the dequantized cache has no other reader and every SDPA
+argument but the tensors is a constant with dropout 0; anything else stays as it was, and the
+report says why.
 
 Between the dequantized cache and SDPA the pass sees through what commutes with a per-token
 dequantizer: a slice of the tokens (a static cache's prefill reads its first tokens; the slice moves
@@ -30,6 +32,7 @@ from quarot_fx.report import Skip
 from .graph_utils import first_arg, label, op_name, value
 
 PACKED_ATTENTION = torch.ops.quarot_fx.packed_attention.default
+INT8_QUERY_ATTENTION = torch.ops.quarot_fx.int8_query_attention.default
 SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
@@ -146,6 +149,21 @@ def _sliced(graph: fx.Graph, parts: tuple, index) -> tuple:
     return tuple(graph.call_function(operator.getitem, (part, index)) for part in parts)
 
 
+def _attention_op(config, args: dict):
+    """``int8_query_attention`` where ``prefill_attention="int8"`` and the attention is a causal
+    prefill (``is_causal``: a prompt into an empty cache; transformers passes a mask instead once
+    the cache holds tokens) that may have more rows than a decode step (``native.FEW_ROWS``), else
+    ``packed_attention``: a decode graph keeps the op whose calls reach the C kernel without
+    Python (``native_ops``)."""
+    from quarot_fx.kernels.native import FEW_ROWS
+
+    query = value(args["query"])
+    rows = query.shape[2] if isinstance(query, torch.Tensor) and query.dim() == 4 else None
+    few = rows is not None and _known(rows <= FEW_ROWS)
+    prefill = args["is_causal"] is True and not few
+    return INT8_QUERY_ATTENTION if config.prefill_attention == "int8" and prefill else PACKED_ATTENTION
+
+
 def fuse_packed_attention(ctx) -> None:
     """Pass: attention over a packed cache reads its codes (see the module docstring)."""
     graph = ctx.gm.graph
@@ -166,7 +184,8 @@ def fuse_packed_attention(ctx) -> None:
             continue
         (key, index, repeated, k_between), (value, _, _, v_between) = reads
         with graph.inserting_before(node):
-            fused = graph.call_function(PACKED_ATTENTION, (
+            target = _attention_op(ctx.config, args)
+            fused = graph.call_function(target, (
                 args["query"], *_sliced(graph, key.args[:3], index), *_sliced(graph, value.args[:3], index),
                 *key.args[3:6], args["attn_mask"], args["scale"], args["is_causal"], args["enable_gqa"] or repeated))
         fused.meta.update(node.meta)
@@ -179,6 +198,7 @@ def fuse_packed_attention(ctx) -> None:
                 size.replace_input_with(dequantized, dequantized.args[0])
             graph.erase_node(dequantized)
         ctx.report.counters["packed_attention"] += 1
+        ctx.report.counters["int8_query_attention"] += target is INT8_QUERY_ATTENTION
     for node in graph.nodes:  # a packed cache read some other way
         if node.op == "call_function" and node.target is KV_DEQUANTIZE and node not in explained:
             readers = ", ".join(sorted({op_name(u) for u in node.users}))
@@ -189,3 +209,9 @@ def fuse_packed_attention(ctx) -> None:
         ctx.report.notes.append(
             f"KV cache: {ctx.report.counters['packed_attention']} attention calls read the packed cache block by "
             "block (packed_attention: C kernel at ≤ 16 query rows, else dequantize + SDPA)")
+        if ctx.report.counters["int8_query_attention"]:
+            ctx.report.notes.append(
+                f"prefill_attention='int8': {ctx.report.counters['int8_query_attention']} causal prefill attention "
+                "calls round the queries to int8 per row and compute Q·Kᵀ on the 4-bit key codes in integers "
+                "(float32 on a CPU with AVX2); decode steps, masked calls and other devices stay float "
+                "(packed_attention)")

@@ -32,6 +32,7 @@ PRESETS: dict[str, dict[str, int]] = {
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
 WRAPPERS = ("python", "cpp")
+PREFILL_ATTENTIONS = ("float", "int8")
 KERNELS = ("integer", "fake")
 GEMM_ENVIRONMENT = "QUAROT_FX_INT_GEMM"  # the policy when the option is "auto"
 
@@ -102,6 +103,11 @@ class QuaRotConfig:
             quarot_fx ops are called from compiled C++, which takes a decode step's ~1000 calls
             out of the Python interpreter; the same numbers, a longer first compile). Needs
             ``lowering="inductor"``.
+        prefill_attention: ``"float"`` (default: attention over the packed KV cache computes in
+            float32, as over a float cache) or ``"int8"`` (a prefill's Q·Kᵀ multiplies int8
+            queries, rounded per row, with the 4-bit key codes in integers on a CPU with AVX2:
+            faster, not the same numbers; decode steps stay float). ``"int8"`` needs
+            ``kv_bits ≤ 4`` and ``kv_cache="packed"``.
         weights: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"obr"`` (optimal brain restoration:
             pruning and 4-bit quantization solved together; both need ``calibration``).
         sparsity, sparsity_pattern: fraction of each quantized linear's weights set to zero
@@ -192,6 +198,7 @@ class QuaRotConfig:
     r4_rotation: str = "hadamard"
     lowering: str = "inductor"
     wrapper: str = "python"
+    prefill_attention: str = "float"
     weights: str = "rtn"
     w_group_size: int | None = None
     w_clip_search: bool = True
@@ -255,6 +262,11 @@ class QuaRotConfig:
             gemm_environment()
         _choice("resident_weights", self.resident_weights, RESIDENT_WEIGHTS)
         _choice("kv_cache", self.kv_cache, KV_CACHES)
+        _choice("prefill_attention", self.prefill_attention, PREFILL_ATTENTIONS)
+        if self.prefill_attention == "int8" and (self.kv_bits > 4 or self.kv_cache != "packed"):
+            raise ValueError(f"quarot-fx: option 'prefill_attention'='int8' multiplies queries with 4-bit key codes "
+                             f"and needs kv_bits ≤ 4 and kv_cache='packed' (got kv_bits={self.kv_bits}, "
+                             f"kv_cache={self.kv_cache!r})")
         if self.w_group_size is not None:
             _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
         if not isinstance(self.quantize_lm_head, bool) and self.quantize_lm_head != "int8":

@@ -36,6 +36,10 @@ def test_fp_preset_quantizes_nothing():
     ({"lowering": "aot"}, r"lowering must be one of 'inductor', 'fx'"),
     ({"wrapper": "c"}, r"wrapper must be one of 'python', 'cpp'"),
     ({"wrapper": "cpp", "lowering": "fx"}, r"'wrapper'='cpp' is Inductor's C\+\+ wrapper and needs lowering='inductor'"),
+    ({"prefill_attention": "int4"}, r"prefill_attention must be one of 'float', 'int8'; got 'int4'"),
+    ({"prefill_attention": "int8", "preset": "w8a8kv8"}, r"'prefill_attention'='int8' .* needs kv_bits ≤ 4 and "
+                                                          r"kv_cache='packed' \(got kv_bits=8"),
+    ({"prefill_attention": "int8", "kv_cache": "float"}, r"'prefill_attention'='int8' .*kv_cache='float'"),
     ({"gsr_group_size": 48}, r"gsr_group_size must be None or a power of two"),
     ({"r2": "yes"}, r"r2 must be True or False"),
     ({"seed": -1}, r"seed must be a non-negative integer"),

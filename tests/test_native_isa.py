@@ -1,8 +1,8 @@
 """Every instruction-set variant of the C kernels (``native.VARIANTS``) that this CPU can run gives
 the reference's bits: the int4 GEMV and GEMM against the int64 reference, the KV quantizer and
 dequantizer against theirs, the 8-bit head against its op-for-op reference, the Hadamard stages
-the same across variants (and close to the dense reference), packed attention the same across the
-SIMD variants. A variant this CPU lacks is skipped with the reason; the dispatch itself (which
+the same across variants (and close to the dense reference), packed attention and its int8-query
+prefill kernel the same across the SIMD variants. A variant this CPU lacks is skipped with the reason; the dispatch itself (which
 variant loads, ``QUAROT_FX_ISA``) is tested everywhere."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from quarot_fx.kernels import int_gemm, native, native_ops
 from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
 from quarot_fx.kernels.int8_linear import int8_channel_codes, int8_linear_reference, int8_weight_linear
 from quarot_fx.kernels.kv_quant import kv_dequantize_reference, kv_quantize, kv_quantize_reference, kv_dequantize
-from quarot_fx.kernels.packed_attention import packed_attention
+from quarot_fx.kernels.packed_attention import int8_query_attention, packed_attention
 from quarot_fx.kernels.quantized_linear import pack_linear_weight, quantized_linear, quantized_linear_reference
 from test_quant_kernels import linear_inputs
 
@@ -120,6 +120,24 @@ def test_packed_attention_is_the_same_on_every_simd_variant(variant):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     else:
         assert torch.equal(out, expected)
+
+
+def test_int8_query_attention_is_the_same_on_every_simd_variant_and_float_on_the_generic_one(variant):
+    """Integer Q·Kᵀ sums are exact and the rest shares AVX2's order: the same bits on every SIMD
+    variant. The generic build has no such kernel: the op gives packed_attention's float result."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 80, 64, generator=g)
+    keys = kv_quantize(torch.randn(1, 2, 80, 64, generator=g), 4, 0.95)
+    values = kv_quantize(torch.randn(1, 2, 80, 64, generator=g), 4, 0.95)
+    args = (q, *keys, *values, 4, 64, torch.float32, None, None, True, True)
+    out = int8_query_attention(*args)
+    if variant == "generic":
+        assert torch.equal(out, packed_attention(*args))
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        avx2 = variant_library("avx2")
+        patch.setattr(native, "library", lambda: avx2)
+        assert torch.equal(out, int8_query_attention(*args))
 
 
 def test_the_best_variant_the_cpu_has_is_loaded_and_named():

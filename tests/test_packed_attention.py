@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quarot_fx
+from quarot_fx.config import QuaRotConfig
 from quarot_fx.kernels import kv_quantize, native, packed_attention, packed_attention_reference
 from quarot_fx.kernels.packed_attention import takes_kernel
 from quarot_fx.kv_cache import PackedStaticKVCache
@@ -148,7 +149,7 @@ def test_the_pass_fuses_only_what_it_can_and_says_why_not(dropout, keys_elsewher
     module = _Attention()
     module.dropout, module.keys_elsewhere, module.repeated = dropout, keys_elsewhere, repeated
     gm = fx.symbolic_trace(module)
-    ctx = type("Context", (), {"gm": gm, "report": Report(graph="test", options={})})()
+    ctx = type("Context", (), {"gm": gm, "report": Report(graph="test", options={}), "config": QuaRotConfig()})()
     fuse_packed_attention(ctx)
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     fused = torch.ops.quarot_fx.packed_attention.default in targets

@@ -74,11 +74,14 @@ def unseen_windows(tokens: torch.Tensor, count: int, calibration_count: int = 32
 
 
 @torch.no_grad()
-def perplexity(model, token_windows: list[torch.Tensor], progress: bool = True, desc: str = "perplexity") -> float:
-    """exp(mean NLL) of tokens 1..L-1 of every window, each predicted from its own prefix."""
+def perplexity(model, token_windows: list[torch.Tensor], progress: bool = True, desc: str = "perplexity",
+               use_cache: bool = False) -> float:
+    """exp(mean NLL) of tokens 1..L-1 of every window, each predicted from its own prefix.
+    ``use_cache``: each window is a prefill into a fresh KV cache (a quarot model's packed cache,
+    the path generation takes), not a cache-free forward."""
     nll, count = 0.0, 0
     for ids in tqdm(token_windows, desc=desc, disable=not progress, leave=False):
-        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        logits = model(ids, use_cache=use_cache).logits[0, :-1].float()
         targets = ids[0, 1:]
         nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         count += targets.numel()

@@ -1,0 +1,111 @@
+"""``prefill_attention="int8"``: a prefill's Q·Kᵀ with int8 queries and the 4-bit key codes in
+integers (``int8_query_attention``). The C kernel computes its reference (queries rounded to int8
+per row, then dequantize-then-SDPA) to float rounding, for any thread count the same bits; every
+call it does not cover is ``packed_attention``'s; the pass puts the op where the option asks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quarot_fx
+from quarot_fx.kernels import int8_query_attention, int8_query_attention_reference, native, packed_attention
+from quarot_fx.kernels.packed_attention import quantize_queries_reference, takes_int8_kernel
+from test_kv_cache import compile_quarot, steps
+from test_packed_attention import attention_inputs
+from tiny_models import tiny_model, token_ids
+
+
+def has_kernel() -> bool:
+    return native.library() is not None and bool(native.library().gemm_available())
+
+
+needs_kernel = pytest.mark.skipif(not has_kernel(), reason="the int8 attention kernel needs AVX2")
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), groups=st.integers(1, 3), rows=st.integers(17, 150),
+       extra=st.integers(0, 80), dim=st.sampled_from([8, 24, 64]), bits=st.sampled_from([2, 3, 4]),
+       causal=st.booleans(), byte_zero=st.booleans(), seed=st.integers(0, 50))
+def test_kernel_agrees_with_int8_queries_then_sdpa(batch, kv_heads, groups, rows, extra, dim, bits, causal, byte_zero,
+                                                   seed):
+    """Several query and key blocks (64 each), partial tiles, GQA groups, causal (top-left, as SDPA's
+    is_causal) and unmasked, with more keys than queries too."""
+    inputs = attention_inputs(batch, kv_heads, groups, rows, rows + extra, dim, bits, seed, byte_zero)
+    args = (*inputs, bits, dim, torch.float32, None, None, causal, groups > 1)
+    assert takes_int8_kernel(*inputs, bits, dim, torch.float32, None, causal, groups > 1)
+    torch.testing.assert_close(int8_query_attention(*args), int8_query_attention_reference(*args), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_the_reference_rounds_each_query_row_to_int8():
+    q = torch.tensor([[0.0, 0.0], [1.0, -0.5], [-0.3, 0.01]])
+    step = torch.tensor([[1.0], [1.0 / 127], [0.3 / 127]])
+    rounded = quantize_queries_reference(q)
+    assert torch.equal(rounded[0], torch.zeros(2))
+    # -63.5 rounds half to even; 0.01 is 4.23 steps of 0.3 / 127
+    torch.testing.assert_close(rounded[1:] / step[1:], torch.tensor([[127.0, -64.0], [-127.0, 4.0]]))
+    assert (rounded - q).abs().max() <= 0.5 / 127
+
+
+@needs_kernel
+def test_the_same_bits_on_any_number_of_threads():
+    inputs = attention_inputs(2, 3, 3, 200, 200, 64, 4, 7)
+    args = (*inputs, 4, 64, torch.float32, None, None, True, True)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(int8_query_attention(*args))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+
+
+@needs_kernel
+def test_a_nan_or_infinite_query_gives_nan_rows_and_leaves_the_others():
+    q, *parts = attention_inputs(1, 2, 2, 40, 40, 16, 4, 3)
+    q[0, 1, 30, 5], q[0, 2, 20, 0] = float("nan"), float("inf")
+    args = (q, *parts, 4, 16, torch.float32, None, None, True, True)
+    out = int8_query_attention(*args)
+    assert out[0, 1, 30].isnan().all() and out[0, 2, 20].isnan().all()
+    bad = torch.zeros(out.shape[:3], dtype=torch.bool)
+    bad[0, 1, 30] = bad[0, 2, 20] = True
+    assert out[~bad].isfinite().all()
+    torch.testing.assert_close(out[~bad], int8_query_attention_reference(*args)[~bad], rtol=1e-5, atol=1e-5)
+
+
+def test_calls_the_kernel_does_not_cover_are_packed_attentions(monkeypatch):
+    """A decode step (≤ 16 rows), a mask, bfloat16, 8-bit codes: the float op's exact result."""
+    monkeypatch.setattr(native, "int8_query_attention", lambda *a: pytest.fail("the int8 kernel ran"))
+    cases = [dict(rows=16), dict(rows=40, mask=True), dict(rows=40, dtype=torch.bfloat16), dict(rows=40, bits=8)]
+    for case in cases:
+        rows, bits, dtype = case["rows"], case.get("bits", 4), case.get("dtype", torch.float32)
+        q, *parts = attention_inputs(1, 2, 2, rows, 50, 16, bits, 0)
+        mask = torch.rand(1, 1, rows, 50, generator=torch.Generator().manual_seed(0)) > 0.3 if "mask" in case else None
+        args = (q.to(dtype), *parts, bits, 16, dtype, mask, None, mask is None, True)
+        assert torch.equal(int8_query_attention(*args), packed_attention(*args)), case
+
+
+@needs_kernel
+def test_a_compiled_prefill_takes_the_int8_kernel_and_decode_stays_float(monkeypatch):
+    calls = []
+    real = native.int8_query_attention
+    monkeypatch.setattr(native, "int8_query_attention", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
+    model, ids = tiny_model("llama"), token_ids(length=40)
+    with quarot_fx.collect_reports() as reports:
+        fast = steps(compile_quarot(model, prefill_attention="int8"), ids, decode=2)[0]
+    layers = model.config.num_hidden_layers
+    assert calls == [40] * layers  # the prefill only
+    # the decode graph (one query row) keeps packed_attention, whose calls stay in C++
+    assert [r.counters["int8_query_attention"] for r in reports] == [layers, 0]
+    assert any("prefill_attention='int8'" in note for r in reports for note in r.notes)
+    torch._dynamo.reset()
+    exact = steps(compile_quarot(model), ids, decode=2)[0]
+    assert not torch.equal(fast[0], exact[0])  # the prefill's queries were rounded
+    for got, expected in zip(fast, exact):  # and its logits stay close to the float attention's
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
