@@ -640,8 +640,8 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
 
 /* int8_query_attention: packed_attention for a prefill (many query rows, 4-bit packed keys and
  * values), with Q·Kᵀ in integers. Each query row is quantized to int8 as
- * packed_attention.py's quantize_queries_reference does (scale max|q| / 127, q / scale rounded half
- * to even),
+ * numerics.quant.fake_quant_symmetric(q, 8) does (scale max|q| / 127, q / scale rounded half to
+ * even),
  * and its sums with a block of key codes are int4_gemm's tiles (vpmaddubsw, exact), so a score is
  * ((float)sum(q·c) - z·sum(q)) · (q scale · scale) · k scale, c the key's codes and z its zero
  * point. The weights and the values stay float32, folded in by the decode kernel's online softmax

@@ -89,18 +89,14 @@ def packed_attention_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
     return q.new_empty((*q.shape[:-1], length))
 
 
-def quantize_queries_reference(q: torch.Tensor) -> torch.Tensor:
-    """Each query row as the int8 kernel reads it: symmetric int8 codes per row (scale max|q| / 127,
-    rounded half to even), dequantized back to float."""
-    step = q.abs().amax(-1, keepdim=True) / 127
-    return torch.where(step > 0, torch.round(q / step).clamp(-127, 127) * step, torch.zeros_like(q))
-
-
 def int8_query_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype,
                                    attn_mask=None, scale=None, is_causal=False, enable_gqa=False):
-    """``packed_attention_reference`` with the queries rounded to int8 per row first: what
-    ``int8_query_attention``'s C kernel computes (to float rounding; its Q·Kᵀ sums are exact)."""
-    return packed_attention_reference(quantize_queries_reference(q.float()).to(q.dtype), k_codes, k_scale, k_zero,
+    """``packed_attention_reference`` with the queries rounded to int8 per row first (symmetric,
+    scale max|q| / 127, half to even: ``fake_quant_symmetric``): what ``int8_query_attention``'s C
+    kernel computes (to float rounding; its Q·Kᵀ sums are exact)."""
+    from quarot_fx.numerics.quant import fake_quant_symmetric
+
+    return packed_attention_reference(fake_quant_symmetric(q, 8), k_codes, k_scale, k_zero,
                                       v_codes, v_scale, v_zero, bits, length, dtype, attn_mask, scale, is_causal,
                                       enable_gqa)
 

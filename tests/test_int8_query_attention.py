@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import quarot_fx
 from quarot_fx.kernels import int8_query_attention, int8_query_attention_reference, native, packed_attention
-from quarot_fx.kernels.packed_attention import quantize_queries_reference, takes_int8_kernel
+from quarot_fx.kernels.packed_attention import takes_int8_kernel
 from test_kv_cache import compile_quarot, steps
 from test_packed_attention import attention_inputs
 from tiny_models import tiny_model, token_ids
@@ -39,16 +39,6 @@ def test_kernel_agrees_with_int8_queries_then_sdpa(batch, kv_heads, groups, rows
     assert takes_int8_kernel(*inputs, bits, dim, torch.float32, None, causal, groups > 1)
     torch.testing.assert_close(int8_query_attention(*args), int8_query_attention_reference(*args), rtol=1e-5,
                                atol=1e-5)
-
-
-def test_the_reference_rounds_each_query_row_to_int8():
-    q = torch.tensor([[0.0, 0.0], [1.0, -0.5], [-0.3, 0.01]])
-    step = torch.tensor([[1.0], [1.0 / 127], [0.3 / 127]])
-    rounded = quantize_queries_reference(q)
-    assert torch.equal(rounded[0], torch.zeros(2))
-    # -63.5 rounds half to even; 0.01 is 4.23 steps of 0.3 / 127
-    torch.testing.assert_close(rounded[1:] / step[1:], torch.tensor([[127.0, -64.0], [-127.0, 4.0]]))
-    assert (rounded - q).abs().max() <= 0.5 / 127
 
 
 @needs_kernel
