@@ -120,7 +120,7 @@ def with_packed_cache(compiled: OptimizedModule, kwargs: dict) -> dict:
         return kwargs
     options = compiled_options(compiled)
     bits = options.kv_bits
-    names = [n for n in CACHE_ARGUMENTS if n in inspect.signature(model.forward).parameters]
+    names = _cache_arguments(model.forward)
     if bits >= 16 or options.kv_cache != "packed" or not names:
         return kwargs
     name = next((n for n in CACHE_ARGUMENTS if kwargs.get(n) is not None), names[0])
@@ -140,6 +140,21 @@ def with_packed_cache(compiled: OptimizedModule, kwargs: dict) -> dict:
     else:
         return kwargs
     return kwargs if packed is None else {**kwargs, name: packed}
+
+
+def _cache_arguments(forward) -> tuple:
+    """The cache argument names ``forward`` takes. Once per forward function: ``inspect.signature``
+    of a transformers forward costs tens of microseconds, and a decode step calls this each time."""
+    function = getattr(forward, "__func__", None)
+    if function is None:
+        return tuple(n for n in CACHE_ARGUMENTS if n in inspect.signature(forward).parameters)
+    return _function_cache_arguments(function)
+
+
+@functools.lru_cache(maxsize=64)
+def _function_cache_arguments(function) -> tuple:
+    parameters = inspect.signature(function).parameters
+    return tuple(n for n in CACHE_ARGUMENTS if n in parameters)
 
 
 def _packed_or_none(make):
