@@ -23,6 +23,7 @@ test perplexity of every value is printed next to it but never used to choose.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -164,11 +165,12 @@ def measure(model, name, options, evaluation, lowering, reference, held_out=None
         runner = torch.compile(model, backend="quarot", options={**options, "lowering": lowering})
     row = {"config": name, "options": None if options is None else {k: v for k, v in options.items() if k != "calibration"}}
     with collect_reports() as reports:
+        score = functools.partial(perplexity, runner, use_cache=use_cache)
         if held_out is not None:
-            row["calibration_ppl"] = round(perplexity(runner, held_out, desc=f"{name} (held-out calibration)", use_cache=use_cache), 3)
+            row["calibration_ppl"] = round(score(held_out, desc=f"{name} (held-out calibration)"), 3)
         if validation:
-            row["validation_ppl"] = round(perplexity(runner, validation, desc=f"{name} (unseen validation)", use_cache=use_cache), 3)
-        ppl = perplexity(runner, evaluation, desc=name, use_cache=use_cache) if evaluation else None
+            row["validation_ppl"] = round(score(validation, desc=f"{name} (unseen validation)"), 3)
+        ppl = score(evaluation, desc=name) if evaluation else None
     row.update({"windows": len(evaluation), "ppl": None if ppl is None else round(ppl, 3),
                 "gap_pct": None if reference is None or ppl is None else round(100 * (ppl / reference - 1), 1),
                 "seconds": round(time.perf_counter() - start, 1), "linear_bytes_packed": packed,
