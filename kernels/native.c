@@ -128,50 +128,68 @@ static void gemv_channels(const int8_t *x, const float *xs, const uint8_t *w, co
 }
 
 #ifdef __AVX2__
-/* acc + the int32 sums of 4 adjacent u8 x s8 products: one VNNI instruction, or AVX2's pair
- * multiply-add (int16, exact: |pair| <= 2 * 15 * 128) widened by vpmaddwd. */
-static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
+/* Rows of weights a GEMV prefetches ahead of the four it reads: the hardware prefetcher does not
+ * follow four rows read side by side, and a decode step's weights come from memory, not cache
+ * (16 rows: 4.5-12 KB ahead at k = 576-1536; 1.3-1.9x faster GEMVs on an AVX2 EPYC). */
+#define GEMV_PREFETCH_ROWS 16
+
+/* The int32 sums of four accumulators' 8 lanes each, as one vector of 4. */
+static inline __m128i four_sums(const __m256i acc[4]) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
-static inline int32_t lanes_sum(__m256i v) {
-    int32_t lanes[8], total = 0;
-    _mm256_storeu_si256((__m256i *)lanes, v);
-    for (int i = 0; i < 8; i++) total += lanes[i];
-    return total;
-}
-
-/* One activation row (a decode step), four output channels at a time: eight independent
- * accumulator chains instead of one, so the multiply-adds' latency overlaps (the one-channel loop
- * waits on each). Integer sums: any order gives the same bits. Returns the first channel not done. */
+/* One activation row (a decode step), four output channels at a time. XOR 0x88 turns both
+ * nibbles of a byte into code + 8 (unsigned) in one instruction. Without VNNI, vpmaddubsw's pair
+ * sums add up in int16 for up to 4 steps of 32 bytes (each step adds at most 2 * 2 * 15 * 128 =
+ * 7680 per lane, so 4 steps stay within 32767) before one widening vpmaddwd. Integer sums: any
+ * order gives the same bits. Returns the first channel not done. */
 static int64_t gemv1_quads(const int8_t *x, const float *xs, const uint8_t *w, const float *ws, const float *b,
                            float *y, int64_t k, int32_t x_sum, int64_t first, int64_t last) {
     const int64_t half = k / 2, whole = half / 32 * 32;
-    const __m256i nibble = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(0x08);
+    const __m256i nibble = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x88);
     int64_t n = first;
     for (; n + 4 <= last; n += 4) {
-        __m256i lo_acc[4], hi_acc[4];
-        for (int c = 0; c < 4; c++) lo_acc[c] = hi_acc[c] = _mm256_setzero_si256();
-        for (int64_t j = 0; j < whole; j += 32) {
-            const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(x + j));
-            const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(x + half + j));
-            for (int c = 0; c < 4; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (n + c) * half + j));
-                lo_acc[c] = dot4(lo_acc[c], _mm256_xor_si256(_mm256_and_si256(v, nibble), eight), x_lo);
-                hi_acc[c] = dot4(hi_acc[c], _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), eight),
-                                 x_hi);
+        __m256i acc[4];
+        for (int c = 0; c < 4; c++) acc[c] = _mm256_setzero_si256();
+        const int prefetch = n + GEMV_PREFETCH_ROWS + 4 <= last;
+        for (int64_t j = 0; j < whole;) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            const int64_t stop = j + 32;
+#else
+            __m256i pairs[4];
+            for (int c = 0; c < 4; c++) pairs[c] = _mm256_setzero_si256();
+            const int64_t stop = j + 4 * 32 < whole ? j + 4 * 32 : whole;
+#endif
+            for (; j < stop; j += 32) {
+                const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(x + j));
+                const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(x + half + j));
+                for (int c = 0; c < 4; c++) {
+                    const uint8_t *row = w + (n + c) * half + j;
+                    if (prefetch) _mm_prefetch((const char *)(row + GEMV_PREFETCH_ROWS * half), _MM_HINT_T0);
+                    const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)row), flip);
+                    const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                    /* VNNI: 4 u8 x s8 products added into each int32 lane in one instruction, exactly */
+                    acc[c] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc[c], lo, x_lo), hi, x_hi);
+#else
+                    pairs[c] = _mm256_add_epi16(pairs[c], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo),
+                                                                           _mm256_maddubs_epi16(hi, x_hi)));
+#endif
+                }
             }
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+            for (int c = 0; c < 4; c++) acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(pairs[c], _mm256_set1_epi16(1)));
+#endif
         }
+        int32_t sums[4];
+        _mm_storeu_si128((__m128i *)sums, four_sums(acc));
         for (int c = 0; c < 4; c++) {
             const uint8_t *row = w + (n + c) * half;
-            int32_t acc = lanes_sum(_mm256_add_epi32(lo_acc[c], hi_acc[c]));
+            int32_t acc_c = sums[c];
             for (int64_t j = whole; j < half; j++)
-                acc += ((row[j] & 15) ^ 8) * x[j] + ((row[j] >> 4) ^ 8) * x[half + j];
-            y[n + c] = epilogue(acc - 8 * x_sum, ws[n + c], xs[0], b, n + c);
+                acc_c += ((row[j] & 15) ^ 8) * x[j] + ((row[j] >> 4) ^ 8) * x[half + j];
+            y[n + c] = epilogue(acc_c - 8 * x_sum, ws[n + c], xs[0], b, n + c);
         }
     }
     return n;
@@ -1066,16 +1084,55 @@ static float dot_int8(const float *x, const int8_t *w, int64_t k) {
     return total;
 }
 
+#ifdef __AVX2__
+/* dot_int8 for four consecutive channels at once: each channel's lanes add the same products in
+ * the same order (the same bits), but four independent chains hide the adds' latency, which one
+ * channel at a time waits on; and the weight rows GEMV_PREFETCH_ROWS ahead are fetched early. */
+static void dot_int8_x4(const float *x, const int8_t *w, int64_t k, int prefetch, float out[4]) {
+    __m256 sum[4];
+    for (int c = 0; c < 4; c++) sum[c] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i);
+        for (int c = 0; c < 4; c++) {
+            const int8_t *row = w + c * k + i;
+            if (prefetch && (i & 63) == 0) _mm_prefetch((const char *)(row + GEMV_PREFETCH_ROWS * k), _MM_HINT_T0);
+            const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row)));
+            sum[c] = _mm256_add_ps(sum[c], _mm256_mul_ps(xv, wf));
+        }
+    }
+    for (int c = 0; c < 4; c++) {
+        float lanes[8], total = 0.0f;
+        _mm256_storeu_ps(lanes, sum[c]);
+        for (int j = 0; j < 8; j++) total += lanes[j];
+        for (int64_t t = i; t < k; t++) total += x[t] * (float)w[c * k + t];
+        out[c] = total;
+    }
+}
+#endif
+
 static void *int8_run(void *arg) {
     const int8_job *job = arg;
-    for (int64_t n = job->first; n < job->last; n++)
+    int64_t n = job->first;
+#ifdef __AVX2__
+    for (; n + 4 <= job->last; n += 4)
+        for (int64_t r = 0; r < job->rows; r++) {
+            float dots[4];
+            dot_int8_x4(job->x + r * job->k, job->w + n * job->k, job->k,
+                        r == 0 && n + GEMV_PREFETCH_ROWS + 4 <= job->last, dots);
+            for (int c = 0; c < 4; c++) {
+                const float v = dots[c] * job->scale[n + c];
+                job->y[r * job->n + n + c] = job->b ? v + job->b[n + c] : v;
+            }
+        }
+#endif
+    for (; n < job->last; n++)
         for (int64_t r = 0; r < job->rows; r++) {
             const float v = dot_int8(job->x + r * job->k, job->w + n * job->k, job->k) * job->scale[n];
             job->y[r * job->n + n] = job->b ? v + job->b[n] : v;
         }
     return NULL;
 }
-
 void int8_weight_linear(const float *x, const int8_t *w, const float *scale, const float *b, float *y, int64_t rows,
                        int64_t k, int64_t n, int64_t threads) {
     threads = thread_count(threads, n, MAX_THREADS);

@@ -76,10 +76,12 @@ def test_auto_keeps_the_measured_winner_once_per_shape(monkeypatch):
     assert len(measured) == 2
 
 
-@given(m=st.integers(1, 16), half=st.integers(1, 150), n=st.integers(1, 24), bias=st.booleans(),
+@given(m=st.integers(1, 16), half=st.integers(1, 400), n=st.integers(1, 40), bias=st.booleans(),
        out_dtype=st.sampled_from(DTYPES), bits=st.sampled_from([4, 8]), seed=st.integers(0, 50))
 def test_int4_gemv_and_float_emulation_agree_bit_for_bit(m, half, n, bias, out_dtype, bits, seed):
-    k = 2 * half  # widths below, at and past the kernel's 64-input SIMD step (its scalar tail too)
+    # widths below, at and past the kernel's 64-input SIMD step (its scalar tail too) and its 4-step
+    # int16 groups; channels past its prefetch distance (16 rows ahead of the 4 it reads)
+    k = 2 * half
     codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, 1, seed, bias)
     if bits == 8:  # activation codes over the whole int8 range
         codes = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
@@ -100,10 +102,11 @@ def test_int4_gemm_and_float_emulation_agree_bit_for_bit(m, quads, n, bias, out_
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
 @pytest.mark.parametrize("x_code, w_code", [(-128, 7), (127, 7), (-8, 7), (-128, -8)])
-def test_int4_gemm_extreme_codes_on_any_thread_count(x_code, w_code, threads):
+@pytest.mark.parametrize("m", [1, 37])
+def test_int4_gemm_extreme_codes_on_any_thread_count(x_code, w_code, threads, m):
     """The largest |sum| the int16 partial sums can meet, over every k step, split over threads
-    (37·1536·600 multiply-adds: work enough for 3 of the kernel's threads)."""
-    m, k, n = 37, 1536, 600
+    (37·1536·600 multiply-adds: work enough for 3 of the GEMM's threads; one row: the GEMV)."""
+    k, n = 1536, 600
     codes, w = torch.full((m, k), x_code, dtype=torch.int8), torch.full((n, k), w_code, dtype=torch.int8)
     args = (codes, torch.ones(m, 1), pack_linear_weight(w, 1), torch.ones(n, 1), None, k, torch.float32)
     before = torch.get_num_threads()
