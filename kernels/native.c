@@ -437,8 +437,9 @@ void kv_dequantize(const uint8_t *codes, const float *scale, const float *zero, 
  * attn_mask; -inf excludes a key, and a block no query sees is neither dequantized nor read (a static
  * cache's unwritten tail). A query that sees no key gets zeros; one with a NaN score gets NaNs, as
  * from SDPA. Sums run in another order than SDPA's and, with AVX2, the weights' exponentials come
- * from a polynomial within a few ulp of expf, so results agree to float rounding. Returns 1 on no
- * memory. */
+ * from a polynomial within a few ulp of expf, so results agree to float rounding. Work units are
+ * spans of ATTENTION_SPAN tokens of one (batch, kv head), on up to `threads` threads; the same bits
+ * for any thread count. Returns 1 on no memory. */
 #define ATTENTION_BLOCK 64
 
 static float dot(const float *a, const float *b, int64_t d) {
@@ -609,51 +610,116 @@ static int block_seen(const float *mask, int64_t offset, int64_t qh0, int64_t gr
     return 0;
 }
 
+/* Tokens per work unit of packed_attention: a (batch, kv head) pair's tokens are cut into spans of
+ * this many, each folded on whichever thread takes it, then merged in span order. A fixed plan (not
+ * one per thread count): the same bits on any number of threads. Why: a decode step has few kv
+ * heads (SmolLM2-135M: 3), and one unit per head left one of 2 threads doing twice the other's work. */
+#define ATTENTION_SPAN (2 * ATTENTION_BLOCK)
+
+typedef struct {
+    const float *q; const uint8_t *k_codes; const float *k_scale, *k_zero; const uint8_t *v_codes;
+    const float *v_scale, *v_zero; const float *mask;
+    int64_t q_heads, kv_heads, rows, tokens, d, row_bytes, packed, causal, mb, mh, mr, spans, units, *next;
+    float scale;
+    float *state;  /* per unit: top and total of each query state, then its d sums */
+} attention_job;
+
+/* One unit: kv head h of batch b over tokens [first, last), into its online-softmax state. */
+static void attention_span(const attention_job *job, int64_t b, int64_t h, int64_t first, int64_t last, float *keys,
+                           float *values, float *score, float *state) {
+    const int64_t d = job->d, groups = job->q_heads / job->kv_heads, rows = job->rows, states = groups * rows;
+    const int64_t kv = (b * job->kv_heads + h) * job->tokens, row_bytes = job->row_bytes;
+    float *top = state, *total = state + states, *acc = state + 2 * states;
+    const float *mask = job->mask;
+    for (int64_t s = 0; s < states; s++) { top[s] = -INFINITY; total[s] = 0.0f; }
+    memset(acc, 0, sizeof(float) * states * d);
+    for (int64_t t0 = first; t0 < last; t0 += ATTENTION_BLOCK) {
+        const int64_t count = last - t0 < ATTENTION_BLOCK ? last - t0 : ATTENTION_BLOCK;
+        if (mask && !block_seen(mask, b * job->mb, h * groups, groups, rows, job->mh, job->mr, t0, count)) continue;
+        for (int64_t j = 0; j < count; j++) {
+            const int64_t t = kv + t0 + j;
+            dequantize_row(job->k_codes + t * row_bytes, job->k_scale[t], job->k_zero[t], keys + j * d, d, job->packed);
+            dequantize_row(job->v_codes + t * row_bytes, job->v_scale[t], job->v_zero[t], values + j * d, d, job->packed);
+        }
+        for (int64_t s = 0; s < states; s++) {
+            const int64_t g = s / rows, r = s % rows;
+            const float *query = job->q + ((b * job->q_heads + h * groups + g) * rows + r) * d;
+            const int64_t seen = job->causal ? (r + 1 - t0 < count ? r + 1 - t0 : count) : count;
+            if (seen <= 0 || isnan(total[s])) continue;  /* NaN: a NaN score was seen, SDPA's row is NaN */
+            const float *added = mask ? mask + b * job->mb + (h * groups + g) * job->mh + r * job->mr + t0 : NULL;
+            int64_t j = 0;
+#ifdef __AVX2__
+            for (; j + 8 <= seen; j += 8) dot_x8(query, keys + j * d, d, score + j);
+#endif
+            for (; j < seen; j++) score[j] = dot(query, keys + j * d, d);
+            for (j = 0; j < seen; j++) score[j] = score[j] * job->scale + (added ? added[j] : 0.0f);
+            fold_block(score, seen, top + s, total + s, acc + s * d, values, d);
+        }
+    }
+}
+
+static void *attention_run(void *arg) {
+    const attention_job *job = *(attention_job *const *)arg;
+    const int64_t d = job->d, states = job->q_heads / job->kv_heads * job->rows;
+    float *keys = malloc(sizeof(float) * ATTENTION_BLOCK * d), *values = malloc(sizeof(float) * ATTENTION_BLOCK * d);
+    if (!keys || !values) { free(keys); free(values); return (void *)1; }
+    float score[ATTENTION_BLOCK + 8];
+    for (int64_t unit; (unit = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED)) < job->units;) {
+        const int64_t pair = unit / job->spans, first = unit % job->spans * ATTENTION_SPAN;
+        const int64_t last = first + ATTENTION_SPAN < job->tokens ? first + ATTENTION_SPAN : job->tokens;
+        attention_span(job, pair / job->kv_heads, pair % job->kv_heads, first, last, keys, values, score,
+                       job->state + unit * states * (d + 2));
+    }
+    free(keys); free(values);
+    return NULL;
+}
+
+/* A query state's spans merged in order (each rescaled to the largest maximum), then its row. A
+ * single span is its own result (factor expf(0) = 1): the bits of the one-pass kernel. */
+static void merge_spans(const float *state, int64_t spans, int64_t states, int64_t s, int64_t d, float *a, float *o) {
+    const int64_t stride = states * (d + 2);
+    float most = -INFINITY, total = 0.0f;
+    for (int64_t c = 0; c < spans; c++) {
+        const float t = state[c * stride + s], sum = state[c * stride + states + s];
+        if (isnan(sum)) total = NAN;
+        if (sum > 0.0f && t > most) most = t;
+    }
+    memset(a, 0, sizeof(float) * d);
+    for (int64_t c = 0; c < spans && !isnan(total); c++) {
+        const float *part = state + c * stride;
+        if (!(part[states + s] > 0.0f)) continue;  /* nothing seen in this span */
+        const float factor = expf(part[s] - most), *acc = part + 2 * states + s * d;
+        total += part[states + s] * factor;
+        for (int64_t i = 0; i < d; i++) a[i] += acc[i] * factor;
+    }
+    finish_row(o, a, total, d);
+}
+
 int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scale, const float *k_zero,
                      const uint8_t *v_codes, const float *v_scale, const float *v_zero, float *out, int64_t batch,
                      int64_t q_heads, int64_t kv_heads, int64_t rows, int64_t tokens, int64_t d, int64_t row_bytes,
                      int64_t packed, float scale, int64_t causal, const float *mask, int64_t mb, int64_t mh,
-                     int64_t mr) {
+                     int64_t mr, int64_t threads) {
     const int64_t groups = q_heads / kv_heads, states = groups * rows;
-    float *keys = malloc(sizeof(float) * ATTENTION_BLOCK * d), *values = malloc(sizeof(float) * ATTENTION_BLOCK * d);
-    float *acc = malloc(sizeof(float) * states * d), *top = malloc(sizeof(float) * states * 2);
-    if (!keys || !values || !acc || !top) { free(keys); free(values); free(acc); free(top); return 1; }
-    float *total = top + states, score[ATTENTION_BLOCK + 8];
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const int64_t kv = (b * kv_heads + h) * tokens;
-            for (int64_t s = 0; s < states; s++) { top[s] = -INFINITY; total[s] = 0.0f; }
-            memset(acc, 0, sizeof(float) * states * d);
-            for (int64_t t0 = 0; t0 < tokens; t0 += ATTENTION_BLOCK) {
-                const int64_t count = tokens - t0 < ATTENTION_BLOCK ? tokens - t0 : ATTENTION_BLOCK;
-                if (mask && !block_seen(mask, b * mb, h * groups, groups, rows, mh, mr, t0, count)) continue;
-                for (int64_t j = 0; j < count; j++) {
-                    dequantize_row(k_codes + (kv + t0 + j) * row_bytes, k_scale[kv + t0 + j], k_zero[kv + t0 + j], keys + j * d, d, packed);
-                    dequantize_row(v_codes + (kv + t0 + j) * row_bytes, v_scale[kv + t0 + j], v_zero[kv + t0 + j], values + j * d, d, packed);
-                }
-                for (int64_t s = 0; s < states; s++) {
-                    const int64_t g = s / rows, r = s % rows;
-                    const float *query = q + ((b * q_heads + h * groups + g) * rows + r) * d;
-                    const int64_t seen = causal ? (r + 1 - t0 < count ? r + 1 - t0 : count) : count;
-                    if (seen <= 0 || isnan(total[s])) continue;  /* NaN: a NaN score was seen, SDPA's row is NaN */
-                    const float *added = mask ? mask + b * mb + (h * groups + g) * mh + r * mr + t0 : NULL;
-                    int64_t j = 0;
-#ifdef __AVX2__
-                    for (; j + 8 <= seen; j += 8) dot_x8(query, keys + j * d, d, score + j);
-#endif
-                    for (; j < seen; j++) score[j] = dot(query, keys + j * d, d);
-                    for (j = 0; j < seen; j++) score[j] = score[j] * scale + (added ? added[j] : 0.0f);
-                    fold_block(score, seen, top + s, total + s, acc + s * d, values, d);
-                }
-            }
-            for (int64_t s = 0; s < states; s++) {
-                const int64_t g = s / rows, r = s % rows;
-                float *o = out + ((b * q_heads + h * groups + g) * rows + r) * d;
-                finish_row(o, acc + s * d, total[s], d);
-            }
+    const int64_t spans = (tokens + ATTENTION_SPAN - 1) / ATTENTION_SPAN, units = batch * kv_heads * spans;
+    int64_t next = 0;
+    attention_job job = {q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, mask, q_heads, kv_heads, rows,
+                         tokens, d, row_bytes, packed, causal, mb, mh, mr, spans, units, &next, scale,
+                         malloc(sizeof(float) * (size_t)(units * states * (d + 2)))};
+    float *a = malloc(sizeof(float) * d);
+    if (!job.state || !a) { free(job.state); free(a); return 1; }
+    threads = thread_count(threads, units, units);
+    attention_job *jobs[MAX_THREADS];
+    for (int64_t t = 0; t < threads; t++) jobs[t] = &job;
+    int failed = run_jobs(attention_run, jobs, sizeof jobs[0], threads);
+    for (int64_t pair = 0; !failed && pair < batch * kv_heads; pair++)
+        for (int64_t s = 0; s < states; s++) {
+            const int64_t b = pair / kv_heads, h = pair % kv_heads, g = s / rows, r = s % rows;
+            merge_spans(job.state + pair * spans * states * (d + 2), spans, states, s, d, a,
+                        out + ((b * q_heads + h * groups + g) * rows + r) * d);
         }
-    free(keys); free(values); free(acc); free(top);
-    return 0;
+    free(job.state); free(a);
+    return failed;
 }
 
 /* int8_query_attention: packed_attention for a prefill (many query rows, 4-bit packed keys and

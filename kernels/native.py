@@ -155,7 +155,7 @@ def load_variant(name: str):
     lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
     lib.packed_attention.restype = ctypes.c_int
     lib.packed_attention.argtypes = ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64]
-                                     + [ctypes.c_void_p] + [ctypes.c_int64] * 3)
+                                     + [ctypes.c_void_p] + [ctypes.c_int64] * 4)
     lib.int8_query_attention.restype = ctypes.c_int
     lib.int8_query_attention.argtypes = ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6
                                          + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64])
@@ -301,7 +301,8 @@ def packed_attention(q: torch.Tensor, keys: tuple, values: tuple, length: int, p
             mask = mask.contiguous()
         mask_args = (mask.data_ptr(), *mask.stride()[:3])
     if _call(library().packed_attention, q.data_ptr(), *(t.data_ptr() for t in (*keys, *values)), out.data_ptr(), batch,
-             q_heads, kv_heads, rows, tokens, length, row_bytes, int(packed), scale, int(causal), *mask_args):
+             q_heads, kv_heads, rows, tokens, length, row_bytes, int(packed), scale, int(causal), *mask_args,
+             torch.get_num_threads()):
         raise MemoryError("packed_attention: no memory for its blocks")
     return out
 

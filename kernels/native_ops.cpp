@@ -41,7 +41,7 @@ typedef int (*HadamardFn)(const float *, float *, int64_t, int64_t, int64_t, con
                           float, int64_t);
 typedef int (*AttentionFn)(const float *, const uint8_t *, const float *, const float *, const uint8_t *,
                            const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                           int64_t, int64_t, float, int64_t, const float *, int64_t, int64_t, int64_t);
+                           int64_t, int64_t, float, int64_t, const float *, int64_t, int64_t, int64_t, int64_t);
 typedef int (*KvQuantizeFn)(const float *, uint8_t *, float *, float *, int64_t, int64_t, int64_t, int64_t, float,
                             int64_t);
 typedef void (*Int8LinearFn)(const float *, const int8_t *, const float *, const float *, float *, int64_t, int64_t,
@@ -234,6 +234,18 @@ bool kv_quantize_fast(Stack *stack) {
     return true;
 }
 
+/* A cache's zero points as the float32 the C kernel reads: uint8 ones (the packed cache's) converted
+ * by a plain loop, a few microseconds cheaper per call than Tensor::to's dispatch. */
+at::Tensor float_zeros(const at::Tensor &zero) {
+    if (zero.scalar_type() == at::kFloat) return zero.contiguous();
+    const at::Tensor bytes = zero.contiguous();
+    at::Tensor out = at::empty(bytes.sizes(), bytes.options().dtype(at::kFloat));
+    const uint8_t *in = bytes.data_ptr<uint8_t>();
+    float *o = out.data_ptr<float>();
+    for (int64_t i = 0; i < out.numel(); i++) o[i] = in[i];
+    return out;
+}
+
 /* packed_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, length, dtype, attn_mask, scale,
  * is_causal, enable_gqa): float32 queries of up to few_rows rows over one scale and zero point per
  * cached vector, the conditions of packed_attention.takes_kernel; the mask as native.packed_attention
@@ -284,29 +296,20 @@ bool attention_fast(Stack *stack) {
     }
     const at::Tensor query = q.contiguous(), kc = k_codes.contiguous(), ks = args[2].toTensor().contiguous(),
                      vc = args[4].toTensor().contiguous(), vs = args[5].toTensor().contiguous();
-    const at::Tensor kz = args[3].toTensor().to(at::kFloat).contiguous(), vz = args[6].toTensor().to(at::kFloat).contiguous();
+    const at::Tensor kz = float_zeros(args[3].toTensor()), vz = float_zeros(args[6].toTensor());
     const double scale = args[11].isNone() ? 1.0 / std::sqrt(static_cast<double>(length)) : args[11].toDouble();
     at::Tensor out = at::empty(query.sizes(), query.options());
-    // One C call per (batch, kv head) on torch's threads: each reads its own codes and writes its own
-    // query heads, in the order the whole call would, so the bits are the same as one call's.
-    const int64_t groups = q_heads / kv_heads, q_step = groups * rows * length;
+    // One C call: its units (spans of a kv head's tokens) on torch's threads, the same bits on any count.
     const float *mask_data = has_mask ? mask.data_ptr<float>() : nullptr;
     const int64_t mb = has_mask ? mask.stride(0) : 0, mh = has_mask ? mask.stride(1) : 0,
                   mr = has_mask ? mask.stride(2) : 0;
-    std::atomic<int> failed{0};
+    int failed = 0;
     timed([&] {
-        at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
-            for (int64_t unit = first; unit < last; unit++) {
-                const int64_t b = unit / kv_heads, h = unit % kv_heads;
-                failed |= kernels.attention(
-                    query.data_ptr<float>() + unit * q_step, kc.data_ptr<uint8_t>() + unit * tokens * row_bytes,
-                    ks.data_ptr<float>() + unit * tokens, kz.data_ptr<float>() + unit * tokens,
-                    vc.data_ptr<uint8_t>() + unit * tokens * row_bytes, vs.data_ptr<float>() + unit * tokens,
-                    vz.data_ptr<float>() + unit * tokens, out.data_ptr<float>() + unit * q_step, 1, groups, 1, rows,
-                    tokens, length, row_bytes, bits <= 4, static_cast<float>(scale), causal,
-                    mask_data ? mask_data + b * mb + h * groups * mh : nullptr, mb, mh, mr);
-            }
-        });
+        failed = kernels.attention(query.data_ptr<float>(), kc.data_ptr<uint8_t>(), ks.data_ptr<float>(),
+                                   kz.data_ptr<float>(), vc.data_ptr<uint8_t>(), vs.data_ptr<float>(),
+                                   vz.data_ptr<float>(), out.data_ptr<float>(), batch, q_heads, kv_heads, rows, tokens,
+                                   length, row_bytes, bits <= 4, static_cast<float>(scale), causal, mask_data, mb, mh,
+                                   mr, at::get_num_threads());
         return 0;
     });
     if (failed) return false;

@@ -210,3 +210,28 @@ def test_the_cpp_wrapper_calls_the_same_kernels_with_the_same_bits(monkeypatch):
     assert asked == [False, False, True, True]
     for got, expected in zip(logits["cpp"], logits["python"]):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_decode_spans_give_the_same_bits_on_any_thread_count_and_path(mask):
+    """A decode step's tokens are cut into spans of a fixed size (several per kv head here), merged
+    in order: 1, 2 and 3 threads, the C++ kernel and the Python body's C call give the same bits."""
+    from quarot_fx.kernels import native_ops
+
+    assert native.library() is not None, native.unavailable_reason()
+    tokens = 700
+    inputs = attention_inputs(2, 3, 3, 1, tokens, 64, 4, 11)
+    attn_mask = (torch.arange(tokens) < 650).reshape(1, 1, 1, tokens) if mask else None
+    args = (*inputs, 4, 64, torch.float32, attn_mask, None, False, True)
+    threads, outs = torch.get_num_threads(), []
+    native_ops.load()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(packed_attention(*args))
+            with native_ops.suspended():
+                outs.append(packed_attention(*args))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+    torch.testing.assert_close(outs[0], packed_attention_reference(*args), rtol=1e-5, atol=1e-5)
