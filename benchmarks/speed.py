@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py [--model smollm2-135m] [--prefill 2048] [--prompt 512]
                                [--decode 64] [--repeats 5] [--cache static|dynamic] [--rows ...]
-                               [--row-timeout 1800] [--json]
+                               [--row-timeout 1800] [--row-timeout-for ROW=SECONDS ...] [--json]
 
 One run, each model measured in its own subprocess on the same inputs (so peak RSS is that
 model's own), median of ≥ 5 after warm-up (BENCHMARK.md), default thread count. Rows:
@@ -232,6 +232,23 @@ def measure_one(name: str, args) -> dict:
     return row
 
 
+def row_limits(given: list, parser) -> dict:
+    """``--row-timeout-for`` values as {row: seconds}; a row name not in ROWS or a bad number is an
+    error that names the option."""
+    limits = {}
+    for item in given:
+        name, _, seconds = item.rpartition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = None
+        if name not in ROWS or value is None or value <= 0:
+            parser.error(f"--row-timeout-for takes ROW=SECONDS with ROW one of {', '.join(map(repr, ROWS))} and "
+                         f"SECONDS > 0; got {item!r}")
+        limits[name] = value
+    return limits
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or a local path")
@@ -248,7 +265,11 @@ def main(argv=None) -> None:
     parser.add_argument("--row-timeout", type=float, default=1800,
                         help="seconds a row may take before it is stopped and reported as such (e.g. torchao's "
                              "int8 row on a CPU whose int8 GEMM is slow)")
+    parser.add_argument("--row-timeout-for", action="append", default=[], metavar="ROW=SECONDS",
+                        help="another limit for one row (repeatable), e.g. --row-timeout-for 'torchao int8 "
+                             "dynamic=300' keeps a short limit there without cutting a quarot row's compile")
     args = parser.parse_args(argv)
+    limits = row_limits(args.row_timeout_for, parser)
     if args.only:
         try:
             print(json.dumps(measure_one(args.only, args)))
@@ -270,9 +291,9 @@ def main(argv=None) -> None:
         command = [sys.executable, __file__, "--only", name] + [
             f"--{k}={getattr(args, k)}" for k in ("model", "prefill", "prompt", "decode", "repeats", "cache")]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.row_timeout)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=limits.get(name, args.row_timeout))
         except subprocess.TimeoutExpired:
-            row = {"model": name, "skipped": f"not finished after {args.row_timeout:.0f} s (stopped)"}
+            row = {"model": name, "skipped": f"not finished after {limits.get(name, args.row_timeout):.0f} s (stopped)"}
         else:
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             if done.returncode or not lines:

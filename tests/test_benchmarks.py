@@ -76,3 +76,16 @@ def test_int_gemm_benchmark_runs_and_checks_every_candidate_against_the_exact_su
     benchmark.main(["--rows", "2", "--repeats", "1", "--json"])
     rows = [line for line in capsys.readouterr().out.splitlines() if '"shape"' in line]
     assert [json.loads(line)["shape"] for line in rows] == ["2x576->576", "2x576->192", "2x576->1536", "2x1536->576"]
+
+
+def test_speed_row_limits_name_the_option_on_bad_values():
+    import argparse
+
+    import speed
+
+    parser = argparse.ArgumentParser()
+    assert speed.row_limits(["torchao int8 dynamic=300", "quarot w4a4kv4=1200.5"], parser) == {
+        "torchao int8 dynamic": 300.0, "quarot w4a4kv4": 1200.5}
+    for bad in ("torchao=300", "torchao int8 dynamic=soon", "quarot w4a4kv4=0", "300"):
+        with pytest.raises(SystemExit):
+            speed.row_limits([bad], parser)
