@@ -290,10 +290,11 @@ def main(argv=None) -> None:
     for name in args.rows:
         command = [sys.executable, __file__, "--only", name] + [
             f"--{k}={getattr(args, k)}" for k in ("model", "prefill", "prompt", "decode", "repeats", "cache")]
+        limit = limits.get(name, args.row_timeout)
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=limits.get(name, args.row_timeout))
+            done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:
-            row = {"model": name, "skipped": f"not finished after {limits.get(name, args.row_timeout):.0f} s (stopped)"}
+            row = {"model": name, "skipped": f"not finished after {limit:.0f} s (stopped)"}
         else:
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             if done.returncode or not lines:
@@ -302,8 +303,8 @@ def main(argv=None) -> None:
         (skipped if "skipped" in row else rows).append(row)
         if not args.json:
             print(f"  {name}: " + (row.get("skipped") or f"measured in {row['wall_s']:.0f} s"), flush=True)
-    eager = next(r for r in rows if r["model"] == "float32 eager") if any(
-        r["model"] == "float32 eager" for r in rows) else rows[0]
+    # ratios against float32 eager, else the first measured row; none when every row was skipped
+    eager = next((r for r in rows if r["model"] == "float32 eager"), rows[0] if rows else None)
     for row in rows:
         row["prefill_vs_eager"] = row["prefill_s"] / eager["prefill_s"]
         row["prefill_speedup"] = eager["prefill_s"] / row["prefill_s"]

@@ -89,3 +89,25 @@ def test_speed_row_limits_name_the_option_on_bad_values():
     for bad in ("torchao=300", "torchao int8 dynamic=soon", "quarot w4a4kv4=0", "300"):
         with pytest.raises(SystemExit):
             speed.row_limits([bad], parser)
+
+
+def test_speed_reports_rows_stopped_by_their_limit_even_when_none_was_measured(monkeypatch, capsys):
+    """A row over its --row-timeout-for limit is listed as stopped, and a run whose every row
+    stopped still prints its table (it used to fail on an empty list of measured rows)."""
+    import subprocess
+
+    import speed
+
+    limits_seen = []
+
+    def stopped(command, timeout, **kwargs):
+        limits_seen.append(timeout)
+        raise subprocess.TimeoutExpired(command, timeout)
+
+    monkeypatch.setattr(speed.subprocess, "run", stopped)
+    speed.main(["--rows", "float32 eager", "torchao int8 dynamic", "--row-timeout", "50",
+                "--row-timeout-for", "torchao int8 dynamic=7"])
+    out = capsys.readouterr().out
+    assert limits_seen == [50, 7]
+    assert "float32 eager" in out and "not finished after 50 s (stopped)" in out
+    assert "not finished after 7 s (stopped)" in out
