@@ -87,8 +87,11 @@ def int8_matmul(codes: torch.Tensor, weight_t: torch.Tensor, group: int, out=Non
 
 
 def transposed_groups(codes: torch.Tensor, group: int) -> torch.Tensor:
-    """int8 weight codes [N, K] → [K / group, group, N], the layout ``_int_mm`` reads."""
+    """int8 weight codes [N, K] → [K / group, group, N], the layout ``_int_mm`` reads; one group
+    is a transposed view (``_int_mm`` reads it as fast as a copy, measured), not a copy."""
     n = codes.shape[0]
+    if group == codes.shape[1]:
+        return codes.T.unsqueeze(0)
     return codes.reshape(n, -1, group).permute(1, 2, 0).contiguous()
 
 
@@ -104,19 +107,24 @@ class GemmCandidate:
     matmul: Callable | None = None  # (int8 codes [rows, in], prepared, group, out, acc dtype) → exact sums:
     # [rows, out] for one group, written into ``out`` when it is given; [groups, rows, out] otherwise
     linear: Callable | None = None  # (int8 codes, scales [rows, 1], packed, weight scales, bias, in) → float32 y
+    int32_sums: Callable | None = None  # (int8 codes, prepared one-group weight, int32 out) → the exact sums
+    # written as int32 into out (the caller's float32 output, reinterpreted): the epilogue then runs in place
 
 
 _CANDIDATES: dict[str, GemmCandidate] = {}
 
 
-def register_gemm(name: str, applies, *, prepare=None, matmul=None, linear=None) -> GemmCandidate:
+def register_gemm(name: str, applies, *, prepare=None, matmul=None, linear=None, int32_sums=None) -> GemmCandidate:
     """Add a CPU GEMM candidate: ``int_gemm`` times it with the others on each shape it ``applies``
-    to, and ``int_gemm=name`` forces it. It must give the others' exact sums (tests compare)."""
+    to, and ``int_gemm=name`` forces it. It must give the others' exact sums (tests compare).
+    ``int32_sums`` (optional, with ``prepare``): the same sums as int32 into a given buffer."""
     if not isinstance(name, str) or not name or name == "auto" or name in _CANDIDATES:
         raise ValueError(f"GEMM candidate name must be new (not 'auto'); got {name!r}")
     if (linear is None) == (prepare is None or matmul is None):
         raise ValueError("give either prepare and matmul, or linear")
-    _CANDIDATES[name] = candidate = _changed(GemmCandidate(name, applies, prepare, matmul, linear))
+    if int32_sums is not None and prepare is None:
+        raise ValueError("int32_sums goes with prepare")
+    _CANDIDATES[name] = candidate = _changed(GemmCandidate(name, applies, prepare, matmul, linear, int32_sums))
     return candidate
 
 
@@ -152,7 +160,8 @@ def gemm_policies() -> tuple[str, ...]:
 INT32_LIMIT = 2**31
 register_gemm("int8", lambda rows, k, n, group, dense: group * MAX_PRODUCT < INT32_LIMIT,
               prepare=lambda codes, group, dtype: transposed_groups(codes, group),
-              matmul=lambda a, w, group, out, dtype: int8_matmul(a, w, group, out, dtype))
+              matmul=lambda a, w, group, out, dtype: int8_matmul(a, w, group, out, dtype),
+              int32_sums=lambda a, w, out: torch._int_mm(a.contiguous(), w[0], out=out))
 register_gemm("float", lambda rows, k, n, group, dense: True,
               prepare=lambda codes, group, dtype: codes.to(dtype),
               matmul=lambda a, w, group, out, dtype: integer_matmul(a, w, group, out))

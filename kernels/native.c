@@ -406,6 +406,43 @@ int int4_gemm(const int8_t *x, const float *xs, const uint8_t *w, const float *w
 #endif
 }
 
+/* int32_epilogue: y = ((float)acc * ws[n]) * xs[m] (+ b[n]) over the exact int32 sums of another
+ * GEMM (torch._int_mm's), in place: `sums` holds the int32 sums [m, n] on entry and the float32
+ * outputs on return, the same 4 bytes per element. One pass over the rows where torch's
+ * conversion, two scalings and the bias took four (and a buffer), with epilogue()'s operations in
+ * its order: the same bits. */
+typedef struct { void *sums; const float *xs, *ws, *b; int64_t first, last, n; } epilogue_job;
+
+static void *epilogue_run(void *arg) {
+    const epilogue_job *job = arg;
+    const int64_t n = job->n;
+    for (int64_t r = job->first; r < job->last; r++) {
+        char *row = (char *)job->sums + r * n * 4;
+        int64_t c = 0;
+#ifdef __AVX2__
+        for (; c + GEMM_NR <= n; c += GEMM_NR)
+            epilogue_8((const int32_t *)(row + 4 * c), 0, job->ws + c, job->xs[r], job->b ? job->b + c : NULL,
+                       (float *)(row + 4 * c));
+#endif
+        for (; c < n; c++) {
+            int32_t acc;
+            memcpy(&acc, row + 4 * c, 4);
+            const float v = epilogue(acc, job->ws[c], job->xs[r], job->b, c);
+            memcpy(row + 4 * c, &v, 4);
+        }
+    }
+    return NULL;
+}
+
+int int32_epilogue(void *sums, const float *xs, const float *ws, const float *b, int64_t m, int64_t n,
+                   int64_t threads) {
+    threads = thread_count(threads, m, 1 + m * n / (1 << 16));
+    epilogue_job jobs[MAX_THREADS];
+    for (int64_t t = 0; t < threads; t++)
+        jobs[t] = (epilogue_job){sums, xs, ws, b, m * t / threads, m * (t + 1) / threads, n};
+    return run_jobs(epilogue_run, jobs, sizeof jobs[0], threads);
+}
+
 /* kv_dequantize: out[r][i] = ((float)code - zero[r]) * scale[r] for the KV cache's codes, in one
  * pass (the torch reference takes several over the whole cache every decode step). Codes of at
  * most 4 bits are packed two per byte (element 2i low, 2i + 1 high), each stored as code - 8 in

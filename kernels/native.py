@@ -150,6 +150,8 @@ def load_variant(name: str):
     lib.int4_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
     lib.int4_gemm.restype = lib.gemm_available.restype = ctypes.c_int
     lib.int4_gemm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
+    lib.int32_epilogue.restype = ctypes.c_int
+    lib.int32_epilogue.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.int8_weight_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
     lib.kv_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
@@ -247,6 +249,22 @@ def int4_linear(x2: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     elif _call(library().int4_gemm, *pointers, torch.get_num_threads()):
         raise MemoryError(f"int4_gemm: no memory or thread for a {rows}x{in_features}->{out_features} GEMM")
     return y
+
+
+def int32_epilogue(sums: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 y = (sums · weight_scale) · x_scale (+ bias) over another GEMM's exact int32 sums
+    [rows, out], in place (the result is a float32 view of the same bytes): one C pass, the
+    same operations in the same order as the torch epilogue, so the same bits."""
+    rows, out_features = sums.shape
+    if sums.dtype != torch.int32 or not sums.is_contiguous():
+        raise ValueError("int32_epilogue: the sums must be contiguous int32")
+    x_scale, weight_scale = x_scale.reshape(rows).float().contiguous(), weight_scale.reshape(out_features).float().contiguous()
+    bias = bias.float().contiguous() if bias is not None else None
+    if _call(library().int32_epilogue, sums.data_ptr(), x_scale.data_ptr(), weight_scale.data_ptr(),
+             bias.data_ptr() if bias is not None else None, rows, out_features, torch.get_num_threads()):
+        raise MemoryError("int32_epilogue: no thread for the epilogue")
+    return sums.view(torch.float32)
 
 
 def _cache_parts(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple:

@@ -33,6 +33,34 @@ def test_int8_gemm_and_float_emulation_agree_bit_for_bit(m, k, n, groups, bias, 
     assert torch.equal(quantized_linear(*args, "int8"), quantized_linear(*args, "float"))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("x_code, w_code", [(-128, 7), (127, -8), (None, None)])
+def test_int8_sums_scaled_in_place_give_the_float_emulations_bits(x_code, w_code, threads, monkeypatch):
+    """One-group float32 linears on the int8 GEMM write its int32 sums into the output's own bytes
+    and scale them there in one C pass (``native.int32_epilogue``): the emulation's bits, with
+    the largest sums, a bias, a width that is no multiple of the SIMD tile, on any thread count."""
+    if native.library() is None:
+        pytest.skip(native.unavailable_reason())
+    m, k, n = 300, 1536, 601
+    codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, 1, 3)
+    if x_code is not None:
+        codes, w = torch.full_like(codes, x_code), torch.full_like(w, w_code)
+    args = (codes, x_scale * 1e3, pack_linear_weight(w, 1), w_scale, b, k, torch.float32)
+    scaled = []
+    real = native.int32_epilogue
+    monkeypatch.setattr(native, "int32_epilogue", lambda sums, *rest: scaled.append(sums.shape) or real(sums, *rest))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = quantized_linear(*args, "int8")
+    finally:
+        torch.set_num_threads(before)
+    assert scaled == [(m, n)]
+    assert torch.equal(y, quantized_linear(*args, "float"))
+    if x_code is not None:
+        assert torch.equal(y, ((x_code * w_code * k) * w_scale.T) * (x_scale * 1e3) + b)
+
+
 def test_each_policy_runs_its_own_gemm(monkeypatch):
     calls = []
     real = torch._int_mm
