@@ -14,7 +14,10 @@ CPU: a real int8 GEMM (``torch._int_mm``, int32 accumulation), a float32 matmul 
 integer-valued tensors (exact while |acc| < 2²⁴, i.e. group · 128 · 8 < 2²⁴; float64 beyond) or
 ``native``'s C kernels on the packed bytes (a GEMV at 1..16 rows, a GEMM beyond), whichever ``int_gemm`` measures
 faster on this CPU for the shape (``gemm``: "auto" | "int8" | "float" | "int4"); all give the
-same bits. CUDA: the Triton GEMM in ``triton_linear``.
+same bits. With one weight group and a float32 output, ``_int_mm`` writes its int32 sums into the
+output's own bytes and one C pass (``native.int32_epilogue``) scales them there, where torch's
+conversion, two scalings and the bias took four passes and a buffer. CUDA: the Triton GEMM in
+``triton_linear``.
 """
 
 from __future__ import annotations

@@ -33,6 +33,16 @@ def test_int8_gemm_and_float_emulation_agree_bit_for_bit(m, k, n, groups, bias, 
     assert torch.equal(quantized_linear(*args, "int8"), quantized_linear(*args, "float"))
 
 
+def on_threads(threads: int, fn, *args):
+    """fn(*args) with torch's thread count set to ``threads`` (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 5])
 @pytest.mark.parametrize("x_code, w_code", [(-128, 7), (127, -8), (None, None)])
 def test_int8_sums_scaled_in_place_give_the_float_emulations_bits(x_code, w_code, threads, monkeypatch):
@@ -49,12 +59,7 @@ def test_int8_sums_scaled_in_place_give_the_float_emulations_bits(x_code, w_code
     scaled = []
     real = native.int32_epilogue
     monkeypatch.setattr(native, "int32_epilogue", lambda sums, *rest: scaled.append(sums.shape) or real(sums, *rest))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y = quantized_linear(*args, "int8")
-    finally:
-        torch.set_num_threads(before)
+    y = on_threads(threads, quantized_linear, *args, "int8")
     assert scaled == [(m, n)]
     assert torch.equal(y, quantized_linear(*args, "float"))
     if x_code is not None:
@@ -137,12 +142,7 @@ def test_int4_gemm_extreme_codes_on_any_thread_count(x_code, w_code, threads, m)
     k, n = 1536, 600
     codes, w = torch.full((m, k), x_code, dtype=torch.int8), torch.full((n, k), w_code, dtype=torch.int8)
     args = (codes, torch.ones(m, 1), pack_linear_weight(w, 1), torch.ones(n, 1), None, k, torch.float32)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y = quantized_linear(*args, "int4")
-    finally:
-        torch.set_num_threads(before)
+    y = on_threads(threads, quantized_linear, *args, "int4")
     assert torch.equal(y, torch.full((m, n), float(x_code * w_code * k)))
 
 
