@@ -27,7 +27,9 @@
 /* The instruction set this copy was built for (native.py builds one copy per variant and loads
  * the best the CPU has): the report names it. */
 const char *isa_variant(void) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return "avx512bf16";
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__)
     return "avx512vnni";
 #elif defined(__AVX2__)
     return "avx2";
@@ -781,20 +783,26 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
 /* int8_query_attention: packed_attention for a prefill (many query rows, 4-bit packed keys and
  * values), with Q·Kᵀ in integers. Each query row is quantized to int8 as
  * numerics.quant.fake_quant_symmetric(q, 8) does (scale max|q| / 127, q / scale rounded half to
- * even),
- * and its sums with a block of key codes are int4_gemm's tiles (vpmaddubsw, exact), so a score is
- * ((float)sum(q·c) - z·sum(q)) · (q scale · scale) · k scale, c the key's codes and z its zero
- * point. The weights and the values stay float32, folded in by the decode kernel's online softmax
- * (fold_block). Why: prefill attention is Q·Kᵀ and P·V in equal parts; the first runs two
- * byte-multiply instructions per 32 multiply-adds instead of four fp32 FMAs, reading the codes
- * as they are stored. Work units are (batch, kv head, block of QA_ROWS query positions), all
- * query heads of the kv head together, over blocks of QA_KEYS keys (causal: the keys up to the
- * block's last position); whichever thread is free takes the next unit, costliest first. A unit's
- * values do not depend on its thread: the same bits for any thread count. causal: SDPA's
- * is_causal (top-left); otherwise no mask. Returns 1 on no memory, 2 where this build cannot (no
- * AVX2, or d not a multiple of 8). */
+ * even), and its sums with a block of key codes are int4_gemm's tiles (vpmaddubsw, or VNNI's
+ * vpdpbusd: exact), so a score is ((float)sum(q·c) - z·sum(q)) · (q scale · scale) · k scale, c
+ * the key's codes and z its zero point. The weights come from the decode kernel's online softmax
+ * (block_weights). P·V takes the values as their centered codes n = c - 8 (exact small integers)
+ * and each weight times its value's scale, w = p·s, rounded to bfloat16; the zero points' share,
+ * sum w·(8 - z) with w unrounded, is added in float32 (value_weights). With AVX512-BF16 one
+ * vdpbf16ps does 32 of those multiply-adds into float32 sums; elsewhere the same rounded weights
+ * go through fp32 FMAs, so every build computes the same numbers to float rounding. A term's
+ * error is at most 2^-8 of w·|n| <= 8w: s/32 per unit of weight, a sixteenth of the 4-bit values'
+ * own rounding (s/2). Why: prefill attention is Q·Kᵀ and P·V in equal parts; the first runs two
+ * byte-multiply instructions per 32 multiply-adds (one VNNI instruction per 64) instead of four
+ * fp32 FMAs, reading the codes as they are stored, and the second ran at the FMA units' peak in
+ * float32 (vdpbf16ps: 1.25x the whole kernel on an AVX512-BF16 EPYC). Work units are (batch, kv
+ * head, block of QA_ROWS query positions), all query heads of the kv head together, over blocks
+ * of QA_KEYS keys (causal: the keys up to the block's last position); whichever thread is free
+ * takes the next unit, costliest first. A unit's values do not depend on its thread: the same
+ * bits for any thread count. causal: SDPA's is_causal (top-left); otherwise no mask. Returns 1 on
+ * no memory, 2 where this build cannot (no AVX2, or d not a multiple of 8). */
 #define QA_ROWS 64
-#define QA_KEYS 64
+#define QA_KEYS 128
 
 #ifdef __AVX2__
 typedef struct {
@@ -810,25 +818,38 @@ typedef struct {
  * softmax scale, and their sums. */
 static void quantize_queries(const float *q, int64_t count, int64_t d, float scale, int8_t *codes, float *scales,
                              int32_t *sums) {
+    /* 8 lanes at a time (d % 8 == 0): the same IEEE max, division and round-half-even as the
+     * scalar loop this replaced, so the same codes */
+    const __m256 sign = _mm256_set1_ps(-0.0f), limit = _mm256_set1_ps(127.0f);
     for (int64_t r = 0; r < count; r++) {
         const float *row = q + r * d;
-        float top = 0.0f;
-        int finite = 1;
-        for (int64_t i = 0; i < d; i++) {
-            top = fabsf(row[i]) > top ? fabsf(row[i]) : top;
-            finite &= isfinite(row[i]) != 0;
+        __m256 most = _mm256_setzero_ps(), finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        for (int64_t i = 0; i < d; i += 8) {
+            const __m256 v = _mm256_loadu_ps(row + i);
+            most = _mm256_max_ps(most, _mm256_andnot_ps(sign, v));
+            finite = _mm256_and_ps(finite, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_EQ_OQ));
         }
+        float lanes[8], top = 0.0f;
+        _mm256_storeu_ps(lanes, most);
+        for (int c = 0; c < 8; c++) top = lanes[c] > top ? lanes[c] : top;
+        const int all_finite = _mm256_movemask_ps(finite) == 0xFF;
         const float step = top / 127.0f;
         int32_t sum = 0;
-        for (int64_t i = 0; i < d; i++) {
-            float v = finite && step > 0.0f ? nearbyintf(row[i] / step) : 0.0f;
-            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-            codes[r * d + (i & 1) * (d / 2) + i / 2] = (int8_t)v;
-            sum += (int32_t)v;
+        for (int64_t i = 0; i < d; i += 8) {
+            int32_t c[8] = {0};
+            if (all_finite && step > 0.0f) {
+                __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(step)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                v = _mm256_max_ps(_mm256_min_ps(v, limit), _mm256_xor_ps(limit, sign));
+                _mm256_storeu_si256((__m256i *)c, _mm256_cvtps_epi32(v));
+            }
+            for (int j = 0; j < 8; j++) {  /* int4_gemm's half-split order */
+                codes[r * d + ((i + j) & 1) * (d / 2) + (i + j) / 2] = (int8_t)c[j];
+                sum += c[j];
+            }
         }
-        scales[r] = step * scale;
+        scales[r] = all_finite ? step * scale : NAN;  /* a NaN or infinite query: NaN scores, a NaN row, as SDPA's */
         sums[r] = sum;
-        if (!finite) scales[r] = NAN;  /* a NaN or infinite query: NaN scores, a NaN row, as SDPA's */
     }
 }
 
@@ -862,6 +883,100 @@ static void add_weighted_rows(float *acc, const float *weights, int64_t stride, 
     }
 }
 
+/* One query row's block weights p (keys of them, zeros up to QA_KEYS after) as P·V takes them:
+ * w = p · value scale, and the row's sums a get the zero points' share sum w·(8 - z) in float32;
+ * then w is rounded to bfloat16 (half to even) where the fp32 FMAs stand in for vdpbf16ps. */
+static void value_weights(float *weights, const float *value_scale, const float *value_shift, float *a, int64_t d,
+                          int rounded) {
+    __m256 share = _mm256_setzero_ps();
+    for (int64_t j = 0; j < QA_KEYS; j += 8) {
+        const __m256 w = _mm256_mul_ps(_mm256_loadu_ps(weights + j), _mm256_loadu_ps(value_scale + j));
+        share = _mm256_fmadd_ps(w, _mm256_loadu_ps(value_shift + j), share);
+        __m256i bits = _mm256_castps_si256(w);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        bits = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+        bits = _mm256_and_si256(bits, _mm256_set1_epi32((int)0xFFFF0000u));
+        _mm256_storeu_ps(weights + j, rounded ? _mm256_castsi256_ps(bits) : w);
+    }
+    float lanes[8], total = 0.0f;
+    _mm256_storeu_ps(lanes, share);
+    for (int c = 0; c < 8; c++) total += lanes[c];
+    if (total != 0.0f)
+        for (int64_t i = 0; i < d; i++) a[i] += total;
+}
+
+#ifdef __AVX512BF16__
+#define QA_BF16 1
+/* A block's values as vdpbf16ps takes them: panel[m][c] holds the bfloat16 centered codes of
+ * column c of tokens 2m (low half) and 2m + 1 (high half), a token past `keys` as zeros; rows
+ * `stride` words apart (a multiple of 64, zeros past d). A stored nibble is already c - 8 in
+ * two's complement (kv_dequantize): a table turns it into its bfloat16 bits. */
+static void value_pairs(const uint8_t *codes, int64_t row_bytes, int64_t keys, int64_t d, int64_t stride,
+                        uint32_t *panel) {
+    int16_t table[32] = {0};
+    for (int n = 0; n < 16; n++) {
+        const float v = (float)(n < 8 ? n : n - 16);
+        uint32_t bits;
+        memcpy(&bits, &v, 4);
+        table[n] = (int16_t)(bits >> 16);
+    }
+    const __m512i lookup = _mm512_loadu_si512((const void *)table);
+    const __m128i low_nibbles = _mm_set1_epi8(15);
+    for (int64_t m = 0; m < (keys + 1) / 2; m++) {
+        const uint8_t *first = codes + 2 * m * row_bytes, *second = first + row_bytes;
+        for (int64_t c = 0; c < d; c += 16) {
+            __m128i b0, b1 = _mm_setzero_si128();
+            if (c + 16 <= d) {
+                b0 = _mm_loadl_epi64((const __m128i *)(first + c / 2));
+                if (2 * m + 1 < keys) b1 = _mm_loadl_epi64((const __m128i *)(second + c / 2));
+            } else {  /* the last 8 columns: 4 bytes */
+                int32_t word = 0;
+                memcpy(&word, first + c / 2, 4);
+                b0 = _mm_cvtsi32_si128(word);
+                if (2 * m + 1 < keys) { memcpy(&word, second + c / 2, 4); b1 = _mm_cvtsi32_si128(word); }
+            }
+            const __m128i e0 = _mm_unpacklo_epi8(_mm_and_si128(b0, low_nibbles),
+                                                 _mm_and_si128(_mm_srli_epi16(b0, 4), low_nibbles));
+            const __m128i e1 = _mm_unpacklo_epi8(_mm_and_si128(b1, low_nibbles),
+                                                 _mm_and_si128(_mm_srli_epi16(b1, 4), low_nibbles));
+            const __m512i index = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(e0, e1),
+                                                                        _mm_unpacklo_epi8(e0, e1)));
+            _mm512_storeu_si512((void *)(panel + m * stride + c), _mm512_permutexvar_epi16(index, lookup));
+        }
+    }
+}
+
+/* add_weighted_rows with vdpbf16ps: acc[i][:] += sum_m weights[i][m] · values[m][:] for GEMM_MR
+ * rows, each weight and value word a pair of tokens in bfloat16 (value_pairs), 64 columns (four
+ * registers) at a time, masked past d. */
+static void add_weighted_pairs(float *acc, const uint32_t *weights, int64_t stride, const uint32_t *values,
+                               int64_t pairs, int64_t d, int64_t values_stride) {
+    for (int64_t c0 = 0; c0 < d; c0 += 64) {
+        __mmask16 mask[4];
+        __m512 a[GEMM_MR][4];
+        for (int k = 0; k < 4; k++) {
+            const int64_t left = d - c0 - 16 * k;
+            mask[k] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+        }
+        for (int i = 0; i < GEMM_MR; i++)
+            for (int k = 0; k < 4; k++) a[i][k] = _mm512_maskz_loadu_ps(mask[k], acc + i * d + c0 + 16 * k);
+        for (int64_t m = 0; m < pairs; m++) {
+            const uint32_t *row = values + m * values_stride + c0;
+            __m512bh v[4];
+            for (int k = 0; k < 4; k++) v[k] = (__m512bh)_mm512_loadu_si512((const void *)(row + 16 * k));
+            for (int i = 0; i < GEMM_MR; i++) {
+                const __m512bh w = (__m512bh)_mm512_set1_epi32((int)weights[i * stride + m]);
+                for (int k = 0; k < 4; k++) a[i][k] = _mm512_dpbf16_ps(a[i][k], v[k], w);
+            }
+        }
+        for (int i = 0; i < GEMM_MR; i++)
+            for (int k = 0; k < 4; k++) _mm512_mask_storeu_ps(acc + i * d + c0 + 16 * k, mask[k], a[i][k]);
+    }
+}
+#else
+#define QA_BF16 0
+#endif
+
 static void *query_attention_run(void *arg) {
     const query_attention_job *job = arg;
     const int64_t d = job->d, groups = job->q_heads / job->kv_heads, per_head = job->batch * job->kv_heads;
@@ -871,9 +986,14 @@ static void *query_attention_run(void *arg) {
     uint8_t *panel = malloc((size_t)(panels * d * GEMM_NR));
     float *scales = calloc((size_t)most, sizeof(float)), *score = malloc(sizeof(float) * (size_t)(most * (QA_KEYS + 8)));
     float *acc = malloc(sizeof(float) * (size_t)(most * d)), *top = malloc(sizeof(float) * (size_t)(2 * most));
-    float *values = malloc(sizeof(float) * (size_t)(QA_KEYS * d));
+    /* the block's values: fp32 centered codes, or (QA_BF16) token pairs, and the weights' pairs */
+    const int64_t pair_stride = (d + 63) / 64 * 64;
+    float *values = QA_BF16 ? NULL : malloc(sizeof(float) * (size_t)(QA_KEYS * d));
+    uint32_t *value_panel = QA_BF16 ? calloc((size_t)(QA_KEYS / 2 * pair_stride), 4) : NULL;
+    uint32_t *weight_pairs = QA_BF16 ? malloc(sizeof(uint32_t) * (size_t)(most * QA_KEYS / 2)) : NULL;
     int32_t *sums = calloc((size_t)most, sizeof(int32_t)), tile[GEMM_MR][GEMM_NR];
-    void *failed = !codes || !panel || !scales || !score || !acc || !top || !values || !sums ? (void *)1 : NULL;
+    void *failed = !codes || !panel || !scales || !score || !acc || !top || !sums
+                   || (QA_BF16 ? !value_panel || !weight_pairs : !values) ? (void *)1 : NULL;
     /* |q code| <= 127 and key codes <= 15: pairs of products fit int16 this many quads at a time */
     const int64_t steps = 32767 / (2 * 15 * 127);
     for (int64_t unit; !failed && (unit = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED)) < blocks * per_head;) {
@@ -891,14 +1011,21 @@ static void *query_attention_run(void *arg) {
         for (int64_t t0 = 0; t0 < end; t0 += QA_KEYS) {
             const int64_t keys = end - t0 < QA_KEYS ? end - t0 : QA_KEYS, used = (keys + GEMM_NR - 1) / GEMM_NR;
             const int64_t at = kv + t0;
-            float key_scale[QA_KEYS], key_zero[QA_KEYS];  /* 0 past the last key: no read past the cache */
+            /* 0 past the last key: no read past the cache */
+            float key_scale[QA_KEYS], key_zero[QA_KEYS], value_scale[QA_KEYS], value_shift[QA_KEYS];
             for (int64_t j = 0; j < QA_KEYS; j++) {
                 key_scale[j] = j < keys ? job->k_scale[at + j] : 0.0f;
                 key_zero[j] = j < keys ? job->k_zero[at + j] : 0.0f;
+                value_scale[j] = j < keys ? job->v_scale[at + j] : 0.0f;
+                value_shift[j] = j < keys ? 8.0f - job->v_zero[at + j] : 0.0f;
             }
             for (int64_t p = 0; p < used; p++) pack_panel(job->k_codes + at * row_bytes, panel + p * d * GEMM_NR, d, keys, p * GEMM_NR);
-            for (int64_t j = 0; j < keys; j++)
-                dequantize_row(job->v_codes + (at + j) * row_bytes, job->v_scale[at + j], job->v_zero[at + j], values + j * d, d, 1);
+#if QA_BF16
+            value_pairs(job->v_codes + at * row_bytes, row_bytes, keys, d, pair_stride, value_panel);
+#else
+            for (int64_t j = 0; j < keys; j++)  /* centered codes: (c - 8) * 1 */
+                dequantize_row(job->v_codes + (at + j) * row_bytes, 1.0f, 8.0f, values + j * d, d, 1);
+#endif
             for (int64_t s0 = 0; s0 < states; s0 += GEMM_MR)
                 for (int64_t p = 0; p < used; p++) {
                     gemm_tile(codes + s0 * d, d, panel + p * d * GEMM_NR, steps, tile);
@@ -920,17 +1047,30 @@ static void *query_attention_run(void *arg) {
                 const int64_t seen = s >= states ? 0 : job->causal ? (position + 1 - t0 < keys ? position + 1 - t0 : keys) : keys;
                 const int64_t formed = seen > 0 && !isnan(total[s]) && block_weights(weights, seen, top + s, total + s,
                                                                                       acc + s * d, d) ? seen : 0;
-                memset(weights + formed, 0, sizeof(float) * (size_t)(keys - formed));
+                memset(weights + formed, 0, sizeof(float) * (size_t)(QA_KEYS - formed));
+                value_weights(weights, value_scale, value_shift, acc + s * d, d, !QA_BF16);
+#if QA_BF16
+                for (int64_t j = 0; j < QA_KEYS; j += 32)
+                    _mm512_storeu_si512((void *)(weight_pairs + s * (QA_KEYS / 2) + j / 2),
+                                        (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(weights + j + 16),
+                                                                     _mm512_loadu_ps(weights + j)));
+#endif
             }
             for (int64_t s0 = 0; s0 < states; s0 += GEMM_MR)
+#if QA_BF16
+                add_weighted_pairs(acc + s0 * d, weight_pairs + s0 * (QA_KEYS / 2), QA_KEYS / 2, value_panel,
+                                   (keys + 1) / 2, d, pair_stride);
+#else
                 add_weighted_rows(acc + s0 * d, score + s0 * (QA_KEYS + 8), QA_KEYS + 8, values, keys, d);
+#endif
         }
         for (int64_t s = 0; s < states; s++) {
             const int64_t g = s / count, r = first + s % count;
             finish_row(job->out + ((b * job->q_heads + h * groups + g) * job->rows + r) * d, acc + s * d, total[s], d);
         }
     }
-    free(codes); free(panel); free(scales); free(score); free(acc); free(top); free(values); free(sums);
+    free(codes); free(panel); free(scales); free(score); free(acc); free(top); free(values); free(value_panel);
+    free(weight_pairs); free(sums);
     return failed;
 }
 #endif

@@ -12,11 +12,14 @@ bytes, ``int8_linear.py``). At prefill, the same byte multiply-add in a register
 (``int4_gemm``) does twice the fp32 FMA's work per instruction, exactly, where ``_int_mm`` has no
 fast kernel for this CPU.
 
-One source, built once per instruction-set variant (``VARIANTS``: AVX512-VNNI, AVX2, generic C),
-each with its own flags rather than ``-march=native``; at load the best variant whose features
-the CPU reports (and the compiler builds) is used, or the one ``$QUAROT_FX_ISA`` names. Every
-variant computes the same bits (integer sums are exact; float sums run in one fixed order), which
-``tests/test_native_isa.py`` checks for each variant this CPU can run. ``variant()`` names the
+One source, built once per instruction-set variant (``VARIANTS``: AVX512-BF16, AVX512-VNNI, AVX2,
+generic C), each with its own flags rather than ``-march=native``; at load the best variant whose
+features the CPU reports (and the compiler builds) is used, or the one ``$QUAROT_FX_ISA`` names.
+Every variant computes the same bits (integer sums are exact; float sums run in one fixed order),
+which ``tests/test_native_isa.py`` checks for each variant this CPU can run. One exception, in
+the opt-in ``prefill_attention="int8"`` kernel only: its P·V takes bfloat16 weights everywhere,
+and AVX512-BF16's ``vdpbf16ps`` adds their exact products in pairs where the other builds add
+them one at a time, so that variant agrees with the others to float rounding. ``variant()`` names the
 one in use (``speed.py`` and the GEMM report print it). The libraries live in a directory only this user can write
 (``$QUAROT_FX_CACHE`` or ``~/.cache/quarot_fx``, see ``_cache_dir``; a library file another user
 could have written is rebuilt, never loaded), and loaded with ctypes, which releases the GIL during the call. Without a
@@ -45,9 +48,11 @@ from .gemm import register_gemm
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")  # no fused multiply-add: the same bits
 # Best first: (name, compiler flags, the /proc/cpuinfo flags the CPU must report).
+_AVX512VNNI = (("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+               {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"})
 VARIANTS = (
-    ("avx512vnni", ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
-     {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
+    ("avx512bf16", (*_AVX512VNNI[0], "-mavx512bf16"), _AVX512VNNI[1] | {"avx512_bf16"}),
+    ("avx512vnni", *_AVX512VNNI),
     ("avx2", ("-mavx2", "-mfma"), {"avx2", "fma"}),
     ("generic", (), set()),
 )
@@ -183,7 +188,7 @@ def library():
 
 
 def variant() -> str | None:
-    """The instruction-set variant of the kernels in use ("avx512vnni", "avx2", "generic"), or None."""
+    """The instruction-set variant of the kernels in use ("avx512bf16", "avx512vnni", "avx2", "generic"), or None."""
     lib = library()
     return lib.isa_variant().decode() if lib is not None else None
 

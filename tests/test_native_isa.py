@@ -2,7 +2,7 @@
 the reference's bits: the int4 GEMV and GEMM against the int64 reference, the KV quantizer and
 dequantizer against theirs, the 8-bit head against its op-for-op reference, the Hadamard stages
 the same across variants (and close to the dense reference), packed attention and its int8-query
-prefill kernel the same across the SIMD variants. A variant this CPU lacks is skipped with the reason; the dispatch itself (which
+prefill kernel the same across the SIMD variants (to float rounding on AVX512-BF16). A variant this CPU lacks is skipped with the reason; the dispatch itself (which
 variant loads, ``QUAROT_FX_ISA``) is tested everywhere."""
 
 from __future__ import annotations
@@ -122,9 +122,11 @@ def test_packed_attention_is_the_same_on_every_simd_variant(variant):
         assert torch.equal(out, expected)
 
 
-def test_int8_query_attention_is_the_same_on_every_simd_variant_and_float_on_the_generic_one(variant):
-    """Integer Q·Kᵀ sums are exact and the rest shares AVX2's order: the same bits on every SIMD
-    variant. The generic build has no such kernel: the op gives packed_attention's float result."""
+def test_int8_query_attention_agrees_on_every_simd_variant_and_is_float_on_the_generic_one(variant):
+    """Integer Q·Kᵀ sums are exact and the rest shares AVX2's order: the same bits on the fp32
+    SIMD variants. AVX512-BF16's vdpbf16ps takes the same bfloat16 weights and centered codes as
+    their fp32 FMAs (exact products) but adds them in pairs: the same numbers to float rounding.
+    The generic build has no such kernel: the op gives packed_attention's float result."""
     g = torch.Generator().manual_seed(4)
     q = torch.randn(1, 4, 80, 64, generator=g)
     keys = kv_quantize(torch.randn(1, 2, 80, 64, generator=g), 4, 0.95)
@@ -137,7 +139,12 @@ def test_int8_query_attention_is_the_same_on_every_simd_variant_and_float_on_the
     with pytest.MonkeyPatch.context() as patch:
         avx2 = variant_library("avx2")
         patch.setattr(native, "library", lambda: avx2)
-        assert torch.equal(out, int8_query_attention(*args))
+        expected = int8_query_attention(*args)
+    if variant == "avx512bf16":
+        assert not torch.equal(out, packed_attention(*args))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(out, expected)
 
 
 def test_the_best_variant_the_cpu_has_is_loaded_and_named():
@@ -150,7 +157,7 @@ def test_the_best_variant_the_cpu_has_is_loaded_and_named():
 
 def test_a_bad_or_unsupported_isa_request_names_the_allowed_variants(monkeypatch):
     monkeypatch.setenv(native.ISA_ENVIRONMENT, "sse9")
-    with pytest.raises(ValueError, match="QUAROT_FX_ISA='sse9' is not a kernel variant.*avx512vnni, avx2, generic"):
+    with pytest.raises(ValueError, match="QUAROT_FX_ISA='sse9' is not a kernel variant.*avx512bf16, avx512vnni, avx2, generic"):
         native._requested()
     monkeypatch.setenv(native.ISA_ENVIRONMENT, "generic")
     assert native._requested() == "generic"
