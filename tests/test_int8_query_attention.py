@@ -1,7 +1,7 @@
 """``prefill_attention="int8"``: a prefill's Q·Kᵀ with int8 queries and the 4-bit key codes in
 integers (``int8_query_attention``). The C kernel computes its reference (queries rounded to int8
 per row, then dequantize-then-SDPA) to float rounding plus its P·V weights' bfloat16 rounding
-(``weight_rounding_bound``), for any thread count the same bits; every call it does not cover is
+(``assert_within_weight_rounding``), for any thread count the same bits; every call it does not cover is
 ``packed_attention``'s; the pass puts the op where the option asks."""
 
 from __future__ import annotations
