@@ -48,11 +48,11 @@ from .gemm import register_gemm
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")  # no fused multiply-add: the same bits
 # Best first: (name, compiler flags, the /proc/cpuinfo flags the CPU must report).
-_AVX512VNNI = (("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
-               {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"})
+_VNNI_FLAGS = ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
+_VNNI_NEEDS = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
 VARIANTS = (
-    ("avx512bf16", (*_AVX512VNNI[0], "-mavx512bf16"), _AVX512VNNI[1] | {"avx512_bf16"}),
-    ("avx512vnni", *_AVX512VNNI),
+    ("avx512bf16", (*_VNNI_FLAGS, "-mavx512bf16"), _VNNI_NEEDS | {"avx512_bf16"}),
+    ("avx512vnni", _VNNI_FLAGS, _VNNI_NEEDS),
     ("avx2", ("-mavx2", "-mfma"), {"avx2", "fma"}),
     ("generic", (), set()),
 )
