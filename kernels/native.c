@@ -1153,8 +1153,95 @@ int kv_quantize(const float *x, uint8_t *codes, float *scale, float *zero, int64
 #define HADAMARD_LANES 16
 #define MAX_DENSE_ORDER 256  /* Paley factors up to this order take the tiled loop */
 
+/* A Sylvester factor's butterflies, log2(radix) levels at a time (radix a power of two) from level
+ * len: for each column chunk of one vector, the radix vectors k, k + len, …,
+ * k + (radix - 1)·len stay in registers through log2(radix) levels, one load and one store each,
+ * where the level-by-level loop below loads and stores every vector once per level (and, with
+ * inner one vector wide, spends more on its loops than on the adds). The pairs are the level loop's
+ * pairs and every element sees the same adds and subtracts in the same order: the same bits. */
+#ifdef __AVX2__
+#define RADIX_LEVELS(name, vec, lanes, most, load, store, add, sub)                                       \
+    static inline __attribute__((always_inline)) void name(float *block, int64_t order, int64_t len,     \
+                                                           int64_t inner, const int radix) {             \
+        for (int64_t first = 0; first < order; first += radix * len)                                     \
+            for (int64_t k = first; k < first + len; k++)                                                \
+                for (int64_t i = 0; i < inner; i += lanes) {                                             \
+                    float *base = block + k * inner + i;                                                 \
+                    vec v[most];                                                                         \
+                    for (int t = 0; t < radix; t++) v[t] = load(base + t * len * inner);                 \
+                    for (int step = 1; step < radix; step *= 2)                                          \
+                        for (int t = 0; t < radix; t++)                                                  \
+                            if (!(t & step)) {                                                           \
+                                const vec u = v[t], w = v[t + step];                                     \
+                                v[t] = add(u, w);                                                        \
+                                v[t + step] = sub(u, w);                                                 \
+                            }                                                                            \
+                    for (int t = 0; t < radix; t++) store(base + t * len * inner, v[t]);                 \
+                }                                                                                        \
+    }
+#ifdef __AVX512F__
+#define YMM_RADIX 16  /* 32 vector registers */
+RADIX_LEVELS(radix_levels_16, __m512, 16, 16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_sub_ps)
+#else
+#define YMM_RADIX 8  /* AVX2 has 16 vector registers */
+#endif
+RADIX_LEVELS(radix_levels_8, __m256, 8, YMM_RADIX, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_sub_ps)
+
+/* Every level of a Sylvester factor whose inner axis is whole vectors, `most` levels' worth of
+ * vectors (radix) per pass. */
+#define ALL_LEVELS(levels, most)                                                                         \
+    while (len < order) {                                                                                \
+        const int64_t radix = order / len < most ? order / len : most;                                   \
+        switch (radix) { /* a constant radix: the vectors live in registers */                           \
+            case 2: levels(block, order, len, inner, 2); break;                                          \
+            case 4: levels(block, order, len, inner, 4); break;                                          \
+            case 8: levels(block, order, len, inner, 8); break;                                          \
+            default: levels(block, order, len, inner, most); break;                                      \
+        }                                                                                                \
+        len *= radix;                                                                                    \
+    }
+#endif
+
+#ifdef __AVX2__
+/* Levels 1, 2 and 4 of contiguous floats (inner 1: a decode step's last factor) inside each aligned
+ * 8-float chunk: a lane's partner comes from a permute, u + v and u - v from one add and one
+ * subtract, a blend keeps each lane's own (the level loop's operations, so the same bits). */
+static void chunk_levels(float *block, int64_t order) {
+    for (int64_t c = 0; c < order; c += 8) {
+        __m256 x = _mm256_loadu_ps(block + c), s;
+        s = _mm256_permute_ps(x, 0xB1);  /* partners 1 apart */
+        x = _mm256_blend_ps(_mm256_add_ps(x, s), _mm256_sub_ps(s, x), 0xAA);
+        s = _mm256_permute_ps(x, 0x4E);  /* 2 apart */
+        x = _mm256_blend_ps(_mm256_add_ps(x, s), _mm256_sub_ps(s, x), 0xCC);
+        s = _mm256_permute2f128_ps(x, x, 0x01);  /* 4 apart */
+        x = _mm256_blend_ps(_mm256_add_ps(x, s), _mm256_sub_ps(s, x), 0xF0);
+        _mm256_storeu_ps(block + c, x);
+    }
+}
+#endif
+
 static void butterflies(float *block, int64_t order, int64_t inner) {
-    for (int64_t len = 1; len < order; len *= 2)
+    int64_t len = 1;
+#ifdef __AVX2__
+    if (inner == 1 && order >= 8) {  /* the later levels pair whole chunks: 8 floats as the inner axis */
+        chunk_levels(block, order);
+        butterflies(block, order / 8, 8);
+        return;
+    }
+#endif
+#ifdef __AVX512F__
+    if (inner % 16 == 0) {
+        ALL_LEVELS(radix_levels_16, 16)
+        return;
+    }
+#endif
+#ifdef __AVX2__
+    if (inner % 8 == 0) {
+        ALL_LEVELS(radix_levels_8, YMM_RADIX)
+        return;
+    }
+#endif
+    for (; len < order; len *= 2)
         for (int64_t first = 0; first < order; first += 2 * len)
             for (int64_t k = first; k < first + len; k++) {
                 float *a = block + k * inner, *b = block + (k + len) * inner;
@@ -1166,41 +1253,112 @@ static void butterflies(float *block, int64_t order, int64_t inner) {
             }
 }
 
-/* Each output sums its order products in k order from 0.0f (the plain loop's per-element sequence),
- * HADAMARD_LANES columns at a time: their inputs copied into one small tile first (the column's
- * vectors lie inner floats apart, often a multiple of 4 KiB, where the L1 cache keeps few), the sums
- * in registers, each output stored once. */
-static void dense_axis(float *block, float *scratch, const float *h, int64_t order, int64_t inner) {
-    float tile[MAX_DENSE_ORDER * HADAMARD_LANES];
-    int64_t i0 = 0;
-    for (; order <= MAX_DENSE_ORDER && i0 + HADAMARD_LANES <= inner; i0 += HADAMARD_LANES) {
+/* One output vector of a dense factor for `width` (<= HADAMARD_LANES) columns: out[i] = sum over k
+ * in order of h[k][j] · tile[k][i], from 0.0f, a multiply then an add (the plain loop's sequence
+ * for each element, whatever the width: the same bits), in the widest vectors that fit. */
+static void dense_columns(const float *tile, const float *h, int64_t order, int64_t j, int64_t width, float *out) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (width == 16) {
+        __m512 acc = _mm512_setzero_ps();
         for (int64_t k = 0; k < order; k++)
-            memcpy(tile + k * HADAMARD_LANES, block + k * inner + i0, sizeof(float) * HADAMARD_LANES);
-        for (int64_t j = 0; j < order; j++) {
-#ifdef __AVX2__
-            __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();  /* a multiply, then an add */
-            for (int64_t k = 0; k < order; k++) {
-                const __m256 f = _mm256_set1_ps(h[k * order + j]);
-                low = _mm256_add_ps(low, _mm256_mul_ps(f, _mm256_loadu_ps(tile + k * HADAMARD_LANES)));
-                high = _mm256_add_ps(high, _mm256_mul_ps(f, _mm256_loadu_ps(tile + k * HADAMARD_LANES + 8)));
-            }
-            _mm256_storeu_ps(scratch + j * inner + i0, low);
-            _mm256_storeu_ps(scratch + j * inner + i0 + 8, high);
-#else
-            float acc[HADAMARD_LANES] = {0.0f};
-            for (int64_t k = 0; k < order; k++)
-                for (int64_t i = 0; i < HADAMARD_LANES; i++) acc[i] += h[k * order + j] * tile[k * HADAMARD_LANES + i];
-            memcpy(scratch + j * inner + i0, acc, sizeof acc);
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(h[k * order + j]), _mm512_loadu_ps(tile + k * HADAMARD_LANES)));
+        _mm512_storeu_ps(out, acc);
+        return;
+    }
 #endif
+#ifdef __AVX2__
+    for (; i + 8 <= width; i += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t k = 0; k < order; k++)
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(h[k * order + j]),
+                                                   _mm256_loadu_ps(tile + k * HADAMARD_LANES + i)));
+        _mm256_storeu_ps(out + i, acc);
+    }
+    for (; i + 4 <= width; i += 4) {
+        __m128 acc = _mm_setzero_ps();
+        for (int64_t k = 0; k < order; k++)
+            acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(h[k * order + j]), _mm_loadu_ps(tile + k * HADAMARD_LANES + i)));
+        _mm_storeu_ps(out + i, acc);
+    }
+#endif
+    for (; i < width; i++) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < order; k++) acc += h[k * order + j] * tile[k * HADAMARD_LANES + i];
+        out[i] = acc;
+    }
+}
+
+/* `width` (<= HADAMARD_LANES) floats from src to dst: vector moves where memcpy of a size only
+ * known at run time became a string move that cost more than the dense factor's arithmetic. */
+static inline void copy_columns(float *dst, const float *src, int64_t width) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= width; i += 8) _mm256_storeu_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+    for (; i < width; i++) dst[i] = src[i];
+}
+
+/* dense_columns for outputs j..j+3 together, where the width is 16 or 8 columns: four independent
+ * sums per input vector (one sum's adds wait on each other; four keep the adder busy). The same
+ * operations per element as dense_columns: the same bits. Returns 0 where it does not apply. */
+static int dense_columns4(const float *tile, const float *h, int64_t order, int64_t j, int64_t width, float *out,
+                          int64_t inner) {
+#if defined(__AVX512F__)
+    if (width == 16) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t k = 0; k < order; k++) {
+            const __m512 x = _mm512_loadu_ps(tile + k * HADAMARD_LANES);
+            for (int t = 0; t < 4; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_set1_ps(h[k * order + j + t]), x));
         }
+        for (int t = 0; t < 4; t++) _mm512_storeu_ps(out + t * inner, acc[t]);
+        return 1;
+    }
+#endif
+#ifdef __AVX2__
+    if (width == 16 || width == 8) {
+        const int halves = (int)(width / 8);
+        __m256 acc[4][2];
+        for (int t = 0; t < 4; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < order; k++)
+            for (int c = 0; c < halves; c++) {
+                const __m256 x = _mm256_loadu_ps(tile + k * HADAMARD_LANES + 8 * c);
+                for (int t = 0; t < 4; t++)
+                    acc[t][c] = _mm256_add_ps(acc[t][c], _mm256_mul_ps(_mm256_set1_ps(h[k * order + j + t]), x));
+            }
+        for (int t = 0; t < 4; t++)
+            for (int c = 0; c < halves; c++) _mm256_storeu_ps(out + t * inner + 8 * c, acc[t][c]);
+        return 1;
+    }
+#endif
+    (void)tile; (void)h; (void)order; (void)j; (void)width; (void)out; (void)inner;
+    return 0;
+}
+
+/* Each output sums its order products in k order from 0.0f (dense_columns), HADAMARD_LANES columns
+ * at a time: their inputs copied into one small tile first (the column's vectors lie inner floats
+ * apart, often a multiple of 4 KiB, where the L1 cache keeps few, and the outputs then go straight
+ * back into the block), the sums in registers, each output stored once. A factor above
+ * MAX_DENSE_ORDER goes through `scratch` instead. */
+static void dense_axis(float *block, float *scratch, const float *h, int64_t order, int64_t inner) {
+    if (order <= MAX_DENSE_ORDER) {
+        float tile[MAX_DENSE_ORDER * HADAMARD_LANES];
+        for (int64_t i0 = 0; i0 < inner; i0 += HADAMARD_LANES) {
+            const int64_t width = inner - i0 < HADAMARD_LANES ? inner - i0 : HADAMARD_LANES;
+            for (int64_t k = 0; k < order; k++) copy_columns(tile + k * HADAMARD_LANES, block + k * inner + i0, width);
+            int64_t j = 0;
+            for (; j + 4 <= order && dense_columns4(tile, h, order, j, width, block + j * inner + i0, inner); j += 4) {}
+            for (; j < order; j++) dense_columns(tile, h, order, j, width, block + j * inner + i0);
+        }
+        return;
     }
     for (int64_t j = 0; j < order; j++) {
         float *o = scratch + j * inner;
-        for (int64_t i = i0; i < inner; i++) o[i] = 0.0f;
+        for (int64_t i = 0; i < inner; i++) o[i] = 0.0f;
         for (int64_t k = 0; k < order; k++) {
             const float f = h[k * order + j];
             const float *in = block + k * inner;
-            for (int64_t i = i0; i < inner; i++) o[i] += f * in[i];
+            for (int64_t i = 0; i < inner; i++) o[i] += f * in[i];
         }
     }
     memcpy(block, scratch, sizeof(float) * (size_t)(order * inner));
@@ -1269,15 +1427,18 @@ typedef struct { const float *x; float *out; int64_t m, stages; const int64_t *o
 static void *hadamard_run(void *arg) {  /* rows first..last of a job, a block of lanes at a time */
     const hadamard_job *j = arg;
     const int64_t m = j->m;
-    float *work = malloc(sizeof(float) * (size_t)(2 * m * HADAMARD_LANES));
+    /* a block's rows, no more (a decode step's row: 2m floats, not an mmap of 32m) */
+    const int64_t lanes = j->last - j->first < HADAMARD_LANES ? j->last - j->first : HADAMARD_LANES;
+    float *work = malloc(sizeof(float) * (size_t)(2 * m * (lanes > 0 ? lanes : 1)));
     if (!work) return arg;
-    float *scratch = work + m * HADAMARD_LANES;
+    float *scratch = work + m * lanes;
     for (int64_t row = j->first; row < j->last; row += HADAMARD_LANES) {
         const int64_t r = j->last - row < HADAMARD_LANES ? j->last - row : HADAMARD_LANES;
         const float *x = j->x + row * m;
         float *out = j->out + row * m;
         const int64_t fast = lanes_transposable(r, m);
         if (fast) lanes_in(x, work, m);
+        else if (r == 1) memcpy(work, x, sizeof(float) * (size_t)m);  /* one row is its own lanes layout */
         else
             for (int64_t i = 0; i < m; i++)
                 for (int64_t b = 0; b < r; b++) work[i * r + b] = x[b * m + i];
@@ -1292,6 +1453,8 @@ static void *hadamard_run(void *arg) {  /* rows first..last of a job, a block of
             outer *= order;
         }
         if (fast) lanes_out(work, out, m, j->scale);
+        else if (r == 1)
+            for (int64_t i = 0; i < m; i++) out[i] = work[i] * j->scale;
         else
             for (int64_t b = 0; b < r; b++)
                 for (int64_t i = 0; i < m; i++) out[b * m + i] = work[i * r + b] * j->scale;

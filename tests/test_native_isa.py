@@ -96,6 +96,8 @@ def test_the_hadamard_stages_are_the_same_on_every_variant(variant, generic_resu
         x = hadamard_input(m, inner)
         y = hadamard_transform_cpu(x, inner)
         assert torch.equal(y, expected), (variant, m, inner)
+        # one row alone (a decode step's layout: no lanes, in-vector levels) gives its row's bits
+        assert torch.equal(hadamard_transform_cpu(x[:1], inner), expected[:1]), (variant, m, inner)
         torch.testing.assert_close(y, hadamard_transform_reference(x, inner), rtol=1e-5, atol=1e-5)
 
 
