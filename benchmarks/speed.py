@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py [--model smollm2-135m] [--prefill 2048] [--prompt 512]
                                [--decode 64] [--repeats 5] [--cache static|dynamic] [--rows ...]
-                               [--row-timeout 1800] [--row-timeout-for ROW=SECONDS ...] [--json]
+                               [--row-timeout 1800] [--row-timeout-for ROW=SECONDS ...] [--no-paired] [--json]
 
 One run, each model measured in its own subprocess on the same inputs (so peak RSS is that
 model's own), median of ≥ 5 after warm-up (BENCHMARK.md), default thread count. Rows:
@@ -23,6 +23,9 @@ A row slower than ``--row-timeout`` is stopped and reported. Figures:
   position; quarot's packed static cache) or the growing default cache (``--cache dynamic``);
 * weights: bytes of the weights each model holds; KV cache: bytes its cache holds after
   ``prefill`` tokens (against an fp16 cache of the same shape); peak RSS of its process;
+* paired× (``--paired``, the default): each row's process also holds float32 eager and times it in
+  turn with the row, round by round; the ratio of the two medians does not move with the
+  machine's speed between rows, which on a shared VM drifts by tens of percent within minutes;
 * for quarot, a decode step split into time inside kernels (the C kernels timed around each
   call, Inductor's loops and torch's matmuls under the profiler) and the rest (overhead);
 * for quarot, the share of prefill time in each quarot_fx op (torch.profiler), the online
@@ -37,12 +40,13 @@ import argparse
 import importlib
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
-from common import cpu_summary, median_seconds
+from common import cpu_summary
 
 import quarot_fx
 from quarot_fx.kernels import int_gemm
@@ -135,7 +139,7 @@ def llama_cpp(model_name: str):
                  n_ubatch=512, verbose=False)
 
 
-def measure_llama_cpp(llm, prefill_ids, prompt_ids, args) -> dict:
+def measure_llama_cpp(llm, prefill_ids, prompt_ids, args, reference=None) -> dict:
     """The same figures from llama.cpp: prefill of ``prefill`` tokens on an empty context, greedy
     decode tokens/s after ``prompt``; its KV cache is fp16 (the default), its weights the GGUF."""
     from quarot_fx.tools.models import smollm2_gguf
@@ -155,11 +159,43 @@ def measure_llama_cpp(llm, prefill_ids, prompt_ids, args) -> dict:
         return time.perf_counter() - start
 
     start = time.perf_counter()
-    row = {"prefill_s": median_seconds(prefill, args.repeats)}
-    runs = [decode() for _ in range(args.repeats + 1)][1:]
-    row["decode_tok_s"] = args.decode / sorted(runs)[len(runs) // 2]
+    row = time_rounds(prefill, decode, args, reference)
     row["wall_s"] = time.perf_counter() - start
     row["weight_bytes"] = smollm2_gguf().stat().st_size
+    return row
+
+
+def torch_timers(model, prefill_ids, prompt_ids, args) -> tuple:
+    """A torch model's (prefill, decode) for ``time_rounds``."""
+    run = prefill_fn(model, prefill_ids)
+    return run, lambda: decode_seconds(model, prompt_ids, args.decode, args.cache)
+
+
+def time_rounds(prefill, decode, args, reference=None) -> dict:
+    """prefill_s (median of ``repeats`` calls) and decode_tok_s (``decode`` tokens over the median of
+    ``repeats`` timed decodes) after one untimed call of each (compiles, warms caches). With
+    ``reference`` (float32 eager's own (prefill, decode), ``--paired``), that model runs in turn with
+    this one, round by round, in this process, and the row gets the ratios of the medians
+    (paired_prefill_speedup, paired_decode_speedup): a drift of the machine's speed between rows,
+    which moves the ratios against the float32 row measured minutes earlier, slows both alike here."""
+    timers = {"row": (prefill, decode), **({"fp32": reference} if reference else {})}
+    for run, decode_run in timers.values():
+        run(), decode_run()
+    prefills = {name: [] for name in timers}
+    decodes = {name: [] for name in timers}
+    for _ in range(args.repeats):
+        for name, (run, _) in timers.items():
+            start = time.perf_counter()
+            run()
+            prefills[name].append(time.perf_counter() - start)
+        for name, (_, decode_run) in timers.items():
+            decodes[name].append(decode_run())
+    medians = {name: (statistics.median(prefills[name]), statistics.median(decodes[name])) for name in timers}
+    row = {"prefill_s": medians["row"][0], "decode_tok_s": args.decode / medians["row"][1]}
+    if reference:
+        row["paired_fp32_prefill_s"], row["paired_fp32_decode_tok_s"] = medians["fp32"][0], args.decode / medians["fp32"][1]
+        row["paired_prefill_speedup"] = medians["fp32"][0] / medians["row"][0]
+        row["paired_decode_speedup"] = medians["fp32"][1] / medians["row"][1]
     return row
 
 
@@ -187,13 +223,11 @@ ROWS = {
 }
 
 
-def measure(name, model, prefill_ids, prompt_ids, args) -> dict:
+def measure(name, model, prefill_ids, prompt_ids, args, reference=None) -> dict:
     row = {"model": name}
     with quarot_fx.collect_reports() as reports:
         start = time.perf_counter()
-        row["prefill_s"] = median_seconds(prefill_fn(model, prefill_ids), args.repeats)
-        runs = [decode_seconds(model, prompt_ids, args.decode, args.cache) for _ in range(args.repeats + 1)][1:]
-        row["decode_tok_s"] = args.decode / sorted(runs)[len(runs) // 2]
+        row.update(time_rounds(*torch_timers(model, prefill_ids, prompt_ids, args), args, reference))
         row["wall_s"] = time.perf_counter() - start
         row["kv_cache_bytes"] = prefill_cache_bytes(model, prefill_ids)
     if reports:
@@ -219,13 +253,16 @@ def measure_one(name: str, args) -> dict:
     g = torch.Generator().manual_seed(0)
     prefill_ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=g)
     prompt_ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g)
+    # float32 eager timed in turn with this row (a model of its own: building a row may convert its model)
+    reference = (torch_timers(load_model(args.model)[0], prefill_ids, prompt_ids, args)
+                 if args.paired and name != "float32 eager" else None)
     if ROWS[name] is None:  # llama.cpp
-        row = {"model": name, **measure_llama_cpp(llama_cpp(args.model), prefill_ids, prompt_ids, args),
+        row = {"model": name, **measure_llama_cpp(llama_cpp(args.model), prefill_ids, prompt_ids, args, reference),
                "kv_cache_bytes": fp16_cache_bytes(model.config, args.prefill), "peak_rss_mb": peak_rss_mb()}
         row["kv_cache_fp16_bytes"] = row["kv_cache_bytes"]
         return row
     built = ROWS[name](model)
-    row = measure(name, built, prefill_ids, prompt_ids, args)
+    row = measure(name, built, prefill_ids, prompt_ids, args, reference)
     if "weight_bytes" not in row:  # not quarot: the parameters the (possibly converted) model holds
         row["weight_bytes"] = model_weight_bytes(model)
     row["kv_cache_fp16_bytes"] = fp16_cache_bytes(model.config, args.prefill)
@@ -261,6 +298,10 @@ def main(argv=None) -> None:
                              "its packed static cache, one graph for every position) or the default growing cache")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--only", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in this process
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time float32 eager in each row's process, in turn with the row, for ratios that "
+                             "a drift of the machine's speed between rows does not move (--no-paired: about half "
+                             "the time)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--row-timeout", type=float, default=1800,
                         help="seconds a row may take before it is stopped and reported as such (e.g. torchao's "
@@ -289,7 +330,8 @@ def main(argv=None) -> None:
     rows, skipped = [], []
     for name in args.rows:
         command = [sys.executable, __file__, "--only", name] + [
-            f"--{k}={getattr(args, k)}" for k in ("model", "prefill", "prompt", "decode", "repeats", "cache")]
+            f"--{k}={getattr(args, k)}" for k in ("model", "prefill", "prompt", "decode", "repeats", "cache")] + [
+            "--paired" if args.paired else "--no-paired"]
         limit = limits.get(name, args.row_timeout)
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
@@ -316,17 +358,22 @@ def main(argv=None) -> None:
         return
     print(f"\n{args.model}: prefill 1×{args.prefill}, decode {args.decode} tokens after {args.prompt} "
           f"({args.cache} cache), median of {args.repeats}, {header['threads']} threads")
-    print(f"{'model':<33} {'prefill s':>9} {'speed×':>7} {'decode tok/s':>12} {'speed×':>7} "
-          f"{'step: kernels/overhead ms':>25} {'weights MiB':>11} {'KV MiB':>7} {'× fp16':>6} {'peak RSS MiB':>12}")
+    print(f"{'model':<33} {'prefill s':>9} {'speed×':>7} {'paired×':>7} {'decode tok/s':>12} {'speed×':>7} "
+          f"{'paired×':>7} {'step: kernels/overhead ms':>25} {'weights MiB':>11} {'KV MiB':>7} {'× fp16':>6} "
+          f"{'peak RSS MiB':>12}")
     for row in rows:
         split = row.get("decode_breakdown")
         split = f"{split['kernel_ms']:.1f} / {split['overhead_ms']:.1f}" if split else ""
+        paired = {key: f"{row[key]:7.2f}" if key in row else f"{'':7}"
+                  for key in ("paired_prefill_speedup", "paired_decode_speedup")}
         print(f"{row['model']:<33} {row['prefill_s']:9.3f} {row['prefill_speedup']:7.2f} "
-              f"{row['decode_tok_s']:12.1f} {row['decode_vs_eager']:7.2f} {split:>25} {row['weight_bytes'] / 2**20:11.1f} "
+              f"{paired['paired_prefill_speedup']} {row['decode_tok_s']:12.1f} {row['decode_vs_eager']:7.2f} "
+              f"{paired['paired_decode_speedup']} {split:>25} {row['weight_bytes'] / 2**20:11.1f} "
               f"{row['kv_cache_bytes'] / 2**20:7.1f} {row['kv_cache_vs_fp16']:6.2f} {row['peak_rss_mb']:12.0f}")
-    print("speed×: against float32 eager (prefill: its time / this row's; decode: tokens/s ratio). step: one decode "
-          "step's milliseconds inside kernels (C, Inductor loops, torch matmuls) / outside them (Python, dispatch, "
-          "guards, glue)")
+    print("speed×: against the float32 eager row (prefill: its time / this row's; decode: tokens/s ratio). paired×: "
+          "the same against float32 eager timed in turn with this row in its process (--paired; robust to the "
+          "machine's drift between rows). step: one decode step's milliseconds inside kernels (C, Inductor loops, "
+          "torch matmuls) / outside them (Python, dispatch, guards, glue)")
     for row in skipped:
         print(f"{row['model']:<33} skipped: {row['skipped']}")
     for row in rows:

@@ -100,7 +100,11 @@ def test_speed_reports_rows_stopped_by_their_limit_even_when_none_was_measured(m
 
     limits_seen = []
 
-    def stopped(command, timeout, **kwargs):
+    real_run = subprocess.run
+
+    def stopped(command, *args, timeout=None, **kwargs):
+        if "--only" not in command:  # not a row (e.g. the C library's build asking the compiler's version)
+            return real_run(command, *args, timeout=timeout, **kwargs)
         limits_seen.append(timeout)
         raise subprocess.TimeoutExpired(command, timeout)
 
@@ -111,3 +115,40 @@ def test_speed_reports_rows_stopped_by_their_limit_even_when_none_was_measured(m
     assert limits_seen == [50, 7]
     assert "float32 eager" in out and "not finished after 50 s (stopped)" in out
     assert "not finished after 7 s (stopped)" in out
+
+
+def test_speed_times_float32_eager_in_turn_with_the_row_for_paired_ratios(monkeypatch):
+    """--paired: after one warm-up call each, every round times the row's prefill then float32
+    eager's, then the two decodes; the paired ratios are the medians' (float32 / row). A machine
+    that slows down from round to round slows both alike, so the ratio holds where the ratio to
+    a float32 row measured minutes earlier would not."""
+    from types import SimpleNamespace
+
+    import speed
+
+    clock, calls, slowdown = [0.0], [], [1.0]
+
+    def prefill(name, seconds):
+        def run():
+            calls.append(("prefill", name))
+            if name == "row":
+                slowdown[0] *= 1.5  # the machine drifts from round to round
+            clock[0] += seconds * slowdown[0]
+        return run
+
+    def decode(name, seconds):
+        def run():
+            calls.append(("decode", name))
+            return seconds * slowdown[0]
+        return run
+
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    args = SimpleNamespace(repeats=3, decode=32)
+    row = speed.time_rounds(prefill("row", 1.0), decode("row", 0.5), args, (prefill("fp32", 2.5), decode("fp32", 2.0)))
+    assert calls[:4] == [("prefill", "row"), ("decode", "row"), ("prefill", "fp32"), ("decode", "fp32")]
+    assert calls[4:] == [("prefill", "row"), ("prefill", "fp32"), ("decode", "row"), ("decode", "fp32")] * 3
+    assert row["prefill_s"] == pytest.approx(1.0 * 1.5 ** 3)  # the middle round's drifted time
+    assert row["paired_prefill_speedup"] == pytest.approx(2.5) and row["paired_decode_speedup"] == pytest.approx(4.0)
+    assert row["paired_fp32_decode_tok_s"] == pytest.approx(32 / (2.0 * 1.5 ** 3))
+    unpaired = speed.time_rounds(prefill("row", 1.0), decode("row", 0.5), args)
+    assert set(unpaired) == {"prefill_s", "decode_tok_s"}
