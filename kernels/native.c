@@ -1255,18 +1255,10 @@ static void butterflies(float *block, int64_t order, int64_t inner) {
 
 /* One output vector of a dense factor for `width` (<= HADAMARD_LANES) columns: out[i] = sum over k
  * in order of h[k][j] · tile[k][i], from 0.0f, a multiply then an add (the plain loop's sequence
- * for each element, whatever the width: the same bits), in the widest vectors that fit. */
+ * for each element, whatever the width: the same bits), in the widest vectors that fit; the
+ * outputs dense_columns4 leaves (widths other than 16 and 8, or fewer than four outputs left). */
 static void dense_columns(const float *tile, const float *h, int64_t order, int64_t j, int64_t width, float *out) {
     int64_t i = 0;
-#if defined(__AVX512F__)
-    if (width == 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t k = 0; k < order; k++)
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(h[k * order + j]), _mm512_loadu_ps(tile + k * HADAMARD_LANES)));
-        _mm512_storeu_ps(out, acc);
-        return;
-    }
-#endif
 #ifdef __AVX2__
     for (; i + 8 <= width; i += 8) {
         __m256 acc = _mm256_setzero_ps();
