@@ -179,8 +179,9 @@ def time_rounds(prefill, decode, args, reference=None) -> dict:
     (paired_prefill_speedup, paired_decode_speedup): a drift of the machine's speed between rows,
     which moves the ratios against the float32 row measured minutes earlier, slows both alike here."""
     timers = {"row": (prefill, decode), **({"fp32": reference} if reference else {})}
-    for run, decode_run in timers.values():
-        run(), decode_run()
+    for run, decode_run in timers.values():  # warm-up: compiles, fills caches
+        run()
+        decode_run()
     prefills = {name: [] for name in timers}
     decodes = {name: [] for name in timers}
     for _ in range(args.repeats):
