@@ -58,6 +58,14 @@ class _PackedLayer:
         for p, t in zip(PARTS, parts):
             setattr(self, f"{kind}_{p}", t)
 
+    def _one_length(self) -> None:
+        """Tell the compiler what always holds: the six tensors hold the same number of tokens.
+        Dynamo otherwise gives each its own size symbol, and a compiled decode step then reads and
+        passes six sizes per layer (180 for a 30-layer model, ~0.3 ms a step) instead of one."""
+        tokens = self.key_codes.shape[-2]
+        for t in (*self._parts("key"), *self._parts("value")):
+            torch._check(t.shape[-2] == tokens)
+
     def _dequantize(self, kind: str) -> torch.Tensor:
         length = self.head_dims[0 if kind == "key" else 1]
         return KV_DEQUANTIZE(*self._parts(kind), self.bits, length, self.dtype)
@@ -110,6 +118,7 @@ class PackedDynamicLayer(_PackedLayer, DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._one_length()
         for kind, x in (("key", key_states), ("value", value_states)):
             self._set(kind, [torch.cat([old, new], dim=-2) for old, new in zip(self._parts(kind), _encode(x, self.bits))])
         return self.dequantized()
@@ -159,6 +168,7 @@ class PackedStaticLayer(_PackedLayer, StaticLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._one_length()
         position = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
         self.cumulative_length.add_(key_states.shape[-2])
         for kind, x in (("key", key_states), ("value", value_states)):

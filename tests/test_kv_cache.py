@@ -172,6 +172,24 @@ def test_static_packed_cache_matches_the_dynamic_one():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_a_decode_graph_takes_at_most_one_cache_length_per_layer(cache):
+    """The six tensors of a layer share their token count, and the compiled graph knows it: a
+    decode step reads and passes one size per layer, not six (each costs the step Python work)."""
+    model, ids = tiny_model("llama"), token_ids()
+    compiled = compile_quarot(model)
+    with torch.no_grad():
+        out = compiled(ids, cache=PackedStaticKVCache(model.config, 32) if cache == "static" else PackedKVCache(
+            model.config), use_cache=True)
+        before = set(map(id, quarot_fx.backend.live_graphs()))
+        compiled(out.logits[:, -1:].argmax(-1), cache=out.past_key_values, use_cache=True)
+    decode = [g for g in quarot_fx.backend.live_graphs() if id(g) not in before]
+    assert len(decode) == 1
+    sizes = {str(n.meta["example_value"]) for n in decode[0].template.graph.nodes
+             if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.SymInt)}
+    assert len(sizes) <= model.config.num_hidden_layers, sizes
+
+
 def test_generate_uses_the_packed_cache_and_matches_the_float_cache(monkeypatch):
     model, ids = tiny_model("qwen2"), token_ids()
     compiled = compile_quarot(model)
