@@ -170,9 +170,10 @@ def _packed_or_none(make):
 
 
 CACHE_DIMS = frozenset((0, 2))  # a cache tensor's batch and token dimensions
+_NO_DIMS = frozenset()
 
 
-def _mark_dynamic(args, kwargs, cache) -> None:
+def _mark_dynamic(args, kwargs, cache_tensors: list) -> None:
     """Batch and sequence dimensions of the model's inputs and cache dynamic from the first call
     (sizes 0 and 1 stay specialized: Dynamo's rule), so new prompt shapes reuse the graphs."""
     inputs = [kwargs.get(name) for name in DYNAMIC_INPUTS] + list(args[:1])
@@ -180,10 +181,10 @@ def _mark_dynamic(args, kwargs, cache) -> None:
         if isinstance(tensor, torch.Tensor):
             for dim in range(min(tensor.dim(), 2)):
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
-    for tensor in _cache_tensors(cache):
+    for tensor in cache_tensors:
         # [batch, heads, tokens, ...]; a static cache's tensors stay marked from step to step (where
         # Dynamo keeps its marks, else they are marked again): a decode step then skips ~0.5 ms of marking
-        if tensor.dim() >= 3 and not CACHE_DIMS <= getattr(tensor, "_dynamo_weak_dynamic_indices", set()):
+        if tensor.dim() >= 3 and not CACHE_DIMS <= getattr(tensor, "_dynamo_weak_dynamic_indices", _NO_DIMS):
             torch._dynamo.maybe_mark_dynamic(tensor, list(CACHE_DIMS))
 
 
@@ -199,14 +200,13 @@ def _cache_in(kwargs):
     return next((kwargs[n] for n in CACHE_ARGUMENTS if kwargs.get(n) is not None), None)
 
 
-def _cache_tensors(cache):
-    for layer in getattr(cache, "layers", ()):
-        for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
-                yield value
+def _cache_tensors(cache) -> list:
+    """The tensors a cache's layers hold (one list per call: claiming and marking both walk it)."""
+    return [value for layer in getattr(cache, "layers", ()) for value in vars(layer).values()
+            if isinstance(value, torch.Tensor)]
 
 
-def _claim(cache, owner: str) -> None:
+def _claim(cache, owner: str, tensors: list) -> None:
     """Mark again the tensors of a cache a compiled call of ``owner`` filled: transformers'
     cache operations (reorder, crop, repeat, select) replace them by new, unmarked tensors. Not
     when it has grown since (something else appended to it): the graph then refuses it."""
@@ -215,8 +215,9 @@ def _claim(cache, owner: str) -> None:
     owned = getattr(cache, OWNED, None)
     if owned is None or owned[0] != owner or int(cache.get_seq_length()) > owned[1]:
         return
-    for tensor in _cache_tensors(cache):
-        setattr(tensor, KV_OWNER, owner)
+    for tensor in tensors:
+        if getattr(tensor, KV_OWNER, None) != owner:  # a decode step's tensors are marked already
+            setattr(tensor, KV_OWNER, owner)
 
 
 def _mark_owned(cache, owner: str) -> None:
@@ -235,9 +236,10 @@ def quarot_call(compiled: OptimizedModule, fn, args: tuple, kwargs: dict):
     kwargs = with_packed_cache(compiled, kwargs)
     owner = config.kv_signature()
     cache = _cache_in(kwargs)
+    tensors = _cache_tensors(cache)
     if cache is not None:
-        _claim(cache, owner)
-    _mark_dynamic(args, kwargs, cache)
+        _claim(cache, owner, tensors)
+    _mark_dynamic(args, kwargs, tensors)
     patches = _recompile_patches()
     try:
         with torch._dynamo.config.patch(**patches):
