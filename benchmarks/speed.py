@@ -139,10 +139,9 @@ def llama_cpp(model_name: str):
                  n_ubatch=512, verbose=False)
 
 
-def measure_llama_cpp(llm, prefill_ids, prompt_ids, args, reference=None) -> dict:
-    """The same figures from llama.cpp: prefill of ``prefill`` tokens on an empty context, greedy
-    decode tokens/s after ``prompt``; its KV cache is fp16 (the default), its weights the GGUF."""
-    from quarot_fx.tools.models import smollm2_gguf
+def llama_cpp_timers(llm, prefill_ids, prompt_ids, args) -> tuple:
+    """llama.cpp's (prefill, decode) for ``time_rounds``: prefill of ``prefill`` tokens on an empty
+    context; ``decode()`` returns the seconds of ``args.decode`` greedy tokens after ``prompt``."""
 
     def prefill():
         llm.reset()
@@ -158,8 +157,15 @@ def measure_llama_cpp(llm, prefill_ids, prompt_ids, args, reference=None) -> dic
             token = int(llm.scores[llm.n_tokens - 1].argmax())
         return time.perf_counter() - start
 
+    return prefill, decode
+
+
+def measure_llama_cpp(llm, prefill_ids, prompt_ids, args, reference=None) -> dict:
+    """The same figures from llama.cpp; its KV cache is fp16 (the default), its weights the GGUF."""
+    from quarot_fx.tools.models import smollm2_gguf
+
     start = time.perf_counter()
-    row = time_rounds(prefill, decode, args, reference)
+    row = time_rounds(*llama_cpp_timers(llm, prefill_ids, prompt_ids, args), args, reference)
     row["wall_s"] = time.perf_counter() - start
     row["weight_bytes"] = smollm2_gguf().stat().st_size
     return row

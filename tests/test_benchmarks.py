@@ -152,3 +152,19 @@ def test_speed_times_float32_eager_in_turn_with_the_row_for_paired_ratios(monkey
     assert row["paired_fp32_decode_tok_s"] == pytest.approx(32 / (2.0 * 1.5 ** 3))
     unpaired = speed.time_rounds(prefill("row", 1.0), decode("row", 0.5), args)
     assert set(unpaired) == {"prefill_s", "decode_tok_s"}
+
+
+def test_decode_interleaved_warms_each_model_then_times_them_in_turn_reversing_every_other_round():
+    import decode_interleaved
+
+    calls = []
+
+    def decoder(name, seconds):
+        def run():
+            calls.append(name)
+            return seconds
+        return run
+
+    seconds = decode_interleaved.interleave({"a": decoder("a", 1.0), "b": decoder("b", 2.0), "c": decoder("c", 3.0)}, 3)
+    assert calls == ["a", "b", "c", "a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert seconds == {"a": [1.0] * 3, "b": [2.0] * 3, "c": [3.0] * 3}
