@@ -63,7 +63,12 @@ class _PackedLayer:
         Dynamo otherwise gives each its own size symbol, and a compiled decode step then reads and
         passes six sizes per layer (180 for a 30-layer model, ~0.3 ms a step) instead of one."""
         tokens = self.key_codes.shape[-2]
-        for t in (*self._parts("key"), *self._parts("value")):
+        parts = (*self._parts("key"), *self._parts("value"))
+        if not torch.compiler.is_compiling() and any(t.shape[-2] != tokens for t in parts):
+            raise ValueError(f"packed KV cache layer: its tensors hold {[t.shape[-2] for t in parts]} tokens "
+                             f"({', '.join(f'{k}_{p}' for k in ('key', 'value') for p in PARTS)}): they were "
+                             "changed apart; change a cache through its methods (crop, reorder_cache, ...)")
+        for t in parts:  # (a message function here would break Dynamo's graph)
             torch._check(t.shape[-2] == tokens)
 
     def _dequantize(self, kind: str) -> torch.Tensor:

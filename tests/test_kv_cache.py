@@ -68,6 +68,15 @@ def test_a_layer_stores_codes_and_returns_their_dequantized_values(bits, head_di
     assert torch.equal(layer.dequantized()[0], expected_k[..., :-1, :])
 
 
+def test_a_layer_whose_tensors_were_changed_apart_is_refused_by_name():
+    layer = PackedDynamicLayer(4)
+    keys = torch.randn(1, 2, 3, 8)
+    layer.update(keys, keys)
+    layer.value_scale = layer.value_scale[:, :, :2]
+    with pytest.raises(ValueError, match=r"\[3, 3, 3, 3, 2, 3\] tokens \(key_codes.*value_scale"):
+        layer.update(keys, keys)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_an_empty_store_dequantizes_to_an_empty_tensor(bits):
     """The first step's past (calibration runs it too): zero tokens, any head_dim."""
