@@ -14,7 +14,13 @@ Which is faster depends on the CPU: with AVX512-VNNI or AMX, oneDNN's int8 GEMM 
 matmul several times; with only AVX2 it was measured 15-50× *slower*. So nothing is hard-coded:
 on first use of a shape (rows bucketed to powers of two up to ``BUCKET_ROWS``) the paths are timed
 once on that shape and the fastest is kept for the rest of the process. A GEMM's work grows with
-the rows, so a bucket past ``PROBE_ROWS`` is timed at ``PROBE_ROWS`` rows and scaled; where the
+the rows, so a bucket past ``PROBE_ROWS`` is first timed at ``PROBE_ROWS`` rows and scaled, and the
+candidates within ``FINALIST_RATIO`` of the best estimate are then timed again at the bucket's own
+rows: scaling multiplies a GEMM's per-call fixed work (the C GEMM packs its weight panels once per
+call) and misses how a GEMM's speed changes with the rows (oneDNN's int8 GEMM ran 576 → 1536 at 2048
+rows twice as slow as 16 × its 128-row time, AVX512-VNNI EPYC), which made the estimate choose
+``_int_mm`` where the C GEMM was faster; the slow paths (float emulation, int8 without VNNI) stay
+out of the second round, whose timings would take seconds. Where the
 weight is unpacked on every call (``resident_weights="packed"``, the default) that unpacking is
 timed apart and added once, since it does not grow with the rows: it decides a decode step (the
 GEMV on packed bytes wins) and hardly matters to a 2048-row prefill (an int8 GEMM may win). At ≤ 16
@@ -41,7 +47,8 @@ from quarot_fx.config import gemm_environment
 from .common import cpu_description
 from .gemm import accumulator_dtype, gemm_candidate, gemm_candidates, gemm_policies, pack_linear_weight
 BUCKET_ROWS = 2048  # row counts are bucketed to powers of two up to this many
-PROBE_ROWS = 128  # a GEMM is timed at most at this many rows, and its time scaled for a larger bucket
+PROBE_ROWS = 128  # a GEMM is first timed at most at this many rows, and its time scaled for a larger bucket
+FINALIST_RATIO = 2.0  # candidates whose scaled time is within this of the best are timed at the full rows
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class Decision:
     group: int
     choice: str  # a registered candidate: "int8" | "float" | "int4" | …
     by: str  # "measured" | "option" | "environment" | "range" (the only candidate that applies)
-    ms: tuple = ()  # (candidate, milliseconds) when measured
+    ms: tuple = ()  # (candidate, milliseconds) when measured: at the bucket's rows for the finalists
 
     def ms_of(self, name: str) -> float | None:
         return dict(self.ms).get(name)
@@ -163,7 +170,9 @@ def decide(rows: int, in_features: int, out_features: int, group: int, policy: s
     ``int4``: the weight is in the dense packed layout the C kernels read (not compressed sparse
     storage). ``unpacks``: each call unpacks the weight (``resident_weights="packed"``), which the
     measurement then includes. A forced candidate that does not apply to the shape is replaced by
-    the measured fastest of those that do (by "range" when only one does, e.g. int32 could overflow)."""
+    the measured fastest of those that do (by "range" when only one does, e.g. int32 could overflow).
+    Past ``PROBE_ROWS`` rows the finalists of the scaled estimate are timed again at the bucket's rows
+    (see the module doc)."""
     bucket = rows_bucket(rows)
     known = _decided.get((bucket, in_features, out_features, group, policy, int4, unpacks))
     if known is not None and known[0] == gemm_candidates():  # the per-call path: one lookup
@@ -180,6 +189,10 @@ def decide(rows: int, in_features: int, out_features: int, group: int, policy: s
         decision = Decision(bucket, in_features, out_features, group, applicable[0], "range")
     else:
         ms = measure(bucket, in_features, out_features, group, applicable, unpacks=unpacks)
+        finalists = tuple(name for name in applicable if ms[name] <= FINALIST_RATIO * min(ms.values()))
+        if bucket > PROBE_ROWS and len(finalists) > 1:
+            ms.update(measure(bucket, in_features, out_features, group, finalists, unpacks=unpacks,
+                              probe_rows=bucket))
         decision = Decision(bucket, in_features, out_features, group, min(ms, key=ms.get), "measured",
                             tuple((name, round(t, 4)) for name, t in ms.items()))
     _decisions[key] = decision

@@ -109,6 +109,29 @@ def test_auto_keeps_the_measured_winner_once_per_shape(monkeypatch):
     assert len(measured) == 2
 
 
+def test_a_prefill_shape_is_decided_by_its_finalists_timed_at_its_own_rows(monkeypatch):
+    """At 128 rows scaled to 2048, a GEMM with per-call fixed work looks slower than it is (and one
+    that slows down at many rows faster): the candidates near the best estimate are timed again at
+    the bucket's rows, and that timing decides; a candidate far behind is not timed again."""
+    asked = []
+
+    def timings(rows, k, n, group, candidates, unpacks=False, probe_rows=int_gemm.PROBE_ROWS):
+        asked.append((probe_rows, candidates))
+        estimate = {"int8": 1.0, "int4": 1.5, "float": 5.0}
+        full = {"int8": 3.0, "int4": 2.0, "float": 4.0}
+        return {c: (full if probe_rows > int_gemm.PROBE_ROWS else estimate)[c] for c in candidates}
+
+    monkeypatch.setattr(int_gemm, "gemm_candidates", lambda: ("int8", "float", "int4"))
+    monkeypatch.setattr(int_gemm, "gemm_candidate", lambda name: type("C", (), {"applies": lambda *a: True}))
+    monkeypatch.setattr(int_gemm, "measure", timings)
+    decision = int_gemm.decide(2048, 576, 1536, 576)
+    assert asked == [(int_gemm.PROBE_ROWS, ("int8", "float", "int4")), (2048, ("int8", "int4"))]
+    assert (decision.choice, decision.int4_ms, decision.int8_ms, decision.float_ms) == ("int4", 2.0, 3.0, 5.0)
+    asked.clear()
+    assert int_gemm.decide(128, 576, 1536, 576).choice == "int8"  # timed at its own rows already: one round
+    assert asked == [(int_gemm.PROBE_ROWS, ("int8", "float", "int4"))]
+
+
 @given(m=st.integers(1, 16), half=st.integers(1, 400), n=st.integers(1, 40), bias=st.booleans(),
        out_dtype=st.sampled_from(DTYPES), bits=st.sampled_from([4, 8]), seed=st.integers(0, 50))
 def test_int4_gemv_and_float_emulation_agree_bit_for_bit(m, half, n, bias, out_dtype, bits, seed):
