@@ -786,7 +786,7 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
  * even), and its sums with a block of key codes are int4_gemm's tiles (vpmaddubsw, or VNNI's
  * vpdpbusd: exact), so a score is ((float)sum(q·c) - z·sum(q)) · (q scale · scale) · k scale, c
  * the key's codes and z its zero point. The weights come from the decode kernel's online softmax
- * (block_weights). P·V takes the values as their centered codes n = c - 8 (exact small integers)
+ * (block_weights; in 16 lanes in the AVX512-BF16 build: block_value_weights). P·V takes the values as their centered codes n = c - 8 (exact small integers)
  * and each weight times its value's scale, w = p·s, rounded to bfloat16; the zero points' share,
  * sum w·(8 - z) with w unrounded, is added in float32 (value_weights). With AVX512-BF16 one
  * vdpbf16ps does 32 of those multiply-adds into float32 sums; elsewhere the same rounded weights
@@ -907,6 +907,70 @@ static void value_weights(float *weights, const float *value_scale, const float 
 
 #ifdef __AVX512BF16__
 #define QA_BF16 1
+/* exp_lanes on 16 lanes: the same operations lane by lane, so the same values. */
+static inline __m512 exp_lanes16(__m512 x) {
+    const __m512 floor_x = _mm512_set1_ps(-87.33654f);
+    const __mmask16 below = _mm512_cmp_ps_mask(x, floor_x, _CMP_LT_OQ);
+    x = _mm512_max_ps(floor_x, x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i power = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps((__mmask16)~below, p, _mm512_castsi512_ps(power));
+}
+
+/* A row's block weights for P·V in one pass over 16 lanes (this build's int8_query_attention
+ * only: its numbers already differ from the 8-lane builds' by float rounding): block_weights'
+ * online softmax (the same weights lane by lane; the maximum and the sums in 16 lanes), then
+ * value_weights' w = p · value scale and the zero points' share into a, the weights of keys
+ * past `seen` 0. Returns 0 where block_weights would (no weights formed: all zeros). */
+static int block_value_weights(float *score, int64_t seen, float *top, float *total, float *a, int64_t d,
+                               const float *value_scale, const float *value_shift) {
+    __m512 most = _mm512_set1_ps(-INFINITY);
+    __mmask16 unordered = 0;
+    for (int64_t j = 0; j < seen; j += 16) {
+        const __mmask16 live = seen - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (seen - j)) - 1);
+        const __m512 v = _mm512_mask_loadu_ps(most, live, score + j);
+        most = _mm512_max_ps(most, v);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    const float block_top = _mm512_reduce_max_ps(most);
+    if (unordered) *total = NAN;
+    if (isnan(*total) || block_top == -INFINITY) {
+        memset(score, 0, sizeof(float) * QA_KEYS);
+        return 0;
+    }
+    const float new_top = block_top > *top ? block_top : *top;
+    if (*top != -INFINITY && new_top != *top) {
+        const float shrink = expf(*top - new_top);
+        *total *= shrink;
+        for (int64_t i = 0; i < d; i++) a[i] *= shrink;
+    }
+    *top = new_top;
+    __m512 sum = _mm512_setzero_ps(), share = _mm512_setzero_ps();
+    const __m512 shift = _mm512_set1_ps(new_top);
+    for (int64_t j = 0; j < QA_KEYS; j += 16) {
+        const __mmask16 live = seen - j >= 16 ? (__mmask16)0xFFFF
+                               : seen > j ? (__mmask16)((1u << (seen - j)) - 1) : (__mmask16)0;
+        const __m512 p = _mm512_maskz_mov_ps(live, exp_lanes16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, score + j), shift)));
+        sum = _mm512_add_ps(sum, p);
+        const __m512 w = _mm512_mul_ps(p, _mm512_loadu_ps(value_scale + j));
+        share = _mm512_fmadd_ps(w, _mm512_loadu_ps(value_shift + j), share);
+        _mm512_storeu_ps(score + j, w);
+    }
+    *total += _mm512_reduce_add_ps(sum);
+    const float zeros_share = _mm512_reduce_add_ps(share);
+    if (zeros_share != 0.0f)
+        for (int64_t i = 0; i < d; i++) a[i] += zeros_share;
+    return 1;
+}
 /* A block's values as vdpbf16ps takes them: panel[m][c] holds the bfloat16 centered codes of
  * column c of tokens 2m (low half) and 2m + 1 (high half), a token past `keys` as zeros; rows
  * `stride` words apart (a multiple of 64, zeros past d). A stored nibble is already c - 8 in
@@ -1045,10 +1109,17 @@ static void *query_attention_run(void *arg) {
                 float *weights = score + s * (QA_KEYS + 8);
                 const int64_t position = first + s % count;
                 const int64_t seen = s >= states ? 0 : job->causal ? (position + 1 - t0 < keys ? position + 1 - t0 : keys) : keys;
+#if QA_BF16
+                if (seen > 0 && !isnan(total[s]))
+                    block_value_weights(weights, seen, top + s, total + s, acc + s * d, d, value_scale, value_shift);
+                else
+                    memset(weights, 0, sizeof(float) * QA_KEYS);
+#else
                 const int64_t formed = seen > 0 && !isnan(total[s]) && block_weights(weights, seen, top + s, total + s,
                                                                                       acc + s * d, d) ? seen : 0;
                 memset(weights + formed, 0, sizeof(float) * (size_t)(QA_KEYS - formed));
-                value_weights(weights, value_scale, value_shift, acc + s * d, d, !QA_BF16);
+                value_weights(weights, value_scale, value_shift, acc + s * d, d, 1);
+#endif
 #if QA_BF16
                 for (int64_t j = 0; j < QA_KEYS; j += 32)
                     _mm512_storeu_si512((void *)(weight_pairs + s * (QA_KEYS / 2) + j / 2),
