@@ -537,20 +537,30 @@ static void dot_x8(const float *a, const float *keys, int64_t d, float out[8]) {
 
 /* expf on 8 lanes of x <= 0 (scores minus their maximum), within a few ulp of libm: x = n ln2 + r
  * with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the exponent bits. Lanes below
- * -87.3 (e^x under the smallest normal float, -inf included) give 0, NaN gives NaN. */
+ * -87.3 (e^x under the smallest normal float, -inf included) give 0, NaN gives NaN. The constants
+ * are shared with exp_lanes16 (the same operations on 16 lanes). */
+#define EXP_FLOOR -87.33654f
+#define EXP_LOG2E 1.44269504f
+#define EXP_LN2_HIGH 0.693359375f  /* ln2 in two parts: n * high is exact */
+#define EXP_LN2_LOW -2.12194440e-4f
+#define EXP_P5 1.3981999507e-3f
+#define EXP_P4 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P2 1.6666665459e-1f
+#define EXP_P1 5.0000001201e-1f
 static inline __m256 exp_lanes(__m256 x) {
-    const __m256 floor_x = _mm256_set1_ps(-87.33654f);
+    const __m256 floor_x = _mm256_set1_ps(EXP_FLOOR);
     const __m256 below = _mm256_cmp_ps(x, floor_x, _CMP_LT_OQ);
     x = _mm256_max_ps(floor_x, x);  /* this operand order passes a NaN on, as expf does */
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln2 in two parts: exact n * high */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HIGH), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LOW), r);
+    __m256 p = _mm256_set1_ps(EXP_P5);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P1));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(below, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
@@ -786,9 +796,10 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
  * even), and its sums with a block of key codes are int4_gemm's tiles (vpmaddubsw, or VNNI's
  * vpdpbusd: exact), so a score is ((float)sum(q·c) - z·sum(q)) · (q scale · scale) · k scale, c
  * the key's codes and z its zero point. The weights come from the decode kernel's online softmax
- * (block_weights; in 16 lanes in the AVX512-BF16 build: block_value_weights). P·V takes the values as their centered codes n = c - 8 (exact small integers)
- * and each weight times its value's scale, w = p·s, rounded to bfloat16; the zero points' share,
- * sum w·(8 - z) with w unrounded, is added in float32 (value_weights). With AVX512-BF16 one
+ * (block_weights; in 16 lanes in the AVX512-BF16 build: block_value_weights). P·V takes the
+ * values as their centered codes n = c - 8 (exact small integers) and each weight times its
+ * value's scale, w = p·s, rounded to bfloat16; the zero points' share, sum w·(8 - z) with w
+ * unrounded, is added in float32 (value_weights). With AVX512-BF16 one
  * vdpbf16ps does 32 of those multiply-adds into float32 sums; elsewhere the same rounded weights
  * go through fp32 FMAs, so every build computes the same numbers to float rounding. A term's
  * error is at most 2^-8 of w·|n| <= 8w: s/32 per unit of weight, a sixteenth of the 4-bit values'
@@ -909,18 +920,18 @@ static void value_weights(float *weights, const float *value_scale, const float 
 #define QA_BF16 1
 /* exp_lanes on 16 lanes: the same operations lane by lane, so the same values. */
 static inline __m512 exp_lanes16(__m512 x) {
-    const __m512 floor_x = _mm512_set1_ps(-87.33654f);
+    const __m512 floor_x = _mm512_set1_ps(EXP_FLOOR);
     const __mmask16 below = _mm512_cmp_ps_mask(x, floor_x, _CMP_LT_OQ);
     x = _mm512_max_ps(floor_x, x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HIGH), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LOW), r);
+    __m512 p = _mm512_set1_ps(EXP_P5);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P1));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     const __m512i power = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_maskz_mul_ps((__mmask16)~below, p, _mm512_castsi512_ps(power));
