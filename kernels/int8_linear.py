@@ -10,6 +10,11 @@ CPU: up to ``native.FEW_ROWS`` rows the C kernel (threads split the channels; ea
 8 float32 lanes, a fixed order: ``int8_linear_reference`` repeats it, so the kernel is checked bit
 for bit); more rows (prefill) multiply the float codes block by block and scale the result. Every
 other device runs the blocked path.
+
+``quarot_fx::int8_dynamic_linear`` (``quantize_lm_head="w8a8"``): the same weights, and the input's
+rows rounded to int8 codes too (one scale per row), so the sums are integers: exact in any order,
+the same bits on every path, and at decode a third of the float kernel's instructions per weight
+(that kernel is bound by its int8 → float conversions, not by the bytes it reads).
 """
 
 from __future__ import annotations
@@ -87,7 +92,68 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@int8_weight_linear.register_fake
-def _(x, weight, scale, bias):
+def _head_fake(x, weight, scale, bias):
     _check(x, weight, scale, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+int8_weight_linear.register_fake(_head_fake)
+
+
+# quantize_lm_head="w8a8": the head's activations in 8 bits too, one scale per row.
+
+def head_activation_codes(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and float32 scales [rows, 1] of each row: symmetric, max|x| / 127, no clipping
+    (``quantize_per_token``'s arithmetic at 8 bits)."""
+    from quarot_fx.numerics.quant import activation_codes
+
+    codes, x_scale = activation_codes(x2, 8, 1.0)
+    return codes.to(torch.int8), x_scale
+
+
+def _codes_epilogue(acc, x_scale, scale, bias) -> torch.Tensor:
+    """(acc · scale) · x_scale (+ bias) in float32: the C kernel's order (native.c ``epilogue``)."""
+    y = (acc.float() * scale[:, 0].float()) * x_scale
+    return y + bias.float() if bias is not None else y
+
+
+def int8_dynamic_linear_reference(x, weight, scale, bias=None) -> torch.Tensor:
+    """Plain torch: the row codes, exact int64 sums, the epilogue."""
+    _check(x, weight, scale, bias)
+    codes, x_scale = head_activation_codes(x.reshape(-1, weight.shape[1]))
+    y = _codes_epilogue(codes.long() @ weight.long().T, x_scale, scale, bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _codes_blocked(codes, x_scale, weight, scale, bias) -> torch.Tensor:
+    """Many rows: the integer sums as a float matmul of the codes, exact (float32 while every
+    partial sum stays below 2²⁴, i.e. k · 128 · 128 < 2²⁴; float64 beyond), a block of channels at
+    a time."""
+    dtype = torch.float32 if weight.shape[1] * 128 * 128 < 2**24 else torch.float64
+    out = torch.empty((codes.shape[0], weight.shape[0]), dtype=torch.float32, device=codes.device)
+    a = codes.to(dtype)
+    for channels in row_chunks(weight.shape[0], 4 * weight.shape[1], 1 << 24):
+        out[:, channels] = _codes_epilogue(a @ weight[channels].to(dtype).T, x_scale, scale[channels],
+                                           bias[channels] if bias is not None else None)
+    return out
+
+
+@define_op("quarot_fx::int8_dynamic_linear", python_twin=True)
+def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The 8-bit head with 8-bit activations: x's rows to int8 codes (``head_activation_codes``),
+    exact integer sums with the int8 weight, then ((sum · scale) · row scale) + bias. At decode
+    (up to ``native.FEW_ROWS`` rows on a CPU) the C kernel ``int8_codes_linear``; more rows, and
+    other devices, the exact float matmul of the codes. Every path: the same bits."""
+    from . import native
+
+    _check(x, weight, scale, bias)
+    codes, x_scale = head_activation_codes(x.reshape(-1, weight.shape[1]))
+    if x.device.type == "cpu" and codes.shape[0] <= native.FEW_ROWS and native.library() is not None:
+        y = native.int8_codes_linear(codes, x_scale, weight, scale, bias, torch.get_num_threads())
+    else:
+        y = _codes_blocked(codes, x_scale, weight, scale, bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+int8_dynamic_linear.register_fake(_head_fake)

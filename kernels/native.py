@@ -158,6 +158,8 @@ def load_variant(name: str):
     lib.int32_epilogue.restype = ctypes.c_int
     lib.int32_epilogue.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.int8_weight_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
+    lib.int8_codes_linear.restype = None
+    lib.int8_codes_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
     lib.kv_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
     lib.packed_attention.restype = ctypes.c_int
@@ -377,6 +379,20 @@ def int8_weight_linear(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     _call(library().int8_weight_linear, x2.data_ptr(), weight.data_ptr(), scale.data_ptr(),
                                  bias.data_ptr() if bias is not None else None, y.data_ptr(), x2.shape[0],
                                  x2.shape[1], weight.shape[0], threads)
+    return y
+
+
+def int8_codes_linear(codes: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """float32 y [rows, n] = ((acc · scale) · x_scale) (+ bias), acc = codes · weightᵀ exactly, for
+    int8 codes [rows, k] with x_scale [rows, 1] and int8 weight [n, k] with scale [n, 1]."""
+    codes, weight = codes.contiguous(), weight.contiguous()
+    x_scale, scale = x_scale.reshape(-1).float().contiguous(), scale.reshape(-1).float().contiguous()
+    bias = bias.float().contiguous() if bias is not None else None
+    y = torch.empty((codes.shape[0], weight.shape[0]), dtype=torch.float32)
+    _call(library().int8_codes_linear, codes.data_ptr(), x_scale.data_ptr(), weight.data_ptr(), scale.data_ptr(),
+          bias.data_ptr() if bias is not None else None, y.data_ptr(), codes.shape[0], codes.shape[1],
+          weight.shape[0], threads)
     return y
 
 

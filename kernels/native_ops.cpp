@@ -46,6 +46,8 @@ typedef int (*KvQuantizeFn)(const float *, uint8_t *, float *, float *, int64_t,
                             int64_t);
 typedef void (*Int8LinearFn)(const float *, const int8_t *, const float *, const float *, float *, int64_t, int64_t,
                              int64_t, int64_t);
+typedef void (*Int8CodesFn)(const int8_t *, const float *, const int8_t *, const float *, const float *, float *,
+                            int64_t, int64_t, int64_t, int64_t);
 
 struct Kernels {
     GemvFn gemv = nullptr;
@@ -53,6 +55,7 @@ struct Kernels {
     KvQuantizeFn kv_quantize = nullptr;
     AttentionFn attention = nullptr;
     Int8LinearFn int8_linear = nullptr;
+    Int8CodesFn int8_codes = nullptr;
     int64_t few_rows = 0;
 };
 
@@ -93,6 +96,7 @@ constexpr char hadamard_twin[] = "quarot_fx::_hadamard_transform_python";
 constexpr char kv_quantize_twin[] = "quarot_fx::_kv_quantize_python";
 constexpr char attention_twin[] = "quarot_fx::_packed_attention_python";
 constexpr char int8_linear_twin[] = "quarot_fx::_int8_weight_linear_python";
+constexpr char int8_dynamic_twin[] = "quarot_fx::_int8_dynamic_linear_python";
 
 /* Output channels split into blocks of this many for torch's threads (a multiple of the GEMVs'
  * four channels at a time): every channel is computed as by one call over all, so the same bits. */
@@ -318,19 +322,26 @@ bool attention_fast(Stack *stack) {
     return true;
 }
 
+/* The two heads' arguments (x, weight, scale, bias) where a fast path covers them: float32 x of up
+ * to few_rows rows, int8 weight [n, k], float32 scale [n, 1] and bias [n] or None. */
+bool head_arguments(const c10::ArrayRef<c10::IValue> &args, int64_t &k, int64_t &n, int64_t &rows) {
+    if (!cpu_tensor(args[0], at::kFloat) || !cpu_tensor(args[1], at::kChar) || !cpu_tensor(args[2], at::kFloat) ||
+        !(args[3].isNone() || cpu_tensor(args[3], at::kFloat)))
+        return false;
+    const at::Tensor &x = args[0].toTensor(), &weight = args[1].toTensor(), &scale = args[2].toTensor();
+    if (weight.dim() != 2 || x.dim() < 1 || x.size(-1) != weight.size(1) || weight.size(1) < 1) return false;
+    k = weight.size(1), n = weight.size(0), rows = x.numel() / k;
+    return rows >= 1 && rows <= kernels.few_rows && scale.dim() == 2 && scale.size(0) == n && scale.size(1) == 1 &&
+           (args[3].isNone() || (args[3].toTensor().dim() == 1 && args[3].toTensor().size(0) == n));
+}
+
 /* int8_weight_linear(x, weight, scale, bias): the 8-bit head at decode, float32 x of up to few_rows
  * rows (as the Python body's C path); one row splits the channels over torch's threads. */
 bool int8_linear_fast(Stack *stack) {
     auto args = torch::jit::last(*stack, 4);
-    if (!kernels.int8_linear || !cpu_tensor(args[0], at::kFloat) || !cpu_tensor(args[1], at::kChar) ||
-        !cpu_tensor(args[2], at::kFloat) || !(args[3].isNone() || cpu_tensor(args[3], at::kFloat)))
-        return false;
+    int64_t k, n, rows;
+    if (!kernels.int8_linear || !head_arguments(args, k, n, rows)) return false;
     const at::Tensor &x = args[0].toTensor(), &weight = args[1].toTensor(), &scale = args[2].toTensor();
-    if (weight.dim() != 2 || x.dim() < 1 || x.size(-1) != weight.size(1) || weight.size(1) < 1) return false;
-    const int64_t k = weight.size(1), n = weight.size(0), rows = x.numel() / k;
-    if (rows < 1 || rows > kernels.few_rows || scale.dim() != 2 || scale.size(0) != n || scale.size(1) != 1 ||
-        (!args[3].isNone() && (args[3].toTensor().dim() != 1 || args[3].toTensor().size(0) != n)))
-        return false;
     const at::Tensor input = x.contiguous(), codes = weight.contiguous(), scales = scale.contiguous();
     const at::Tensor bias = args[3].isNone() ? at::Tensor() : args[3].toTensor().contiguous();
     const float *b = bias.defined() ? bias.data_ptr<float>() : nullptr;
@@ -353,16 +364,62 @@ bool int8_linear_fast(Stack *stack) {
     return true;
 }
 
+/* int8_dynamic_linear(x, weight, scale, bias): the w8a8 head at decode. x's rows (float32, up to
+ * few_rows, all finite: a NaN or Inf goes to the Python body, whose codes of it are torch's) become
+ * int8 codes here with head_activation_codes' arithmetic, each step the same float32 operation as
+ * torch's: scale = max|x| / 127 (1 for an all-zero row), code = clamp(round-half-even(x / scale),
+ * -128, 127); then the C kernel int8_codes_linear, as the Python body calls it. */
+bool int8_dynamic_fast(Stack *stack) {
+    auto args = torch::jit::last(*stack, 4);
+    int64_t k, n, rows;
+    if (!kernels.int8_codes || !head_arguments(args, k, n, rows)) return false;
+    const at::Tensor &x = args[0].toTensor(), &weight = args[1].toTensor(), &scale = args[2].toTensor();
+    const at::Tensor input = x.contiguous();
+    const float *in = input.data_ptr<float>();
+    at::Tensor codes = at::empty({rows, k}, input.options().dtype(at::kChar));
+    at::Tensor row_scale = at::empty({rows, 1}, input.options());
+    int8_t *code = codes.data_ptr<int8_t>();
+    float *xs = row_scale.data_ptr<float>();
+    for (int64_t r = 0; r < rows; r++) {
+        float most = 0.0f;
+        for (int64_t i = 0; i < k; i++) {
+            const float v = in[r * k + i];
+            if (!std::isfinite(v)) return false;
+            most = std::max(most, std::fabs(v));
+        }
+        const float s = most / 127.0f;
+        xs[r] = s == 0.0f ? 1.0f : s;
+        for (int64_t i = 0; i < k; i++) {
+            const float rounded = std::nearbyint(in[r * k + i] / xs[r]);
+            code[r * k + i] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, rounded)));
+        }
+    }
+    const at::Tensor w = weight.contiguous(), scales = scale.contiguous();
+    const at::Tensor bias = args[3].isNone() ? at::Tensor() : args[3].toTensor().contiguous();
+    at::Tensor y = at::empty({rows, n}, input.options());
+    timed([&] {
+        kernels.int8_codes(code, xs, w.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                           bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), rows, k, n,
+                           at::get_num_threads());
+        return 0;
+    });
+    y = y.view(with_last(x.sizes(), n));
+    torch::jit::drop(*stack, 4);
+    torch::jit::push(*stack, std::move(y));
+    return true;
+}
+
 /* The Python side's hand-over. */
 void bind(std::vector<int64_t> addresses, int64_t few_rows) {
-    TORCH_CHECK(addresses.size() == 5, "_native_bind takes the addresses of int4_gemv, hadamard_rows, kv_quantize, "
-                                       "packed_attention, int8_weight_linear");
+    TORCH_CHECK(addresses.size() == 6, "_native_bind takes the addresses of int4_gemv, hadamard_rows, kv_quantize, "
+                                       "packed_attention, int8_weight_linear, int8_codes_linear");
     std::lock_guard<std::mutex> lock(guard);
     kernels.gemv = reinterpret_cast<GemvFn>(addresses[0]);
     kernels.hadamard = reinterpret_cast<HadamardFn>(addresses[1]);
     kernels.kv_quantize = reinterpret_cast<KvQuantizeFn>(addresses[2]);
     kernels.attention = reinterpret_cast<AttentionFn>(addresses[3]);
     kernels.int8_linear = reinterpret_cast<Int8LinearFn>(addresses[4]);
+    kernels.int8_codes = reinterpret_cast<Int8CodesFn>(addresses[5]);
     kernels.few_rows = few_rows;
 }
 
@@ -441,6 +498,8 @@ TORCH_LIBRARY_IMPL(quarot_fx, CPU, m) {
            torch::CppFunction::makeFromBoxedFunction<&fast_or_python<&attention_fast, attention_twin>>());
     m.impl("int8_weight_linear",
            torch::CppFunction::makeFromBoxedFunction<&fast_or_python<&int8_linear_fast, int8_linear_twin>>());
+    m.impl("int8_dynamic_linear",
+           torch::CppFunction::makeFromBoxedFunction<&fast_or_python<&int8_dynamic_fast, int8_dynamic_twin>>());
 }
 
 TORCH_LIBRARY_IMPL(quarot_fx, AutogradCPU, m) {

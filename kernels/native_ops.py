@@ -1,7 +1,8 @@
 """The dispatcher's CPU kernels for the hot ops (``native_ops.cpp``): a compiled graph's call of
-``quantized_linear``, ``hadamard_transform``, ``kv_quantize``, ``packed_attention`` or ``int8_weight_linear``
-reaches the C kernels without entering Python. A decode step's one-row GEMVs (the int4 layers and the
-8-bit head) and its attention heads run on torch's threads (its warm pool: no thread start per call),
+``quantized_linear``, ``hadamard_transform``, ``kv_quantize``, ``packed_attention``,
+``int8_weight_linear`` or ``int8_dynamic_linear`` reaches the C kernels without entering Python. A
+decode step's one-row GEMVs (the int4 layers and the 8-bit head) and its attention heads run on
+torch's threads (its warm pool: no thread start per call),
 each output channel or head computed as one call would, so the same bits. Binding also hands
 ``native.c`` a runner for its own threaded kernels (a prefill's int4 GEMM and Hadamard rows, the
 8-bit head from Python): their jobs run on that pool too instead of on threads they start, which
@@ -42,7 +43,8 @@ from . import native
 SOURCE = Path(__file__).with_name("native_ops.cpp")
 ENVIRONMENT = "QUAROT_FX_NATIVE_OPS"
 # the order _native_bind takes them in
-BOUND_KERNELS = ("int4_gemv", "hadamard_rows", "kv_quantize", "packed_attention", "int8_weight_linear")
+BOUND_KERNELS = ("int4_gemv", "hadamard_rows", "kv_quantize", "packed_attention", "int8_weight_linear",
+                 "int8_codes_linear")
 _reason: list[str] = []
 _allowed: set = set()  # gemv shapes and Hadamard plans already handed over
 _bound: list = []  # the C library the kernels call (native.library() when load ran)

@@ -1,11 +1,14 @@
-"""The 8-bit output head (``quantize_lm_head="int8"``, the default when weights are quantized).
+"""The 8-bit output head (``quantize_lm_head="int8"``, the default when weights are quantized;
+``"w8a8"``).
 
 The head is found as the quantization passes find it (a linear whose output reaches a graph
 output: no model-specific name) and, with its final weight (rotated, norms folded), becomes
-``int8_weight_linear``: int8 codes per output channel, float activations. At decode it is the
-largest GEMV of the step. The codes are computed once per weight (kept with it across recompiles)
-and used by both kernel modes, so the integer and simulated paths give the same bits. ``export``
-writes the head as codes × scales in float.
+``int8_weight_linear``: int8 codes per output channel, float activations; with
+``quantize_lm_head="w8a8"``, ``int8_dynamic_linear``: the same codes, and the activations rounded
+to int8 per row at run time (integer sums). At decode it is the largest GEMV of the step. The
+codes are computed once per weight (kept with it across recompiles) and used by both kernel
+modes, so the integer and simulated paths give the same bits. ``export`` writes the head as
+codes × scales in float.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from quarot_fx.report import QuantRecord
 
 from .graph_utils import as_site, label
 from .quantize import feeds_output
-from .surgery import drop_unused_constants, replace_with_int8_linear
+from .surgery import INT8_DYNAMIC_LINEAR, INT8_WEIGHT_LINEAR, drop_unused_constants, replace_with_int8_linear
 
 INT8_HEAD = "int8 head"  # weight-store memo key: (codes, scales) of a head weight
 
@@ -32,18 +35,22 @@ def quantize_head_int8(ctx) -> None:
                                         lambda: int8_channel_codes(site.to_logical(weight.detach()).float()))
         fqn = ctx.fqn_of(site.weight_node.target)
         _record_for_export(ctx, node, site, fqn, site.from_logical(codes.float() * scale).to(weight.dtype), bias)
+        dynamic = ctx.config.quantize_lm_head == "w8a8"
         replace_with_int8_linear(ctx.gm, node, site.input_node, codes, scale,
-                                 bias.detach().float() if bias is not None else None)
-        ctx.report.quantized.append(QuantRecord(fqn, "weight", 8, "rtn, output head (float activations)",
+                                 bias.detach().float() if bias is not None else None,
+                                 INT8_DYNAMIC_LINEAR if dynamic else INT8_WEIGHT_LINEAR)
+        activations = "8-bit activations per row" if dynamic else "float activations"
+        ctx.report.quantized.append(QuantRecord(fqn, "weight", 8, f"rtn, output head ({activations})",
                                                 storage="int8"))
-        ctx.report.notes.append(f"output head {label(node, default=fqn)}: int8 weights per channel, float "
-                                "activations (quantize_lm_head='int8'; False keeps it float)")
+        ctx.report.notes.append(f"output head {label(node, default=fqn)}: int8 weights per channel, {activations} "
+                                f"(quantize_lm_head={ctx.config.quantize_lm_head!r}; False keeps it float)")
     drop_unused_constants(ctx.gm)
 
 
 def _record_for_export(ctx, node, site, fqn: str, dequantized, bias) -> None:
     """``export`` writes the head as the compiled model computes it: the int8 codes times their
-    scales, in float (formats' heads are float; the function is the same to rounding)."""
+    scales, in float (formats' heads are float; the function is the same to rounding, except that
+    with ``"w8a8"`` the exported head leaves out the rounding of its activations to int8)."""
     from quarot_fx.compiled import FinalWeight
 
     module = label(node, default=fqn.rpartition(".")[0])

@@ -109,14 +109,17 @@ def drop_unused_constants(gm: fx.GraphModule) -> None:
 
 
 INT8_WEIGHT_LINEAR = torch.ops.quarot_fx.int8_weight_linear.default
+INT8_DYNAMIC_LINEAR = torch.ops.quarot_fx.int8_dynamic_linear.default
 
 
-def replace_with_int8_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, codes, scale, bias) -> fx.Node:
-    """Swap a linear node for ``int8_weight_linear(x, codes, scale, bias)`` on new constants."""
+def replace_with_int8_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, codes, scale, bias,
+                             op=INT8_WEIGHT_LINEAR) -> fx.Node:
+    """Swap a linear node for ``op(x, codes, scale, bias)`` on new constants (``int8_weight_linear``,
+    or ``int8_dynamic_linear``: the same arguments)."""
     constants = [_constant(gm, node, f"qfx_int8__{node.name}__{name}", t) if t is not None else None
                  for name, t in (("weight", codes), ("scale", scale), ("bias", bias))]
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(INT8_WEIGHT_LINEAR, (x, *constants))
+        new = gm.graph.call_function(op, (x, *constants))
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)

@@ -12,7 +12,8 @@ import torch
 
 from quarot_fx.kernels import int_gemm, native, native_ops
 from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
-from quarot_fx.kernels.int8_linear import int8_channel_codes, int8_linear_reference, int8_weight_linear
+from quarot_fx.kernels.int8_linear import (int8_channel_codes, int8_dynamic_linear, int8_dynamic_linear_reference,
+                                          int8_linear_reference, int8_weight_linear)
 from quarot_fx.kernels.kv_quant import kv_dequantize_reference, kv_quantize, kv_quantize_reference, kv_dequantize
 from quarot_fx.kernels.packed_attention import int8_query_attention, packed_attention
 from quarot_fx.kernels.quantized_linear import pack_linear_weight, quantized_linear, quantized_linear_reference
@@ -63,6 +64,17 @@ def test_kv_quantize_and_dequantize_give_the_references_bits(variant):
         assert all(torch.equal(a, e) for a, e in zip((codes, scale, zero), expected))
         assert torch.equal(kv_dequantize(codes, scale, zero, bits, 64, torch.float32),
                            kv_dequantize_reference(codes, scale, zero, bits, 64, torch.float32))
+
+
+def test_the_w8a8_head_gives_its_references_bits(variant):
+    w = torch.randn(301, 200) * torch.linspace(0.2, 3, 200)
+    codes, scale = int8_channel_codes(w)
+    bias = torch.randn(301)
+    for rows, k in ((1, 200), (2, 77), (16, 64), (1, 13)):  # past and below the 64- and 16-byte steps
+        x = torch.randn(rows, k) * 3
+        for b in (bias, None):
+            assert torch.equal(int8_dynamic_linear(x, codes[:, :k], scale, b),
+                               int8_dynamic_linear_reference(x, codes[:, :k], scale, b)), (rows, k)
 
 
 def test_the_int8_head_gives_its_references_bits(variant):

@@ -116,6 +116,35 @@ def test_attention_gives_the_python_bodys_bits_from_cpp(batch, kv_heads, groups,
 
 
 @settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 16), k=st.sampled_from([3, 64, 65, 576]), n=st.sampled_from([1, 7, 64, 301]),
+       bias=st.booleans(), spread=st.sampled_from([1e-3, 1.0, 300.0]), seed=st.integers(0, 50))
+def test_w8a8_head_gives_the_python_bodys_bits_from_cpp(rows, k, n, bias, spread, seed):
+    """The row codes made in C++ (max|x| / 127, round half to even) and the integer kernel: the
+    Python body's bits; a row of zeros keeps scale 1."""
+    from quarot_fx.kernels.int8_linear import int8_channel_codes
+
+    g = torch.Generator().manual_seed(seed)
+    codes, scale = int8_channel_codes(torch.randn(n, k, generator=g))
+    x = torch.randn(1, rows, k, generator=g) * spread
+    x[0, 0] = 0.0 if rows > 1 else x[0, 0]
+    args = (x, codes, scale, torch.randn(n, generator=g) if bias else None)
+    result, ran = in_cpp(OPS.int8_dynamic_linear.default, *args)
+    assert ran
+    assert same(result, OPS._int8_dynamic_linear_python.default(*args))
+
+
+def test_a_w8a8_head_row_with_a_nan_goes_to_the_python_body():
+    from quarot_fx.kernels.int8_linear import int8_channel_codes
+
+    codes, scale = int8_channel_codes(torch.randn(5, 8))
+    x = torch.randn(1, 8)
+    x[0, 3] = float("nan")
+    result, ran = in_cpp(OPS.int8_dynamic_linear.default, x, codes, scale, None)
+    assert not ran
+    assert result.isnan().all()  # the row's scale is NaN, as its float head's outputs would be
+
+
+@settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 16), k=st.sampled_from([3, 64, 576]), n=st.sampled_from([1, 7, 64, 65, 301]),
        bias=st.booleans(), seed=st.integers(0, 50))
 def test_int8_head_gives_the_python_bodys_bits_from_cpp(rows, k, n, bias, seed):
