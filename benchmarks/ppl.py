@@ -46,13 +46,15 @@ CONFIGS = {
     "float": None,
     "w8a8kv8": {"preset": "w8a8kv8"},
     "w8a8kv8-float-head": {"preset": "w8a8kv8", "quantize_lm_head": False},
-    "w8a8kv8-w8a8-head": {"preset": "w8a8kv8", "quantize_lm_head": "w8a8"},
+    "w8a8kv8-w8a8-head": {"preset": "w8a8kv8", "quantize_lm_head": "w8a8"},  # = the default ("auto")
+    "w8a8kv8-int8-head": {"preset": "w8a8kv8", "quantize_lm_head": "int8"},  # the default before the 19th session
     "w6a6kv6": {"preset": "w6a6kv6"},
     "w4a16": {"preset": "w4a16"},
     "w4a4kv4-norot": {"preset": "w4a4kv4", "rotation": "none"},
     "w4a4kv4": {"preset": "w4a4kv4"},
     "w4a4kv4-float-head": {"preset": "w4a4kv4", "quantize_lm_head": False},
-    "w4a4kv4-w8a8-head": {"preset": "w4a4kv4", "quantize_lm_head": "w8a8"},
+    "w4a4kv4-w8a8-head": {"preset": "w4a4kv4", "quantize_lm_head": "w8a8"},  # = the default ("auto")
+    "w4a4kv4-int8-head": {"preset": "w4a4kv4", "quantize_lm_head": "int8"},
     "w4a4kv4-int8-attention": {"preset": "w4a4kv4", "prefill_attention": "int8"},  # needs --kv-cache to matter
     # the KV cache alone at 4 bits, with float and with int8-query prefill attention: what the option costs by itself
     "kv4": {"w_bits": 16, "a_bits": 16, "kv_bits": 4},

@@ -9,8 +9,8 @@ model's own), median of ≥ 5 after warm-up (BENCHMARK.md), default thread count
 float32 eager, float32 ``torch.compile`` (inductor), bfloat16 eager, torchao's
 ``Int8DynamicActivationInt8WeightConfig`` + ``torch.compile`` (the CPU int8 peer users pick;
 skipped with a message if torchao is missing: ``pip install -e '.[peers]'``), quarot W8A8KV8 and
-W4A4KV4 (integer kernels; with its 8-bit head, the default, with a float head, and with the head's
-activations in int8 too, ``quantize_lm_head="w8a8"``; with Inductor's
+W4A4KV4 (integer kernels; with its 8-bit head and int8 activations, the default, with a float
+head, and with float activations into the 8-bit head, ``quantize_lm_head="int8"``; with Inductor's
 C++ wrapper, ``wrapper="cpp"``; with ``prefill_attention="int8"``), W4A4KV4 with
 ``resident_weights="unpacked"`` (with the packed KV cache, and with ``kv_cache="float"``), and
 llama.cpp (llama-cpp-python, ``n_threads`` = torch's threads) on the Q4_1 GGUF the model ships as
@@ -222,7 +222,8 @@ ROWS = {
     "quarot w8a8kv8": quarot({"preset": "w8a8kv8"}),
     "quarot w4a4kv4": quarot({"preset": "w4a4kv4"}),
     "quarot w4a4kv4 float-head": quarot({"preset": "w4a4kv4", "quantize_lm_head": False}),
-    "quarot w4a4kv4 w8a8-head": quarot({"preset": "w4a4kv4", "quantize_lm_head": "w8a8"}),
+    "quarot w4a4kv4 w8a8-head": quarot({"preset": "w4a4kv4", "quantize_lm_head": "w8a8"}),  # = the default
+    "quarot w4a4kv4 int8-head": quarot({"preset": "w4a4kv4", "quantize_lm_head": "int8"}),
     "quarot w4a4kv4 cpp-wrapper": quarot({"preset": "w4a4kv4", "wrapper": "cpp"}),
     "quarot w4a4kv4 int8-attention": quarot({"preset": "w4a4kv4", "prefill_attention": "int8"}),
     "llama.cpp Q4_1 gguf": None,  # measure_one builds it (not a torch module)

@@ -1,5 +1,5 @@
-"""The 8-bit output head (``quantize_lm_head="int8"``, the default when weights are quantized;
-``"w8a8"``).
+"""The 8-bit output head (``quantize_lm_head``: ``"auto"``, the default when weights are quantized,
+picks ``"w8a8"`` where activations are quantized and ``"int8"`` in weight-only configs).
 
 The head is found as the quantization passes find it (a linear whose output reaches a graph
 output: no model-specific name) and, with its final weight (rotated, norms folded), becomes
@@ -35,15 +35,17 @@ def quantize_head_int8(ctx) -> None:
                                         lambda: int8_channel_codes(site.to_logical(weight.detach()).float()))
         fqn = ctx.fqn_of(site.weight_node.target)
         _record_for_export(ctx, node, site, fqn, site.from_logical(codes.float() * scale).to(weight.dtype), bias)
-        dynamic = ctx.config.quantize_lm_head == "w8a8"
+        dynamic = ctx.config.head_mode == "w8a8"
         replace_with_int8_linear(ctx.gm, node, site.input_node, codes, scale,
                                  bias.detach().float() if bias is not None else None,
                                  INT8_DYNAMIC_LINEAR if dynamic else INT8_WEIGHT_LINEAR)
         activations = "8-bit activations per row" if dynamic else "float activations"
         ctx.report.quantized.append(QuantRecord(fqn, "weight", 8, f"rtn, output head ({activations})",
                                                 storage="int8"))
+        chosen = ctx.config.quantize_lm_head
+        chosen = f"{chosen!r} → {ctx.config.head_mode!r}" if chosen == "auto" else repr(chosen)
         ctx.report.notes.append(f"output head {label(node, default=fqn)}: int8 weights per channel, {activations} "
-                                f"(quantize_lm_head={ctx.config.quantize_lm_head!r}; False keeps it float)")
+                                f"(quantize_lm_head={chosen}; False keeps it float)")
     drop_unused_constants(ctx.gm)
 
 

@@ -49,7 +49,7 @@ def quantized_sites(ctx) -> list:
         site = as_site(node)
         if site is None or site.kind == "embedding":
             continue
-        if feeds_output(node) and ctx.config.quantize_lm_head is not True:  # "int8", "w8a8": head.py
+        if feeds_output(node) and ctx.config.quantize_lm_head is not True:  # "auto", "int8", "w8a8": head.py
             continue
         sites.append(site)
     return sites

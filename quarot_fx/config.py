@@ -33,6 +33,7 @@ BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 LOWERINGS = ("inductor", "fx")
 WRAPPERS = ("python", "cpp")
 PREFILL_ATTENTIONS = ("float", "int8")
+HEAD_MODES = ("auto", "int8", "w8a8")  # quantize_lm_head's strings (besides True and False)
 KERNELS = ("integer", "fake")
 GEMM_ENVIRONMENT = "QUAROT_FX_INT_GEMM"  # the policy when the option is "auto"
 
@@ -140,13 +141,14 @@ class QuaRotConfig:
             is a sum over tokens and a subset estimates it; None: every token. K/V sites, whose
             error passes through attention, always use every token.
         quantize_lm_head: the output head (found structurally: the linear whose output is
-            returned). ``"int8"`` (default): int8 weights per output channel, float activations,
-            whenever the config quantizes weights (``w_bits < 16``): its decode GEMV reads a quarter
-            of the float32 bytes for +0.13 % (W8A8KV8) to +0.24 % (W4A4KV4) perplexity; ``"w8a8"``: the
+            returned), whenever the config quantizes weights (``w_bits < 16``). ``"int8"``: int8
+            weights per output channel, float activations: its decode GEMV reads a quarter of the
+            float32 bytes, for +0.13 % (W8A8KV8) to +0.24 % (W4A4KV4) perplexity; ``"w8a8"``: the
             same weights and the activations rounded to int8 per row at run time, so the sums are
             integers (on a Zen 4 with AVX512-VNNI the head's decode GEMV 1.6 → 0.86 ms, a decode step
-            6.7 % faster, for +0.02 % (W8A8KV8) to +0.04 % (W4A4KV4) perplexity; ``export`` writes the
-            weights, not the activations' rounding);
+            6.7 % faster, for a further +0.02 % (W8A8KV8) to +0.04 % (W4A4KV4) perplexity; ``export``
+            writes the weights, not the activations' rounding); ``"auto"`` (default): ``"w8a8"``
+            where activations are quantized (``a_bits < 16``), ``"int8"`` in weight-only configs;
             ``True``: like every other linear (``w_bits``/``a_bits``); ``False``: kept in float.
         smoothrot, smoothrot_alpha: SmoothRot channel scaling of the MLP down-projection input
             before R4 (needs ``calibration``); s_j = max|x_j|^α / max|W_j|^(1-α); α = 0.6 won
@@ -208,7 +210,7 @@ class QuaRotConfig:
     w_clip_search: bool = True
     a_clip: float | None = None
     kv_clip: float | None = None
-    quantize_lm_head: bool | str = "int8"
+    quantize_lm_head: bool | str = "auto"
     calibration: tuple | list | None = field(default=None, compare=False, repr=False)
     calibrated: Any = field(default=None, compare=False, repr=False)  # quarot_fx.calibrated.Calibrated (load)
     gptq_damp: float = 0.01
@@ -273,8 +275,8 @@ class QuaRotConfig:
                              f"kv_cache={self.kv_cache!r})")
         if self.w_group_size is not None:
             _integer("w_group_size", self.w_group_size, "None or a positive integer", lambda v: v >= 1)
-        if not isinstance(self.quantize_lm_head, bool) and self.quantize_lm_head not in ("int8", "w8a8"):
-            raise ValueError("quantize_lm_head must be one of False, True, 'int8', 'w8a8'; "
+        if not isinstance(self.quantize_lm_head, bool) and self.quantize_lm_head not in HEAD_MODES:
+            raise ValueError("quantize_lm_head must be one of False, True, 'auto', 'int8', 'w8a8'; "
                              f"got {self.quantize_lm_head!r}")
         for name in ("w_clip_search", "gptq_act_order", "gptq_sequential", "observe_inputs"):
             _flag(name, getattr(self, name))
@@ -467,10 +469,21 @@ class QuaRotConfig:
         return self.rotates or self.quantizes or self.smoothrot or self.observe_inputs
 
     @property
+    def head_mode(self) -> str | None:
+        """What the output head becomes when weights are quantized: ``"w8a8"``
+        (``int8_dynamic_linear``), ``"int8"`` (``int8_weight_linear``), or None (float, or
+        quantized like every other linear). ``"auto"`` rounds the head's activations to int8 only
+        where the config quantizes activations anyway: a weight-only config keeps them float."""
+        if isinstance(self.quantize_lm_head, bool) or self.w_bits >= 16:
+            return None
+        if self.quantize_lm_head == "auto":
+            return "w8a8" if self.a_bits < 16 else "int8"
+        return self.quantize_lm_head
+
+    @property
     def int8_head(self) -> bool:
-        """The output head becomes ``int8_weight_linear`` (``quantize_lm_head="int8"``) or
-        ``int8_dynamic_linear`` (``"w8a8"``), with quantized weights."""
-        return self.quantize_lm_head in ("int8", "w8a8") and self.w_bits < 16
+        """The output head becomes one of the 8-bit head ops (``head_mode``)."""
+        return self.head_mode is not None
 
     @property
     def quantizes(self) -> bool:

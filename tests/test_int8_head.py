@@ -41,31 +41,36 @@ def head_inputs(rows, k, n, bias, dtype, seed, spread=False):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_the_head_becomes_int8_on_every_architecture_and_costs_little(arch):
     model, ids = tiny_model(arch), token_ids()
-    int8, heads, reports = compiled_logits(model, ids)
+    int8, heads, reports = compiled_logits(model, ids, quantize_lm_head="int8")
     assert heads == 1 and any("output head" in note for r in reports for note in r.notes)
     floating, float_heads, _ = compiled_logits(model, ids, quantize_lm_head=False)
     assert float_heads == 0
     # Only the head's weights differ between the two: 8-bit rounding of a [vocab, d] matrix.
     assert 0 < (int8 - floating).abs().max() <= 0.02 * floating.abs().max()
-    fake, _, _ = compiled_logits(model, ids, kernels="fake")
+    fake, _, _ = compiled_logits(model, ids, kernels="fake", quantize_lm_head="int8")
     assert torch.equal(fake, int8)
 
 
-def test_the_option_takes_false_true_int8_or_w8a8_and_names_them():
-    assert QuaRotConfig.from_options({"preset": "w4a4kv4"}).int8_head
-    assert QuaRotConfig.from_options({"preset": "w4a4kv4", "quantize_lm_head": "w8a8"}).int8_head
-    assert not QuaRotConfig.from_options({"preset": "fp"}).int8_head  # nothing quantized: the head stays float
-    assert not QuaRotConfig.from_options({"preset": "w4a4kv4", "quantize_lm_head": True}).int8_head
-    with pytest.raises(ValueError, match="quantize_lm_head must be one of False, True, 'int8', 'w8a8'; got 'int4'"):
+def test_the_option_takes_false_true_auto_int8_or_w8a8_and_names_them():
+    def mode(**options):
+        return QuaRotConfig.from_options(options).head_mode
+
+    assert mode(preset="w4a4kv4") == mode(preset="w8a8kv8") == "w8a8"  # "auto": activations quantized anyway
+    assert mode(preset="w4a16") == "int8"  # a weight-only config keeps the head's activations float
+    assert mode(preset="w4a16", quantize_lm_head="w8a8") == "w8a8" and mode(preset="w4a4kv4", quantize_lm_head="int8") == "int8"
+    assert mode(preset="fp") is None and not QuaRotConfig.from_options({"preset": "fp"}).int8_head  # nothing quantized
+    assert mode(preset="w4a4kv4", quantize_lm_head=True) is None and mode(preset="w4a4kv4", quantize_lm_head=False) is None
+    with pytest.raises(ValueError, match="quantize_lm_head must be one of False, True, 'auto', 'int8', 'w8a8'; got 'int4'"):
         QuaRotConfig.from_options({"preset": "w4a4kv4", "quantize_lm_head": "int4"})
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES[:2])
 def test_a_w8a8_head_rounds_its_activations_and_gives_the_same_bits_in_both_kernel_modes(arch):
     model, ids = tiny_model(arch), token_ids()
-    int8, _, _ = compiled_logits(model, ids)
-    w8a8, heads, reports = compiled_logits(model, ids, head_op=W8A8_HEAD, quantize_lm_head="w8a8")
-    assert heads == 1 and any("8-bit activations per row" in note for r in reports for note in r.notes)
+    int8, _, _ = compiled_logits(model, ids, quantize_lm_head="int8")
+    w8a8, heads, reports = compiled_logits(model, ids, head_op=W8A8_HEAD)  # the default at W4A4KV4
+    assert heads == 1 and any("8-bit activations per row" in note and "'auto' → 'w8a8'" in note
+                              for r in reports for note in r.notes)
     # the same weights; the head's input rounded to int8 per row moves the logits a little
     assert 0 < (w8a8 - int8).abs().max() <= 0.02 * int8.abs().max()
     fake, _, _ = compiled_logits(model, ids, head_op=W8A8_HEAD, quantize_lm_head="w8a8", kernels="fake")

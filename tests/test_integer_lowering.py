@@ -45,7 +45,7 @@ def test_integer_kernels_give_the_fake_quant_logits(arch):
     assert found["quarot_fx.quantized_linear.default"] == quantized - counters["stacked_linears"] + counters["stacked_calls"]
     if arch == "llama":
         assert (counters["stacked_linears"], counters["stacked_calls"]) == (5 * 2, 2 * 2)
-    assert found["quarot_fx.int8_weight_linear.default"] == ops(fake_reports[0])["quarot_fx.int8_weight_linear.default"] == 1
+    assert found["quarot_fx.int8_dynamic_linear.default"] == ops(fake_reports[0])["quarot_fx.int8_dynamic_linear.default"] == 1
     assert found["quarot_fx.kv_quantize.default"] == found["quarot_fx.kv_dequantize.default"] == 2 * 2
     assert "quantize_activation" not in str(found) and "quantize_kv " not in " ".join(found)  # no fake left
     if arch == "llama":  # q/k/v and gate/up share one quantizer: o, down + 2 shared, per layer
