@@ -763,17 +763,164 @@ static void attention_span(const attention_job *job, int64_t b, int64_t h, int64
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+/* A decode step's attention_span on AVX512 (one query row per query head, 4-bit packed codes, d a
+ * multiple of 16, at most ATTENTION_FAST_STATES query heads per kv head): the keys are never
+ * stored as floats. Eight keys at a time are dequantized in registers as four pairs (key 2p in
+ * the low half of a 512-bit register, 2p + 1 in the high half, chunk by chunk of 8 elements) and
+ * multiplied with every query head of the group at once, each half doing dot_x8's lane arithmetic
+ * for its key, reduced by dot_x8's tree. The values are dequantized once per block, 16 elements a
+ * register, and added by add_weighted's arithmetic in 16 lanes. Every element gets the operations
+ * of the 8-lane path in the same order: the same bits, and the same values as dequantize_row. */
+#define ATTENTION_FAST_STATES 4
+
+static inline __m512 pair_scale(const float *v, int64_t first, int64_t second) {
+    return _mm512_insertf32x8(_mm512_set1_ps(v[first]), _mm256_set1_ps(v[second]), 1);
+}
+
+/* 16 codes from 8 bytes, element order (as dequantize_row), as floats (code - zero) * step */
+static inline __m512 codes16(__m128i bytes, __m512 zero, __m512 step) {
+    const __m128i low_nibbles = _mm_set1_epi8(15);
+    const __m128i low = _mm_and_si128(bytes, low_nibbles), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
+    const __m128i codes = _mm_xor_si128(_mm_unpacklo_epi8(low, high), _mm_set1_epi8(8));
+    return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), zero), step);
+}
+
+static inline __m128i two_words(const uint8_t *a, const uint8_t *b) {
+    int32_t x, y;
+    memcpy(&x, a, 4); memcpy(&y, b, 4);
+    return _mm_insert_epi32(_mm_cvtsi32_si128(x), y, 1);
+}
+
+/* scores of `states` queries (q, q + d, ...) with the 8 keys from token t: out[st * stride + c] */
+static inline __attribute__((always_inline)) void scores_x8(const float *q, int states, const attention_job *job,
+                                                            int64_t t, float *out, int64_t stride) {
+    const int64_t d = job->d, rb = job->row_bytes;
+    const uint8_t *k = job->k_codes + t * rb;
+    __m512 s[ATTENTION_FAST_STATES][4], zero[4], step[4];
+    for (int p = 0; p < 4; p++) {
+        zero[p] = pair_scale(job->k_zero, t + 2 * p, t + 2 * p + 1);
+        step[p] = pair_scale(job->k_scale, t + 2 * p, t + 2 * p + 1);
+        for (int st = 0; st < states; st++) s[st][p] = _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < d; i += 8) {
+        __m512 key[4];
+        for (int p = 0; p < 4; p++)
+            key[p] = codes16(two_words(k + 2 * p * rb + i / 2, k + (2 * p + 1) * rb + i / 2), zero[p], step[p]);
+        for (int st = 0; st < states; st++) {
+            const __m512 query = _mm512_broadcast_f32x8(_mm256_loadu_ps(q + st * d + i));
+            for (int p = 0; p < 4; p++) s[st][p] = _mm512_fmadd_ps(query, key[p], s[st][p]);
+        }
+    }
+    for (int st = 0; st < states; st++) {
+        __m256 h[8];
+        for (int p = 0; p < 4; p++) {
+            h[2 * p] = _mm512_castps512_ps256(s[st][p]);
+            h[2 * p + 1] = _mm512_extractf32x8_ps(s[st][p], 1);
+        }
+        const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+        const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+        _mm256_storeu_ps(out + st * stride, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                                                          _mm256_permute2f128_ps(low, high, 0x31)));
+    }
+}
+
+static void scores_block(const float *q, int states, const attention_job *job, int64_t t, int64_t groups8,
+                         float *out, int64_t stride) {
+    switch (states) {  /* constant state counts: the accumulators stay in registers */
+    case 1: for (int64_t g = 0; g < groups8; g++) scores_x8(q, 1, job, t + 8 * g, out + 8 * g, stride); break;
+    case 2: for (int64_t g = 0; g < groups8; g++) scores_x8(q, 2, job, t + 8 * g, out + 8 * g, stride); break;
+    case 3: for (int64_t g = 0; g < groups8; g++) scores_x8(q, 3, job, t + 8 * g, out + 8 * g, stride); break;
+    default: for (int64_t g = 0; g < groups8; g++) scores_x8(q, 4, job, t + 8 * g, out + 8 * g, stride); break;
+    }
+}
+
+/* add_weighted in 16 lanes (d a multiple of 16): per element the same multiply, then add, in j order */
+static void add_weighted16(float *a, const float *weights, const float *values, int64_t count, int64_t d) {
+    int64_t i = 0;
+    for (; i + 64 <= d; i += 64) {
+        __m512 a0 = _mm512_loadu_ps(a + i), a1 = _mm512_loadu_ps(a + i + 16), a2 = _mm512_loadu_ps(a + i + 32),
+               a3 = _mm512_loadu_ps(a + i + 48);
+        for (int64_t j = 0; j < count; j++) {
+            const __m512 w = _mm512_set1_ps(weights[j]);
+            const float *v = values + j * d + i;
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(w, _mm512_loadu_ps(v)));
+            a1 = _mm512_add_ps(a1, _mm512_mul_ps(w, _mm512_loadu_ps(v + 16)));
+            a2 = _mm512_add_ps(a2, _mm512_mul_ps(w, _mm512_loadu_ps(v + 32)));
+            a3 = _mm512_add_ps(a3, _mm512_mul_ps(w, _mm512_loadu_ps(v + 48)));
+        }
+        _mm512_storeu_ps(a + i, a0); _mm512_storeu_ps(a + i + 16, a1);
+        _mm512_storeu_ps(a + i + 32, a2); _mm512_storeu_ps(a + i + 48, a3);
+    }
+    for (; i < d; i += 16) {
+        __m512 a0 = _mm512_loadu_ps(a + i);
+        for (int64_t j = 0; j < count; j++)
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(_mm512_set1_ps(weights[j]), _mm512_loadu_ps(values + j * d + i)));
+        _mm512_storeu_ps(a + i, a0);
+    }
+}
+
+static int attention_fast(const attention_job *job) {
+    return job->rows == 1 && job->packed && job->d % 16 == 0 && job->q_heads / job->kv_heads <= ATTENTION_FAST_STATES;
+}
+
+static void attention_span_fast(const attention_job *job, int64_t b, int64_t h, int64_t first, int64_t last,
+                                float *key, float *values, float *score, float *state) {
+    const int64_t d = job->d, states = job->q_heads / job->kv_heads, rb = job->row_bytes;
+    const int64_t kv = (b * job->kv_heads + h) * job->tokens, stride = ATTENTION_BLOCK + 8;
+    float *top = state, *total = state + states, *acc = state + 2 * states;
+    const float *q = job->q + (b * job->q_heads + h * states) * d, *mask = job->mask;
+    for (int64_t s = 0; s < states; s++) { top[s] = -INFINITY; total[s] = 0.0f; }
+    memset(acc, 0, sizeof(float) * states * d);
+    for (int64_t t0 = first; t0 < last; t0 += ATTENTION_BLOCK) {
+        const int64_t count = last - t0 < ATTENTION_BLOCK ? last - t0 : ATTENTION_BLOCK;
+        if (mask && !block_seen(mask, b * job->mb, h * states, states, 1, job->mh, job->mr, t0, count)) continue;
+        const int64_t seen = job->causal ? (1 - t0 < count ? 1 - t0 : count) : count;
+        if (seen <= 0) continue;
+        const int64_t whole = seen / 8 * 8;
+        scores_block(q, (int)states, job, kv + t0, whole / 8, score, stride);
+        for (int64_t j = whole; j < seen; j++) {  /* the last keys one at a time, as dot() */
+            const int64_t t = kv + t0 + j;
+            dequantize_row(job->k_codes + t * rb, job->k_scale[t], job->k_zero[t], key, d, 1);
+            for (int64_t s = 0; s < states; s++) score[s * stride + j] = dot(q + s * d, key, d);
+        }
+        for (int64_t j = 0; j < seen; j++) {
+            const int64_t t = kv + t0 + j;
+            const __m512 zero = _mm512_set1_ps(job->v_zero[t]), step = _mm512_set1_ps(job->v_scale[t]);
+            for (int64_t i = 0; i < d; i += 16)
+                _mm512_storeu_ps(values + j * d + i,
+                                 codes16(_mm_loadl_epi64((const __m128i *)(job->v_codes + t * rb + i / 2)), zero, step));
+        }
+        for (int64_t s = 0; s < states; s++) {
+            if (isnan(total[s])) continue;  /* NaN: a NaN score was seen, SDPA's row is NaN */
+            float *sc = score + s * stride;
+            const float *added = mask ? mask + b * job->mb + (h * states + s) * job->mh + t0 : NULL;
+            for (int64_t j = 0; j < seen; j++) sc[j] = sc[j] * job->scale + (added ? added[j] : 0.0f);
+            if (block_weights(sc, seen, top + s, total + s, acc + s * d, d)) add_weighted16(acc + s * d, sc, values, seen, d);
+        }
+    }
+}
+#else
+#define ATTENTION_FAST_STATES 1
+static int attention_fast(const attention_job *job) { (void)job; return 0; }
+static void attention_span_fast(const attention_job *job, int64_t b, int64_t h, int64_t first, int64_t last,
+                                float *key, float *values, float *score, float *state) {
+    (void)job; (void)b; (void)h; (void)first; (void)last; (void)key; (void)values; (void)score; (void)state;
+}
+#endif
+
 static void *attention_run(void *arg) {
     const attention_job *job = *(attention_job *const *)arg;
     const int64_t d = job->d, states = job->q_heads / job->kv_heads * job->rows;
     float *keys = malloc(sizeof(float) * ATTENTION_BLOCK * d), *values = malloc(sizeof(float) * ATTENTION_BLOCK * d);
     if (!keys || !values) { free(keys); free(values); return (void *)1; }
-    float score[ATTENTION_BLOCK + 8];
+    float score[ATTENTION_FAST_STATES * (ATTENTION_BLOCK + 8)];
+    const int fast = attention_fast(job);
     for (int64_t unit; (unit = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED)) < job->units;) {
         const int64_t pair = unit / job->spans, first = unit % job->spans * ATTENTION_SPAN;
         const int64_t last = first + ATTENTION_SPAN < job->tokens ? first + ATTENTION_SPAN : job->tokens;
-        attention_span(job, pair / job->kv_heads, pair % job->kv_heads, first, last, keys, values, score,
-                       job->state + unit * states * (d + 2));
+        (fast ? attention_span_fast : attention_span)(job, pair / job->kv_heads, pair % job->kv_heads, first, last,
+                                                      keys, values, score, job->state + unit * states * (d + 2));
     }
     free(keys); free(values);
     return NULL;

@@ -113,27 +113,41 @@ def test_the_hadamard_stages_are_the_same_on_every_variant(variant, generic_resu
         torch.testing.assert_close(y, hadamard_transform_reference(x, inner), rtol=1e-5, atol=1e-5)
 
 
-def attention_inputs():
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(1, 4, 1, 64, generator=g)
-    keys = kv_quantize(torch.randn(1, 2, 70, 64, generator=g), 4, 0.95)
-    values = kv_quantize(torch.randn(1, 2, 70, 64, generator=g), 4, 0.95)
+def attention_inputs(groups=2, tokens=70, d=64, kv_heads=2, batch=1):
+    g = torch.Generator().manual_seed(3 + groups + tokens + d)
+    q = torch.randn(batch, kv_heads * groups, 1, d, generator=g)
+    keys = kv_quantize(torch.randn(batch, kv_heads, tokens, d, generator=g) * 3, 4, 0.95)
+    values = kv_quantize(torch.randn(batch, kv_heads, tokens, d, generator=g), 4, 0.95)
     return q, keys, values
+
+
+# decode shapes: query heads per kv head 1-5 (the AVX512 builds' register path takes up to 4), a
+# partial group of 8 keys, several 64-token blocks and 128-token spans, d 64, 32 and 40 (not a
+# multiple of 16: the 8-lane path), a static cache's masked tail, a causal single row
+ATTENTION_CASES = [dict(groups=2), dict(groups=1, tokens=300), dict(groups=3, tokens=529, mask=500),
+                   dict(groups=4, tokens=200, batch=2), dict(groups=5, tokens=100), dict(groups=3, tokens=77, d=32),
+                   dict(groups=3, tokens=90, d=40), dict(groups=3, tokens=130, causal=True)]
 
 
 def test_packed_attention_is_the_same_on_every_simd_variant(variant):
     """The SIMD variants share one summation order (AVX2's 8 lanes); the generic one sums its dot
     products in order, so it agrees to float rounding."""
-    q, keys, values = attention_inputs()
-    out = packed_attention(q, *keys, *values, 4, 64, torch.float32, None, None, False, True)
-    with pytest.MonkeyPatch.context() as patch:
-        avx2 = variant_library("avx2")
-        patch.setattr(native, "library", lambda: avx2)
-        expected = packed_attention(q, *keys, *values, 4, 64, torch.float32, None, None, False, True)
-    if variant == "generic":
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    else:
-        assert torch.equal(out, expected)
+    avx2 = variant_library("avx2")
+    for case in ATTENTION_CASES:
+        case = dict(case)
+        seen, causal = case.pop("mask", None), case.pop("causal", False)
+        q, keys, values = attention_inputs(**case)
+        d, tokens = q.shape[-1], keys[0].shape[2]
+        mask = None if seen is None else (torch.arange(tokens) < seen).reshape(1, 1, 1, tokens)
+        args = (q, *keys, *values, 4, d, torch.float32, mask, None, causal, case["groups"] > 1)
+        out = packed_attention(*args)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(native, "library", lambda: avx2)
+            expected = packed_attention(*args)
+        if variant == "generic":
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(out, expected), (variant, case)
 
 
 def test_int8_query_attention_agrees_on_every_simd_variant_and_is_float_on_the_generic_one(variant):
