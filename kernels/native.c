@@ -552,8 +552,17 @@ static float dot(const float *a, const float *b, int64_t d) {
 }
 
 #ifdef __AVX2__
-/* dot() of one query with eight keys: eight sums of 8 lanes with fused multiply-adds, reduced
- * together by a tree of horizontal adds (one vector of eight scores, not eight serial lane sums). */
+/* Eight sums of 8 lanes reduced together by a tree of horizontal adds: one vector of eight scores,
+ * not eight serial lane sums. */
+static inline void reduce_x8(const __m256 s[8], float out[8]) {
+    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                                        _mm256_permute2f128_ps(low, high, 0x31)));
+}
+
+/* dot() of one query with eight keys: eight sums of 8 lanes with fused multiply-adds, reduced by
+ * reduce_x8. */
 static void dot_x8(const float *a, const float *keys, int64_t d, float out[8]) {
     __m256 s[8];
 #pragma GCC unroll 8
@@ -564,10 +573,7 @@ static void dot_x8(const float *a, const float *keys, int64_t d, float out[8]) {
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) s[c] = _mm256_fmadd_ps(q, _mm256_loadu_ps(keys + c * d + i), s[c]);
     }
-    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
-    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
-                                        _mm256_permute2f128_ps(low, high, 0x31)));
+    reduce_x8(s, out);
     for (; i < d; i++)
         for (int c = 0; c < 8; c++) out[c] += a[i] * keys[c * d + i];
 }
@@ -606,30 +612,33 @@ static inline __m256 exp_lanes(__m256 x) {
 
 /* a[i] += weights[j] * values[j][i] for j = 0..count-1 in that order, as one loop over j would
  * add them (a multiply, then an add: the same bits), with a chunk of a held in registers while
- * the tokens stream past instead of a load and a store per token. */
+ * the tokens stream past instead of a load and a store per token. The vector loops, for vectors
+ * of `lanes` floats: four of a at a time, then one; the caller's i continues past them. */
+#define ADD_WEIGHTED_VECTORS(vec, lanes, load, store, set1, add, mul)                                  \
+    for (; i + 4 * (lanes) <= d; i += 4 * (lanes)) {                                                  \
+        vec a0 = load(a + i), a1 = load(a + i + (lanes)), a2 = load(a + i + 2 * (lanes)),             \
+            a3 = load(a + i + 3 * (lanes));                                                           \
+        for (int64_t j = 0; j < count; j++) {                                                         \
+            const vec w = set1(weights[j]);                                                           \
+            const float *v = values + j * d + i;                                                      \
+            a0 = add(a0, mul(w, load(v)));                                                            \
+            a1 = add(a1, mul(w, load(v + (lanes))));                                                  \
+            a2 = add(a2, mul(w, load(v + 2 * (lanes))));                                              \
+            a3 = add(a3, mul(w, load(v + 3 * (lanes))));                                              \
+        }                                                                                             \
+        store(a + i, a0); store(a + i + (lanes), a1);                                                 \
+        store(a + i + 2 * (lanes), a2); store(a + i + 3 * (lanes), a3);                               \
+    }                                                                                                 \
+    for (; i + (lanes) <= d; i += (lanes)) {                                                          \
+        vec a0 = load(a + i);                                                                         \
+        for (int64_t j = 0; j < count; j++) a0 = add(a0, mul(set1(weights[j]), load(values + j * d + i))); \
+        store(a + i, a0);                                                                             \
+    }
+
 static void add_weighted(float *a, const float *weights, const float *values, int64_t count, int64_t d) {
     int64_t i = 0;
 #ifdef __AVX2__
-    for (; i + 32 <= d; i += 32) {
-        __m256 a0 = _mm256_loadu_ps(a + i), a1 = _mm256_loadu_ps(a + i + 8), a2 = _mm256_loadu_ps(a + i + 16),
-               a3 = _mm256_loadu_ps(a + i + 24);
-        for (int64_t j = 0; j < count; j++) {
-            const __m256 w = _mm256_set1_ps(weights[j]);
-            const float *v = values + j * d + i;
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(w, _mm256_loadu_ps(v)));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(w, _mm256_loadu_ps(v + 8)));
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(w, _mm256_loadu_ps(v + 16)));
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(w, _mm256_loadu_ps(v + 24)));
-        }
-        _mm256_storeu_ps(a + i, a0); _mm256_storeu_ps(a + i + 8, a1);
-        _mm256_storeu_ps(a + i + 16, a2); _mm256_storeu_ps(a + i + 24, a3);
-    }
-    for (; i + 8 <= d; i += 8) {
-        __m256 a0 = _mm256_loadu_ps(a + i);
-        for (int64_t j = 0; j < count; j++)
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_set1_ps(weights[j]), _mm256_loadu_ps(values + j * d + i)));
-        _mm256_storeu_ps(a + i, a0);
-    }
+    ADD_WEIGHTED_VECTORS(__m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps)
 #endif
     for (; i < d; i++) {
         float sum = a[i];
@@ -818,10 +827,7 @@ static inline __attribute__((always_inline)) void scores_x8(const float *q, int 
             h[2 * p] = _mm512_castps512_ps256(s[st][p]);
             h[2 * p + 1] = _mm512_extractf32x8_ps(s[st][p], 1);
         }
-        const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-        const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-        _mm256_storeu_ps(out + st * stride, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
-                                                          _mm256_permute2f128_ps(low, high, 0x31)));
+        reduce_x8(h, out + st * stride);
     }
 }
 
@@ -838,26 +844,7 @@ static void scores_block(const float *q, int states, const attention_job *job, i
 /* add_weighted in 16 lanes (d a multiple of 16): per element the same multiply, then add, in j order */
 static void add_weighted16(float *a, const float *weights, const float *values, int64_t count, int64_t d) {
     int64_t i = 0;
-    for (; i + 64 <= d; i += 64) {
-        __m512 a0 = _mm512_loadu_ps(a + i), a1 = _mm512_loadu_ps(a + i + 16), a2 = _mm512_loadu_ps(a + i + 32),
-               a3 = _mm512_loadu_ps(a + i + 48);
-        for (int64_t j = 0; j < count; j++) {
-            const __m512 w = _mm512_set1_ps(weights[j]);
-            const float *v = values + j * d + i;
-            a0 = _mm512_add_ps(a0, _mm512_mul_ps(w, _mm512_loadu_ps(v)));
-            a1 = _mm512_add_ps(a1, _mm512_mul_ps(w, _mm512_loadu_ps(v + 16)));
-            a2 = _mm512_add_ps(a2, _mm512_mul_ps(w, _mm512_loadu_ps(v + 32)));
-            a3 = _mm512_add_ps(a3, _mm512_mul_ps(w, _mm512_loadu_ps(v + 48)));
-        }
-        _mm512_storeu_ps(a + i, a0); _mm512_storeu_ps(a + i + 16, a1);
-        _mm512_storeu_ps(a + i + 32, a2); _mm512_storeu_ps(a + i + 48, a3);
-    }
-    for (; i < d; i += 16) {
-        __m512 a0 = _mm512_loadu_ps(a + i);
-        for (int64_t j = 0; j < count; j++)
-            a0 = _mm512_add_ps(a0, _mm512_mul_ps(_mm512_set1_ps(weights[j]), _mm512_loadu_ps(values + j * d + i)));
-        _mm512_storeu_ps(a + i, a0);
-    }
+    ADD_WEIGHTED_VECTORS(__m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps)
 }
 
 static int attention_fast(const attention_job *job) {
