@@ -1223,6 +1223,36 @@ static void add_weighted_pairs(float *acc, const uint32_t *weights, int64_t stri
 #define QA_BF16 0
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define QA_SCORES16 1
+/* gemm_tile's VNNI sums for GEMM_MR query rows and one panel of GEMM_NR (16) keys, turned into
+ * scores while still in registers: ((float)sum - z·Σq) · (q scale) · k scale, the 8-lane
+ * epilogue's operations lane by lane (the same bits), without the int32 tile's store and reload.
+ * Rows past `rows` (a last partial tile's padding) are not written. */
+static inline void scores16(const int8_t *x, int64_t k, const uint8_t *panel, const int32_t *sums, const float *scales,
+                            const float *key_zero, const float *key_scale, float *score, int64_t rows) {
+    __m512i wide[GEMM_MR];
+    for (int i = 0; i < GEMM_MR; i++) wide[i] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < k / 4; q++) {
+        const __m512i w = _mm512_loadu_si512((const void *)(panel + q * 4 * GEMM_NR));
+        for (int i = 0; i < GEMM_MR; i++) {
+            int32_t four;
+            memcpy(&four, x + i * k + 4 * q, 4);
+            wide[i] = _mm512_dpbusd_epi32(wide[i], w, _mm512_set1_epi32(four));
+        }
+    }
+    const __m512 zero = _mm512_loadu_ps(key_zero), scale = _mm512_loadu_ps(key_scale);
+    for (int i = 0; i < GEMM_MR && i < rows; i++) {
+        __m512 v = _mm512_cvtepi32_ps(wide[i]);
+        v = _mm512_sub_ps(v, _mm512_mul_ps(zero, _mm512_set1_ps((float)sums[i])));
+        v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(scales[i])), scale);
+        _mm512_storeu_ps(score + i * (QA_KEYS + 8), v);
+    }
+}
+#else
+#define QA_SCORES16 0
+#endif
+
 static void *query_attention_run(void *arg) {
     const query_attention_job *job = arg;
     const int64_t d = job->d, groups = job->q_heads / job->kv_heads, per_head = job->batch * job->kv_heads;
@@ -1274,6 +1304,12 @@ static void *query_attention_run(void *arg) {
 #endif
             for (int64_t s0 = 0; s0 < states; s0 += GEMM_MR)
                 for (int64_t p = 0; p < used; p++) {
+#if QA_SCORES16
+                    scores16(codes + s0 * d, d, panel + p * d * GEMM_NR, sums + s0, scales + s0,
+                             key_zero + p * GEMM_NR, key_scale + p * GEMM_NR,
+                             score + s0 * (QA_KEYS + 8) + p * GEMM_NR, states - s0);
+                    continue;
+#endif
                     gemm_tile(codes + s0 * d, d, panel + p * d * GEMM_NR, steps, tile);
                     for (int64_t i = 0; i < GEMM_MR && s0 + i < states; i++) {
                         const __m256 sum = _mm256_set1_ps((float)sums[s0 + i]), step = _mm256_set1_ps(scales[s0 + i]);
@@ -1354,38 +1390,113 @@ int int8_query_attention(const float *q, const uint8_t *k_codes, const float *k_
  * computes them in float32, op for op (clamped range times clip, scale, rounded zero point,
  * round-half-even codes clamped to [0, 2^bits - 1]), packed as the reference packs them. A decode
  * step quantizes one token per head: the reference's dozen torch calls cost far more than the
- * arithmetic. Returns 1, having written nothing reliable, if a vector holds a NaN or an infinity:
- * the caller then runs the reference, whose non-finite semantics are torch's. */
-int kv_quantize(const float *x, uint8_t *codes, float *scale, float *zero, int64_t rows, int64_t length,
-                int64_t row_bytes, int64_t bits, float clip, int64_t packed) {
-    const float levels = (float)((1 << bits) - 1);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *v = x + r * length;
-        float hi = v[0], lo = v[0];
-        for (int64_t i = 0; i < length; i++) {
-            if (!isfinite(v[i])) return 1;
-            hi = v[i] > hi ? v[i] : hi;
-            lo = v[i] < lo ? v[i] : lo;
+ * arithmetic. A prefill quantizes thousands (2048 tokens x kv heads x keys and values, every
+ * layer): 8 lanes at a time (max and min are exact in any order; the same IEEE division and
+ * round-half-even per element) and the rows split over threads, each row the same bits on any.
+ * Returns 1, having written nothing reliable, if a vector holds a NaN or an infinity: the caller
+ * then runs the reference, whose non-finite semantics are torch's. */
+typedef struct {
+    const float *x; uint8_t *codes; float *scale, *zero;
+    int64_t first, last, length, row_bytes, bits, packed;
+    float clip;
+} kv_quantize_job;
+
+/* One vector's range; 0 if a value is not finite. */
+static int vector_range(const float *v, int64_t length, float *hi, float *lo) {
+    int64_t i = 0;
+    float top = v[0], bottom = v[0];
+#ifdef __AVX2__
+    if (length >= 8) {
+        __m256 most = _mm256_loadu_ps(v), least = most, bad = _mm256_setzero_ps();
+        for (; i + 8 <= length; i += 8) {
+            const __m256 x = _mm256_loadu_ps(v + i);
+            most = _mm256_max_ps(most, x);
+            least = _mm256_min_ps(least, x);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));
         }
-        hi = (hi < 0.0f ? 0.0f : hi) * clip;
-        lo = (lo > 0.0f ? 0.0f : lo) * clip;
-        float s = (hi - lo) / levels;
-        if (s == 0.0f) s = 1.0f;
-        const float z = nearbyintf(-lo / s);
-        scale[r] = s;
-        zero[r] = z;
-        uint8_t *out = codes + r * row_bytes;
-        for (int64_t i = 0; i < row_bytes; i++) out[i] = 0;
-        for (int64_t i = 0; i < length; i++) {
-            float q = nearbyintf(v[i] / s) + z;
-            q = q < 0.0f ? 0.0f : (q > levels ? levels : q);
-            if (packed)
-                out[i >> 1] |= (uint8_t)((((int)q - 8) & 15) << (4 * (i & 1)));
-            else
-                out[i] = (uint8_t)q;
+        if (_mm256_movemask_ps(bad)) return 0;
+        float a[8], b[8];
+        _mm256_storeu_ps(a, most);
+        _mm256_storeu_ps(b, least);
+        for (int c = 0; c < 8; c++) {
+            top = a[c] > top ? a[c] : top;
+            bottom = b[c] < bottom ? b[c] : bottom;
         }
     }
+#endif
+    for (; i < length; i++) {
+        if (!isfinite(v[i])) return 0;
+        top = v[i] > top ? v[i] : top;
+        bottom = v[i] < bottom ? v[i] : bottom;
+    }
+    *hi = top;
+    *lo = bottom;
+    return 1;
+}
+
+static int kv_quantize_row(const float *v, uint8_t *out, float *scale, float *zero, int64_t length,
+                           int64_t row_bytes, float levels, float clip, int64_t packed) {
+    float hi, lo;
+    if (!vector_range(v, length, &hi, &lo)) return 1;
+    hi = (hi < 0.0f ? 0.0f : hi) * clip;
+    lo = (lo > 0.0f ? 0.0f : lo) * clip;
+    float s = (hi - lo) / levels;
+    if (s == 0.0f) s = 1.0f;
+    const float z = nearbyintf(-lo / s);
+    *scale = s;
+    *zero = z;
+    int64_t i = 0;
+#ifdef __AVX2__
+    if (packed) {  /* 8 codes, c - 8 in two's complement nibbles, into 4 bytes */
+        const __m256 step = _mm256_set1_ps(s), shift = _mm256_set1_ps(z), top = _mm256_set1_ps(levels);
+        const __m256i eight = _mm256_set1_epi32(8), nibble = _mm256_set1_epi32(15);
+        const __m256i gather = _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+        for (; i + 8 <= length; i += 8) {
+            __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v + i), step),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, shift), _mm256_setzero_ps()), top);
+            __m256i c = _mm256_and_si256(_mm256_sub_epi32(_mm256_cvtps_epi32(q), eight), nibble);
+            c = _mm256_shuffle_epi8(_mm256_or_si256(c, _mm256_srli_epi64(c, 28)), gather);  /* even | odd << 4 */
+            const uint16_t low = (uint16_t)_mm256_extract_epi16(c, 0), high = (uint16_t)_mm256_extract_epi16(c, 8);
+            memcpy(out + i / 2, &low, 2);
+            memcpy(out + i / 2 + 2, &high, 2);
+        }
+    }
+#endif
+    for (int64_t b = i / 2; b < row_bytes && packed; b++) out[b] = 0;
+    for (; i < length; i++) {
+        float q = nearbyintf(v[i] / s) + z;
+        q = q < 0.0f ? 0.0f : (q > levels ? levels : q);
+        if (packed)
+            out[i >> 1] |= (uint8_t)((((int)q - 8) & 15) << (4 * (i & 1)));
+        else
+            out[i] = (uint8_t)q;
+    }
     return 0;
+}
+
+static void *kv_quantize_run(void *arg) {
+    const kv_quantize_job *job = arg;
+    const float levels = (float)((1 << job->bits) - 1);
+    for (int64_t r = job->first; r < job->last; r++)
+        if (kv_quantize_row(job->x + r * job->length, job->codes + r * job->row_bytes, job->scale + r, job->zero + r,
+                            job->length, job->row_bytes, levels, job->clip, job->packed))
+            return (void *)1;
+    return NULL;
+}
+
+/* Rows worth a thread: starting one costs about as much as quantizing this many values. */
+#define KV_QUANTIZE_VALUES_PER_THREAD (1 << 15)
+
+int kv_quantize(const float *x, uint8_t *codes, float *scale, float *zero, int64_t rows, int64_t length,
+                int64_t row_bytes, int64_t bits, float clip, int64_t packed, int64_t threads) {
+    threads = thread_count(threads, rows, rows * length / KV_QUANTIZE_VALUES_PER_THREAD);
+    kv_quantize_job jobs[MAX_THREADS];
+    for (int64_t t = 0; t < threads; t++)
+        jobs[t] = (kv_quantize_job){x, codes, scale, zero, rows * t / threads, rows * (t + 1) / threads, length,
+                                    row_bytes, bits, packed, clip};
+    return run_jobs(kv_quantize_run, jobs, sizeof jobs[0], threads);
 }
 
 /* hadamard_rows: x [batch, m] times F_1 ⊗ … ⊗ F_c, times scale. A row is the tensor
@@ -1421,15 +1532,15 @@ int kv_quantize(const float *x, uint8_t *codes, float *scale, float *zero, int64
                 for (int64_t i = 0; i < inner; i += lanes) {                                             \
                     float *base = block + k * inner + i;                                                 \
                     vec v[most];                                                                         \
-                    for (int t = 0; t < radix; t++) v[t] = load(base + t * len * inner);                 \
-                    for (int step = 1; step < radix; step *= 2)                                          \
-                        for (int t = 0; t < radix; t++)                                                  \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < radix; t++) v[t] = load(base + t * len * inner); \
+                    _Pragma("GCC unroll 4") for (int step = 1; step < radix; step *= 2)                  \
+                        _Pragma("GCC unroll 16") for (int t = 0; t < radix; t++)                         \
                             if (!(t & step)) {                                                           \
                                 const vec u = v[t], w = v[t + step];                                     \
                                 v[t] = add(u, w);                                                        \
                                 v[t + step] = sub(u, w);                                                 \
                             }                                                                            \
-                    for (int t = 0; t < radix; t++) store(base + t * len * inner, v[t]);                 \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < radix; t++) store(base + t * len * inner, v[t]); \
                 }                                                                                        \
     }
 #ifdef __AVX512F__

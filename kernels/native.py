@@ -161,7 +161,7 @@ def load_variant(name: str):
     lib.int8_codes_linear.restype = None
     lib.int8_codes_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
     lib.kv_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-    lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64]
+    lib.kv_quantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_int64] * 2
     lib.packed_attention.restype = ctypes.c_int
     lib.packed_attention.argtypes = ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int64]
                                      + [ctypes.c_void_p] + [ctypes.c_int64] * 4)
@@ -301,7 +301,8 @@ def kv_quantize(x: torch.Tensor, bits: int, clip: float, row_bytes: int, packed:
     codes = torch.empty((*x.shape[:-1], row_bytes), dtype=torch.uint8)
     scale, zero = (torch.empty((*x.shape[:-1], 1), dtype=torch.float32) for _ in range(2))
     if rows and length and _call(library().kv_quantize, x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
-                                                 rows, length, row_bytes, bits, clip, int(packed)):
+                                                 rows, length, row_bytes, bits, clip, int(packed),
+                                                 torch.get_num_threads()):
         return None
     return codes, scale, zero
 

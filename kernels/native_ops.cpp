@@ -43,7 +43,7 @@ typedef int (*AttentionFn)(const float *, const uint8_t *, const float *, const 
                            const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                            int64_t, int64_t, float, int64_t, const float *, int64_t, int64_t, int64_t, int64_t);
 typedef int (*KvQuantizeFn)(const float *, uint8_t *, float *, float *, int64_t, int64_t, int64_t, int64_t, float,
-                            int64_t);
+                            int64_t, int64_t);
 typedef void (*Int8LinearFn)(const float *, const int8_t *, const float *, const float *, float *, int64_t, int64_t,
                              int64_t, int64_t);
 typedef void (*Int8CodesFn)(const int8_t *, const float *, const int8_t *, const float *, const float *, float *,
@@ -230,7 +230,7 @@ bool kv_quantize_fast(Stack *stack) {
     const int failed = timed([&] {
         return kernels.kv_quantize(input.data_ptr<float>(), codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
                                    zero.data_ptr<float>(), rows, length, row_bytes, bits, static_cast<float>(clip),
-                                   packed);
+                                   packed, at::get_num_threads());
     });
     if (failed) return false;
     torch::jit::drop(*stack, 3);

@@ -66,6 +66,27 @@ def test_kv_quantize_and_dequantize_give_the_references_bits(variant):
                            kv_dequantize_reference(codes, scale, zero, bits, 64, torch.float32))
 
 
+def test_a_prefills_kv_quantization_on_threads_gives_the_references_bits(variant):
+    """Thousands of vectors (split over threads), lengths with and without a tail past the 8-lane
+    loop (an odd one leaves a half byte), rows all negative, constant, zero or huge, and a
+    non-finite value in a late row (the kernel declines; the reference decides)."""
+    g = torch.Generator().manual_seed(3)
+    for length in (64, 70, 67, 8, 5):
+        x = torch.randn(1, 3, 1100, length, generator=g) * torch.linspace(0.1, 6, length)
+        x[0, 0, 1] = -x[0, 0, 1].abs()
+        x[0, 0, 2] = 0.75
+        x[0, 0, 3] = 0.0
+        x[0, 1, 4] *= 1e30
+        for bits in (4, 8):
+            codes, scale, zero = native.kv_quantize(x, bits, 0.95, (length + 1) // 2 if bits <= 4 else length, bits <= 4)
+            expected = kv_quantize_reference(x, bits, 0.95)
+            assert all(torch.equal(a, e) for a, e in zip((codes, scale, zero), expected)), (length, bits)
+        bad = x.clone()
+        bad[0, 2, 1099, length // 2] = float("inf")
+        assert native.kv_quantize(bad, 4, 0.95, (length + 1) // 2, True) is None
+        assert all(torch.equal(a, e) for a, e in zip(kv_quantize(bad, 4, 0.95), kv_quantize_reference(bad, 4, 0.95)))
+
+
 def test_the_w8a8_head_gives_its_references_bits(variant):
     w = torch.randn(301, 200) * torch.linspace(0.2, 3, 200)
     codes, scale = int8_channel_codes(w)
