@@ -6,8 +6,8 @@
 One process, the columns interleaved round by round (this machine's timing drifts by tens of percent
 between runs; only ratios within one run count). SmolLM2-135M's shape by default: 9 query heads on 3
 KV heads, head size 64, causal. ``max|diff|`` is against the int8 path's reference (queries rounded
-to int8, then dequantize-then-SDPA): float rounding on the fp32 builds; with AVX512-BF16 the same
-bfloat16 weights, summed in pairs.
+to int8, then dequantize-then-SDPA): float rounding plus what P·V's 8-bit weight codes move (the
+same integer sums on every build).
 """
 
 from __future__ import annotations

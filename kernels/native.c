@@ -652,7 +652,7 @@ static void add_weighted(float *a, const float *weights, const float *values, in
  * running sum of weights *total and the output row a are rescaled when the maximum grows. Returns
  * 0, having formed no weights, where the block adds nothing: every key masked (-inf), or a NaN
  * score (which makes *total NaN: SDPA's row is NaN then). */
-static int block_weights(float *score, int64_t seen, float *top, float *total, float *a, int64_t d) {
+static int block_weights(float *score, int64_t seen, float *top, float *total, float *a, int64_t d, float *block_max) {
     float block_top = -INFINITY;
     int64_t j0 = 0;
     int nan_seen = 0;
@@ -674,6 +674,7 @@ static int block_weights(float *score, int64_t seen, float *top, float *total, f
     }
     if (nan_seen) *total = NAN;
     if (isnan(*total) || block_top == -INFINITY) return 0;
+    if (block_max) *block_max = block_top;
     const float new_top = block_top > *top ? block_top : *top;
     if (*top != -INFINITY && new_top != *top) {
         const float shrink = expf(*top - new_top);
@@ -703,7 +704,7 @@ static int block_weights(float *score, int64_t seen, float *top, float *total, f
 /* Folds one block of a query's scores into its online softmax (block_weights), then the block's
  * values weighted into its output row a. */
 static void fold_block(float *score, int64_t seen, float *top, float *total, float *a, const float *values, int64_t d) {
-    if (block_weights(score, seen, top, total, a, d)) add_weighted(a, score, values, seen, d);
+    if (block_weights(score, seen, top, total, a, d, NULL)) add_weighted(a, score, values, seen, d);
 }
 
 /* A query's output row: the weighted sum over the sum of weights (zeros where no key was seen,
@@ -883,7 +884,7 @@ static void attention_span_fast(const attention_job *job, int64_t b, int64_t h, 
             float *sc = score + s * stride;
             const float *added = mask ? mask + b * job->mb + (h * states + s) * job->mh + t0 : NULL;
             for (int64_t j = 0; j < seen; j++) sc[j] = sc[j] * job->scale + (added ? added[j] : 0.0f);
-            if (block_weights(sc, seen, top + s, total + s, acc + s * d, d)) add_weighted16(acc + s * d, sc, values, seen, d);
+            if (block_weights(sc, seen, top + s, total + s, acc + s * d, d, NULL)) add_weighted16(acc + s * d, sc, values, seen, d);
         }
     }
 }
@@ -967,17 +968,19 @@ int packed_attention(const float *q, const uint8_t *k_codes, const float *k_scal
  * even), and its sums with a block of key codes are int4_gemm's tiles (vpmaddubsw, or VNNI's
  * vpdpbusd: exact), so a score is ((float)sum(q·c) - z·sum(q)) · (q scale · scale) · k scale, c
  * the key's codes and z its zero point. The weights come from the decode kernel's online softmax
- * (block_weights; in 16 lanes in the AVX512-BF16 build: block_value_weights). P·V takes the
- * values as their centered codes n = c - 8 (exact small integers) and each weight times its
- * value's scale, w = p·s, rounded to bfloat16; the zero points' share, sum w·(8 - z) with w
- * unrounded, is added in float32 (value_weights). With AVX512-BF16 one
- * vdpbf16ps does 32 of those multiply-adds into float32 sums; elsewhere the same rounded weights
- * go through fp32 FMAs, so every build computes the same numbers to float rounding. A term's
- * error is at most 2^-8 of w·|n| <= 8w: s/32 per unit of weight, a sixteenth of the 4-bit values'
- * own rounding (s/2). Why: prefill attention is Q·Kᵀ and P·V in equal parts; the first runs two
- * byte-multiply instructions per 32 multiply-adds (one VNNI instruction per 64) instead of four
- * fp32 FMAs, reading the codes as they are stored, and the second ran at the FMA units' peak in
- * float32 (vdpbf16ps: 1.25x the whole kernel on an AVX512-BF16 EPYC). Work units are (batch, kv
+ * (block_weights; in 16 lanes in the AVX512 builds: block_value_weights). P·V takes the values as
+ * their centered codes n = c - 8 (exact small integers) and each weight times its value's scale,
+ * w = p·s, as an 8-bit code counting steps of the block's largest value scale times its largest p,
+ * over 255 (code_ratio); the zero points' share, sum w·(8 - z) with w uncoded, is added in float32.
+ * With AVX512-VNNI one vpdpbusd does 64 of those multiply-adds in int32 (add_weighted_quads);
+ * elsewhere fp32 FMAs of the same integers (add_weighted_rows), exact in any order, so every build
+ * computes the same numbers to float rounding. A weight moves by at most half a step: an output by
+ * at most (largest s · largest p) / 510 · sum |n| per block, a few percent of the 4-bit values' own
+ * rounding (s/2 per unit of weight) where the attention is spread over the block, less where it is
+ * peaked. Why: prefill attention is Q·Kᵀ and P·V in equal parts; both now run one VNNI instruction
+ * per 64 multiply-adds (two byte-multiply instructions per 32 with AVX2) where fp32 runs 16 per
+ * FMA; bfloat16 weights (vdpbf16ps, 32 per instruction) had P·V at 36% of the kernel, the 8-bit
+ * codes 0.9x the kernel's time on an AVX512-BF16 EPYC. Work units are (batch, kv
  * head, block of QA_ROWS query positions), all query heads of the kv head together, over blocks
  * of QA_KEYS keys (causal: the keys up to the block's last position); whichever thread is free
  * takes the next unit, costliest first. A unit's values do not depend on its thread: the same
@@ -1035,19 +1038,18 @@ static void quantize_queries(const float *q, int64_t count, int64_t d, float sca
     }
 }
 
-/* acc[i][:] += sum_j weights[i][j] * values[j][:] for GEMM_MR rows (acc's d apart, weights'
- * `stride` apart) over `count` tokens, 16 columns at a time: each load of values serves four rows.
- * Fused multiply-adds: this kernel has no other path to agree with bit for bit. d % 8 == 0. */
+/* P·V's block sums where VNNI is missing: acc[i][:] += (sum_j weights[i][j] · values[j][:]) ·
+ * steps[i] for GEMM_MR rows (acc's d apart, weights' `stride` apart) over `count` tokens, 16
+ * columns at a time, each load of values serving four rows. The weights are integers in [0, 255]
+ * (weight_codes) and the values centered codes in [-8, 7]: every product and partial sum is an
+ * integer below 2^24, exact in float32 in any order, so these are VNNI's integer sums
+ * (add_weighted_quads), and the fold is the same multiply, then add: the same bits. d % 8 == 0. */
 static void add_weighted_rows(float *acc, const float *weights, int64_t stride, const float *values, int64_t count,
-                              int64_t d) {
+                              int64_t d, const float *steps) {
     for (int64_t c = 0; c < d; c += 16) {
         const int wide = c + 16 <= d;
         __m256 a[GEMM_MR][2];
-#pragma GCC unroll 4
-        for (int i = 0; i < GEMM_MR; i++) {
-            a[i][0] = _mm256_loadu_ps(acc + i * d + c);
-            a[i][1] = wide ? _mm256_loadu_ps(acc + i * d + c + 8) : _mm256_setzero_ps();
-        }
+        for (int i = 0; i < GEMM_MR; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
         for (int64_t j = 0; j < count; j++) {
             const __m256 v0 = _mm256_loadu_ps(values + j * d + c);
             const __m256 v1 = wide ? _mm256_loadu_ps(values + j * d + c + 8) : _mm256_setzero_ps();
@@ -1059,26 +1061,37 @@ static void add_weighted_rows(float *acc, const float *weights, int64_t stride, 
             }
         }
         for (int i = 0; i < GEMM_MR; i++) {
-            _mm256_storeu_ps(acc + i * d + c, a[i][0]);
-            if (wide) _mm256_storeu_ps(acc + i * d + c + 8, a[i][1]);
+            const __m256 step = _mm256_set1_ps(steps[i]);
+            float *out = acc + i * d + c;
+            _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), _mm256_mul_ps(a[i][0], step)));
+            if (wide) _mm256_storeu_ps(out + 8, _mm256_add_ps(_mm256_loadu_ps(out + 8), _mm256_mul_ps(a[i][1], step)));
         }
     }
 }
 
+/* P·V takes a row's block weights w = p · value scale as 8-bit codes q = min(round(w · ratio), 255),
+ * half to even, each counting `step` = bound / 255 of weight, the bound the block's largest value
+ * scale times its largest p, exp(block maximum - running maximum) (libm's expf: the same in every
+ * build, so every build forms the same codes). A weight moves by at most half a step. Returns the
+ * ratio 255 / bound (0, and every code 0, where that is not finite: no weight worth a code). */
+static float code_ratio(float value_top, float block_top, float new_top, float *step) {
+    const float bound = value_top * expf(block_top - new_top), ratio = 255.0f / bound;
+    *step = isfinite(ratio) && bound > 0.0f ? bound / 255.0f : 0.0f;
+    return *step > 0.0f ? ratio : 0.0f;
+}
+
 /* One query row's block weights p (keys of them, zeros up to QA_KEYS after) as P·V takes them:
- * w = p · value scale, and the row's sums a get the zero points' share sum w·(8 - z) in float32;
- * then w is rounded to bfloat16 (half to even) where the fp32 FMAs stand in for vdpbf16ps. */
+ * w = p · value scale, the row's sums a getting the zero points' share sum w·(8 - z) in float32;
+ * then w's code (code_ratio) as an integer-valued float, over w. */
 static void value_weights(float *weights, const float *value_scale, const float *value_shift, float *a, int64_t d,
-                          int rounded) {
+                          float ratio) {
+    const __m256 scale = _mm256_set1_ps(ratio), most = _mm256_set1_ps(255.0f);
     __m256 share = _mm256_setzero_ps();
     for (int64_t j = 0; j < QA_KEYS; j += 8) {
         const __m256 w = _mm256_mul_ps(_mm256_loadu_ps(weights + j), _mm256_loadu_ps(value_scale + j));
         share = _mm256_fmadd_ps(w, _mm256_loadu_ps(value_shift + j), share);
-        __m256i bits = _mm256_castps_si256(w);
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-        bits = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
-        bits = _mm256_and_si256(bits, _mm256_set1_epi32((int)0xFFFF0000u));
-        _mm256_storeu_ps(weights + j, rounded ? _mm256_castsi256_ps(bits) : w);
+        _mm256_storeu_ps(weights + j, _mm256_min_ps(_mm256_round_ps(_mm256_mul_ps(w, scale),
+                                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), most));
     }
     float lanes[8], total = 0.0f;
     _mm256_storeu_ps(lanes, share);
@@ -1087,8 +1100,8 @@ static void value_weights(float *weights, const float *value_scale, const float 
         for (int64_t i = 0; i < d; i++) a[i] += total;
 }
 
-#ifdef __AVX512BF16__
-#define QA_BF16 1
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define QA_WIDE 1
 /* exp_lanes on 16 lanes: the same operations lane by lane, so the same values. */
 static inline __m512 exp_lanes16(__m512 x) {
     const __m512 floor_x = _mm512_set1_ps(EXP_FLOOR);
@@ -1108,13 +1121,15 @@ static inline __m512 exp_lanes16(__m512 x) {
     return _mm512_maskz_mul_ps((__mmask16)~below, p, _mm512_castsi512_ps(power));
 }
 
-/* A row's block weights for P·V in one pass over 16 lanes (this build's int8_query_attention
- * only: its numbers already differ from the 8-lane builds' by float rounding): block_weights'
- * online softmax (the same weights lane by lane; the maximum and the sums in 16 lanes), then
- * value_weights' w = p · value scale and the zero points' share into a, the weights of keys
- * past `seen` 0. Returns 0 where block_weights would (no weights formed: all zeros). */
+/* A row's block weights for P·V in one pass over 16 lanes (the AVX512 builds' int8_query_attention
+ * only: their numbers differ from the 8-lane builds' by float rounding): block_weights' online
+ * softmax (the same weights lane by lane; the maximum and the sums in 16 lanes), then
+ * value_weights' w = p · value scale, the zero points' share into a and the largest w into
+ * *top_weight, the weights of keys past `seen` 0. Returns 0 where block_weights would (no weights
+ * formed: all zeros). */
 static int block_value_weights(float *score, int64_t seen, float *top, float *total, float *a, int64_t d,
-                               const float *value_scale, const float *value_shift) {
+                               const float *value_scale, const float *value_shift, float value_top, uint8_t *bytes,
+                               float *step) {
     __m512 most = _mm512_set1_ps(-INFINITY);
     __mmask16 unordered = 0;
     for (int64_t j = 0; j < seen; j += 16) {
@@ -1126,7 +1141,8 @@ static int block_value_weights(float *score, int64_t seen, float *top, float *to
     const float block_top = _mm512_reduce_max_ps(most);
     if (unordered) *total = NAN;
     if (isnan(*total) || block_top == -INFINITY) {
-        memset(score, 0, sizeof(float) * QA_KEYS);
+        memset(bytes, 0, QA_KEYS);
+        *step = 0.0f;
         return 0;
     }
     const float new_top = block_top > *top ? block_top : *top;
@@ -1137,7 +1153,8 @@ static int block_value_weights(float *score, int64_t seen, float *top, float *to
     }
     *top = new_top;
     __m512 sum = _mm512_setzero_ps(), share = _mm512_setzero_ps();
-    const __m512 shift = _mm512_set1_ps(new_top);
+    const __m512 shift = _mm512_set1_ps(new_top), codes_most = _mm512_set1_ps(255.0f);
+    const __m512 ratio = _mm512_set1_ps(code_ratio(value_top, block_top, new_top, step));
     for (int64_t j = 0; j < QA_KEYS; j += 16) {
         const __mmask16 live = seen - j >= 16 ? (__mmask16)0xFFFF
                                : seen > j ? (__mmask16)((1u << (seen - j)) - 1) : (__mmask16)0;
@@ -1145,7 +1162,9 @@ static int block_value_weights(float *score, int64_t seen, float *top, float *to
         sum = _mm512_add_ps(sum, p);
         const __m512 w = _mm512_mul_ps(p, _mm512_loadu_ps(value_scale + j));
         share = _mm512_fmadd_ps(w, _mm512_loadu_ps(value_shift + j), share);
-        _mm512_storeu_ps(score + j, w);
+        const __m512 q = _mm512_min_ps(_mm512_roundscale_ps(_mm512_mul_ps(w, ratio),
+                                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), codes_most);
+        _mm_storeu_si128((__m128i *)(bytes + j), _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(q)));
     }
     *total += _mm512_reduce_add_ps(sum);
     const float zeros_share = _mm512_reduce_add_ps(share);
@@ -1153,74 +1172,75 @@ static int block_value_weights(float *score, int64_t seen, float *top, float *to
         for (int64_t i = 0; i < d; i++) a[i] += zeros_share;
     return 1;
 }
-/* A block's values as vdpbf16ps takes them: panel[m][c] holds the bfloat16 centered codes of
- * column c of tokens 2m (low half) and 2m + 1 (high half), a token past `keys` as zeros; rows
- * `stride` words apart (a multiple of 64, zeros past d). A stored nibble is already c - 8 in
- * two's complement (kv_dequantize): a table turns it into its bfloat16 bits. */
-static void value_pairs(const uint8_t *codes, int64_t row_bytes, int64_t keys, int64_t d, int64_t stride,
-                        uint32_t *panel) {
-    int16_t table[32] = {0};
-    for (int n = 0; n < 16; n++) {
-        const float v = (float)(n < 8 ? n : n - 16);
-        uint32_t bits;
-        memcpy(&bits, &v, 4);
-        table[n] = (int16_t)(bits >> 16);
-    }
-    const __m512i lookup = _mm512_loadu_si512((const void *)table);
+/* A block's values as vpdpbusd takes them: panel[m][c] holds the centered codes (int8) of column c
+ * of tokens 4m .. 4m + 3, a token past `keys` as zeros; rows `stride` columns apart (a multiple of
+ * 64, zeros past d). A stored nibble is already c - 8 in two's complement (kv_dequantize): a
+ * table sign-extends it. */
+static void value_quads(const uint8_t *codes, int64_t row_bytes, int64_t keys, int64_t d, int64_t stride,
+                        uint8_t *panel) {
+    const __m128i extend = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
     const __m128i low_nibbles = _mm_set1_epi8(15);
-    for (int64_t m = 0; m < (keys + 1) / 2; m++) {
-        const uint8_t *first = codes + 2 * m * row_bytes, *second = first + row_bytes;
+    for (int64_t m = 0; m < (keys + 3) / 4; m++)
         for (int64_t c = 0; c < d; c += 16) {
-            __m128i b0, b1 = _mm_setzero_si128();
-            if (c + 16 <= d) {
-                b0 = _mm_loadl_epi64((const __m128i *)(first + c / 2));
-                if (2 * m + 1 < keys) b1 = _mm_loadl_epi64((const __m128i *)(second + c / 2));
-            } else {  /* the last 8 columns: 4 bytes */
-                int32_t word = 0;
-                memcpy(&word, first + c / 2, 4);
-                b0 = _mm_cvtsi32_si128(word);
-                if (2 * m + 1 < keys) { memcpy(&word, second + c / 2, 4); b1 = _mm_cvtsi32_si128(word); }
+            __m128i e[4];
+            for (int k = 0; k < 4; k++) {
+                __m128i b = _mm_setzero_si128();
+                if (4 * m + k < keys) {
+                    const uint8_t *row = codes + (4 * m + k) * row_bytes + c / 2;
+                    if (c + 16 <= d) b = _mm_loadl_epi64((const __m128i *)row);
+                    else { int32_t word; memcpy(&word, row, 4); b = _mm_cvtsi32_si128(word); }  /* the last 8 columns */
+                }
+                e[k] = _mm_shuffle_epi8(extend, _mm_unpacklo_epi8(_mm_and_si128(b, low_nibbles),
+                                                                  _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles)));
             }
-            const __m128i e0 = _mm_unpacklo_epi8(_mm_and_si128(b0, low_nibbles),
-                                                 _mm_and_si128(_mm_srli_epi16(b0, 4), low_nibbles));
-            const __m128i e1 = _mm_unpacklo_epi8(_mm_and_si128(b1, low_nibbles),
-                                                 _mm_and_si128(_mm_srli_epi16(b1, 4), low_nibbles));
-            const __m512i index = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(e0, e1),
-                                                                        _mm_unpacklo_epi8(e0, e1)));
-            _mm512_storeu_si512((void *)(panel + m * stride + c), _mm512_permutexvar_epi16(index, lookup));
+            const __m128i t01 = _mm_unpacklo_epi8(e[0], e[1]), u01 = _mm_unpackhi_epi8(e[0], e[1]);
+            const __m128i t23 = _mm_unpacklo_epi8(e[2], e[3]), u23 = _mm_unpackhi_epi8(e[2], e[3]);
+            __m128i *out = (__m128i *)(panel + (m * stride + c) * 4);
+            _mm_storeu_si128(out, _mm_unpacklo_epi16(t01, t23));      /* columns c .. c + 3 */
+            _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(t01, t23));  /* c + 4 .. c + 7 */
+            _mm_storeu_si128(out + 2, _mm_unpacklo_epi16(u01, u23));  /* c + 8 .. c + 11 */
+            _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(u01, u23));  /* c + 12 .. c + 15 */
         }
-    }
 }
 
-/* add_weighted_rows with vdpbf16ps: acc[i][:] += sum_m weights[i][m] · values[m][:] for GEMM_MR
- * rows, each weight and value word a pair of tokens in bfloat16 (value_pairs), 64 columns (four
- * registers) at a time, masked past d. */
-static void add_weighted_pairs(float *acc, const uint32_t *weights, int64_t stride, const uint32_t *values,
-                               int64_t pairs, int64_t d, int64_t values_stride) {
+/* add_weighted_rows with vpdpbusd: for GEMM_MR rows, the integer sums over `quads` of tokens of
+ * each row's weight codes (bytes, `stride` apart; unsigned) times the values' centered codes
+ * (value_quads; signed), 64 columns (four registers) at a time, 64 multiply-adds an instruction
+ * where vdpbf16ps did 32; then acc += (float)sum · steps[i], masked past d. */
+static void add_weighted_quads(float *acc, const uint8_t *weights, int64_t stride, const uint8_t *values,
+                               int64_t quads, int64_t d, int64_t values_stride, const float *steps) {
     for (int64_t c0 = 0; c0 < d; c0 += 64) {
         __mmask16 mask[4];
-        __m512 a[GEMM_MR][4];
+        __m512i sum[GEMM_MR][4];
         for (int k = 0; k < 4; k++) {
             const int64_t left = d - c0 - 16 * k;
             mask[k] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
         }
         for (int i = 0; i < GEMM_MR; i++)
-            for (int k = 0; k < 4; k++) a[i][k] = _mm512_maskz_loadu_ps(mask[k], acc + i * d + c0 + 16 * k);
-        for (int64_t m = 0; m < pairs; m++) {
-            const uint32_t *row = values + m * values_stride + c0;
-            __m512bh v[4];
-            for (int k = 0; k < 4; k++) v[k] = (__m512bh)_mm512_loadu_si512((const void *)(row + 16 * k));
+            for (int k = 0; k < 4; k++) sum[i][k] = _mm512_setzero_si512();
+        for (int64_t m = 0; m < quads; m++) {
+            const uint8_t *row = values + (m * values_stride + c0) * 4;
+            __m512i v[4];
+            for (int k = 0; k < 4; k++) v[k] = _mm512_loadu_si512((const void *)(row + 64 * k));
             for (int i = 0; i < GEMM_MR; i++) {
-                const __m512bh w = (__m512bh)_mm512_set1_epi32((int)weights[i * stride + m]);
-                for (int k = 0; k < 4; k++) a[i][k] = _mm512_dpbf16_ps(a[i][k], v[k], w);
+                int32_t four;
+                memcpy(&four, weights + i * stride + 4 * m, 4);
+                const __m512i w = _mm512_set1_epi32(four);
+                for (int k = 0; k < 4; k++) sum[i][k] = _mm512_dpbusd_epi32(sum[i][k], w, v[k]);
             }
         }
-        for (int i = 0; i < GEMM_MR; i++)
-            for (int k = 0; k < 4; k++) _mm512_mask_storeu_ps(acc + i * d + c0 + 16 * k, mask[k], a[i][k]);
+        for (int i = 0; i < GEMM_MR; i++) {
+            const __m512 step = _mm512_set1_ps(steps[i]);
+            for (int k = 0; k < 4; k++) {
+                float *out = acc + i * d + c0 + 16 * k;
+                const __m512 a = _mm512_maskz_loadu_ps(mask[k], out);
+                _mm512_mask_storeu_ps(out, mask[k], _mm512_add_ps(a, _mm512_mul_ps(_mm512_cvtepi32_ps(sum[i][k]), step)));
+            }
+        }
     }
 }
 #else
-#define QA_BF16 0
+#define QA_WIDE 0
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -1262,14 +1282,16 @@ static void *query_attention_run(void *arg) {
     uint8_t *panel = malloc((size_t)(panels * d * GEMM_NR));
     float *scales = calloc((size_t)most, sizeof(float)), *score = malloc(sizeof(float) * (size_t)(most * (QA_KEYS + 8)));
     float *acc = malloc(sizeof(float) * (size_t)(most * d)), *top = malloc(sizeof(float) * (size_t)(2 * most));
-    /* the block's values: fp32 centered codes, or (QA_BF16) token pairs, and the weights' pairs */
-    const int64_t pair_stride = (d + 63) / 64 * 64;
-    float *values = QA_BF16 ? NULL : malloc(sizeof(float) * (size_t)(QA_KEYS * d));
-    uint32_t *value_panel = QA_BF16 ? calloc((size_t)(QA_KEYS / 2 * pair_stride), 4) : NULL;
-    uint32_t *weight_pairs = QA_BF16 ? malloc(sizeof(uint32_t) * (size_t)(most * QA_KEYS / 2)) : NULL;
+    /* the block's values: fp32 centered codes, or (QA_WIDE) int8 ones in quads of tokens with the
+     * weights' codes as bytes; each row's weight step */
+    const int64_t quad_stride = (d + 63) / 64 * 64;
+    float *values = QA_WIDE ? NULL : malloc(sizeof(float) * (size_t)(QA_KEYS * d));
+    uint8_t *value_panel = QA_WIDE ? calloc((size_t)(QA_KEYS / 4 * quad_stride), 4) : NULL;
+    uint8_t *weight_bytes = QA_WIDE ? malloc((size_t)(most * QA_KEYS)) : NULL;
+    float *weight_step = calloc((size_t)most, sizeof(float));
     int32_t *sums = calloc((size_t)most, sizeof(int32_t)), tile[GEMM_MR][GEMM_NR];
-    void *failed = !codes || !panel || !scales || !score || !acc || !top || !sums
-                   || (QA_BF16 ? !value_panel || !weight_pairs : !values) ? (void *)1 : NULL;
+    void *failed = !codes || !panel || !scales || !score || !acc || !top || !sums || !weight_step
+                   || (QA_WIDE ? !value_panel || !weight_bytes : !values) ? (void *)1 : NULL;
     /* |q code| <= 127 and key codes <= 15: pairs of products fit int16 this many quads at a time */
     const int64_t steps = 32767 / (2 * 15 * 127);
     for (int64_t unit; !failed && (unit = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED)) < blocks * per_head;) {
@@ -1288,16 +1310,17 @@ static void *query_attention_run(void *arg) {
             const int64_t keys = end - t0 < QA_KEYS ? end - t0 : QA_KEYS, used = (keys + GEMM_NR - 1) / GEMM_NR;
             const int64_t at = kv + t0;
             /* 0 past the last key: no read past the cache */
-            float key_scale[QA_KEYS], key_zero[QA_KEYS], value_scale[QA_KEYS], value_shift[QA_KEYS];
+            float key_scale[QA_KEYS], key_zero[QA_KEYS], value_scale[QA_KEYS], value_shift[QA_KEYS], value_top = 0.0f;
             for (int64_t j = 0; j < QA_KEYS; j++) {
                 key_scale[j] = j < keys ? job->k_scale[at + j] : 0.0f;
                 key_zero[j] = j < keys ? job->k_zero[at + j] : 0.0f;
                 value_scale[j] = j < keys ? job->v_scale[at + j] : 0.0f;
                 value_shift[j] = j < keys ? 8.0f - job->v_zero[at + j] : 0.0f;
+                value_top = value_scale[j] > value_top ? value_scale[j] : value_top;
             }
             for (int64_t p = 0; p < used; p++) pack_panel(job->k_codes + at * row_bytes, panel + p * d * GEMM_NR, d, keys, p * GEMM_NR);
-#if QA_BF16
-            value_pairs(job->v_codes + at * row_bytes, row_bytes, keys, d, pair_stride, value_panel);
+#if QA_WIDE
+            value_quads(job->v_codes + at * row_bytes, row_bytes, keys, d, quad_stride, value_panel);
 #else
             for (int64_t j = 0; j < keys; j++)  /* centered codes: (c - 8) * 1 */
                 dequantize_row(job->v_codes + (at + j) * row_bytes, 1.0f, 8.0f, values + j * d, d, 1);
@@ -1327,30 +1350,31 @@ static void *query_attention_run(void *arg) {
                 float *weights = score + s * (QA_KEYS + 8);
                 const int64_t position = first + s % count;
                 const int64_t seen = s >= states ? 0 : job->causal ? (position + 1 - t0 < keys ? position + 1 - t0 : keys) : keys;
-#if QA_BF16
+#if QA_WIDE
                 if (seen > 0 && !isnan(total[s]))
-                    block_value_weights(weights, seen, top + s, total + s, acc + s * d, d, value_scale, value_shift);
-                else
-                    memset(weights, 0, sizeof(float) * QA_KEYS);
+                    block_value_weights(weights, seen, top + s, total + s, acc + s * d, d, value_scale, value_shift,
+                                        value_top, weight_bytes + s * QA_KEYS, weight_step + s);
+                else {
+                    memset(weight_bytes + s * QA_KEYS, 0, QA_KEYS);
+                    weight_step[s] = 0.0f;
+                }
 #else
+                float block_top = 0.0f, ratio = 0.0f;
                 const int64_t formed = seen > 0 && !isnan(total[s]) && block_weights(weights, seen, top + s, total + s,
-                                                                                      acc + s * d, d) ? seen : 0;
+                                                                                      acc + s * d, d, &block_top) ? seen : 0;
                 memset(weights + formed, 0, sizeof(float) * (size_t)(QA_KEYS - formed));
-                value_weights(weights, value_scale, value_shift, acc + s * d, d, 1);
-#endif
-#if QA_BF16
-                for (int64_t j = 0; j < QA_KEYS; j += 32)
-                    _mm512_storeu_si512((void *)(weight_pairs + s * (QA_KEYS / 2) + j / 2),
-                                        (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(weights + j + 16),
-                                                                     _mm512_loadu_ps(weights + j)));
+                weight_step[s] = 0.0f;
+                if (formed) ratio = code_ratio(value_top, block_top, top[s], weight_step + s);
+                value_weights(weights, value_scale, value_shift, acc + s * d, d, ratio);
 #endif
             }
             for (int64_t s0 = 0; s0 < states; s0 += GEMM_MR)
-#if QA_BF16
-                add_weighted_pairs(acc + s0 * d, weight_pairs + s0 * (QA_KEYS / 2), QA_KEYS / 2, value_panel,
-                                   (keys + 1) / 2, d, pair_stride);
+#if QA_WIDE
+                add_weighted_quads(acc + s0 * d, weight_bytes + s0 * QA_KEYS, QA_KEYS, value_panel, (keys + 3) / 4, d,
+                                   quad_stride, weight_step + s0);
 #else
-                add_weighted_rows(acc + s0 * d, score + s0 * (QA_KEYS + 8), QA_KEYS + 8, values, keys, d);
+                add_weighted_rows(acc + s0 * d, score + s0 * (QA_KEYS + 8), QA_KEYS + 8, values, keys, d,
+                                  weight_step + s0);
 #endif
         }
         for (int64_t s = 0; s < states; s++) {
@@ -1359,7 +1383,7 @@ static void *query_attention_run(void *arg) {
         }
     }
     free(codes); free(panel); free(scales); free(score); free(acc); free(top); free(values); free(value_panel);
-    free(weight_pairs); free(sums);
+    free(weight_bytes); free(weight_step); free(sums);
     return failed;
 }
 #endif

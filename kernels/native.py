@@ -17,9 +17,9 @@ generic C), each with its own flags rather than ``-march=native``; at load the b
 features the CPU reports (and the compiler builds) is used, or the one ``$QUAROT_FX_ISA`` names.
 Every variant computes the same bits (integer sums are exact; float sums run in one fixed order),
 which ``tests/test_native_isa.py`` checks for each variant this CPU can run. One exception, in
-the opt-in ``prefill_attention="int8"`` kernel only: its P·V takes bfloat16 weights everywhere,
-and AVX512-BF16's ``vdpbf16ps`` adds their exact products in pairs where the other builds add
-them one at a time, so that variant agrees with the others to float rounding. ``variant()`` names the
+the opt-in ``prefill_attention="int8"`` kernel only: the AVX512 builds' softmax sums its 16 lanes
+in another order than AVX2's 8 (its P·V sums of 8-bit weight codes are exact integers in every
+build), so those variants agree with the others to float rounding. ``variant()`` names the
 one in use (``speed.py`` and the GEMM report print it). The libraries live in a directory only this user can write
 (``$QUAROT_FX_CACHE`` or ``~/.cache/quarot_fx``, see ``_cache_dir``; a library file another user
 could have written is rebuilt, never loaded), and loaded with ctypes, which releases the GIL during the call. Without a

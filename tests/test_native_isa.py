@@ -172,10 +172,10 @@ def test_packed_attention_is_the_same_on_every_simd_variant(variant):
 
 
 def test_int8_query_attention_agrees_on_every_simd_variant_and_is_float_on_the_generic_one(variant):
-    """Integer Q·Kᵀ sums are exact and the rest shares AVX2's order: the same bits on the fp32
-    SIMD variants. AVX512-BF16's vdpbf16ps takes the same bfloat16 weights and centered codes as
-    their fp32 FMAs (exact products) but adds them in pairs: the same numbers to float rounding.
-    The generic build has no such kernel: the op gives packed_attention's float result."""
+    """Integer Q·Kᵀ sums are exact, and so are P·V's sums of 8-bit weight codes times centered codes
+    (VNNI's vpdpbusd in the AVX512 builds, fp32 FMAs of integers in the avx2 one); the AVX512 builds'
+    softmax adds its 16 lanes in another order: the same numbers to float rounding. The generic
+    build has no such kernel: the op gives packed_attention's float result."""
     g = torch.Generator().manual_seed(4)
     q = torch.randn(1, 4, 80, 64, generator=g)
     keys = kv_quantize(torch.randn(1, 2, 80, 64, generator=g), 4, 0.95)
@@ -189,7 +189,7 @@ def test_int8_query_attention_agrees_on_every_simd_variant_and_is_float_on_the_g
         avx2 = variant_library("avx2")
         patch.setattr(native, "library", lambda: avx2)
         expected = int8_query_attention(*args)
-    if variant == "avx512bf16":
+    if variant in ("avx512bf16", "avx512vnni"):
         assert not torch.equal(out, packed_attention(*args))
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     else:
