@@ -1802,7 +1802,90 @@ static void lanes_out(const float *work, float *out, int64_t m, float scale) { (
 #endif
 
 typedef struct { const float *x; float *out; int64_t m, stages; const int64_t *orders; const float *const *matrices;
-                 float scale; int64_t first, last; } hadamard_job;
+                 float scale; int64_t first, last;
+                 int8_t *codes; float *row_scales; float divisor, qmax; int *nonfinite; } hadamard_job;
+
+#ifdef __AVX2__
+/* lanes_out for a block's codes (integer-valued floats in [-128, 127]): out[b][i] = (int8) work[i][b]. */
+static void lanes_codes_out(const float *work, int8_t *out, int64_t m) {
+    __m256 v[8];
+    for (int64_t b = 0; b < HADAMARD_LANES; b += 8)
+        for (int64_t i = 0; i < m; i += 8) {
+            for (int64_t k = 0; k < 8; k++) v[k] = _mm256_loadu_ps(work + (i + k) * HADAMARD_LANES + b);
+            transpose8(v);
+            for (int64_t k = 0; k < 8; k++) {
+                const __m256i c = _mm256_cvtps_epi32(v[k]);
+                const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+                _mm_storel_epi64((__m128i *)(out + (b + k) * m + i), _mm_packs_epi16(words, words));
+            }
+        }
+}
+#endif
+
+/* quantize_per_token of a transformed block, still in the lanes layout (work[i * r + b], r rows):
+ * y = work · scale (lanes_out's multiply), each row's step max|y| / divisor (1 where 0), its codes
+ * round(y / step) half to even, clamped to [-qmax - 1, qmax]: numerics.quant.activation_codes'
+ * operations on the float rows hadamard_rows would return, so the same codes and scales, with
+ * neither the float rows nor a second pass over them in memory. Returns 0, or 1 (nothing
+ * reliable written) where a value is not finite: the caller's reference then decides. */
+static int quantize_lanes(float *work, int64_t r, int64_t m, float scale, float divisor, float qmax, int8_t *codes,
+                          float *row_scales, int fast) {
+    (void)fast;
+    float top[HADAMARD_LANES] = {0}, step[HADAMARD_LANES];
+    int64_t i = 0;
+#ifdef __AVX2__
+    if (fast) {  /* r == HADAMARD_LANES: two 8-lane halves of rows */
+        const __m256 sign = _mm256_set1_ps(-0.0f), by = _mm256_set1_ps(scale);
+        __m256 most[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, bad = _mm256_setzero_ps();
+        for (; i < m; i++)
+            for (int h = 0; h < 2; h++) {
+                float *at = work + i * HADAMARD_LANES + 8 * h;
+                const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(at), by);
+                _mm256_storeu_ps(at, y);
+                bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(y, y), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+                most[h] = _mm256_max_ps(most[h], _mm256_andnot_ps(sign, y));
+            }
+        if (_mm256_movemask_ps(bad)) return 1;
+        _mm256_storeu_ps(top, most[0]);
+        _mm256_storeu_ps(top + 8, most[1]);
+    }
+#endif
+    for (; i < m; i++)
+        for (int64_t b = 0; b < r; b++) {
+            const float y = work[i * r + b] * scale, a = fabsf(y);
+            if (!isfinite(y)) return 1;
+            work[i * r + b] = y;
+            top[b] = a > top[b] ? a : top[b];
+        }
+    for (int64_t b = 0; b < r; b++) {
+        const float s = top[b] / divisor;
+        step[b] = s == 0.0f ? 1.0f : s;
+        row_scales[b] = step[b];
+    }
+    const float low = -qmax - 1.0f;
+#ifdef __AVX2__
+    if (fast) {
+        const __m256 lo = _mm256_set1_ps(low), hi = _mm256_set1_ps(qmax);
+        const __m256 steps[2] = {_mm256_loadu_ps(step), _mm256_loadu_ps(step + 8)};
+        for (int64_t k = 0; k < m; k++)
+            for (int h = 0; h < 2; h++) {
+                float *at = work + k * HADAMARD_LANES + 8 * h;
+                const __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(at), steps[h]),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                _mm256_storeu_ps(at, _mm256_min_ps(_mm256_max_ps(q, lo), hi));
+            }
+        lanes_codes_out(work, codes, m);
+        return 0;
+    }
+#endif
+    for (int64_t k = 0; k < m; k++)
+        for (int64_t b = 0; b < r; b++) {
+            float q = nearbyintf(work[k * r + b] / step[b]);
+            q = q < low ? low : (q > qmax ? qmax : q);
+            codes[b * m + k] = (int8_t)q;
+        }
+    return 0;
+}
 
 static void *hadamard_run(void *arg) {  /* rows first..last of a job, a block of lanes at a time */
     const hadamard_job *j = arg;
@@ -1815,7 +1898,7 @@ static void *hadamard_run(void *arg) {  /* rows first..last of a job, a block of
     for (int64_t row = j->first; row < j->last; row += HADAMARD_LANES) {
         const int64_t r = j->last - row < HADAMARD_LANES ? j->last - row : HADAMARD_LANES;
         const float *x = j->x + row * m;
-        float *out = j->out + row * m;
+        float *out = j->out ? j->out + row * m : NULL;
         const int64_t fast = lanes_transposable(r, m);
         if (fast) lanes_in(x, work, m);
         else if (r == 1) memcpy(work, x, sizeof(float) * (size_t)m);  /* one row is its own lanes layout */
@@ -1832,7 +1915,12 @@ static void *hadamard_run(void *arg) {  /* rows first..last of a job, a block of
             }
             outer *= order;
         }
-        if (fast) lanes_out(work, out, m, j->scale);
+        if (j->codes) {
+            if (quantize_lanes(work, r, m, j->scale, j->divisor, j->qmax, j->codes + row * m, j->row_scales + row, fast)) {
+                __atomic_store_n(j->nonfinite, 1, __ATOMIC_RELAXED);
+                break;
+            }
+        } else if (fast) lanes_out(work, out, m, j->scale);
         else if (r == 1)
             for (int64_t i = 0; i < m; i++) out[i] = work[i] * j->scale;
         else
@@ -1848,16 +1936,38 @@ static void *hadamard_run(void *arg) {  /* rows first..last of a job, a block of
  * share to the caller's). */
 #define HADAMARD_WORK_PER_THREAD (1LL << 18)
 
-int hadamard_rows(const float *x, float *out, int64_t batch, int64_t m, int64_t stages, const int64_t *orders,
-                  const float *const *matrices, float scale, int64_t threads) {
+static int hadamard_jobs(const float *x, float *out, int64_t batch, int64_t m, int64_t stages, const int64_t *orders,
+                         const float *const *matrices, float scale, int8_t *codes, float *row_scales, float divisor,
+                         float qmax, int *nonfinite, int64_t threads) {
     const int64_t blocks = (batch + HADAMARD_LANES - 1) / HADAMARD_LANES;
     threads = thread_count(threads, blocks, 1 + batch * m / HADAMARD_WORK_PER_THREAD);
     hadamard_job jobs[MAX_THREADS];
     for (int64_t t = 0; t < threads; t++) {
         const int64_t first = blocks * t / threads * HADAMARD_LANES, last = blocks * (t + 1) / threads * HADAMARD_LANES;
-        jobs[t] = (hadamard_job){x, out, m, stages, orders, matrices, scale, first, last < batch ? last : batch};
+        jobs[t] = (hadamard_job){x, out, m, stages, orders, matrices, scale, first, last < batch ? last : batch,
+                                 codes, row_scales, divisor, qmax, nonfinite};
     }
     return run_jobs(hadamard_run, jobs, sizeof jobs[0], threads);
+}
+
+int hadamard_rows(const float *x, float *out, int64_t batch, int64_t m, int64_t stages, const int64_t *orders,
+                  const float *const *matrices, float scale, int64_t threads) {
+    return hadamard_jobs(x, out, batch, m, stages, orders, matrices, scale, NULL, NULL, 1.0f, 0.0f, NULL, threads);
+}
+
+/* hadamard_codes: hadamard_rows, then quantize_per_token of each transformed row (bits-bit codes,
+ * step max|y| / divisor) while the block is in the cache (quantize_lanes): int8 codes [batch, m] and
+ * scales [batch], the same bits as the two ops one after the other. A prefill's online Hadamards
+ * feed 4-bit linears: the float rows were written out, then read twice by the quantizer. Returns 1
+ * on no memory or thread, 2 if a value is not finite (the caller's reference decides those). */
+int hadamard_codes(const float *x, int8_t *codes, float *row_scales, int64_t batch, int64_t m, int64_t stages,
+                   const int64_t *orders, const float *const *matrices, float scale, int64_t bits, float divisor,
+                   int64_t threads) {
+    int nonfinite = 0;
+    const float qmax = (float)((1 << (bits - 1)) - 1);
+    const int failed = hadamard_jobs(x, NULL, batch, m, stages, orders, matrices, scale, codes, row_scales, divisor,
+                                     qmax, &nonfinite, threads);
+    return failed ? 1 : nonfinite ? 2 : 0;
 }
 
 /* int8_weight_linear: y [rows, n] = (x · wᵀ) * scale[n] (+ b[n]) for float32 x [rows, k] and

@@ -171,6 +171,9 @@ def load_variant(name: str):
     lib.hadamard_rows.restype = ctypes.c_int
     lib.hadamard_rows.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
                                   + [ctypes.c_float, ctypes.c_int64])
+    lib.hadamard_codes.restype = ctypes.c_int
+    lib.hadamard_codes.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+                                   + [ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int64])
     lib.set_job_runner.restype = None
     lib.set_job_runner.argtypes = [ctypes.c_void_p]
     lib.job_runner_in_use.restype = ctypes.c_void_p
@@ -368,6 +371,24 @@ def hadamard_rows(y: torch.Tensor, orders: tuple, matrices: tuple, scale: float)
              pointer_array, scale, torch.get_num_threads()):
         raise MemoryError("hadamard_rows: no memory or thread for its blocks")
     return out
+
+
+def hadamard_codes(y: torch.Tensor, orders: tuple, matrices: tuple, scale: float, bits: int,
+                   divisor: float) -> tuple | None:
+    """``hadamard_rows`` then per-row symmetric quantization in one pass over each block of rows:
+    (int8 codes [batch, n], float32 scales [batch, 1]) with the bits of ``activation_codes`` on the
+    transformed rows (step max|y| / divisor, 1 where 0; codes rounded half to even into
+    [-2^(bits-1), 2^(bits-1) - 1]), or None where a value is not finite (the caller's reference decides)."""
+    y = y.contiguous()
+    codes = torch.empty(y.shape, dtype=torch.int8)
+    scales = torch.empty((y.shape[0], 1), dtype=torch.float32)
+    order_array, pointer_array, _ = _stages(orders, matrices)
+    status = library().hadamard_codes(y.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.shape[0], y.shape[1],
+                                      len(orders), order_array, pointer_array, scale, bits, divisor,
+                                      torch.get_num_threads())
+    if status == 1:
+        raise MemoryError("hadamard_codes: no memory or thread for its blocks")
+    return None if status else (codes, scales)
 
 
 def int8_weight_linear(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

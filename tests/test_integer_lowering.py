@@ -8,6 +8,7 @@ import torch
 from tiny_models import ARCHITECTURES, tiny_model, token_ids
 
 import quarot_fx
+from quarot_fx.kernels import native
 from quarot_fx.kernels.quantized_linear import simulated_linear
 from quarot_fx.numerics.quant import quantize_activation
 from quarot_fx.passes.weight_store import WEIGHT_CACHE
@@ -102,18 +103,28 @@ def test_grouped_weights_give_the_integer_bits_through_fx():
     assert torch.equal(real.logits, fake.logits)
 
 
-def test_inductor_inlines_activation_quantization_on_cpu():
+@pytest.mark.parametrize("tokens", [1, 40])  # one row: a static shape (Dynamo specializes 1); 40: a prefill
+def test_inductor_inlines_activation_quantization_on_cpu_except_after_a_prefills_hadamard(tokens, monkeypatch):
     """On CPU, Inductor decomposes quantize_per_token (its generated loops beat the op's torch
-    calls); the packed linears and the Hadamards stay custom ops."""
-    model, ids = tiny_model("llama"), token_ids()
+    calls); the packed linears and the Hadamards stay custom ops. Past a decode step's rows a
+    quantizer fed by an online Hadamard stays whole (hadamard_quantize), its C kernel rotating and
+    quantizing in one pass (native.hadamard_codes); the logits are the same bits either way."""
+    fused = []
+    real = native.hadamard_codes
+    monkeypatch.setattr(native, "hadamard_codes", lambda *a: fused.append(a[0].shape[0]) or real(*a))
+    model, ids = tiny_model("llama"), token_ids(length=tokens)
     compiled = torch.compile(model, backend="quarot", options=W4A4KV4)
     with torch.no_grad():
         compiled(ids, use_cache=False)
         with torch.profiler.profile() as prof:
-            compiled(ids, use_cache=False)
+            out = compiled(ids, use_cache=False)
     names = {e.key for e in prof.key_averages()}
     assert {"quarot_fx::quantized_linear", "quarot_fx::hadamard_transform"} <= names
+    assert ("quarot_fx::hadamard_quantize" in names) == (tokens > native.FEW_ROWS)
     assert "quarot_fx::quantize_per_token" not in names
+    assert bool(fused) == (tokens > native.FEW_ROWS)
+    fake, _ = compile_and_run(model, ids, {**W4A4KV4, "kernels": "fake", "lowering": "inductor"}, use_cache=False)
+    assert torch.equal(out.logits, fake.logits)
 
 
 def test_generation_with_quantized_cache_matches_fake_quant():

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from quarot_fx.kernels import int_gemm, native, native_ops
+from quarot_fx.kernels.activation_quant import quantize_per_token
 from quarot_fx.kernels.hadamard_transform import hadamard_transform_cpu, hadamard_transform_reference
+from quarot_fx.numerics.quant import activation_codes
 from quarot_fx.kernels.int8_linear import (int8_channel_codes, int8_dynamic_linear, int8_dynamic_linear_reference,
                                           int8_linear_reference, int8_weight_linear)
 from quarot_fx.kernels.kv_quant import kv_dequantize_reference, kv_quantize, kv_quantize_reference, kv_dequantize
@@ -132,6 +134,19 @@ def test_the_hadamard_stages_are_the_same_on_every_variant(variant, generic_resu
         # one row alone (a decode step's layout: no lanes, in-vector levels) gives its row's bits
         assert torch.equal(hadamard_transform_cpu(x[:1], inner), expected[:1]), (variant, m, inner)
         torch.testing.assert_close(y, hadamard_transform_reference(x, inner), rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_hadamard_quantizer_gives_the_two_ops_bits_on_every_variant(variant, generic_results):
+    """native.hadamard_codes (a prefill's online Hadamard and activation quantization in one pass)
+    against the generic variant's transform, then the quantizer in torch: codes and scales to the bit."""
+    for (m, inner), rotated in generic_results.items():
+        x = hadamard_input(m, inner) * torch.linspace(0.2, 9, m * inner)
+        for rows in (x, x[:1]):
+            for bits in (4, 8):
+                codes, scales = quantize_per_token(rows, bits, 0.9, inner)
+                expected = activation_codes(hadamard_transform_cpu(rows, inner), bits, 0.9)
+                assert torch.equal(codes, expected[0].to(torch.int8)) and torch.equal(scales, expected[1]), \
+                    (variant, m, inner, bits, rows.shape[0])
 
 
 def attention_inputs(groups=2, tokens=70, d=64, kv_heads=2, batch=1):

@@ -10,7 +10,7 @@ from quarot_fx.kernels import (hadamard_transform, kv_dequantize, kv_dequantize_
                                unpack_linear_weight,
                                quantize_per_token_reference, quantized_linear, quantized_linear_reference)
 from quarot_fx.kernels.quantized_linear import simulated_linear
-from quarot_fx.numerics.quant import activation_codes, fake_quant_asymmetric, fake_quant_symmetric
+from quarot_fx.numerics.quant import symmetric_scale, activation_codes, fake_quant_asymmetric, fake_quant_symmetric
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -40,15 +40,28 @@ def test_per_token_codes_are_the_fake_quantizer(rows, n, bits, clip, dtype, seed
     assert torch.equal(codes[0], torch.zeros_like(codes[0])) and scale[0].item() == 1.0
 
 
-@pytest.mark.parametrize("n,inner", [(16, 1), (48, 1), (64, 4), (96, 8), (20, 1)])
-def test_fused_hadamard_quantization_equals_the_unfused_graph(n, inner):
-    x = activations(5, n, seed=n)
+@pytest.mark.parametrize("rows", [5, 40])  # a decode step's rows; a prefill's (whole 16-row blocks and a tail)
+@pytest.mark.parametrize("n,inner", [(16, 1), (48, 1), (64, 4), (96, 8), (20, 1), (1536, 1), (576, 1)])
+def test_fused_hadamard_quantization_equals_the_unfused_graph(n, inner, rows):
+    x = activations(rows, n, seed=n)
     codes, scale = quantize_per_token(x, 4, 0.9, inner)
     expected = fake_quant_symmetric(hadamard_transform(x, inner), 4, 0.9)
     assert torch.equal(codes.float() * scale, expected)
+    rotated = hadamard_transform(x, inner)
+    assert torch.equal(scale, symmetric_scale(rotated, 4, 0.9)), "the scales are the unfused quantizer's"
     ref_codes, ref_scale = quantize_per_token_reference(x, 4, 0.9, inner)  # dense float64 Hadamard
     assert (codes.int() - ref_codes.int()).abs().max() <= 1
     torch.testing.assert_close(scale, ref_scale)
+
+
+def test_a_non_finite_row_leaves_the_fused_hadamard_to_the_unfused_ops():
+    x = activations(40, 96, seed=2)
+    x[33, 7] = float("nan")
+    x[2, 0] = float("inf")
+    codes, scale = quantize_per_token(x, 4, 0.9, 1)
+    ref_codes, ref_scale = quantize_per_token(hadamard_transform(x, 1), 4, 0.9)
+    assert torch.equal(codes, ref_codes) and torch.equal(scale.isnan(), ref_scale.isnan())
+    assert torch.equal(scale[scale.isfinite()], ref_scale[ref_scale.isfinite()])
 
 
 def test_per_token_takes_non_contiguous_and_batched_inputs():
