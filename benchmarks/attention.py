@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import cpu_summary  # noqa: E402
 
-from quarot_fx.kernels import int8_query_attention_reference, native  # noqa: E402
+from quarot_fx.kernels import int8_query_attention_reference, native, native_ops  # noqa: E402
 from quarot_fx.kernels.kv_quant import kv_quantize  # noqa: E402
 from quarot_fx.kernels.packed_attention import packed_attention_reference  # noqa: E402
 
@@ -41,8 +41,11 @@ def columns(q, keys, values, dim: int) -> dict:
     """name → a call of one prefill attention; the int8 kernel once per variant that builds here."""
     args = (q, *keys, *values, 4, dim, torch.float32, None, None, True, True)
     found = {"SDPA over the dequantized cache": lambda: packed_attention_reference(*args)}
+    pool = native_ops.load()  # every variant's threads on torch's pool, as in a compiled model
     for name, _, _ in native.VARIANTS:
         lib = native.load_variant(name) if native.cpu_supports(name) else None
+        if lib is not None and pool:  # (threads of its own would share the cores with SDPA's spinning ones)
+            lib.set_job_runner(torch.ops.quarot_fx._native_pool_runner())
         if lib is not None and lib.gemm_available():
             def call(lib=lib):
                 real = native.library
