@@ -1850,6 +1850,22 @@ static int quantize_lanes(float *work, int64_t r, int64_t m, float scale, float 
         _mm256_storeu_ps(top + 8, most[1]);
     }
 #endif
+#ifdef __AVX2__
+    if (r == 1 && !fast) {  /* one row (a decode step's): its values 8 at a time */
+        const __m256 sign = _mm256_set1_ps(-0.0f), by = _mm256_set1_ps(scale);
+        __m256 most = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (; i + 8 <= m; i += 8) {
+            const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(work + i), by);
+            _mm256_storeu_ps(work + i, y);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(y, y), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+            most = _mm256_max_ps(most, _mm256_andnot_ps(sign, y));
+        }
+        if (_mm256_movemask_ps(bad)) return 1;
+        float lanes[8];
+        _mm256_storeu_ps(lanes, most);
+        for (int c = 0; c < 8; c++) top[0] = lanes[c] > top[0] ? lanes[c] : top[0];
+    }
+#endif
     for (; i < m; i++)
         for (int64_t b = 0; b < r; b++) {
             const float y = work[i * r + b] * scale, a = fabsf(y);
@@ -1878,7 +1894,20 @@ static int quantize_lanes(float *work, int64_t r, int64_t m, float scale, float 
         return 0;
     }
 #endif
-    for (int64_t k = 0; k < m; k++)
+    int64_t k = 0;
+#ifdef __AVX2__
+    if (r == 1) {
+        const __m256 lo = _mm256_set1_ps(low), hi = _mm256_set1_ps(qmax), by = _mm256_set1_ps(step[0]);
+        for (; k + 8 <= m; k += 8) {
+            const __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(work + k), by),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m256i c = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
+            const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+            _mm_storel_epi64((__m128i *)(codes + k), _mm_packs_epi16(words, words));
+        }
+    }
+#endif
+    for (; k < m; k++)
         for (int64_t b = 0; b < r; b++) {
             float q = nearbyintf(work[k * r + b] / step[b]);
             q = q < low ? low : (q > qmax ? qmax : q);
