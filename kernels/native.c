@@ -324,20 +324,14 @@ static void epilogue_8(const int32_t *acc, int32_t x_sum, const float *ws, float
  * memory the loop holds 8 accumulators, 2 weight vectors and a broadcast, all in the 16 ymm
  * registers. GCC's partial-redundancy elimination hoists the four broadcasts out of order and
  * spills an accumulator (measured: 25-40% slower), so it is off for this function. */
-#if defined(__GNUC__) && !defined(__clang__)
-__attribute__((optimize("no-tree-pre")))
-#endif
-static void gemm_tile(const int8_t *x, int64_t k, const uint8_t *panel, int64_t steps, int32_t out[GEMM_MR][GEMM_NR]) {
-    const int64_t quads = k / 4;
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    /* AVX512-VNNI: one 512-bit vpdpbusd adds a row's 4 u8 x s8 products for all 16 columns
-     * straight into int32 lanes, so the sums stay in 4 registers over all of k (no int16 steps to
-     * widen, `steps` unused): the same exact sums in a quarter of the instructions (1.3-1.5x the
-     * 256-bit AVX2 tile on an AVX512-VNNI EPYC, one thread). */
-    (void)steps;
-    __m512i wide[GEMM_MR];
+/* AVX512-VNNI: one 512-bit vpdpbusd adds a row's 4 u8 x s8 products for all 16 columns straight
+ * into int32 lanes, so a tile's sums stay in 4 registers over all of k (no int16 steps to widen):
+ * the same exact sums in a quarter of the instructions (1.3-1.5x the 256-bit AVX2 tile on an
+ * AVX512-VNNI EPYC, one thread). */
+static inline void vnni_tile(const int8_t *x, int64_t k, const uint8_t *panel, __m512i wide[GEMM_MR]) {
     for (int i = 0; i < GEMM_MR; i++) wide[i] = _mm512_setzero_si512();
-    for (int64_t q = 0; q < quads; q++) {
+    for (int64_t q = 0; q < k / 4; q++) {
         const __m512i w = _mm512_loadu_si512((const void *)(panel + q * 4 * GEMM_NR));
         for (int i = 0; i < GEMM_MR; i++) {
             int32_t four;
@@ -345,6 +339,18 @@ static void gemm_tile(const int8_t *x, int64_t k, const uint8_t *panel, int64_t 
             wide[i] = _mm512_dpbusd_epi32(wide[i], w, _mm512_set1_epi32(four));
         }
     }
+}
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-pre")))
+#endif
+static void gemm_tile(const int8_t *x, int64_t k, const uint8_t *panel, int64_t steps, int32_t out[GEMM_MR][GEMM_NR]) {
+    const int64_t quads = k / 4;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    (void)steps; (void)quads;
+    __m512i wide[GEMM_MR];
+    vnni_tile(x, k, panel, wide);
     for (int i = 0; i < GEMM_MR; i++) _mm512_storeu_si512((void *)out[i], wide[i]);
 #else
     const __m256i ones = _mm256_set1_epi16(1);
@@ -1245,22 +1251,14 @@ static void add_weighted_quads(float *acc, const uint8_t *weights, int64_t strid
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define QA_SCORES16 1
-/* gemm_tile's VNNI sums for GEMM_MR query rows and one panel of GEMM_NR (16) keys, turned into
+/* vnni_tile's sums for GEMM_MR query rows and one panel of GEMM_NR (16) keys, turned into
  * scores while still in registers: ((float)sum - z·Σq) · (q scale) · k scale, the 8-lane
  * epilogue's operations lane by lane (the same bits), without the int32 tile's store and reload.
  * Rows past `rows` (a last partial tile's padding) are not written. */
 static inline void scores16(const int8_t *x, int64_t k, const uint8_t *panel, const int32_t *sums, const float *scales,
                             const float *key_zero, const float *key_scale, float *score, int64_t rows) {
     __m512i wide[GEMM_MR];
-    for (int i = 0; i < GEMM_MR; i++) wide[i] = _mm512_setzero_si512();
-    for (int64_t q = 0; q < k / 4; q++) {
-        const __m512i w = _mm512_loadu_si512((const void *)(panel + q * 4 * GEMM_NR));
-        for (int i = 0; i < GEMM_MR; i++) {
-            int32_t four;
-            memcpy(&four, x + i * k + 4 * q, 4);
-            wide[i] = _mm512_dpbusd_epi32(wide[i], w, _mm512_set1_epi32(four));
-        }
-    }
+    vnni_tile(x, k, panel, wide);
     const __m512 zero = _mm512_loadu_ps(key_zero), scale = _mm512_loadu_ps(key_scale);
     for (int i = 0; i < GEMM_MR && i < rows; i++) {
         __m512 v = _mm512_cvtepi32_ps(wide[i]);
@@ -1289,11 +1287,16 @@ static void *query_attention_run(void *arg) {
     uint8_t *value_panel = QA_WIDE ? calloc((size_t)(QA_KEYS / 4 * quad_stride), 4) : NULL;
     uint8_t *weight_bytes = QA_WIDE ? malloc((size_t)(most * QA_KEYS)) : NULL;
     float *weight_step = calloc((size_t)most, sizeof(float));
-    int32_t *sums = calloc((size_t)most, sizeof(int32_t)), tile[GEMM_MR][GEMM_NR];
+    int32_t *sums = calloc((size_t)most, sizeof(int32_t));
+#if !QA_SCORES16
+    int32_t tile[GEMM_MR][GEMM_NR];
+#endif
     void *failed = !codes || !panel || !scales || !score || !acc || !top || !sums || !weight_step
                    || (QA_WIDE ? !value_panel || !weight_bytes : !values) ? (void *)1 : NULL;
+#if !QA_SCORES16
     /* |q code| <= 127 and key codes <= 15: pairs of products fit int16 this many quads at a time */
     const int64_t steps = 32767 / (2 * 15 * 127);
+#endif
     for (int64_t unit; !failed && (unit = __atomic_fetch_add(job->next, 1, __ATOMIC_RELAXED)) < blocks * per_head;) {
         const int64_t block = blocks - 1 - unit / per_head, b = unit % per_head / job->kv_heads, h = unit % job->kv_heads;
         const int64_t first = block * QA_ROWS, count = job->rows - first < QA_ROWS ? job->rows - first : QA_ROWS;
@@ -1331,8 +1334,7 @@ static void *query_attention_run(void *arg) {
                     scores16(codes + s0 * d, d, panel + p * d * GEMM_NR, sums + s0, scales + s0,
                              key_zero + p * GEMM_NR, key_scale + p * GEMM_NR,
                              score + s0 * (QA_KEYS + 8) + p * GEMM_NR, states - s0);
-                    continue;
-#endif
+#else
                     gemm_tile(codes + s0 * d, d, panel + p * d * GEMM_NR, steps, tile);
                     for (int64_t i = 0; i < GEMM_MR && s0 + i < states; i++) {
                         const __m256 sum = _mm256_set1_ps((float)sums[s0 + i]), step = _mm256_set1_ps(scales[s0 + i]);
@@ -1344,6 +1346,7 @@ static void *query_attention_run(void *arg) {
                             _mm256_storeu_ps(score + (s0 + i) * (QA_KEYS + 8) + p * GEMM_NR + c, v);
                         }
                     }
+#endif
                 }
             const int64_t tiled = (states + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
             for (int64_t s = 0; s < tiled; s++) {  /* the weights, 0 past what a row sees (and in padding rows) */
