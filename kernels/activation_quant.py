@@ -51,21 +51,19 @@ def _quantize(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int,
 def _fused_on_cpu(x: torch.Tensor, bits: int, clip: float, hadamard_inner: int):
     """(codes, scales) from ``native.hadamard_codes`` where the C stages would run the Hadamard
     (float32 CPU rows, ``hadamard_transform_cpu``'s choice), else None."""
-    from quarot_fx.numerics.hadamard import hadamard_plan
     from quarot_fx.numerics.quant import scale_divisor
 
     from . import native
-    from .hadamard_transform import _c_plan, _takes_c_stages
+    from .hadamard_transform import c_stages_plan
 
     if not hadamard_inner or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] % hadamard_inner:
         return None
-    m = x.shape[-1] // hadamard_inner
-    factors = hadamard_plan(m).factors
     flat = x.reshape(-1, x.shape[-1])
-    if not factors or not flat.shape[0] or not _takes_c_stages(flat, factors, torch.float32):
+    plan = c_stages_plan(flat, hadamard_inner) if flat.shape[0] else None
+    if plan is None:
         return None
     with torch.profiler.record_function("quarot_fx::hadamard (fused)"):
-        found = native.hadamard_codes(flat, *_c_plan(m, tuple(factors)), bits, scale_divisor(bits, clip))
+        found = native.hadamard_codes(flat, *plan, bits, scale_divisor(bits, clip))
     return None if found is None else (found[0].reshape(x.shape), found[1].reshape(*x.shape[:-1], 1))
 
 

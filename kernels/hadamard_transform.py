@@ -84,14 +84,20 @@ def _c_plan(m: int, factors: tuple) -> tuple:
                            for order in factors), 1.0 / math.sqrt(m))
 
 
-def _c_stages(flat: torch.Tensor, m: int, inner: int, factors) -> torch.Tensor:
-    """The transform in one C call (``native.hadamard_rows``: each factor along its own axis, the
-    power-of-two ones as butterflies, the ``inner`` axis untouched) of float32 rows."""
-    from . import native, native_ops
+def c_stages_plan(flat: torch.Tensor, inner: int, ctype: torch.dtype = torch.float32) -> tuple | None:
+    """Where the C stages take these rows [rows, m·inner] (``_takes_c_stages``), their plan:
+    ``native.hadamard_rows``'s (orders, matrices, scale), each factor along its own axis, the
+    power-of-two ones as butterflies, the ``inner`` axis untouched; handed over to the C++
+    kernels too, so later calls of the width stay there. Else None."""
+    from . import native_ops
 
-    plan = _c_plan(m, tuple(factors))
-    native_ops.add_plan(flat.shape[1], inner, *plan, c_stages_for_many_rows(tuple(factors)))  # later calls: C++
-    return native.hadamard_rows(flat.float(), *plan)
+    m = flat.shape[1] // inner
+    factors = tuple(hadamard_plan(m).factors)
+    if not factors or not _takes_c_stages(flat, factors, ctype):
+        return None
+    plan = _c_plan(m, factors)
+    native_ops.add_plan(flat.shape[1], inner, *plan, c_stages_for_many_rows(factors))
+    return plan
 
 
 def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = False,
@@ -105,8 +111,10 @@ def hadamard_transform_cpu(x: torch.Tensor, inner: int = 1, transpose: bool = Fa
     ctype = compute_dtype(x.dtype)
     n = x.shape[-1]
     flat = x.reshape(-1, n)
-    if not (transpose or stage_gemms) and _takes_c_stages(flat, factors, ctype):
-        return _c_stages(flat, m, inner, factors).to(x.dtype).reshape(x.shape)
+    plan = None if transpose or stage_gemms else c_stages_plan(flat, inner, ctype)
+    if plan is not None:
+        from . import native
+        return native.hadamard_rows(flat.float(), *plan).to(x.dtype).reshape(x.shape)
     out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
     for rows in row_chunks(flat.shape[0], n * 4):
         out[rows] = _stage_gemms(flat[rows].to(ctype), m, inner, factors, ctype, transpose)

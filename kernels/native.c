@@ -493,6 +493,15 @@ int int32_epilogue(void *sums, const float *xs, const float *ws, const float *b,
  * most 4 bits are packed two per byte (element 2i low, 2i + 1 high), each stored as code - 8 in
  * two's complement, so code = nibble XOR 8; wider codes take one byte each. The float32 subtract
  * is exact (small integers) and the multiply is the reference's, so the bits are the same. */
+#ifdef __AVX2__
+/* The 16 nibbles of 8 packed bytes in element order (byte m's low nibble, then its high one):
+ * the stored 4-bit codes, each in a byte (the KV cache's, the int8 attention's values). */
+static inline __m128i nibbles(__m128i bytes) {
+    const __m128i low_nibbles = _mm_set1_epi8(15);
+    return _mm_unpacklo_epi8(_mm_and_si128(bytes, low_nibbles), _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
+}
+#endif
+
 static void dequantize_row(const uint8_t *in, float s, float z, float *o, int64_t length, int64_t packed) {
     if (packed) {
         const int64_t pairs = length / 2;
@@ -500,13 +509,10 @@ static void dequantize_row(const uint8_t *in, float s, float z, float *o, int64_
 #ifdef __AVX2__
         /* 16 codes from 8 bytes: the low and high nibbles interleaved back into element order, then
          * the scalar loop's (code - z) * s on 8 lanes: the same values. */
-        const __m128i low_nibbles = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+        const __m128i eight = _mm_set1_epi8(8);
         const __m256 zero = _mm256_set1_ps(z), step = _mm256_set1_ps(s);
         for (; j + 8 <= pairs; j += 8) {
-            const __m128i bytes = _mm_loadl_epi64((const __m128i *)(in + j));
-            const __m128i low = _mm_and_si128(bytes, low_nibbles);
-            const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
-            const __m128i codes = _mm_xor_si128(_mm_unpacklo_epi8(low, high), eight);
+            const __m128i codes = _mm_xor_si128(nibbles(_mm_loadl_epi64((const __m128i *)(in + j))), eight);
             const __m256 first = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
             const __m256 second = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
             _mm256_storeu_ps(o + 2 * j, _mm256_mul_ps(_mm256_sub_ps(first, zero), step));
@@ -796,9 +802,7 @@ static inline __m512 pair_scale(const float *v, int64_t first, int64_t second) {
 
 /* 16 codes from 8 bytes, element order (as dequantize_row), as floats (code - zero) * step */
 static inline __m512 codes16(__m128i bytes, __m512 zero, __m512 step) {
-    const __m128i low_nibbles = _mm_set1_epi8(15);
-    const __m128i low = _mm_and_si128(bytes, low_nibbles), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
-    const __m128i codes = _mm_xor_si128(_mm_unpacklo_epi8(low, high), _mm_set1_epi8(8));
+    const __m128i codes = _mm_xor_si128(nibbles(bytes), _mm_set1_epi8(8));
     return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), zero), step);
 }
 
@@ -1185,7 +1189,6 @@ static int block_value_weights(float *score, int64_t seen, float *top, float *to
 static void value_quads(const uint8_t *codes, int64_t row_bytes, int64_t keys, int64_t d, int64_t stride,
                         uint8_t *panel) {
     const __m128i extend = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
-    const __m128i low_nibbles = _mm_set1_epi8(15);
     for (int64_t m = 0; m < (keys + 3) / 4; m++)
         for (int64_t c = 0; c < d; c += 16) {
             __m128i e[4];
@@ -1196,8 +1199,7 @@ static void value_quads(const uint8_t *codes, int64_t row_bytes, int64_t keys, i
                     if (c + 16 <= d) b = _mm_loadl_epi64((const __m128i *)row);
                     else { int32_t word; memcpy(&word, row, 4); b = _mm_cvtsi32_si128(word); }  /* the last 8 columns */
                 }
-                e[k] = _mm_shuffle_epi8(extend, _mm_unpacklo_epi8(_mm_and_si128(b, low_nibbles),
-                                                                  _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles)));
+                e[k] = _mm_shuffle_epi8(extend, nibbles(b));
             }
             const __m128i t01 = _mm_unpacklo_epi8(e[0], e[1]), u01 = _mm_unpackhi_epi8(e[0], e[1]);
             const __m128i t23 = _mm_unpacklo_epi8(e[2], e[3]), u23 = _mm_unpackhi_epi8(e[2], e[3]);
